@@ -1,0 +1,199 @@
+"""The zchat broker: a thin ZeroMQ shell around BrokerCore.
+
+    python broker.py [--host 127.0.0.1] [--port 5555] [--pub-port PORT+1]
+
+ROUTER (``--port``) takes every request from clients; XPUB (``--pub-port``)
+broadcasts the chat stream. XPUB is a PUB that also shows the broker each
+new subscription, which lets it answer a client's join probe at once (see
+messages.py). All decisions are made by broker_core.BrokerCore; this file
+only moves frames between the sockets and the core, and handles signals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+import time
+
+import zmq
+
+import messages as m
+from broker_core import BrokerConfig, BrokerCore, Publish, Reply
+
+log = logging.getLogger("zchat.broker")
+
+# Most requests read in one pass before replies and broadcasts go out: large
+# enough that a backlog leaves as few big PUB frames, small enough that the
+# loop still heartbeats on time under a flood.
+RECV_BATCH = 1000
+# Most events in one PUB frame, so a frame stays far below a subscriber's
+# memory budget (64 x the text limit).
+EVENTS_PER_FRAME = 64
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Run the zchat broker.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5555, help="ROUTER port for requests (default 5555)")
+    p.add_argument("--pub-port", type=int, help="PUB port for broadcasts (default port+1)")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between heartbeats (default 1.0)")
+    p.add_argument("--heartbeat-liveness", type=int, default=3, metavar="N",
+                   help="missed heartbeats before a client counts as gone (default 3)")
+    p.add_argument("--max-text", type=int, default=m.DEFAULT_MAX_TEXT_BYTES, metavar="BYTES",
+                   help=f"largest message text in UTF-8 bytes (default {m.DEFAULT_MAX_TEXT_BYTES})")
+    p.add_argument("--history", type=int, default=1000, metavar="N",
+                   help="messages kept for gap repair and late joiners (default 1000)")
+    p.add_argument("--max-users", type=int, default=5000, metavar="N",
+                   help="most users online at once (default 5000)")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    args = p.parse_args(argv)
+    if args.pub_port is None:
+        args.pub_port = args.port + 1
+    if args.heartbeat_interval <= 0 or args.heartbeat_liveness < 1:
+        p.error("--heartbeat-interval must be > 0 and --heartbeat-liveness >= 1")
+    if args.max_text < 1 or args.history < 1 or args.max_users < 1:
+        p.error("--max-text, --history and --max-users must be at least 1")
+    return args
+
+
+class BrokerShell:
+    """Owns the sockets and feeds BrokerCore; one thread, one poll loop."""
+
+    def __init__(self, core: BrokerCore, host: str, port: int, pub_port: int):
+        self.core = core
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.MAXMSGSIZE, m.max_frame_bytes(core.config.max_text))
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.LINGER, 500)  # let the shutdown notice leave
+        self.router.bind(f"tcp://{host}:{port}")
+        self.pub.bind(f"tcp://{host}:{pub_port}")
+        # Signals only set a flag; the wakeup fd makes the poll return at once.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.stopping = False
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self.pub, zmq.POLLIN)
+        self.poller.register(self._wake_r, zmq.POLLIN)
+
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        while not self.stopping:
+            timeout_ms = max(0.0, (self.core.next_deadline() - time.time()) * 1000)
+            ready = dict(self.poller.poll(timeout_ms))
+            now = time.time()
+            out: list = []
+            if self.router in ready:
+                out += self._read_requests(now)
+            if self.pub in ready:
+                out += self._read_subscriptions(now)
+            out += self.core.tick(now)
+            self._deliver(out, now)
+        self._deliver(self.core.shutdown(time.time()), time.time())
+
+    def close(self) -> None:
+        self.router.close(linger=0)
+        self.pub.close()
+        self.ctx.term()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _read_requests(self, now: float) -> list:
+        out: list = []
+        for _ in range(RECV_BATCH):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            out += self.core.handle(frames[0], frames[1:], now)
+        return out
+
+    def _read_subscriptions(self, now: float) -> list:
+        out: list = []
+        for _ in range(RECV_BATCH):
+            try:
+                frame = self.pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if frame[:1] == b"\x01":  # a subscription (b"\x00" unsubscribes)
+                out += self.core.ready_probe(frame[1:], now)
+        return out
+
+    def _deliver(self, outputs: list, now: float) -> None:
+        """Publish broadcasts (batched into few frames), then send replies."""
+        while outputs:
+            stream: list[bytes] = []
+            replies: list[Reply] = []
+            for item in outputs:
+                if isinstance(item, Reply):
+                    replies.append(item)
+                elif item.topic == m.BROADCAST_TOPIC:
+                    stream.append(m.encode_event(item.event))
+                else:
+                    self.pub.send_multipart([item.topic, m.join_events([m.encode_event(item.event)])])
+            for i in range(0, len(stream), EVENTS_PER_FRAME):
+                self.pub.send_multipart(
+                    [m.BROADCAST_TOPIC, m.join_events(stream[i:i + EVENTS_PER_FRAME])])
+            # A peer found unreachable while replying becomes a leave, which
+            # is delivered on the next turn of this loop.
+            outputs = []
+            for reply in replies:
+                outputs += self._send_reply(reply, now)
+
+    def _send_reply(self, reply: Reply, now: float) -> list:
+        try:
+            self.router.send_multipart([reply.peer, m.encode(reply.message)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("reply to %s dropped: its queue is full", reply.peer.hex())
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            return self.core.peer_unreachable(reply.peer, now)
+        return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    config = BrokerConfig(
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_liveness=args.heartbeat_liveness,
+        max_text=args.max_text,
+        history=args.history,
+        max_users=args.max_users,
+    )
+    try:
+        shell = BrokerShell(BrokerCore(config), args.host, args.port, args.pub_port)
+    except zmq.ZMQError as e:
+        print(f"broker: cannot bind {args.host}:{args.port}/{args.pub_port}: {e}", file=sys.stderr)
+        return 1
+    shell.install_signal_handlers()
+    print(f"zchat broker listening on tcp://{args.host}:{args.port} (requests) "
+          f"and tcp://{args.host}:{args.pub_port} (broadcasts)", file=sys.stderr, flush=True)
+    try:
+        shell.run()
+    finally:
+        shell.close()
+    log.info("broker stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The broker's logic with no I/O: sessions, names, heartbeats, sequence numbers.
+
+BrokerCore is a plain object in the sans-IO style: every method takes what
+happened (the frames a peer sent, the current time) and returns what to send
+as a list of Reply and Publish outputs. It never reads the clock, never
+touches a socket, and never raises on a peer's input, so the ZeroMQ loop in
+broker.py stays a thin shell and the tests can drive the logic directly.
+
+Theory of operation
+-------------------
+* A session is born from a valid ``hello`` and bound to the routing id that
+  sent it; nothing is stored for a peer before that, so connections that
+  never join hold no memory and need no clean-up.
+* Every chat message, join and leave gets the next sequence number and goes
+  into a bounded history, from which clients repair gaps (``fetch``).
+* ``sessions`` is kept in order of last activity (any request counts as a
+  heartbeat and moves the session to the end), so the liveness sweep only
+  looks at the front of the table, never at every session.
+* A resume token from the welcome lets a client that lost its connection
+  take its name back from a new routing id before it times out, without a
+  leave/join pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import messages as m
+
+log = logging.getLogger("zchat.broker")
+
+# Message ids remembered to ignore a resend of an accepted message. A client
+# resends only what is unacknowledged, at most its in-flight window, so a
+# window far wider than any client's is enough.
+ACCEPTED_IDS_REMEMBERED = 50_000
+# Longest string from a peer quoted in a log line.
+LOG_QUOTE_CHARS = 80
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    heartbeat_interval: float = 1.0
+    # Missed intervals before a peer counts as gone; 3..5 is reasonable (zguide).
+    heartbeat_liveness: int = 3
+    max_text: int = m.DEFAULT_MAX_TEXT_BYTES
+    # Messages kept for late joiners and gap repair.
+    history: int = 1000
+    # Each user holds two connections; 5,000 users stay well inside a
+    # 20,000 open-file limit.
+    max_users: int = 5000
+
+    @property
+    def expiry(self) -> float:
+        return self.heartbeat_interval * self.heartbeat_liveness
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Send ``message`` to the one peer with routing id ``peer``."""
+
+    peer: bytes
+    message: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Broadcast ``event`` on the PUB socket under ``topic``."""
+
+    event: Any
+    topic: bytes = m.BROADCAST_TOPIC
+
+
+@dataclass(slots=True)
+class Session:
+    name: str
+    peer: bytes
+    token: str
+    last_seen: float
+
+
+@dataclass
+class BrokerCore:
+    config: BrokerConfig = field(default_factory=BrokerConfig)
+    epoch: str = field(default_factory=lambda: secrets.token_hex(8))
+    seq: int = 0
+    # routing id -> session, oldest activity first
+    sessions: OrderedDict[bytes, Session] = field(default_factory=OrderedDict)
+    by_name: dict[str, Session] = field(default_factory=dict)
+    history: deque = field(init=False)
+    accepted_ids: OrderedDict[tuple[str, str], int] = field(default_factory=OrderedDict)
+    next_heartbeat: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.history = deque(maxlen=self.config.history)
+        self._handlers = {
+            m.Hello: self._on_hello,
+            m.Say: self._on_say,
+            m.Who: self._on_who,
+            m.Ping: self._on_ping,
+            m.Fetch: self._on_fetch,
+            m.Bye: self._on_bye,
+        }
+
+    # --- events from the shell -------------------------------------------------
+
+    def handle(self, peer: bytes, frames: list[bytes], now: float) -> list:
+        """A request from ``peer`` (the frames after its routing id)."""
+        session = self.sessions.get(peer)
+        if session is not None:
+            session.last_seen = now
+            self.sessions.move_to_end(peer)
+        try:
+            request = m.decode_request(frames)
+        except m.ProtocolError as e:
+            who = session.name if session else peer.hex()
+            log.warning("refused from %s: %s (%s)", who, e.reason, e.code)
+            return [Reply(peer, m.Error(e.code, e.reason))]
+        return self._handlers[type(request)](peer, session, request, now)
+
+    def tick(self, now: float) -> list:
+        """Time passed: heartbeat when due, and drop sessions gone silent."""
+        out: list = []
+        if now >= self.next_heartbeat:
+            out.append(Publish(m.Heartbeat(self.seq, self.epoch, now)))
+            self.next_heartbeat = now + self.config.heartbeat_interval
+        deadline = now - self.config.expiry
+        while self.sessions:
+            oldest = next(iter(self.sessions.values()))
+            if oldest.last_seen > deadline:
+                break
+            out += self._end_session(oldest, m.LeaveReason.TIMEOUT, now)
+        return out
+
+    def next_deadline(self) -> float:
+        """When tick() next has work to do."""
+        deadline = self.next_heartbeat
+        if self.sessions:
+            oldest = next(iter(self.sessions.values()))
+            deadline = min(deadline, oldest.last_seen + self.config.expiry)
+        return deadline
+
+    def peer_unreachable(self, peer: bytes, now: float) -> list:
+        """The shell could not deliver to ``peer``: it is gone."""
+        session = self.sessions.get(peer)
+        if session is None:
+            return []
+        return self._end_session(session, m.LeaveReason.DISCONNECTED, now)
+
+    def ready_probe(self, topic: bytes, now: float) -> list:
+        """A SUB subscribed to a ready topic: prove its subscription is live."""
+        nonce = topic[len(m.READY_TOPIC_PREFIX):]
+        if not topic.startswith(m.READY_TOPIC_PREFIX) or not 0 < len(nonce) <= m.MAX_TOKEN_CHARS:
+            return []
+        return [Publish(m.Heartbeat(self.seq, self.epoch, now), topic=topic)]
+
+    def shutdown(self, now: float) -> list:
+        """The broker is going away: tell everyone."""
+        return [Publish(m.Shutdown(now))]
+
+    # --- request handlers -----------------------------------------------------
+
+    def _on_hello(self, peer: bytes, session: Session | None, hello: m.Hello, now: float) -> list:
+        if hello.v != m.PROTOCOL_VERSION:
+            return self._refuse(peer, m.ErrorCode.BAD_VERSION,
+                                f"this broker speaks protocol {m.PROTOCOL_VERSION}, not {hello.v}")
+        problem = m.name_problem(hello.name)
+        if problem:
+            return self._refuse(peer, m.ErrorCode.NAME_INVALID, problem)
+        key = m.name_key(hello.name)
+        if session is not None:
+            if m.name_key(session.name) == key:  # a repeated hello
+                return [Reply(peer, self._welcome(session, resumed=True))]
+            return self._refuse(peer, m.ErrorCode.ALREADY_JOINED,
+                                f"this connection is already joined as {session.name}")
+        owner = self.by_name.get(key)
+        if owner is not None:
+            if hello.resume is not None and secrets.compare_digest(hello.resume, owner.token):
+                return self._resume(owner, peer, now)
+            return self._refuse(peer, m.ErrorCode.NAME_TAKEN, f"the name {owner.name} is taken")
+        if len(self.sessions) >= self.config.max_users:
+            return self._refuse(peer, m.ErrorCode.SERVER_FULL,
+                                f"the broker is full ({self.config.max_users} users)")
+        session = Session(hello.name, peer, secrets.token_hex(16), now)
+        self.sessions[peer] = session
+        self.by_name[key] = session
+        # The welcome's seq precedes the join, so the client sees its own join.
+        welcome = self._welcome(session, resumed=False)
+        log.info("join %s", session.name)
+        return [Reply(peer, welcome), self._sequenced(m.Join(self._next_seq(), now, session.name))]
+
+    def _resume(self, session: Session, peer: bytes, now: float) -> list:
+        del self.sessions[session.peer]
+        session.peer = peer
+        session.last_seen = now
+        self.sessions[peer] = session
+        log.info("resume %s", session.name)
+        return [Reply(peer, self._welcome(session, resumed=True))]
+
+    def _on_say(self, peer: bytes, session: Session | None, say: m.Say, now: float) -> list:
+        if session is None:
+            return self._not_joined(peer, say.id)
+        key = (m.name_key(session.name), say.id)
+        seq = self.accepted_ids.get(key)
+        if seq is not None:  # a resend of an accepted message: ack it again
+            return [Reply(peer, m.Ack(say.id, seq))]
+        problem = m.text_problem(say.text, self.config.max_text)
+        if problem:
+            return self._refuse(peer, *problem, id=say.id, who=session.name)
+        message = m.Message(self._next_seq(), now, session.name, say.text)
+        self.accepted_ids[key] = message.seq
+        if len(self.accepted_ids) > ACCEPTED_IDS_REMEMBERED:
+            self.accepted_ids.popitem(last=False)
+        return [self._sequenced(message), Reply(peer, m.Ack(say.id, message.seq))]
+
+    def _on_who(self, peer: bytes, session: Session | None, who: m.Who, now: float) -> list:
+        return [Reply(peer, m.Users(self.user_names()))]
+
+    def _on_ping(self, peer: bytes, session: Session | None, ping: m.Ping, now: float) -> list:
+        # A ping from an unknown peer means the broker lost its session
+        # (restart, timeout): say so, so the client joins again.
+        return [] if session else self._not_joined(peer)
+
+    def _on_fetch(self, peer: bytes, session: Session | None, fetch: m.Fetch, now: float) -> list:
+        if session is None:
+            return self._not_joined(peer)
+        first = self.history[0].seq if self.history else self.seq + 1
+        start = max(fetch.after + 1, first)
+        until = min(fetch.until, self.seq, start - 1 + m.MAX_FETCH_EVENTS)
+        events = list(islice(self.history, start - first, max(start, until + 1) - first))
+        return [Reply(peer, m.History(events, first, until))]
+
+    def _on_bye(self, peer: bytes, session: Session | None, bye: m.Bye, now: float) -> list:
+        if session is None:
+            return []
+        return self._end_session(session, m.LeaveReason.QUIT, now)
+
+    # --- helpers ------------------------------------------------------------------
+
+    def user_names(self) -> list[str]:
+        return sorted((s.name for s in self.sessions.values()), key=str.casefold)
+
+    def _welcome(self, session: Session, resumed: bool) -> m.Welcome:
+        c = self.config
+        return m.Welcome(session.name, self.seq, self.epoch, self.user_names(), session.token,
+                         c.heartbeat_interval, c.heartbeat_liveness, c.max_text, resumed)
+
+    def _end_session(self, session: Session, reason: str, now: float) -> list:
+        del self.sessions[session.peer]
+        del self.by_name[m.name_key(session.name)]
+        log.info("leave %s (%s)", session.name, reason)
+        return [self._sequenced(m.Leave(self._next_seq(), now, session.name, reason))]
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _sequenced(self, event: Any) -> Publish:
+        self.history.append(event)
+        return Publish(event)
+
+    def _not_joined(self, peer: bytes, id: str | None = None) -> list:
+        return [Reply(peer, m.Error(m.ErrorCode.NOT_JOINED, "join first (send hello)", id))]
+
+    def _refuse(self, peer: bytes, code: str, reason: str, id: str | None = None,
+                who: str | None = None) -> list:
+        log.warning("refused from %s: %s (%s)", who or peer.hex(), reason[:LOG_QUOTE_CHARS], code)
+        return [Reply(peer, m.Error(code, reason, id))]

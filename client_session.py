@@ -1,0 +1,580 @@
+"""The client side of zchat, shared by cli_client.py and gui_client.py.
+
+A ClientSession owns a DEALER (requests) and a SUB (broadcasts) in one
+worker thread; the caller never touches a socket. The caller gives commands
+through thread-safe methods (send, who, join, close), which never block, and
+reads what happens from ``session.events``, a queue.Queue of the event
+objects below and of messages.Message / Join / Leave / Users.
+
+Theory of operation
+-------------------
+1. Connect: open both sockets, subscribe to the chat stream and to a private
+   ready topic; the broker answers the ready topic with a heartbeat, which
+   proves the subscription is live (the Clone pattern's slow-joiner fix).
+2. Join: send hello; the welcome gives the user list, the last sequence
+   number (events up to it are dropped, later ones shown) and a resume token.
+3. Joined: events are handed over in sequence order, exactly once. A gap
+   (an event ahead of the next expected, or a heartbeat announcing a higher
+   seq) is filled by fetching the missing range over the DEALER; what the
+   broker no longer holds is reported as Missed. Chat text goes out from an
+   outbox with a bounded window and stays there until acknowledged, so it is
+   resent after a reconnect and the broker drops the repeats by message id.
+4. Liveness (Paranoid Pirate): the session pings when it has been quiet for
+   an interval; when the broker has been silent for liveness x interval it
+   closes both sockets and starts again with backoff, resuming its name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import secrets
+import socket
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import zmq
+
+import messages as m
+
+log = logging.getLogger("zchat.client")
+
+# Before the welcome tells the broker's own values.
+DEFAULT_HEARTBEAT_INTERVAL = 1.0
+DEFAULT_HEARTBEAT_LIVENESS = 3
+# Reconnect backoff doubles from the first delay up to the cap (Paranoid Pirate).
+RECONNECT_DELAY_FIRST = 0.25
+RECONNECT_DELAY_MAX = 8.0
+# Unacknowledged messages on the wire at once: keeps the DEALER far below its
+# high-water mark, so a send never blocks, however long the pipe.
+SEND_WINDOW = 200
+# Out-of-order events held while a gap is fetched; past it they are dropped
+# and fetched again, so memory stays bounded for a listener far behind.
+MAX_BUFFERED_EVENTS = 20_000
+# Most frames read from one socket per loop pass, so commands stay prompt.
+RECV_BATCH = 500
+# A bye must get out when closing, but a dead broker must not hold us up.
+CLOSE_LINGER_MS = 500
+
+
+class State:
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    CLOSED = "closed"
+
+
+# --- events handed to the caller ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    """Connection state; ``retry_in`` is the delay before the next attempt."""
+
+    state: str
+    detail: str = ""
+    retry_in: float | None = None
+
+
+@dataclass(frozen=True)
+class Joined:
+    """The broker welcomed us (again, if ``resumed``)."""
+
+    name: str
+    users: list[str]
+    resumed: bool
+    broker_restarted: bool
+
+
+@dataclass(frozen=True)
+class JoinRefused:
+    """The broker refused the name; call join() with another, or close()."""
+
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Acked:
+    id: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The broker refused message ``id`` for good."""
+
+    id: str
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Missed:
+    """Events ``first..last`` are gone from the broker's history."""
+
+    first: int
+    last: int
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
+
+
+# --- the session -------------------------------------------------------------------
+
+
+class ClientSession:
+    """One user's connection to a broker, run by a worker thread."""
+
+    def __init__(self, host: str, port: int, name: str, pub_port: int | None = None):
+        self.address = f"{host}:{port}"
+        self.request_endpoint = f"tcp://{host}:{port}"
+        self.broadcast_endpoint = f"tcp://{host}:{pub_port or port + 1}"
+        self.name = name
+        self.events: queue.Queue = queue.Queue()
+        self._commands: queue.Queue = queue.Queue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._ids = (f"{secrets.token_hex(6)}-{n}" for n in itertools.count(1))
+        self._id_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="zchat-session", daemon=True)
+
+    # --- commands: safe from any thread, never block --------------------------------
+
+    def start(self) -> "ClientSession":
+        self._thread.start()
+        return self
+
+    def send(self, text: str) -> str:
+        """Queue chat text; returns its message id (see Acked / Refused)."""
+        with self._id_lock:
+            msg_id = next(self._ids)
+        self._command("send", msg_id, text)
+        return msg_id
+
+    def who(self) -> None:
+        """Ask who is online; the answer comes as a messages.Users event."""
+        self._command("who")
+
+    def join(self, name: str) -> None:
+        """Try another name after JoinRefused."""
+        self._command("join", name)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Leave (others see ``quit``) and stop the worker thread."""
+        if self._thread.is_alive():
+            self._command("close")
+            self._thread.join(timeout)
+
+    def _command(self, *cmd) -> None:
+        self._commands.put(cmd)
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already woken, or closed
+
+    # --- worker thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            _Worker(self).run()
+        except Exception:  # a bug of ours: say so rather than die silently
+            log.exception("client session failed")
+            self.events.put(StateChanged(State.CLOSED, "internal error, see log"))
+        finally:
+            self._wake_r.close()
+            self._wake_w.close()
+
+
+class _Worker:
+    """State of the worker thread; every attribute is touched by it alone."""
+
+    def __init__(self, session: ClientSession):
+        self.s = session
+        self.emit = session.events.put
+        self.ctx = zmq.Context.instance()
+        self.dealer: zmq.Socket | None = None
+        self.sub: zmq.Socket | None = None
+        self.poller = zmq.Poller()
+        self.name = session.name
+        self.state = State.CONNECTING
+        self.phase = "probe"  # probe -> hello -> joined | refused
+        self.closing = False
+        self.interval = DEFAULT_HEARTBEAT_INTERVAL
+        self.liveness = DEFAULT_HEARTBEAT_LIVENESS
+        self.max_text = m.DEFAULT_MAX_TEXT_BYTES
+        self.backoff = RECONNECT_DELAY_FIRST
+        self.reconnect_at: float | None = None
+        self.broker_seen = 0.0
+        self.last_request = 0.0
+        self.hello_sent = False
+        self.nonce = b""
+        # stream position
+        self.epoch: str | None = None
+        self.token: str | None = None
+        self.last_seq = 0
+        self.buffer: dict[int, object] = {}
+        self.fetching: tuple[int, float] | None = None  # (until, sent at)
+        # outbox: id -> text, in order; ids in unsent wait for the window
+        self.outbox: OrderedDict[str, str] = OrderedDict()
+        self.unsent: deque[str] = deque()
+        self.in_flight: set[str] = set()
+        self.paused_until = 0.0
+
+    # --- main loop ----------------------------------------------------------------
+
+    def run(self) -> None:
+        self.poller.register(self.s._wake_r, zmq.POLLIN)
+        self._open_sockets(time.monotonic())
+        while not self.closing:
+            now = time.monotonic()
+            timeout = max(0.0, self._next_deadline(now) - now)
+            ready = dict(self.poller.poll(timeout * 1000))
+            now = time.monotonic()
+            if self.s._wake_r.fileno() in ready:
+                self._drain_wakeups()
+            self._run_commands(now)
+            if self.closing:
+                break
+            if self.dealer is not None and self.dealer in ready:
+                self._read_replies(now)
+            if self.sub is not None and self.sub in ready:
+                self._read_broadcasts(now)
+            self._on_timers(now)
+            self._flush_outbox(now)
+        self._shut_down()
+
+    def _next_deadline(self, now: float) -> float:
+        if self.reconnect_at is not None:
+            return self.reconnect_at
+        deadlines = [self.broker_seen + self.interval * self.liveness]
+        if self.phase == "joined":
+            deadlines.append(self.last_request + self.interval)
+            if self.fetching:
+                deadlines.append(self.fetching[1] + self.interval)
+            if self.unsent and self.paused_until > now:
+                deadlines.append(self.paused_until)
+        if self.phase == "hello" and not self.hello_sent:
+            deadlines.append(now + 0.05)  # DEALER not connected yet: retry soon
+        if self.unsent and self.phase == "joined" and self.paused_until <= now:
+            deadlines.append(now + 0.05)  # window or HWM full: retry soon
+        return min(deadlines)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self.s._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    # --- sockets ------------------------------------------------------------------
+
+    def _open_sockets(self, now: float) -> None:
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        # Queue nothing for a broker that is not connected: the outbox holds it.
+        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
+        self.dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.dealer.connect(self.s.request_endpoint)
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sub.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.nonce = secrets.token_hex(8).encode()
+        self.sub.setsockopt(zmq.SUBSCRIBE, m.BROADCAST_TOPIC)
+        self.sub.setsockopt(zmq.SUBSCRIBE, m.READY_TOPIC_PREFIX + self.nonce)
+        self.sub.connect(self.s.broadcast_endpoint)
+        self.poller.register(self.dealer, zmq.POLLIN)
+        self.poller.register(self.sub, zmq.POLLIN)
+        self.phase = "probe"
+        self.hello_sent = False
+        self.broker_seen = now
+        self.reconnect_at = None
+
+    def _close_sockets(self) -> None:
+        for sock in (self.dealer, self.sub):
+            if sock is not None:
+                self.poller.unregister(sock)
+                sock.close(linger=0)
+        self.dealer = self.sub = None
+
+    def _request(self, msg, now: float) -> bool:
+        """Send one request without blocking; False if it could not go now."""
+        try:
+            self.dealer.send(m.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        self.last_request = now
+        return True
+
+    def _reconnect(self, now: float, why: str) -> None:
+        """Drop both sockets and try again after a backoff (Paranoid Pirate)."""
+        self._close_sockets()
+        delay = self.backoff
+        self.backoff = min(self.backoff * 2, RECONNECT_DELAY_MAX)
+        self.reconnect_at = now + delay
+        self.fetching = None
+        self._requeue_in_flight()
+        self.state = State.RECONNECTING
+        self.emit(StateChanged(State.RECONNECTING, why, delay))
+        log.info("%s; reconnecting in %.2fs", why, delay)
+
+    # --- commands -------------------------------------------------------------------
+
+    def _run_commands(self, now: float) -> None:
+        while True:
+            try:
+                cmd, *args = self.s._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd == "send":
+                self._queue_text(*args)
+            elif cmd == "who":
+                if self.dealer is None or not self._request(m.Who(), now):
+                    self.emit(StateChanged(self.state, "not connected: cannot list users"))
+            elif cmd == "join":
+                self.name = args[0]
+                self.token = None
+                if self.phase == "refused":
+                    self.phase = "hello"
+                    self.hello_sent = False
+            elif cmd == "close":
+                self.closing = True
+                return
+
+    def _queue_text(self, msg_id: str, text: str) -> None:
+        problem = m.text_problem(text, self.max_text)
+        if problem:
+            self.emit(Refused(msg_id, *problem))
+            return
+        self.outbox[msg_id] = text
+        self.unsent.append(msg_id)
+
+    def _flush_outbox(self, now: float) -> None:
+        if self.phase != "joined" or now < self.paused_until:
+            return
+        while self.unsent and len(self.in_flight) < SEND_WINDOW:
+            msg_id = self.unsent[0]
+            if msg_id not in self.outbox:  # acked while waiting for a resend
+                self.unsent.popleft()
+                continue
+            if not self._request(m.Say(msg_id, self.outbox[msg_id]), now):
+                return
+            self.unsent.popleft()
+            self.in_flight.add(msg_id)
+
+    def _requeue_in_flight(self) -> None:
+        """Everything unacknowledged goes out again, in its original order."""
+        self.unsent = deque(i for i in self.outbox if i in self.in_flight or i in self.unsent)
+        self.in_flight.clear()
+
+    # --- replies ----------------------------------------------------------------------
+
+    def _read_replies(self, now: float) -> None:
+        for _ in range(RECV_BATCH):
+            if self.dealer is None:
+                return
+            try:
+                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.broker_seen = now
+            try:
+                reply = m.decode_reply(frames)
+            except m.ProtocolError as e:
+                log.warning("bad reply from broker: %s", e.reason)
+                continue
+            handler = getattr(self, f"_on_{reply.TYPE}")
+            handler(reply, now)
+
+    def _on_welcome(self, w: m.Welcome, now: float) -> None:
+        restarted = self.epoch is not None and w.epoch != self.epoch
+        if self.epoch is None or restarted:
+            self.last_seq = w.seq
+            self.buffer = {s: e for s, e in self.buffer.items() if s > w.seq}
+        self.epoch, self.token, self.name = w.epoch, w.resume, w.name
+        self.interval, self.liveness, self.max_text = (
+            w.heartbeat_interval, w.heartbeat_liveness, w.max_text)
+        self.phase = "joined"
+        self.state = State.CONNECTED
+        self.backoff = RECONNECT_DELAY_FIRST
+        self._requeue_in_flight()
+        self.emit(Joined(w.name, list(w.users), w.resumed, restarted))
+        self.emit(StateChanged(State.CONNECTED, f"joined as {w.name}"))
+        self._deliver_buffered(now)
+
+    def _on_ack(self, ack: m.Ack, now: float) -> None:
+        if self.outbox.pop(ack.id, None) is not None:
+            self.in_flight.discard(ack.id)
+            self.emit(Acked(ack.id, ack.seq))
+
+    def _on_error(self, err: m.Error, now: float) -> None:
+        if err.code == m.ErrorCode.NOT_JOINED:
+            # The broker lost our session (restart, timeout): join again.
+            if self.phase == "joined":
+                log.info("broker forgot this session; joining again")
+                self.phase = "hello"
+                self.hello_sent = False
+                self._requeue_in_flight()
+            return
+        if err.code == m.ErrorCode.RATE_LIMITED and err.id in self.outbox:
+            # Hold everything back, so the order of our messages is kept.
+            self.paused_until = now + (err.retry_after or self.interval)
+            self._requeue_in_flight()
+            return
+        if err.id is not None and self.outbox.pop(err.id, None) is not None:
+            self.in_flight.discard(err.id)
+            self.emit(Refused(err.id, err.code, err.reason))
+            return
+        if self.phase == "hello":
+            self.phase = "refused"
+            self.emit(JoinRefused(err.code, err.reason))
+            return
+        log.warning("broker error: %s (%s)", err.reason, err.code)
+
+    def _on_users(self, users: m.Users, now: float) -> None:
+        self.emit(users)
+
+    def _on_history(self, h: m.History, now: float) -> None:
+        self.fetching = None
+        if self.phase != "joined":
+            return
+        if h.first > self.last_seq + 1:
+            lost_until = min(h.first - 1, h.until)
+            if lost_until > self.last_seq:
+                self.emit(Missed(self.last_seq + 1, lost_until))
+                self.last_seq = lost_until
+        for event in h.events:
+            self._on_sequenced(event, now)
+        self._deliver_buffered(now)
+
+    # --- broadcasts -------------------------------------------------------------------
+
+    def _read_broadcasts(self, now: float) -> None:
+        for _ in range(RECV_BATCH):
+            if self.sub is None:
+                return
+            try:
+                frames = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.broker_seen = now
+            try:
+                events = m.decode_broadcast(frames)
+            except m.ProtocolError as e:
+                log.warning("bad broadcast from broker: %s", e.reason)
+                continue
+            for event in events:
+                if isinstance(event, m.Heartbeat):
+                    self._on_heartbeat(event, frames[0], now)
+                elif isinstance(event, m.Shutdown):
+                    self._reconnect(now, "the broker is shutting down")
+                    return
+                else:
+                    self._on_sequenced(event, now)
+
+    def _on_heartbeat(self, hb: m.Heartbeat, topic: bytes, now: float) -> None:
+        if self.phase == "probe" and topic == m.READY_TOPIC_PREFIX + self.nonce:
+            # The subscription is live: from now on nothing is missed.
+            self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
+            self.phase = "hello"
+            self.hello_sent = False
+            return
+        if self.phase != "joined":
+            return
+        if hb.epoch != self.epoch:
+            # A new broker took over the port without us noticing: join it.
+            self.phase = "hello"
+            self.hello_sent = False
+            self._requeue_in_flight()
+            return
+        if hb.seq > self.last_seq:
+            self._fetch(hb.seq, now)
+
+    def _on_sequenced(self, event, now: float) -> None:
+        if event.seq <= self.last_seq:
+            return  # already shown (or before our welcome)
+        if len(self.buffer) < MAX_BUFFERED_EVENTS:
+            self.buffer[event.seq] = event
+        if self.phase == "joined":
+            self._deliver_buffered(now)
+
+    def _deliver_buffered(self, now: float) -> None:
+        while (event := self.buffer.pop(self.last_seq + 1, None)) is not None:
+            self.last_seq = event.seq
+            self.emit(event)
+        # Stale entries at or below last_seq (from a history reply) go too.
+        for seq in [s for s in self.buffer if s <= self.last_seq]:
+            del self.buffer[seq]
+        if self.buffer:
+            self._fetch(min(self.buffer) - 1, now)
+
+    def _fetch(self, until: int, now: float) -> None:
+        """Ask for the events after last_seq up to ``until``, once at a time."""
+        if self.fetching is not None or self.dealer is None:
+            return
+        if self._request(m.Fetch(self.last_seq, until), now):
+            self.fetching = (until, now)
+
+    # --- timers ---------------------------------------------------------------------
+
+    def _on_timers(self, now: float) -> None:
+        if self.reconnect_at is not None:
+            if now >= self.reconnect_at:
+                self.state = State.CONNECTING
+                self.emit(StateChanged(State.CONNECTING, f"connecting to {self.s.address}"))
+                self._open_sockets(now)
+            return
+        if now - self.broker_seen > self.interval * self.liveness:
+            what = "broker not responding" if self.phase == "joined" else "broker unreachable"
+            self._reconnect(now, what)
+            return
+        if self.phase == "hello" and not self.hello_sent:
+            self.hello_sent = self._request(m.Hello(self.name, resume=self.token), now)
+        elif self.phase == "joined":
+            if self.fetching and now - self.fetching[1] > self.interval:
+                self.fetching = None  # lost with a reconnect: ask again
+                if self.buffer:
+                    self._fetch(min(self.buffer) - 1, now)
+            if now - self.last_request >= self.interval:
+                self._request(m.Ping(), now)
+
+    def _shut_down(self) -> None:
+        if self.dealer is not None and self.phase == "joined":
+            self._request(m.Bye(), time.monotonic())
+            self.dealer.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+        for sock in (self.dealer, self.sub):
+            if sock is not None:
+                sock.close()
+        self.dealer = self.sub = None
+        self.state = State.CLOSED
+        self.emit(StateChanged(State.CLOSED, "left"))
+
+
+def list_users(host: str, port: int, timeout: float) -> list[str] | None:
+    """Who is online, asked without joining; None if no answer in time."""
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(f"tcp://{host}:{port}")
+        dealer.send(m.encode(m.Who()))
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not dealer.poll(remaining * 1000):
+                break
+            try:
+                reply = m.decode_reply(dealer.recv_multipart())
+            except m.ProtocolError:
+                continue
+            if isinstance(reply, m.Users):
+                return reply.users
+        return None
+    finally:
+        dealer.close()

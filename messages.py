@@ -1,0 +1,440 @@
+"""The zchat wire protocol: message types, encoding, validation and limits.
+
+This module is the only place the protocol lives. It is pure code: no
+sockets, no clock, no threads. PROTOCOL.md describes the same format for
+people; keep the two in step.
+
+Frames
+------
+Client -> broker (DEALER -> ROUTER): exactly one frame, a JSON object in
+UTF-8 with a ``type`` field (the ROUTER prepends the routing id, which the
+broker strips before decoding).
+
+Broker -> one client (ROUTER -> DEALER): exactly one frame, a JSON object.
+
+Broker -> everyone (PUB -> SUB): two frames, ``[topic, body]``. ``topic`` is
+``BROADCAST_TOPIC`` for the chat stream or ``READY_TOPIC_PREFIX + nonce`` for
+a join probe. ``body`` is a JSON array of one or more events, so that a
+backlog can leave the broker as one frame while a lone event still goes out
+at once.
+
+Decoding either returns a valid typed message or raises ProtocolError with a
+reason and an error code; it never raises anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 1
+
+# Topics on the PUB socket. "all" carries the chat stream; a client proves its
+# subscription is live by subscribing to a private "ready:<nonce>" topic,
+# which the broker answers with a heartbeat on that topic alone.
+BROADCAST_TOPIC = b"all"
+READY_TOPIC_PREFIX = b"ready:"
+
+# --- limits -----------------------------------------------------------------
+
+# 32 characters of a safe ASCII set: no spaces, no look-alikes, no control or
+# bidi characters, so a name can never pretend to be another (IRC allows 9-30).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
+MAX_NAME_CHARS = 32
+# Default largest chat text in UTF-8 bytes; the broker can change it and
+# announces its value in the welcome. 4 KiB is several screens of chat.
+DEFAULT_MAX_TEXT_BYTES = 4096
+# A client-chosen message id: long enough for a UUID plus a counter.
+MAX_MESSAGE_ID_CHARS = 64
+# A resume token or join nonce: 32 hex digits with room to spare.
+MAX_TOKEN_CHARS = 64
+# Most events one history reply carries; a client asks again for more.
+MAX_FETCH_EVENTS = 500
+
+
+def max_frame_bytes(max_text_bytes: int) -> int:
+    """Largest request frame the broker accepts (ZMQ_MAXMSGSIZE on ROUTER).
+
+    JSON may escape a byte of text as six characters (``\\u0001``), and the
+    other fields need a little room; anything larger is never read.
+    """
+    return 6 * max_text_bytes + 1024
+
+
+# --- errors -------------------------------------------------------------------
+
+
+class ErrorCode:
+    """The codes carried by an ``error`` reply (see PROTOCOL.md)."""
+
+    MALFORMED = "malformed"  # not one frame of JSON object, or a bad field
+    BAD_VERSION = "bad_version"  # hello with another protocol version
+    UNKNOWN_TYPE = "unknown_type"
+    NAME_INVALID = "name_invalid"
+    NAME_TAKEN = "name_taken"
+    ALREADY_JOINED = "already_joined"  # hello under a second name
+    NOT_JOINED = "not_joined"  # say/ping/fetch before a welcome
+    TEXT_EMPTY = "text_empty"
+    TEXT_TOO_LONG = "text_too_long"
+    RATE_LIMITED = "rate_limited"
+    SERVER_FULL = "server_full"
+
+
+class ProtocolError(Exception):
+    """A peer sent something that is not valid zchat protocol."""
+
+    def __init__(self, reason: str, code: str = ErrorCode.MALFORMED):
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+# --- message types ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Client asks to join under ``name`` (or resume its session)."""
+
+    TYPE: ClassVar[str] = "hello"
+    name: str
+    v: int = PROTOCOL_VERSION
+    resume: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Say:
+    """Client sends chat text; ``id`` is chosen by the client, unique per name."""
+
+    TYPE: ClassVar[str] = "say"
+    id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    """Anyone asks who is online (no join needed)."""
+
+    TYPE: ClassVar[str] = "who"
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Client heartbeat; any request counts as one too."""
+
+    TYPE: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Client asks for the events with ``after < seq <= until`` (gap repair)."""
+
+    TYPE: ClassVar[str] = "fetch"
+    after: int
+    until: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """Client leaves; others see the reason ``quit``."""
+
+    TYPE: ClassVar[str] = "bye"
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Broker accepts a hello. ``seq`` is the last sequence number so far."""
+
+    TYPE: ClassVar[str] = "welcome"
+    name: str
+    seq: int
+    epoch: str
+    users: list[str]
+    resume: str
+    heartbeat_interval: float
+    heartbeat_liveness: int
+    max_text: int
+    resumed: bool = False
+    v: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Broker accepted the message ``id`` and broadcast it as ``seq``."""
+
+    TYPE: ClassVar[str] = "ack"
+    id: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Broker refuses a request; ``id`` names the refused message, if any."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    reason: str
+    id: str | None = None
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Users:
+    """Broker answers ``who``."""
+
+    TYPE: ClassVar[str] = "users"
+    users: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """Broker answers ``fetch``. ``first`` is the oldest seq it still holds."""
+
+    TYPE: ClassVar[str] = "history"
+    events: list[Any]
+    first: int
+    until: int
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A chat message, stamped by the broker with sender, time and seq."""
+
+    TYPE: ClassVar[str] = "message"
+    seq: int
+    time: float
+    sender: str = field(metadata={"wire": "from"})
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    TYPE: ClassVar[str] = "join"
+    seq: int
+    time: float
+    name: str
+
+
+class LeaveReason:
+    QUIT = "quit"  # the client said bye
+    TIMEOUT = "timeout"  # no heartbeat for liveness x interval
+    DISCONNECTED = "disconnected"  # the broker could no longer reach it
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    TYPE: ClassVar[str] = "leave"
+    seq: int
+    time: float
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Broker is alive; ``seq`` lets a client notice it missed the tail."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    seq: int
+    epoch: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Broker is going away (SIGINT/SIGTERM)."""
+
+    TYPE: ClassVar[str] = "shutdown"
+    time: float
+
+
+REQUEST_TYPES = {cls.TYPE: cls for cls in (Hello, Say, Who, Ping, Fetch, Bye)}
+REPLY_TYPES = {cls.TYPE: cls for cls in (Welcome, Ack, Error, Users, History)}
+EVENT_TYPES = {cls.TYPE: cls for cls in (Message, Join, Leave, Heartbeat, Shutdown)}
+SEQUENCED_EVENTS = (Message, Join, Leave)
+
+
+# --- encoding -------------------------------------------------------------------
+
+@cache
+def _field_specs(cls: type) -> tuple[tuple[str, str, str, Any], ...]:
+    """(name, wire name, annotation, default) of each field of a message type."""
+    return tuple(
+        (f.name, f.metadata.get("wire", f.name), f.type, f.default) for f in fields(cls)
+    )
+
+
+_COMPACT = {"separators": (",", ":"), "ensure_ascii": False}
+
+
+def to_wire(msg: Any) -> dict:
+    """The JSON-ready dict of a message, with ``type`` and wire field names."""
+    body = {"type": msg.TYPE}
+    for name, wire_name, _, _ in _field_specs(type(msg)):
+        value = getattr(msg, name)
+        if value is None:
+            continue
+        if name == "events":
+            value = [to_wire(e) for e in value]
+        body[wire_name] = value
+    return body
+
+
+def encode(msg: Any) -> bytes:
+    """One message as one UTF-8 JSON frame."""
+    return json.dumps(to_wire(msg), **_COMPACT).encode()
+
+
+def encode_event(event: Any) -> bytes:
+    """One broadcast event as JSON, to be joined into a PUB body."""
+    return encode(event)
+
+
+def join_events(encoded: list[bytes]) -> bytes:
+    """A PUB body from events already encoded once each."""
+    return b"[" + b",".join(encoded) + b"]"
+
+
+# --- decoding -------------------------------------------------------------------
+
+
+def _parse_json(frame: bytes) -> Any:
+    try:
+        return json.loads(frame.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProtocolError("frame is not valid UTF-8") from None
+    except (ValueError, RecursionError):
+        raise ProtocolError("frame is not valid JSON") from None
+
+
+def _is_text(value: Any) -> bool:
+    """A str that can be encoded again: JSON's \\ud800 escapes can make lone
+    surrogates, which would break the broker's own encoding later."""
+    if not isinstance(value, str):
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_field(cls: type, name: str, value: Any, annotation: str) -> Any:
+    """Type-check one field against its annotation (a small, fixed set)."""
+    optional = annotation.endswith("| None")
+    if value is None:
+        if optional:
+            return None
+        raise ProtocolError(f"{cls.TYPE}: field {name!r} is missing")
+    base = annotation.removesuffix(" | None")
+    ok = {
+        "str": _is_text,
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "list[str]": lambda v: isinstance(v, list) and all(_is_text(x) for x in v),
+        "list[Any]": lambda v: isinstance(v, list),
+    }[base](value)
+    if not ok:
+        raise ProtocolError(f"{cls.TYPE}: field {name!r} must be {base}")
+    return value
+
+
+def _build(types: dict[str, type], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise ProtocolError("message must be a JSON object")
+    kind = body.get("type")
+    cls = types.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {kind!r}"[:120], ErrorCode.UNKNOWN_TYPE)
+    values = {}
+    for name, wire_name, annotation, default in _field_specs(cls):
+        if wire_name in body:
+            raw = body[wire_name]
+        elif default is not MISSING:
+            raw = default
+        else:
+            raw = None
+        values[name] = _check_field(cls, name, raw, annotation)
+    if "events" in values:
+        values["events"] = [decode_event_body(e) for e in values["events"]]
+    return cls(**values)
+
+
+def _check_request(msg: Any) -> Any:
+    """Limits that hold whatever the broker's settings are."""
+    if isinstance(msg, Hello):
+        if len(msg.name) > 4 * MAX_NAME_CHARS:
+            raise ProtocolError("hello: name is far too long", ErrorCode.NAME_INVALID)
+        if msg.resume is not None and len(msg.resume) > MAX_TOKEN_CHARS:
+            raise ProtocolError("hello: resume token is too long")
+    elif isinstance(msg, Say):
+        if not 1 <= len(msg.id) <= MAX_MESSAGE_ID_CHARS:
+            raise ProtocolError(f"say: id must be 1 to {MAX_MESSAGE_ID_CHARS} characters")
+    elif isinstance(msg, Fetch):
+        if msg.after < 0 or msg.until < msg.after:
+            raise ProtocolError("fetch: need 0 <= after <= until")
+    return msg
+
+
+def decode_request(frames: list[bytes]) -> Any:
+    """A client request from the frames after the routing id."""
+    if len(frames) != 1:
+        raise ProtocolError(f"expected 1 frame, got {len(frames)}")
+    return _check_request(_build(REQUEST_TYPES, _parse_json(frames[0])))
+
+
+def decode_reply(frames: list[bytes]) -> Any:
+    """A broker reply as a DEALER receives it."""
+    if len(frames) != 1:
+        raise ProtocolError(f"expected 1 frame, got {len(frames)}")
+    return _build(REPLY_TYPES, _parse_json(frames[0]))
+
+
+def decode_event_body(body: Any) -> Any:
+    return _build(EVENT_TYPES, body)
+
+
+def decode_broadcast(frames: list[bytes]) -> list[Any]:
+    """The events of one PUB message ``[topic, body]``."""
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames, got {len(frames)}")
+    events = _parse_json(frames[1])
+    if not isinstance(events, list) or not events:
+        raise ProtocolError("broadcast body must be a non-empty JSON array")
+    return [decode_event_body(e) for e in events]
+
+
+# --- validation helpers shared by broker and clients ----------------------------
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid username, or None when it is."""
+    if NAME_PATTERN.fullmatch(name):
+        return None
+    return (
+        f"names are 1 to {MAX_NAME_CHARS} characters of letters, digits, "
+        "'_', '-' and '.'"
+    )
+
+
+def name_key(name: str) -> str:
+    """The form under which names are compared: unique ignoring case."""
+    return name.casefold()
+
+
+def text_problem(text: str, max_text_bytes: int) -> tuple[str, str] | None:
+    """(code, reason) when ``text`` may not be sent, else None."""
+    if not text.strip():
+        return ErrorCode.TEXT_EMPTY, "message is empty"
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_text_bytes:
+        return ErrorCode.TEXT_TOO_LONG, (
+            f"message is {size} bytes; the limit is {max_text_bytes}"
+        )
+    return None

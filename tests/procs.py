@@ -1,0 +1,176 @@
+"""Real processes for the tests: a broker and command-line clients on loopback.
+
+Everything waits on a condition with a deadline, never on a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float, what: str = "condition", interval: float = 0.02):
+    """Poll ``condition`` until it returns a true value; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class LineReader:
+    """Collects a stream's lines from a thread, so tests can wait on them."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._new = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream) -> None:
+        for raw in stream:
+            line = raw.rstrip("\n")
+            self.lines.append(line)
+            self._new.put(line)
+        self._new.put(None)
+
+    def wait_for(self, predicate, timeout: float, what: str = "a line") -> str:
+        """The first line (seen before or arriving) that matches ``predicate``."""
+        deadline = time.monotonic() + timeout
+        checked = 0
+        while True:
+            while checked < len(self.lines):
+                line = self.lines[checked]
+                checked += 1
+                if predicate(line):
+                    return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
+                                     f"got {self.lines[-20:]}")
+            try:
+                self._new.get(timeout=min(remaining, 0.1))
+            except queue.Empty:
+                pass
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+def _spawn(args: list[str], **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("CHAT_NAME", None)
+    return subprocess.Popen([PYTHON, *args], cwd=ROOT, text=True, env=env,
+                            encoding="utf-8", errors="replace", **kw)
+
+
+class Broker:
+    """A real broker process on free loopback ports."""
+
+    def __init__(self, *extra: str, port: int | None = None, pub_port: int | None = None):
+        self.port = port or free_port()
+        self.pub_port = pub_port or free_port()
+        self.extra = list(extra)
+        self.proc: subprocess.Popen | None = None
+        self.log: LineReader | None = None
+
+    def start(self, timeout: float = 10) -> "Broker":
+        self.proc = _spawn(["broker.py", "--port", str(self.port), "--pub-port",
+                            str(self.pub_port), *self.extra], stderr=subprocess.PIPE)
+        self.log = LineReader(self.proc.stderr)
+        self.log.wait_for(lambda l: "listening" in l, timeout, "the broker to listen")
+        return self
+
+    @property
+    def client_args(self) -> list[str]:
+        return ["--port", str(self.port)]
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 5) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def wait_log(self, predicate, timeout: float, what: str = "a log line") -> str:
+        return self.log.wait_for(predicate, timeout, what)
+
+
+class Client:
+    """A running cli_client.py with its output collected line by line."""
+
+    def __init__(self, broker: Broker, *args: str, name: str | None = None,
+                 stdin=subprocess.DEVNULL):
+        cmd = ["cli_client.py", *args, *broker.client_args]
+        if name:
+            cmd += ["--name", name]
+        self.proc = _spawn(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.out = LineReader(self.proc.stdout)
+        self.err = LineReader(self.proc.stderr)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def json_records(self) -> list[dict]:
+        return [json.loads(line) for line in self.out.lines]
+
+    def messages(self) -> list[dict]:
+        return [r for r in self.json_records() if r["type"] == "message"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def listen(broker: Broker, name: str, *args: str, timeout: float = 10) -> Client:
+    """A `listen --json` client, returned once it has joined."""
+    client = Client(broker, "listen", "--json", *args, name=name)
+    def own_join(line: str) -> bool:
+        record = json.loads(line)
+        return record["type"] == "join" and record["name"] == name
+
+    client.out.wait_for(own_join, timeout, f"{name} to join")
+    return client
+
+
+def run_cli(broker: Broker, *args: str, name: str | None = None, input: str | None = None,
+            timeout: float = 30) -> subprocess.CompletedProcess:
+    cmd = ["cli_client.py", *args, *broker.client_args]
+    if name:
+        cmd += ["--name", name]
+    proc = _spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = proc.communicate(input or "", timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
