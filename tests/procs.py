@@ -27,6 +27,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_pair() -> int:
+    """A free port whose next port is free too: a broker's default pair."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 def wait_until(condition, timeout: float, what: str = "condition", interval: float = 0.02):
     """Poll ``condition`` until it returns a true value; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -89,8 +101,8 @@ class Broker:
     """A real broker process on free loopback ports."""
 
     def __init__(self, *extra: str, port: int | None = None, pub_port: int | None = None):
-        self.port = port or free_port()
-        self.pub_port = pub_port or free_port()
+        self.port = port or free_port_pair()
+        self.pub_port = pub_port or self.port + 1
         self.extra = list(extra)
         self.proc: subprocess.Popen | None = None
         self.log: LineReader | None = None

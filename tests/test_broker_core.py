@@ -1,0 +1,242 @@
+"""The broker core with no sockets: sessions, names, liveness, sequence, history."""
+
+import json
+
+import pytest
+
+import messages as m
+from broker_core import BrokerConfig, BrokerCore, Publish, Reply
+
+T0 = 1_000.0
+
+
+def frame(**body) -> list[bytes]:
+    return [json.dumps(body).encode()]
+
+
+def replies(outputs, peer=None):
+    return [o.message for o in outputs if isinstance(o, Reply) and (peer is None or o.peer == peer)]
+
+
+def published(outputs):
+    return [o.event for o in outputs if isinstance(o, Publish)]
+
+
+def join(core, peer, name, now=T0, **extra):
+    out = core.handle(peer, frame(type="hello", name=name, **extra), now)
+    return out
+
+
+@pytest.fixture
+def core():
+    return BrokerCore(BrokerConfig(heartbeat_interval=1.0, heartbeat_liveness=3, max_text=100,
+                                   history=10, max_users=3))
+
+
+def test_hello_welcomes_and_announces_join(core):
+    out = join(core, b"A", "alice")
+    (welcome,) = replies(out, b"A")
+    assert isinstance(welcome, m.Welcome)
+    assert welcome.users == ["alice"] and welcome.seq == 0 and welcome.resume
+    assert published(out) == [m.Join(1, T0, "alice")]
+
+
+def test_welcome_lists_everyone_online(core):
+    join(core, b"A", "alice")
+    (welcome,) = replies(join(core, b"B", "Bob"))
+    assert welcome.users == ["alice", "Bob"] and welcome.seq == 1
+
+
+@pytest.mark.parametrize("name", ["", "a" * 33, "bad name", "ünï", "a\u202eb", "x\x1b", "a/b"])
+def test_invalid_names_are_refused_with_a_reason(core, name):
+    out = join(core, b"A", name)
+    (error,) = replies(out)
+    assert error.code == m.ErrorCode.NAME_INVALID and "characters" in error.reason
+    assert not published(out) and not core.sessions
+
+
+@pytest.mark.parametrize("name", ["a", "A" * 32, "bob_1", "x-y.z", "007"])
+def test_valid_names_are_accepted(core, name):
+    assert isinstance(replies(join(core, b"A", name))[0], m.Welcome)
+
+
+def test_taken_name_is_refused_ignoring_case_and_another_may_be_tried(core):
+    join(core, b"A", "alice")
+    (error,) = replies(join(core, b"B", "ALICE"))
+    assert error.code == m.ErrorCode.NAME_TAKEN and "taken" in error.reason
+    (welcome,) = replies(join(core, b"B", "alice2"))
+    assert welcome.name == "alice2"
+
+
+def test_second_name_on_one_connection_is_refused(core):
+    join(core, b"A", "alice")
+    (error,) = replies(join(core, b"A", "other"))
+    assert error.code == m.ErrorCode.ALREADY_JOINED
+
+
+def test_repeated_hello_is_welcomed_again_without_a_second_join(core):
+    join(core, b"A", "alice")
+    out = join(core, b"A", "alice")
+    assert isinstance(replies(out)[0], m.Welcome) and not published(out)
+
+
+def test_wrong_protocol_version_is_refused(core):
+    (error,) = replies(join(core, b"A", "alice", v=99))
+    assert error.code == m.ErrorCode.BAD_VERSION
+
+
+def test_server_full(core):
+    for i in range(3):
+        join(core, bytes([i]), f"u{i}")
+    (error,) = replies(join(core, b"Z", "late"))
+    assert error.code == m.ErrorCode.SERVER_FULL
+
+
+def test_say_is_stamped_by_the_broker_and_acknowledged(core):
+    join(core, b"A", "alice")
+    out = core.handle(b"A", frame(type="say", id="m1", text="hi", **{"from": "bob"}), T0 + 1)
+    assert published(out) == [m.Message(2, T0 + 1, "alice", "hi")]
+    assert replies(out) == [m.Ack("m1", 2)]
+
+
+def test_repeated_message_id_is_acknowledged_again_but_not_broadcast(core):
+    join(core, b"A", "alice")
+    core.handle(b"A", frame(type="say", id="m1", text="hi"), T0)
+    out = core.handle(b"A", frame(type="say", id="m1", text="hi"), T0)
+    assert replies(out) == [m.Ack("m1", 2)] and not published(out)
+
+
+def test_say_before_joining_is_refused(core):
+    out = core.handle(b"A", frame(type="say", id="m1", text="hi"), T0)
+    assert replies(out) == [m.Error(m.ErrorCode.NOT_JOINED, "join first (send hello)", "m1")]
+    assert not published(out)
+
+
+@pytest.mark.parametrize("text,code", [("x" * 101, m.ErrorCode.TEXT_TOO_LONG),
+                                       ("é" * 51, m.ErrorCode.TEXT_TOO_LONG),
+                                       ("   ", m.ErrorCode.TEXT_EMPTY)])
+def test_bad_text_is_refused_naming_the_message(core, text, code):
+    join(core, b"A", "alice")
+    out = core.handle(b"A", frame(type="say", id="m1", text=text), T0)
+    (error,) = replies(out)
+    assert (error.code, error.id) == (code, "m1") and not published(out)
+
+
+def test_text_at_the_limit_is_accepted(core):
+    join(core, b"A", "alice")
+    out = core.handle(b"A", frame(type="say", id="m1", text="x" * 100), T0)
+    assert replies(out) == [m.Ack("m1", 2)]
+
+
+@pytest.mark.parametrize("frames", [[], [b"a", b"b"], [b"\xff"], [b"[]"], [b"{}"],
+                                    [b'{"type":"nope"}'], [b'{"type":"say","id":"","text":"x"}']])
+def test_malformed_requests_get_an_error_and_change_nothing(core, frames):
+    join(core, b"A", "alice")
+    out = core.handle(b"B", frames, T0)
+    (error,) = replies(out, b"B")
+    assert error.code in (m.ErrorCode.MALFORMED, m.ErrorCode.UNKNOWN_TYPE)
+    assert not published(out) and list(core.sessions) == [b"A"]
+
+
+def test_who_needs_no_join(core):
+    join(core, b"A", "bob")
+    join(core, b"B", "alice")
+    assert replies(core.handle(b"X", frame(type="who"), T0)) == [m.Users(["alice", "bob"])]
+
+
+def test_bye_announces_quit_and_frees_the_name(core):
+    join(core, b"A", "alice")
+    out = core.handle(b"A", frame(type="bye"), T0 + 1)
+    assert published(out) == [m.Leave(2, T0 + 1, "alice", m.LeaveReason.QUIT)]
+    assert isinstance(replies(join(core, b"B", "alice"))[0], m.Welcome)
+
+
+def test_silent_session_times_out_after_liveness_intervals(core):
+    core.tick(T0)
+    join(core, b"A", "alice", now=T0)
+    join(core, b"B", "bob", now=T0)
+    core.handle(b"B", frame(type="ping"), T0 + 2.5)
+    assert not [e for e in published(core.tick(T0 + 2.9)) if isinstance(e, m.Leave)]
+    leaves = [e for e in published(core.tick(T0 + 3.0)) if isinstance(e, m.Leave)]
+    assert leaves == [m.Leave(3, T0 + 3.0, "alice", m.LeaveReason.TIMEOUT)]
+    assert list(core.sessions) == [b"B"]
+
+
+def test_any_request_counts_as_a_heartbeat(core):
+    join(core, b"A", "alice", now=T0)
+    core.handle(b"A", [b"garbage"], T0 + 2.9)
+    assert not [e for e in published(core.tick(T0 + 4)) if isinstance(e, m.Leave)]
+
+
+def test_ping_from_unknown_peer_says_not_joined(core):
+    (error,) = replies(core.handle(b"A", frame(type="ping"), T0))
+    assert error.code == m.ErrorCode.NOT_JOINED
+
+
+def test_heartbeat_is_published_each_interval_with_the_last_seq(core):
+    hb = published(core.tick(T0))
+    assert hb == [m.Heartbeat(0, core.epoch, T0)]
+    assert published(core.tick(T0 + 0.5)) == []
+    join(core, b"A", "alice", now=T0 + 0.6)
+    assert published(core.tick(T0 + 1.0)) == [m.Heartbeat(1, core.epoch, T0 + 1.0)]
+
+
+def test_next_deadline_is_the_earliest_heartbeat_or_expiry(core):
+    core.tick(T0)
+    assert core.next_deadline() == T0 + 1
+    join(core, b"A", "alice", now=T0 - 2.5)
+    assert core.next_deadline() == T0 + 0.5
+
+
+def test_unreachable_peer_is_announced_as_gone(core):
+    join(core, b"A", "alice")
+    out = core.peer_unreachable(b"A", T0)
+    assert published(out) == [m.Leave(2, T0, "alice", m.LeaveReason.DISCONNECTED)]
+    assert core.peer_unreachable(b"A", T0) == []
+
+
+def test_resume_token_rebinds_the_name_to_a_new_connection_silently(core):
+    (welcome,) = replies(join(core, b"A", "alice"))
+    out = join(core, b"B", "alice", resume=welcome.resume)
+    (again,) = replies(out, b"B")
+    assert again.resumed and not published(out)
+    assert core.sessions[b"B"].name == "alice" and b"A" not in core.sessions
+    # the old connection no longer speaks for alice
+    assert replies(core.handle(b"A", frame(type="say", id="x", text="hi"), T0))[0].code == \
+        m.ErrorCode.NOT_JOINED
+
+
+def test_wrong_resume_token_does_not_take_the_name(core):
+    join(core, b"A", "alice")
+    (error,) = replies(join(core, b"B", "alice", resume="0" * 32))
+    assert error.code == m.ErrorCode.NAME_TAKEN
+
+
+def test_ready_probe_answers_only_on_the_probe_topic(core):
+    (out,) = core.ready_probe(b"ready:abc", T0)
+    assert out.topic == b"ready:abc" and isinstance(out.event, m.Heartbeat)
+    assert core.ready_probe(b"all", T0) == []
+    assert core.ready_probe(b"ready:", T0) == []
+    assert core.ready_probe(b"ready:" + b"x" * 65, T0) == []
+
+
+def test_fetch_returns_the_missing_range_from_history(core):
+    join(core, b"A", "alice")
+    for i in range(5):
+        core.handle(b"A", frame(type="say", id=f"m{i}", text=f"t{i}"), T0)
+    (history,) = replies(core.handle(b"A", frame(type="fetch", after=2, until=4), T0))
+    assert [e.seq for e in history.events] == [3, 4] and history.first == 1
+
+
+def test_fetch_past_the_history_limit_reports_what_is_gone(core):
+    join(core, b"A", "alice")
+    for i in range(20):
+        core.handle(b"A", frame(type="say", id=f"m{i}", text=f"t{i}"), T0)
+    (history,) = replies(core.handle(b"A", frame(type="fetch", after=0, until=21), T0))
+    assert history.first == 12 and [e.seq for e in history.events] == list(range(12, 22))
+    (history,) = replies(core.handle(b"A", frame(type="fetch", after=0, until=5), T0))
+    assert history.events == [] and history.first == 12 and history.until == 5
+
+
+def test_shutdown_is_announced(core):
+    assert published(core.shutdown(T0)) == [m.Shutdown(T0)]

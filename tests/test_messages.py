@@ -1,0 +1,92 @@
+"""The wire protocol with no sockets: encoding, decoding, validation."""
+
+import json
+
+import pytest
+
+import messages as m
+
+ALL_MESSAGES = [
+    m.Hello("alice"), m.Hello("bob", resume="tok"), m.Say("id1", "héllo 世界 🎉"), m.Who(),
+    m.Ping(), m.Fetch(3, 9), m.Bye(),
+    m.Welcome("alice", 4, "ep", ["alice", "bob"], "tok", 1.0, 3, 4096, True),
+    m.Ack("id1", 5), m.Error("name_taken", "taken"), m.Error("rate_limited", "slow", "x", 0.5),
+    m.Users(["a", "b"]), m.History([m.Join(1, 2.0, "a"), m.Message(2, 3.0, "a", "t")], 1, 2),
+]
+EVENTS = [m.Message(1, 2.5, "alice", "hi"), m.Join(2, 3.0, "bob"),
+          m.Leave(3, 4.0, "bob", "timeout"), m.Heartbeat(3, "ep", 5.0), m.Shutdown(6.0)]
+
+
+@pytest.mark.parametrize("msg", ALL_MESSAGES, ids=lambda x: type(x).__name__)
+def test_every_message_round_trips(msg):
+    decode = m.decode_request if type(msg) in m.REQUEST_TYPES.values() else m.decode_reply
+    assert decode([m.encode(msg)]) == msg
+
+
+def test_events_round_trip_as_one_broadcast_frame():
+    body = m.join_events([m.encode_event(e) for e in EVENTS])
+    assert m.decode_broadcast([m.BROADCAST_TOPIC, body]) == EVENTS
+
+
+def test_message_sender_travels_as_from():
+    assert json.loads(m.encode(m.Message(1, 2.0, "alice", "x")))["from"] == "alice"
+
+
+def test_text_is_utf8_not_escaped():
+    assert "世界".encode() in m.encode(m.Say("1", "世界"))
+
+
+@pytest.mark.parametrize("frames,why", [
+    ([], "expected 1 frame"),
+    ([b"{}", b"{}"], "expected 1 frame"),
+    ([b"\xff\xfe"], "UTF-8"),
+    ([b"{not json"], "JSON"),
+    ([b"[1,2]"], "JSON object"),
+    ([b'{"type":"teleport"}'], "unknown message type"),
+    ([b'{"type":"say","text":"x"}'], "'id' is missing"),
+    ([b'{"type":"say","id":"1","text":5}'], "'text' must be str"),
+    ([b'{"type":"say","id":"1","text":"\\ud800"}'], "'text' must be str"),
+    ([b'{"type":"fetch","after":true,"until":2}'], "'after' must be int"),
+    ([b'{"type":"fetch","after":5,"until":2}'], "after <= until"),
+    ([b'{"type":"say","id":"' + b"x" * 65 + b'","text":"t"}'], "id must be"),
+    ([b"[" * 100000], "JSON"),
+])
+def test_bad_requests_raise_protocol_error_with_a_reason(frames, why):
+    with pytest.raises(m.ProtocolError) as caught:
+        m.decode_request(frames)
+    assert why in caught.value.reason
+
+
+def test_unknown_type_has_its_own_code():
+    with pytest.raises(m.ProtocolError) as caught:
+        m.decode_request([b'{"type":"teleport"}'])
+    assert caught.value.code == m.ErrorCode.UNKNOWN_TYPE
+
+
+def test_broadcast_needs_topic_and_a_non_empty_array():
+    for frames in ([b"all"], [b"all", b"[]"], [b"all", b"{}"], [b"all", b'[{"type":"x"}]']):
+        with pytest.raises(m.ProtocolError):
+            m.decode_broadcast(frames)
+
+
+@pytest.mark.parametrize("name,ok", [("alice", True), ("a.b-c_9", True), ("x" * 32, True),
+                                     ("", False), ("x" * 33, False), ("a b", False),
+                                     ("é", False), ("a\u200bb", False), ("\n", False)])
+def test_name_rules(name, ok):
+    assert (m.name_problem(name) is None) == ok
+
+
+def test_names_compare_ignoring_case():
+    assert m.name_key("Alice") == m.name_key("aLICE")
+
+
+def test_text_limit_counts_utf8_bytes():
+    assert m.text_problem("é" * 2, 4) is None
+    code, reason = m.text_problem("é" * 3, 4)
+    assert code == m.ErrorCode.TEXT_TOO_LONG and "6 bytes" in reason and "4" in reason
+    assert m.text_problem(" \n\t", 4)[0] == m.ErrorCode.TEXT_EMPTY
+
+
+def test_frame_limit_leaves_room_for_escaped_text():
+    worst = m.encode(m.Say("x" * m.MAX_MESSAGE_ID_CHARS, "\x01" * 4096))
+    assert len(worst) <= m.max_frame_bytes(4096)
