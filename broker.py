@@ -15,13 +15,15 @@ import argparse
 import logging
 import signal
 import socket
+import sqlite3
 import sys
 import time
 
 import zmq
 
 import messages as m
-from broker_core import BrokerConfig, BrokerCore, Publish, Reply
+from broker_core import ACCEPTED_IDS_REMEMBERED, BrokerConfig, BrokerCore, Reply
+from store import EventStore
 
 log = logging.getLogger("zchat.broker")
 
@@ -29,9 +31,14 @@ log = logging.getLogger("zchat.broker")
 # enough that a backlog leaves as few big PUB frames, small enough that the
 # loop still heartbeats on time under a flood.
 RECV_BATCH = 1000
-# Most events in one PUB frame, so a frame stays far below a subscriber's
-# memory budget (64 x the text limit).
-EVENTS_PER_FRAME = 64
+# A PUB frame gathers events up to this size (a larger event goes alone):
+# big enough to spend few system calls per delivery under a backlog, small
+# enough that a subscriber's queue has a known bound (see SUB_QUEUE_FRAMES).
+FRAME_BYTES = 64 * 1024
+# Frames queued for one subscriber before the XPUB drops its broadcasts
+# (libzmq's default is 1000). The subscriber repairs the loss from history;
+# this bounds the broker's memory per slow subscriber near 100 x 64 KiB.
+SUB_QUEUE_FRAMES = 100
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"largest message text in UTF-8 bytes (default {m.DEFAULT_MAX_TEXT_BYTES})")
     p.add_argument("--history", type=int, default=1000, metavar="N",
                    help="messages kept for gap repair and late joiners (default 1000)")
+    p.add_argument("--db", metavar="PATH",
+                   help="keep every message in this SQLite file, across restarts")
     p.add_argument("--max-users", type=int, default=5000, metavar="N",
                    help="most users online at once (default 5000)")
     p.add_argument("--log-level", default="INFO",
@@ -64,14 +73,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class BrokerShell:
     """Owns the sockets and feeds BrokerCore; one thread, one poll loop."""
 
-    def __init__(self, core: BrokerCore, host: str, port: int, pub_port: int):
+    def __init__(self, core: BrokerCore, host: str, port: int, pub_port: int,
+                 store: EventStore | None = None):
         self.core = core
+        self.store = store
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, m.max_frame_bytes(core.config.max_text))
         self.router.setsockopt(zmq.LINGER, 0)
         self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.SNDHWM, SUB_QUEUE_FRAMES)
         self.pub.setsockopt(zmq.LINGER, 500)  # let the shutdown notice leave
         self.router.bind(f"tcp://{host}:{port}")
         self.pub.bind(f"tcp://{host}:{pub_port}")
@@ -113,6 +125,8 @@ class BrokerShell:
         self.ctx.term()
         self._wake_r.close()
         self._wake_w.close()
+        if self.store is not None:
+            self.store.close()
 
     def _read_requests(self, now: float) -> list:
         out: list = []
@@ -136,8 +150,12 @@ class BrokerShell:
         return out
 
     def _deliver(self, outputs: list, now: float) -> None:
-        """Publish broadcasts (batched into few frames), then send replies."""
+        """Store new events, publish broadcasts (batched into few frames),
+        then send replies: what is acknowledged is stored and published."""
         while outputs:
+            records = self.core.take_records()
+            if self.store is not None:
+                self.store.append(records)
             stream: list[bytes] = []
             replies: list[Reply] = []
             for item in outputs:
@@ -147,9 +165,8 @@ class BrokerShell:
                     stream.append(m.encode_event(item.event))
                 else:
                     self.pub.send_multipart([item.topic, m.join_events([m.encode_event(item.event)])])
-            for i in range(0, len(stream), EVENTS_PER_FRAME):
-                self.pub.send_multipart(
-                    [m.BROADCAST_TOPIC, m.join_events(stream[i:i + EVENTS_PER_FRAME])])
+            for frame in frames_of(stream):
+                self.pub.send_multipart([m.BROADCAST_TOPIC, frame])
             # A peer found unreachable while replying becomes a leave, which
             # is delivered on the next turn of this loop.
             outputs = []
@@ -168,6 +185,18 @@ class BrokerShell:
         return []
 
 
+def frames_of(encoded_events: list[bytes]):
+    """PUB bodies of at most about FRAME_BYTES each, events kept in order."""
+    start, size = 0, 0
+    for i, event in enumerate(encoded_events):
+        if size and size + len(event) > FRAME_BYTES:
+            yield m.join_events(encoded_events[start:i])
+            start, size = i, 0
+        size += len(event) + 1
+    if start < len(encoded_events):
+        yield m.join_events(encoded_events[start:])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -180,7 +209,19 @@ def main(argv: list[str] | None = None) -> int:
         max_users=args.max_users,
     )
     try:
-        shell = BrokerShell(BrokerCore(config), args.host, args.port, args.pub_port)
+        store = EventStore(args.db) if args.db else None
+    except sqlite3.Error as e:
+        print(f"broker: cannot open database {args.db}: {e}", file=sys.stderr)
+        return 1
+    core = BrokerCore(config)
+    if store is not None:
+        core = BrokerCore(config, epoch=store.epoch())
+        core.restore(store.recent_events(config.history),
+                     store.recent_ids(ACCEPTED_IDS_REMEMBERED))
+        log.info("history from %s: %d events, continuing after seq %d",
+                 args.db, len(core.history), core.seq)
+    try:
+        shell = BrokerShell(core, args.host, args.port, args.pub_port, store)
     except zmq.ZMQError as e:
         print(f"broker: cannot bind {args.host}:{args.port}/{args.pub_port}: {e}", file=sys.stderr)
         return 1

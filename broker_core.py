@@ -94,6 +94,9 @@ class BrokerCore:
     history: deque = field(init=False)
     accepted_ids: OrderedDict[tuple[str, str], int] = field(default_factory=OrderedDict)
     next_heartbeat: float = 0.0
+    # (event, client message id) of each sequenced event since the shell
+    # last took them, for a durable store
+    records: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.history = deque(maxlen=self.config.history)
@@ -103,8 +106,21 @@ class BrokerCore:
             m.Who: self._on_who,
             m.Ping: self._on_ping,
             m.Fetch: self._on_fetch,
+            m.Recent: self._on_recent,
             m.Bye: self._on_bye,
         }
+
+    def restore(self, events: list, accepted_ids: list[tuple[tuple[str, str], int]]) -> None:
+        """Continue a stored history: its last events and accepted message ids."""
+        self.history.extend(events)
+        if events:
+            self.seq = max(self.seq, events[-1].seq)
+        self.accepted_ids.update(accepted_ids[-ACCEPTED_IDS_REMEMBERED:])
+
+    def take_records(self) -> list:
+        """The sequenced events since the last call, to be stored."""
+        records, self.records = self.records, []
+        return records
 
     # --- events from the shell -------------------------------------------------
 
@@ -215,7 +231,7 @@ class BrokerCore:
         self.accepted_ids[key] = message.seq
         if len(self.accepted_ids) > ACCEPTED_IDS_REMEMBERED:
             self.accepted_ids.popitem(last=False)
-        return [self._sequenced(message), Reply(peer, m.Ack(say.id, message.seq))]
+        return [self._sequenced(message, say.id), Reply(peer, m.Ack(say.id, message.seq))]
 
     def _on_who(self, peer: bytes, session: Session | None, who: m.Who, now: float) -> list:
         return [Reply(peer, m.Users(self.user_names()))]
@@ -232,7 +248,21 @@ class BrokerCore:
         start = max(fetch.after + 1, first)
         until = min(fetch.until, self.seq, start - 1 + m.MAX_FETCH_EVENTS)
         events = list(islice(self.history, start - first, max(start, until + 1) - first))
+        log.debug("fetch by %s: %d events after %d", session.name, len(events), fetch.after)
         return [Reply(peer, m.History(events, first, until))]
+
+    def _on_recent(self, peer: bytes, session: Session | None, recent: m.Recent,
+                   now: float) -> list:
+        if session is None:
+            return self._not_joined(peer)
+        found: list = []
+        for event in reversed(self.history):
+            if len(found) >= recent.count:
+                break
+            if isinstance(event, m.Message):
+                found.append(event)
+        first = self.history[0].seq if self.history else self.seq + 1
+        return [Reply(peer, m.History(found[::-1], first, self.seq, recent=True))]
 
     def _on_bye(self, peer: bytes, session: Session | None, bye: m.Bye, now: float) -> list:
         if session is None:
@@ -259,8 +289,9 @@ class BrokerCore:
         self.seq += 1
         return self.seq
 
-    def _sequenced(self, event: Any) -> Publish:
+    def _sequenced(self, event: Any, client_id: str | None = None) -> Publish:
         self.history.append(event)
+        self.records.append((event, client_id))
         return Publish(event)
 
     def _not_joined(self, peer: bytes, id: str | None = None) -> list:

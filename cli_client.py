@@ -22,7 +22,7 @@ import threading
 import time
 
 import messages as m
-from client_session import (Acked, ClientSession, Joined, JoinRefused, Missed, Refused,
+from client_session import (Acked, ClientSession, Earlier, Joined, JoinRefused, Missed, Refused,
                             State, StateChanged, list_users)
 from display import event_json, event_line, visible
 
@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     listen.add_argument("--json", action="store_true", help="one JSON object per line")
     listen.add_argument("--count", type=int, metavar="N", help="exit after N chat messages")
+    listen.add_argument("--history", type=int, default=0, metavar="N",
+                        help=f"first print the last N earlier messages (at most {m.MAX_FETCH_EVENTS};"
+                             ' --json marks them "history": true)')
     users = sub.add_parser("users", parents=[common], help="print who is online",
                            epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     users.add_argument("--json", action="store_true", help="a JSON array of names")
@@ -95,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--timeout must be positive")
     if getattr(args, "count", None) is not None and args.count < 1:
         p.error("--count must be at least 1")
+    if not 0 <= getattr(args, "history", 0) <= m.MAX_FETCH_EVENTS:
+        p.error(f"--history must be 0 to {m.MAX_FETCH_EVENTS}")
     return args
 
 
@@ -169,9 +174,12 @@ def run_send(session: ClientSession, args: argparse.Namespace) -> int:
 # --- listen -------------------------------------------------------------------------
 
 
-def print_event(event, as_json: bool) -> None:
+def print_event(event, as_json: bool, earlier: bool = False) -> None:
     if as_json:
-        out(json.dumps(event_json(event)))
+        record = event_json(event)
+        if earlier:
+            record["history"] = True
+        out(json.dumps(record))
     else:
         out(event_line(event))
 
@@ -180,7 +188,7 @@ def report_status(event, as_json: bool) -> None:
     """Connection news and losses go to stderr (a gap also to --json stdout)."""
     if isinstance(event, StateChanged) and event.state == State.RECONNECTING:
         err(f"connection lost ({event.detail}); retrying in {event.retry_in:.1f}s")
-    elif isinstance(event, Joined) and (event.resumed or event.broker_restarted):
+    elif isinstance(event, Joined):  # the first welcome was taken by join()
         err("reconnected" + (" (the broker restarted)" if event.broker_restarted else ""))
     elif isinstance(event, Missed):
         if as_json:
@@ -196,6 +204,9 @@ def run_listen(session: ClientSession, args: argparse.Namespace) -> int:
         if isinstance(event, (m.Message, m.Join, m.Leave)):
             print_event(event, args.json)
             seen += isinstance(event, m.Message)
+        elif isinstance(event, Earlier):
+            for message in event.messages:
+                print_event(message, args.json, earlier=True)
         elif isinstance(event, JoinRefused):
             # Our name was taken while we were away: nothing sensible to do.
             raise CliError(Exit.NAME_REFUSED, f"cannot rejoin as {session.name}: {event.reason}")
@@ -273,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if runner is None:
             return run_users(args)
-        session = ClientSession(args.host, args.port, args.name).start()
+        session = ClientSession(args.host, args.port, args.name,
+                                recent=getattr(args, "history", 0)).start()
         return runner(session, args)
     except CliError as e:
         err(str(e))

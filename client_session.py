@@ -98,6 +98,13 @@ class JoinRefused:
 
 
 @dataclass(frozen=True)
+class Earlier:
+    """Chat messages from before we joined (asked for with ``recent``)."""
+
+    messages: list
+
+
+@dataclass(frozen=True)
 class Acked:
     id: str
     seq: int
@@ -130,8 +137,11 @@ class Missed:
 class ClientSession:
     """One user's connection to a broker, run by a worker thread."""
 
-    def __init__(self, host: str, port: int, name: str, pub_port: int | None = None):
+    def __init__(self, host: str, port: int, name: str, pub_port: int | None = None,
+                 recent: int = 0):
+        """``recent``: how many earlier messages to show on joining (Earlier)."""
         self.address = f"{host}:{port}"
+        self.recent = min(recent, m.MAX_FETCH_EVENTS)
         self.request_endpoint = f"tcp://{host}:{port}"
         self.broadcast_endpoint = f"tcp://{host}:{pub_port or port + 1}"
         self.name = name
@@ -220,6 +230,8 @@ class _Worker:
         self.last_seq = 0
         self.buffer: dict[int, object] = {}
         self.fetching: tuple[int, float] | None = None  # (until, sent at)
+        # seq of the welcome whose earlier messages are awaited, if any
+        self.recent_until: int | None = None
         # outbox: id -> text, in order; ids in unsent wait for the window
         self.outbox: OrderedDict[str, str] = OrderedDict()
         self.unsent: deque[str] = deque()
@@ -320,6 +332,7 @@ class _Worker:
         self.backoff = min(self.backoff * 2, RECONNECT_DELAY_MAX)
         self.reconnect_at = now + delay
         self.fetching = None
+        self.recent_until = None
         self._requeue_in_flight()
         self.state = State.RECONNECTING
         self.emit(StateChanged(State.RECONNECTING, why, delay))
@@ -394,8 +407,9 @@ class _Worker:
             handler(reply, now)
 
     def _on_welcome(self, w: m.Welcome, now: float) -> None:
-        restarted = self.epoch is not None and w.epoch != self.epoch
-        if self.epoch is None or restarted:
+        first_join = self.epoch is None
+        restarted = not first_join and w.epoch != self.epoch
+        if first_join or restarted:
             self.last_seq = w.seq
             self.buffer = {s: e for s, e in self.buffer.items() if s > w.seq}
         self.epoch, self.token, self.name = w.epoch, w.resume, w.name
@@ -407,6 +421,8 @@ class _Worker:
         self._requeue_in_flight()
         self.emit(Joined(w.name, list(w.users), w.resumed, restarted))
         self.emit(StateChanged(State.CONNECTED, f"joined as {w.name}"))
+        if first_join and self.s.recent and self._request(m.Recent(self.s.recent), now):
+            self.recent_until = w.seq  # hold live events until the earlier ones are shown
         self._deliver_buffered(now)
 
     def _on_ack(self, ack: m.Ack, now: float) -> None:
@@ -442,6 +458,9 @@ class _Worker:
         self.emit(users)
 
     def _on_history(self, h: m.History, now: float) -> None:
+        if h.recent:
+            self._on_recent(h, now)
+            return
         self.fetching = None
         if self.phase != "joined":
             return
@@ -452,6 +471,13 @@ class _Worker:
                 self.last_seq = lost_until
         for event in h.events:
             self._on_sequenced(event, now)
+        self._deliver_buffered(now)
+
+    def _on_recent(self, h: m.History, now: float) -> None:
+        if self.recent_until is None:
+            return
+        self.emit(Earlier([e for e in h.events if e.seq <= self.recent_until]))
+        self.recent_until = None
         self._deliver_buffered(now)
 
     # --- broadcasts -------------------------------------------------------------------
@@ -506,6 +532,8 @@ class _Worker:
             self._deliver_buffered(now)
 
     def _deliver_buffered(self, now: float) -> None:
+        if self.recent_until is not None:
+            return
         while (event := self.buffer.pop(self.last_seq + 1, None)) is not None:
             self.last_seq = event.seq
             self.emit(event)

@@ -138,6 +138,14 @@ class Fetch:
 
 
 @dataclass(frozen=True, slots=True)
+class Recent:
+    """Client asks for the last ``count`` chat messages (history on joining)."""
+
+    TYPE: ClassVar[str] = "recent"
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class Bye:
     """Client leaves; others see the reason ``quit``."""
 
@@ -191,12 +199,14 @@ class Users:
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """Broker answers ``fetch``. ``first`` is the oldest seq it still holds."""
+    """Broker answers ``fetch`` (or ``recent``, then ``recent`` is true).
+    ``first`` is the oldest seq it still holds."""
 
     TYPE: ClassVar[str] = "history"
     events: list[Any]
     first: int
     until: int
+    recent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +261,7 @@ class Shutdown:
     time: float
 
 
-REQUEST_TYPES = {cls.TYPE: cls for cls in (Hello, Say, Who, Ping, Fetch, Bye)}
+REQUEST_TYPES = {cls.TYPE: cls for cls in (Hello, Say, Who, Ping, Fetch, Recent, Bye)}
 REPLY_TYPES = {cls.TYPE: cls for cls in (Welcome, Ack, Error, Users, History)}
 EVENT_TYPES = {cls.TYPE: cls for cls in (Message, Join, Leave, Heartbeat, Shutdown)}
 SEQUENCED_EVENTS = (Message, Join, Leave)
@@ -379,6 +389,9 @@ def _check_request(msg: Any) -> Any:
     elif isinstance(msg, Fetch):
         if msg.after < 0 or msg.until < msg.after:
             raise ProtocolError("fetch: need 0 <= after <= until")
+    elif isinstance(msg, Recent):
+        if not 0 <= msg.count <= MAX_FETCH_EVENTS:
+            raise ProtocolError(f"recent: count must be 0 to {MAX_FETCH_EVENTS}")
     return msg
 
 

@@ -141,9 +141,12 @@ class Broker:
 
 
 class Client:
-    """A running cli_client.py with its output collected line by line."""
+    """A running cli_client.py with its output collected line by line.
 
-    def __init__(self, broker: Broker, *args: str, name: str | None = None,
+    ``broker`` is anything with ``client_args`` (a Broker, or a proxy to one).
+    """
+
+    def __init__(self, broker, *args: str, name: str | None = None,
                  stdin=subprocess.DEVNULL):
         cmd = ["cli_client.py", *args, *broker.client_args]
         if name:
@@ -167,14 +170,18 @@ class Client:
             self.proc.wait()
 
 
-def listen(broker: Broker, name: str, *args: str, timeout: float = 10) -> Client:
+def listen(broker, name: str, *args: str, timeout: float = 10) -> Client:
     """A `listen --json` client, returned once it has joined."""
     client = Client(broker, "listen", "--json", *args, name=name)
     def own_join(line: str) -> bool:
         record = json.loads(line)
         return record["type"] == "join" and record["name"] == name
 
-    client.out.wait_for(own_join, timeout, f"{name} to join")
+    try:
+        client.out.wait_for(own_join, timeout, f"{name} to join")
+    except AssertionError:
+        client.stop()
+        raise AssertionError(f"{name} did not join: {client.err.lines}") from None
     return client
 
 
