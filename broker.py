@@ -20,7 +20,9 @@ import sys
 import time
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
+import keys
 import messages as m
 from broker_core import ACCEPTED_IDS_REMEMBERED, BrokerConfig, BrokerCore, Reply
 from store import EventStore
@@ -39,6 +41,9 @@ FRAME_BYTES = 64 * 1024
 # (libzmq's default is 1000). The subscriber repairs the loss from history;
 # this bounds the broker's memory per slow subscriber near 100 x 64 KiB.
 SUB_QUEUE_FRAMES = 100
+# Largest message accepted on the XPUB: subscriptions are ~30 bytes, but the
+# CurveZMQ handshake's commands count too (INITIATE is several hundred).
+SUBSCRIPTION_BYTES = 4096
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +63,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep every message in this SQLite file, across restarts")
     p.add_argument("--max-users", type=int, default=5000, metavar="N",
                    help="most users online at once (default 5000)")
+    p.add_argument("--rate", type=float, default=200.0, metavar="PER_SECOND",
+                   help="messages a user may send per second, sustained (default 200)")
+    p.add_argument("--burst", type=int, default=1000, metavar="N",
+                   help="messages a user may send at once before --rate applies (default 1000)")
+    p.add_argument("--curve-secret", metavar="FILE",
+                   help="encrypt both sockets with this CurveZMQ key pair (keys.py generate)")
+    p.add_argument("--allow", metavar="DIR",
+                   help="with --curve-secret: admit only the public keys in DIR; "
+                        "the key in NAME.key may join only as NAME")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     args = p.parse_args(argv)
@@ -65,8 +79,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.pub_port = args.port + 1
     if args.heartbeat_interval <= 0 or args.heartbeat_liveness < 1:
         p.error("--heartbeat-interval must be > 0 and --heartbeat-liveness >= 1")
-    if args.max_text < 1 or args.history < 1 or args.max_users < 1:
-        p.error("--max-text, --history and --max-users must be at least 1")
+    if args.max_text < 1 or args.history < 1 or args.max_users < 1 or args.burst < 1:
+        p.error("--max-text, --history, --max-users and --burst must be at least 1")
+    if args.rate <= 0:
+        p.error("--rate must be positive")
+    if args.allow and not args.curve_secret:
+        p.error("--allow needs --curve-secret")
     return args
 
 
@@ -74,17 +92,31 @@ class BrokerShell:
     """Owns the sockets and feeds BrokerCore; one thread, one poll loop."""
 
     def __init__(self, core: BrokerCore, host: str, port: int, pub_port: int,
-                 store: EventStore | None = None):
+                 store: EventStore | None = None, curve: keys.KeyPair | None = None,
+                 allow_dir: str | None = None):
         self.core = core
         self.store = store
         self.ctx = zmq.Context()
+        self.auth = None
+        if allow_dir:
+            # ZAP: libzmq asks this thread about each client key at handshake.
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve(domain="*", location=allow_dir)
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, m.max_frame_bytes(core.config.max_text))
         self.router.setsockopt(zmq.LINGER, 0)
         self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.SNDHWM, SUB_QUEUE_FRAMES)
+        # Subscribers only send subscriptions: a few hundred bytes at most.
+        self.pub.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_BYTES)
         self.pub.setsockopt(zmq.LINGER, 500)  # let the shutdown notice leave
+        if curve is not None:
+            keys.make_server(self.router, curve)
+            keys.make_server(self.pub, curve)
+        # Only a broker that binds names to keys needs each frame's key.
+        self.keys_checked = bool(core.config.names_by_key)
         self.router.bind(f"tcp://{host}:{port}")
         self.pub.bind(f"tcp://{host}:{pub_port}")
         # Signals only set a flag; the wakeup fd makes the poll return at once.
@@ -122,6 +154,8 @@ class BrokerShell:
     def close(self) -> None:
         self.router.close(linger=0)
         self.pub.close()
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         self._wake_r.close()
         self._wake_w.close()
@@ -132,10 +166,15 @@ class BrokerShell:
         out: list = []
         for _ in range(RECV_BATCH):
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
+                if self.keys_checked:
+                    parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    key = parts[0].get("User-Id")
+                    frames = [part.bytes for part in parts]
+                else:
+                    frames, key = self.router.recv_multipart(zmq.NOBLOCK), None
             except zmq.Again:
                 break
-            out += self.core.handle(frames[0], frames[1:], now)
+            out += self.core.handle(frames[0], frames[1:], now, key)
         return out
 
     def _read_subscriptions(self, now: float) -> list:
@@ -197,37 +236,55 @@ def frames_of(encoded_events: list[bytes]):
         yield m.join_events(encoded_events[start:])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+def make_core(args: argparse.Namespace, store: EventStore | None) -> BrokerCore:
     config = BrokerConfig(
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_liveness=args.heartbeat_liveness,
         max_text=args.max_text,
         history=args.history,
         max_users=args.max_users,
+        rate=args.rate,
+        burst=args.burst,
+        names_by_key=keys.names_by_key(args.allow) if args.allow else {},
     )
-    try:
-        store = EventStore(args.db) if args.db else None
-    except sqlite3.Error as e:
-        print(f"broker: cannot open database {args.db}: {e}", file=sys.stderr)
+    if store is None:
+        return BrokerCore(config)
+    core = BrokerCore(config, epoch=store.epoch())
+    core.restore(store.recent_events(config.history), store.recent_ids(ACCEPTED_IDS_REMEMBERED))
+    log.info("history from %s: %d events, continuing after seq %d",
+             args.db, len(core.history), core.seq)
+    return core
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    problem = keys.libzmq_problem()
+    if problem:
+        print(f"broker: {problem}", file=sys.stderr)
         return 1
-    core = BrokerCore(config)
-    if store is not None:
-        core = BrokerCore(config, epoch=store.epoch())
-        core.restore(store.recent_events(config.history),
-                     store.recent_ids(ACCEPTED_IDS_REMEMBERED))
-        log.info("history from %s: %d events, continuing after seq %d",
-                 args.db, len(core.history), core.seq)
+    if not keys.is_loopback(args.host) and not args.curve_secret:
+        log.warning("listening on %s without encryption: anyone on the network can read "
+                    "the chat and join; use --curve-secret (see SECURITY.md)", args.host)
     try:
-        shell = BrokerShell(core, args.host, args.port, args.pub_port, store)
+        curve = keys.load_key_pair(args.curve_secret) if args.curve_secret else None
+        store = EventStore(args.db) if args.db else None
+        core = make_core(args, store)
+        shell = BrokerShell(core, args.host, args.port, args.pub_port, store, curve, args.allow)
+    except keys.KeyFileError as e:
+        print(f"broker: {e}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as e:
+        print(f"broker: cannot use database {args.db}: {e}", file=sys.stderr)
+        return 1
     except zmq.ZMQError as e:
         print(f"broker: cannot bind {args.host}:{args.port}/{args.pub_port}: {e}", file=sys.stderr)
         return 1
     shell.install_signal_handlers()
     print(f"zchat broker listening on tcp://{args.host}:{args.port} (requests) "
-          f"and tcp://{args.host}:{args.pub_port} (broadcasts)", file=sys.stderr, flush=True)
+          f"and tcp://{args.host}:{args.pub_port} (broadcasts)"
+          + (", encrypted" if curve else ""), file=sys.stderr, flush=True)
     try:
         shell.run()
     finally:

@@ -40,6 +40,12 @@ log = logging.getLogger("zchat.broker")
 ACCEPTED_IDS_REMEMBERED = 50_000
 # Longest string from a peer quoted in a log line.
 LOG_QUOTE_CHARS = 80
+# Shortest wait asked of a rate-limited client, so it does not spin.
+MIN_RETRY_AFTER = 0.1
+# Refusals in a row (no message accepted in between) that mark a flood. A
+# client that honours retry_after has at most its send window (200) refused
+# at once, so a polite client never comes near it.
+FLOOD_REFUSALS = 1000
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,12 @@ class BrokerConfig:
     # Each user holds two connections; 5,000 users stay well inside a
     # 20,000 open-file limit.
     max_users: int = 5000
+    # Token bucket per user: a sustained rate and a burst. Far above any
+    # person's typing; a script may pipe a 1,000-line log at once.
+    rate: float = 200.0
+    burst: int = 1000
+    # client public key (Z85) -> the only name it may join under
+    names_by_key: dict[str, str] = field(default_factory=dict)
 
     @property
     def expiry(self) -> float:
@@ -81,6 +93,27 @@ class Session:
     peer: bytes
     token: str
     last_seen: float
+    tokens: float  # the rate limit's bucket
+    refill_at: float  # when tokens was last brought up to date
+    limited_until: float = 0.0
+    refusals: int = 0  # rate refusals since the last accepted message
+    # The first message refused for rate. Every later message is refused
+    # until this one is sent again, so a client's messages keep their order
+    # however late it learns of the refusal.
+    blocked_on: str | None = None
+
+    def take_token(self, now: float, rate: float, burst: int) -> float:
+        """0 if a message may go now, else how long to wait."""
+        if now < self.limited_until:
+            return self.limited_until - now
+        self.tokens = min(burst, self.tokens + (now - self.refill_at) * rate)
+        self.refill_at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        wait = max(MIN_RETRY_AFTER, (1 - self.tokens) / rate)
+        self.limited_until = now + wait
+        return wait
 
 
 @dataclass
@@ -101,7 +134,6 @@ class BrokerCore:
     def __post_init__(self) -> None:
         self.history = deque(maxlen=self.config.history)
         self._handlers = {
-            m.Hello: self._on_hello,
             m.Say: self._on_say,
             m.Who: self._on_who,
             m.Ping: self._on_ping,
@@ -124,8 +156,9 @@ class BrokerCore:
 
     # --- events from the shell -------------------------------------------------
 
-    def handle(self, peer: bytes, frames: list[bytes], now: float) -> list:
-        """A request from ``peer`` (the frames after its routing id)."""
+    def handle(self, peer: bytes, frames: list[bytes], now: float, key: str | None = None) -> list:
+        """A request from ``peer`` (the frames after its routing id); ``key``
+        is the client's public key when the broker checks keys."""
         session = self.sessions.get(peer)
         if session is not None:
             session.last_seen = now
@@ -136,6 +169,8 @@ class BrokerCore:
             who = session.name if session else peer.hex()
             log.warning("refused from %s: %s (%s)", who, e.reason, e.code)
             return [Reply(peer, m.Error(e.code, e.reason))]
+        if isinstance(request, m.Hello):
+            return self._on_hello(peer, session, request, now, key)
         return self._handlers[type(request)](peer, session, request, now)
 
     def tick(self, now: float) -> list:
@@ -180,7 +215,8 @@ class BrokerCore:
 
     # --- request handlers -----------------------------------------------------
 
-    def _on_hello(self, peer: bytes, session: Session | None, hello: m.Hello, now: float) -> list:
+    def _on_hello(self, peer: bytes, session: Session | None, hello: m.Hello, now: float,
+                  client_key: str | None) -> list:
         if hello.v != m.PROTOCOL_VERSION:
             return self._refuse(peer, m.ErrorCode.BAD_VERSION,
                                 f"this broker speaks protocol {m.PROTOCOL_VERSION}, not {hello.v}")
@@ -188,6 +224,11 @@ class BrokerCore:
         if problem:
             return self._refuse(peer, m.ErrorCode.NAME_INVALID, problem)
         key = m.name_key(hello.name)
+        if self.config.names_by_key:
+            allowed = self.config.names_by_key.get(client_key or "")
+            if allowed is None or m.name_key(allowed) != key:
+                return self._refuse(peer, m.ErrorCode.NAME_NOT_ALLOWED,
+                                    f"your key may not use the name {hello.name}")
         if session is not None:
             if m.name_key(session.name) == key:  # a repeated hello
                 return [Reply(peer, self._welcome(session, resumed=True))]
@@ -201,7 +242,8 @@ class BrokerCore:
         if len(self.sessions) >= self.config.max_users:
             return self._refuse(peer, m.ErrorCode.SERVER_FULL,
                                 f"the broker is full ({self.config.max_users} users)")
-        session = Session(hello.name, peer, secrets.token_hex(16), now)
+        session = Session(hello.name, peer, secrets.token_hex(16), now,
+                          tokens=self.config.burst, refill_at=now)
         self.sessions[peer] = session
         self.by_name[key] = session
         # The welcome's seq precedes the join, so the client sees its own join.
@@ -227,11 +269,32 @@ class BrokerCore:
         problem = m.text_problem(say.text, self.config.max_text)
         if problem:
             return self._refuse(peer, *problem, id=say.id, who=session.name)
+        if session.blocked_on not in (None, say.id):
+            return self._rate_limited(session, say, max(MIN_RETRY_AFTER,
+                                                        session.limited_until - now), now)
+        wait = session.take_token(now, self.config.rate, self.config.burst)
+        if wait:
+            session.blocked_on = say.id
+            return self._rate_limited(session, say, wait, now)
+        session.refusals = 0
+        session.blocked_on = None
         message = m.Message(self._next_seq(), now, session.name, say.text)
         self.accepted_ids[key] = message.seq
         if len(self.accepted_ids) > ACCEPTED_IDS_REMEMBERED:
             self.accepted_ids.popitem(last=False)
         return [self._sequenced(message, say.id), Reply(peer, m.Ack(say.id, message.seq))]
+
+    def _rate_limited(self, session: Session, say: m.Say, wait: float, now: float) -> list:
+        session.refusals += 1
+        if session.refusals == 1:
+            log.warning("rate limited %s for %.2fs", session.name, wait)
+        if session.refusals < FLOOD_REFUSALS:
+            return [Reply(session.peer, m.Error(m.ErrorCode.RATE_LIMITED,
+                                                f"too fast: wait {wait:.2f}s", say.id, wait))]
+        log.warning("disconnecting %s: kept flooding", session.name)
+        kick = Reply(session.peer, m.Error(m.ErrorCode.FLOODING,
+                                           "disconnected for sending too fast", say.id))
+        return [kick, *self._end_session(session, m.LeaveReason.KICKED, now)]
 
     def _on_who(self, peer: bytes, session: Session | None, who: m.Who, now: float) -> list:
         return [Reply(peer, m.Users(self.user_names()))]

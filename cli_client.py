@@ -12,18 +12,18 @@ The connection logic lives in client_session.py, shared with the window.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
-import os
 import queue
 import signal
 import sys
 import threading
 import time
 
+import keys
 import messages as m
 from client_session import (Acked, ClientSession, Earlier, Joined, JoinRefused, Missed, Refused,
-                            State, StateChanged, list_users)
+                            State, StateChanged, add_connection_arguments, encryption_from_args,
+                            list_users, login_name)
 from display import event_json, event_line, visible
 
 
@@ -55,21 +55,9 @@ class CliError(Exception):
         self.status = status
 
 
-def default_name() -> str:
-    try:
-        return os.environ.get("CHAT_NAME") or getpass.getuser()
-    except Exception:  # no login name in some containers
-        return "user"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--host", default=os.environ.get("CHAT_HOST", "127.0.0.1"),
-                        help="broker address (default 127.0.0.1, env CHAT_HOST)")
-    common.add_argument("--port", type=int, default=int(os.environ.get("CHAT_PORT", 5555)),
-                        help="broker request port (default 5555, env CHAT_PORT)")
-    common.add_argument("--name", default=None,
-                        help="your username (default env CHAT_NAME, else your login name)")
+    add_connection_arguments(common)
     common.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                         help="seconds to reach the broker and have messages accepted (default 5)")
     p = argparse.ArgumentParser(
@@ -91,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     users.add_argument("--json", action="store_true", help="a JSON array of names")
     args = p.parse_args(argv)
     if args.name is None:
-        args.name = default_name()
+        args.name = login_name()
     if args.command is None and not sys.stdin.isatty():
         p.error("no command given (use send, listen or users; chat needs a terminal)")
     if args.timeout <= 0:
@@ -129,7 +117,8 @@ def join(session: ClientSession, timeout: float) -> Joined:
             return event
         if isinstance(event, JoinRefused):
             raise CliError(Exit.NAME_REFUSED, f"cannot join as {session.name}: {event.reason}")
-    raise CliError(Exit.UNREACHABLE, f"broker at {session.address} unreachable "
+    hint = " or wrong --server-key" if session.encryption else ""
+    raise CliError(Exit.UNREACHABLE, f"broker at {session.address} unreachable{hint} "
                                      f"(no answer within {timeout:g}s)")
 
 
@@ -219,7 +208,7 @@ def run_listen(session: ClientSession, args: argparse.Namespace) -> int:
 
 
 def run_users(args: argparse.Namespace) -> int:
-    users = list_users(args.host, args.port, args.timeout)
+    users = list_users(args.host, args.port, args.timeout, args.encryption)
     if users is None:
         raise CliError(Exit.UNREACHABLE, f"broker at {args.host}:{args.port} unreachable "
                                          f"(no answer within {args.timeout:g}s)")
@@ -278,13 +267,18 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             err(f"invalid name {args.name!r}: {problem}")
             return Exit.NAME_REFUSED
+    try:
+        args.encryption = encryption_from_args(args)
+    except keys.KeyFileError as e:
+        err(str(e))
+        return Exit.USAGE
     # A closed pipe on stdout (listen | head) must not print a traceback.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     session = None
     try:
         if runner is None:
             return run_users(args)
-        session = ClientSession(args.host, args.port, args.name,
+        session = ClientSession(args.host, args.port, args.name, encryption=args.encryption,
                                 recent=getattr(args, "history", 0)).start()
         return runner(session, args)
     except CliError as e:

@@ -26,8 +26,11 @@ Theory of operation
 
 from __future__ import annotations
 
+import argparse
+import getpass
 import itertools
 import logging
+import os
 import queue
 import secrets
 import socket
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 
 import zmq
 
+import keys
 import messages as m
 
 log = logging.getLogger("zchat.client")
@@ -58,6 +62,18 @@ MAX_BUFFERED_EVENTS = 20_000
 RECV_BATCH = 500
 # A bye must get out when closing, but a dead broker must not hold us up.
 CLOSE_LINGER_MS = 500
+
+
+@dataclass(frozen=True)
+class Encryption:
+    """CurveZMQ to a broker with this public key; ``pair`` is ours (None: a
+    throwaway pair, enough where the broker admits any key)."""
+
+    server_key: bytes
+    pair: keys.KeyPair | None = None
+
+    def apply(self, sock: zmq.Socket) -> None:
+        keys.make_client(sock, self.server_key, self.pair)
 
 
 class State:
@@ -138,9 +154,10 @@ class ClientSession:
     """One user's connection to a broker, run by a worker thread."""
 
     def __init__(self, host: str, port: int, name: str, pub_port: int | None = None,
-                 recent: int = 0):
+                 recent: int = 0, encryption: Encryption | None = None):
         """``recent``: how many earlier messages to show on joining (Earlier)."""
         self.address = f"{host}:{port}"
+        self.encryption = encryption
         self.recent = min(recent, m.MAX_FETCH_EVENTS)
         self.request_endpoint = f"tcp://{host}:{port}"
         self.broadcast_endpoint = f"tcp://{host}:{pub_port or port + 1}"
@@ -288,13 +305,16 @@ class _Worker:
 
     def _open_sockets(self, now: float) -> None:
         self.dealer = self.ctx.socket(zmq.DEALER)
+        self.sub = self.ctx.socket(zmq.SUB)
+        if self.s.encryption is not None:
+            self.s.encryption.apply(self.dealer)
+            self.s.encryption.apply(self.sub)
         self.dealer.setsockopt(zmq.LINGER, 0)
         # Queue nothing for a broker that is not connected: the outbox holds it.
         self.dealer.setsockopt(zmq.IMMEDIATE, 1)
         self.dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self.dealer.connect(self.s.request_endpoint)
-        self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sub.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
@@ -383,9 +403,11 @@ class _Worker:
             self.in_flight.add(msg_id)
 
     def _requeue_in_flight(self) -> None:
-        """Everything unacknowledged goes out again, in its original order."""
-        self.unsent = deque(i for i in self.outbox if i in self.in_flight or i in self.unsent)
-        self.in_flight.clear()
+        """Everything unacknowledged goes out again, in its original order
+        (the outbox holds exactly the unacknowledged messages, in order)."""
+        if self.in_flight:
+            self.unsent = deque(self.outbox)
+            self.in_flight.clear()
 
     # --- replies ----------------------------------------------------------------------
 
@@ -585,11 +607,14 @@ class _Worker:
         self.emit(StateChanged(State.CLOSED, "left"))
 
 
-def list_users(host: str, port: int, timeout: float) -> list[str] | None:
+def list_users(host: str, port: int, timeout: float,
+               encryption: Encryption | None = None) -> list[str] | None:
     """Who is online, asked without joining; None if no answer in time."""
     ctx = zmq.Context.instance()
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
+    if encryption is not None:
+        encryption.apply(dealer)
     try:
         dealer.connect(f"tcp://{host}:{port}")
         dealer.send(m.encode(m.Who()))
@@ -606,3 +631,38 @@ def list_users(host: str, port: int, timeout: float) -> list[str] | None:
         return None
     finally:
         dealer.close()
+
+
+# --- command-line options shared by both clients ------------------------------------
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--host, --port, --name, --server-key and --key, with their defaults."""
+    parser.add_argument("--host", default=os.environ.get("CHAT_HOST", "127.0.0.1"),
+                        help="broker address (default 127.0.0.1, env CHAT_HOST)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("CHAT_PORT", 5555)),
+                        help="broker request port; broadcasts use the next one "
+                             "(default 5555, env CHAT_PORT)")
+    parser.add_argument("--name", default=os.environ.get("CHAT_NAME"),
+                        help="your username (default env CHAT_NAME, else your login name)")
+    parser.add_argument("--server-key", metavar="KEY|FILE",
+                        help="encrypt to a broker run with --curve-secret: its public key")
+    parser.add_argument("--key", metavar="FILE",
+                        help="your own key pair (.key_secret), for a broker run with --allow")
+
+
+def login_name() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "user"
+
+
+def encryption_from_args(args: argparse.Namespace) -> Encryption | None:
+    """The Encryption the options ask for; raises keys.KeyFileError."""
+    if args.server_key is None:
+        if args.key is not None:
+            raise keys.KeyFileError("--key needs --server-key")
+        return None
+    pair = keys.load_key_pair(args.key) if args.key else None
+    return Encryption(keys.load_public_key(args.server_key), pair)

@@ -80,7 +80,9 @@ class ErrorCode:
     TEXT_EMPTY = "text_empty"
     TEXT_TOO_LONG = "text_too_long"
     RATE_LIMITED = "rate_limited"
+    FLOODING = "flooding"  # kept flooding past rate_limited: disconnected
     SERVER_FULL = "server_full"
+    NAME_NOT_ALLOWED = "name_not_allowed"  # this client key may not use that name
 
 
 class ProtocolError(Exception):
@@ -232,6 +234,7 @@ class LeaveReason:
     QUIT = "quit"  # the client said bye
     TIMEOUT = "timeout"  # no heartbeat for liveness x interval
     DISCONNECTED = "disconnected"  # the broker could no longer reach it
+    KICKED = "kicked"  # disconnected by the broker for flooding
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""A loopback TCP forwarder whose connections a test can cut: a network blip."""
+"""A loopback TCP forwarder: a network blip when a test cuts its connections,
+and a wiretap that keeps every byte that crossed it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ class TcpProxy:
     def __init__(self, target_port: int):
         self.port = free_port_pair()
         self._conns: list[socket.socket] = []
+        self.captured = bytearray()  # every byte that crossed, both ways
         self._lock = threading.Lock()
         self._listeners = []
         for offset in (0, 1):
@@ -42,10 +44,11 @@ class TcpProxy:
             for src, dst in ((inbound, outbound), (outbound, inbound)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                with self._lock:
+                    self.captured += data
                 dst.sendall(data)
         except OSError:
             pass

@@ -240,3 +240,59 @@ def test_fetch_past_the_history_limit_reports_what_is_gone(core):
 
 def test_shutdown_is_announced(core):
     assert published(core.shutdown(T0)) == [m.Shutdown(T0)]
+
+
+def say_many(core, peer, count, now, start=0):
+    out = []
+    for i in range(start, start + count):
+        out += core.handle(peer, frame(type="say", id=f"m{i}", text="x"), now)
+    return out
+
+
+def test_rate_limit_allows_a_burst_then_refuses_with_retry_after():
+    core = BrokerCore(BrokerConfig(rate=10, burst=5))
+    join(core, b"A", "alice")
+    out = say_many(core, b"A", 7, T0)
+    acks = [r for r in replies(out) if isinstance(r, m.Ack)]
+    errors = [r for r in replies(out) if isinstance(r, m.Error)]
+    assert len(acks) == 5 and [e.code for e in errors] == [m.ErrorCode.RATE_LIMITED] * 2
+    assert errors[0].id == "m5" and errors[0].retry_after >= 0.1
+
+
+def test_rate_limited_client_refused_until_retry_after_then_accepted_again():
+    core = BrokerCore(BrokerConfig(rate=10, burst=1))
+    join(core, b"A", "alice")
+    say_many(core, b"A", 1, T0)
+    (error,) = replies(say_many(core, b"A", 1, T0, start=1))
+    # refused even after a token would have refilled: the order is kept
+    (again,) = replies(say_many(core, b"A", 1, T0 + error.retry_after - 0.01, start=2))
+    assert again.code == m.ErrorCode.RATE_LIMITED
+    # a later message is refused until the first refused one comes again
+    late = T0 + error.retry_after + 1
+    (blocked,) = replies(say_many(core, b"A", 1, late, start=2))
+    assert (blocked.code, blocked.id) == (m.ErrorCode.RATE_LIMITED, "m2")
+    (ack,) = replies(say_many(core, b"A", 1, late, start=1))
+    assert ack == m.Ack("m1", 3)
+    (ack,) = replies(say_many(core, b"A", 1, late + 1, start=2))
+    assert ack == m.Ack("m2", 4)
+
+
+def test_a_client_that_keeps_flooding_is_disconnected():
+    core = BrokerCore(BrokerConfig(rate=1, burst=1))
+    join(core, b"A", "alice")
+    join(core, b"B", "bob")
+    out = say_many(core, b"A", 1001, T0)
+    assert replies(out)[-1].code == m.ErrorCode.FLOODING
+    (leave,) = [e for e in published(out) if isinstance(e, m.Leave)]
+    assert (leave.name, leave.reason) == ("alice", m.LeaveReason.KICKED)
+    assert core.user_names() == ["bob"]
+
+
+def test_a_bound_key_may_join_only_under_its_name():
+    core = BrokerCore(BrokerConfig(names_by_key={"KEY-A": "alice"}))
+    out = core.handle(b"A", frame(type="hello", name="bob"), T0, key="KEY-A")
+    assert replies(out)[0].code == m.ErrorCode.NAME_NOT_ALLOWED
+    out = core.handle(b"B", frame(type="hello", name="alice"), T0, key="KEY-B")
+    assert replies(out)[0].code == m.ErrorCode.NAME_NOT_ALLOWED
+    out = core.handle(b"A", frame(type="hello", name="Alice"), T0, key="KEY-A")
+    assert isinstance(replies(out)[0], m.Welcome)

@@ -43,7 +43,7 @@ def assert_one_order_exactly_once(listeners, expected: set[tuple[str, str]]) -> 
 
 
 def test_ten_senders_by_a_thousand_reach_five_listeners_identically(make_broker, clients):
-    broker = make_broker("--history", "20000")
+    broker = make_broker("--history", "20000", "--burst", "100000")
     listeners = [listen(broker, f"l{i}") for i in range(5)]
     clients += listeners
     senders = [start_sender(broker, clients, f"s{n}") for n in range(10)]
@@ -62,7 +62,7 @@ def test_listener_past_its_high_water_mark_recovers_every_message(make_broker, c
     # A long liveness keeps the frozen listener joined; the history is deep
     # enough to hold the whole burst it misses.
     broker = make_broker("--heartbeat-liveness", "20", "--history", "20000",
-                         "--log-level", "DEBUG")
+                         "--rate", "100000", "--burst", "100000", "--log-level", "DEBUG")
     steady = listen(broker, "steady")
     slow = listen(broker, "slow")
     clients += [steady, slow]
