@@ -39,8 +39,11 @@ RECV_BATCH = 1000
 FRAME_BYTES = 64 * 1024
 # Frames queued for one subscriber before the XPUB drops its broadcasts
 # (libzmq's default is 1000). The subscriber repairs the loss from history;
-# this bounds the broker's memory per slow subscriber near 100 x 64 KiB.
-SUB_QUEUE_FRAMES = 100
+# this bounds the broker's memory per slow subscriber near 64 x 64 KiB.
+SUB_QUEUE_FRAMES = 64
+# Replies queued for one client that does not read them (libzmq's default
+# is 1000); past it the broker drops replies to that client and logs it.
+REPLY_QUEUE = 100
 # Largest message accepted on the XPUB: subscriptions are ~30 bytes, but the
 # CurveZMQ handshake's commands count too (INITIATE is several hundred).
 SUBSCRIPTION_BYTES = 4096
@@ -107,6 +110,7 @@ class BrokerShell:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, m.max_frame_bytes(core.config.max_text))
         self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
         self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.SNDHWM, SUB_QUEUE_FRAMES)
         # Subscribers only send subscriptions: a few hundred bytes at most.

@@ -40,6 +40,9 @@ log = logging.getLogger("zchat.broker")
 ACCEPTED_IDS_REMEMBERED = 50_000
 # Longest string from a peer quoted in a log line.
 LOG_QUOTE_CHARS = 80
+# Text carried by one history reply: enough for hundreds of ordinary lines,
+# while a client that asks and never reads holds at most broker.REPLY_QUEUE.
+REPLY_TEXT_BYTES = 256 * 1024
 # Shortest wait asked of a rate-limited client, so it does not spin.
 MIN_RETRY_AFTER = 0.1
 # Refusals in a row (no message accepted in between) that mark a flood. A
@@ -310,7 +313,10 @@ class BrokerCore:
         first = self.history[0].seq if self.history else self.seq + 1
         start = max(fetch.after + 1, first)
         until = min(fetch.until, self.seq, start - 1 + m.MAX_FETCH_EVENTS)
-        events = list(islice(self.history, start - first, max(start, until + 1) - first))
+        events = _within_reply_size(islice(self.history, start - first,
+                                           max(start, until + 1) - first))
+        if events and len(events) < until - start + 1:
+            until = events[-1].seq  # cut short by size: the client asks again
         log.debug("fetch by %s: %d events after %d", session.name, len(events), fetch.after)
         return [Reply(peer, m.History(events, first, until))]
 
@@ -318,12 +324,8 @@ class BrokerCore:
                    now: float) -> list:
         if session is None:
             return self._not_joined(peer)
-        found: list = []
-        for event in reversed(self.history):
-            if len(found) >= recent.count:
-                break
-            if isinstance(event, m.Message):
-                found.append(event)
+        newest_first = (e for e in reversed(self.history) if isinstance(e, m.Message))
+        found = _within_reply_size(islice(newest_first, recent.count))
         first = self.history[0].seq if self.history else self.seq + 1
         return [Reply(peer, m.History(found[::-1], first, self.seq, recent=True))]
 
@@ -364,3 +366,15 @@ class BrokerCore:
                 who: str | None = None) -> list:
         log.warning("refused from %s: %s (%s)", who or peer.hex(), reason[:LOG_QUOTE_CHARS], code)
         return [Reply(peer, m.Error(code, reason, id))]
+
+
+def _within_reply_size(events) -> list:
+    """The leading events whose text fits in one reply (at least one)."""
+    taken: list = []
+    size = 0
+    for event in events:
+        size += len(getattr(event, "text", ""))
+        if taken and size > REPLY_TEXT_BYTES:
+            break
+        taken.append(event)
+    return taken

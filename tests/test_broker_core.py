@@ -296,3 +296,14 @@ def test_a_bound_key_may_join_only_under_its_name():
     assert replies(out)[0].code == m.ErrorCode.NAME_NOT_ALLOWED
     out = core.handle(b"A", frame(type="hello", name="Alice"), T0, key="KEY-A")
     assert isinstance(replies(out)[0], m.Welcome)
+
+
+def test_history_replies_are_bounded_in_size_and_still_make_progress():
+    core = BrokerCore(BrokerConfig(max_text=100_000, history=100, burst=100))
+    join(core, b"A", "alice")
+    for i in range(10):
+        core.handle(b"A", frame(type="say", id=f"m{i}", text="x" * 100_000), T0)
+    (history,) = replies(core.handle(b"A", frame(type="fetch", after=1, until=11), T0))
+    assert [e.seq for e in history.events] == [2, 3] and history.until == 3
+    (recent,) = replies(core.handle(b"A", frame(type="recent", count=10), T0))
+    assert [e.seq for e in recent.events] == [10, 11]
