@@ -1,6 +1,8 @@
 """The chat end to end: a real broker process and real command-line clients."""
 
 import json
+import os
+import pty
 import signal
 import subprocess
 import time
@@ -9,7 +11,7 @@ import pytest
 import zmq
 
 import messages as m
-from procs import Client, listen, run_cli, wait_until
+from procs import PYTHON, ROOT, Client, listen, run_cli, wait_until
 
 
 def test_three_listeners_each_get_500_piped_lines_in_order_exactly_once(broker, clients):
@@ -188,3 +190,27 @@ def test_oversized_message_is_refused_clearly_and_the_broker_keeps_serving(broke
     assert run_cli(broker, "send", "still here", name="after").returncode == 0
     wait_until(lambda: [r["text"] for r in listener.messages()] ==
                ["ok before", "ok after", "still here"], 10, "every accepted message")
+
+
+def test_interactive_chat_on_a_terminal(broker, clients):
+    listener = listen(broker, "ears")
+    clients.append(listener)
+    master, slave = pty.openpty()
+    chat = subprocess.Popen([PYTHON, "cli_client.py", "--name", "typist", *broker.client_args],
+                            cwd=ROOT, stdin=slave, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(slave)
+    try:
+        listener.out.wait_for(lambda l: '"typist"' in l and "join" in l, 10, "typist joins")
+        os.write(master, "hello from a terminal\n".encode())
+        wait_until(lambda: [r["text"] for r in listener.messages()] == ["hello from a terminal"],
+                   10, "the typed line")
+        os.write(master, b"/quit\n")
+        assert chat.wait(10) == 0
+        line = listener.out.wait_for(lambda l: '"leave"' in l, 5, "typist leaves")
+        assert json.loads(line)["reason"] == "quit"
+    finally:
+        os.close(master)
+        if chat.poll() is None:
+            chat.kill()
+        chat.communicate()
