@@ -12,7 +12,9 @@ only moves frames between the sockets and the core, and handles signals.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import secrets
 import signal
 import socket
 import sqlite3
@@ -41,9 +43,11 @@ FRAME_BYTES = 64 * 1024
 # (libzmq's default is 1000). The subscriber repairs the loss from history;
 # this bounds the broker's memory per slow subscriber near 64 x 64 KiB.
 SUB_QUEUE_FRAMES = 64
-# Replies queued for one client that does not read them (libzmq's default
-# is 1000); past it the broker drops replies to that client and logs it.
-REPLY_QUEUE = 100
+# Replies queued for one client that does not read them (libzmq's default):
+# far above a client's send window of 200, so acknowledgements are not
+# dropped under a burst; past it replies to that client are dropped and
+# logged, and the client resends what stays unacknowledged.
+REPLY_QUEUE = 1000
 # Largest message accepted on the XPUB: subscriptions are ~30 bytes, but the
 # CurveZMQ handshake's commands count too (INITIATE is several hundred).
 SUBSCRIPTION_BYTES = 4096
@@ -91,6 +95,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def seed_routing_ids() -> None:
+    """Make the ROUTER's routing ids unpredictable.
+
+    libzmq numbers connections from libc's rand(), which nothing seeds, so
+    every broker would hand out the same ids; a peer that claims the next
+    id for itself makes libzmq abort when that connection arrives.
+    """
+    try:
+        ctypes.CDLL(None).srand(secrets.randbits(32))
+    except (OSError, AttributeError):
+        log.warning("could not seed libc's rand(): routing ids are predictable")
+
+
 class BrokerShell:
     """Owns the sockets and feeds BrokerCore; one thread, one poll loop."""
 
@@ -99,6 +116,7 @@ class BrokerShell:
                  allow_dir: str | None = None):
         self.core = core
         self.store = store
+        seed_routing_ids()
         self.ctx = zmq.Context()
         self.auth = None
         if allow_dir:

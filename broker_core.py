@@ -42,7 +42,7 @@ ACCEPTED_IDS_REMEMBERED = 50_000
 LOG_QUOTE_CHARS = 80
 # Text carried by one history reply: enough for hundreds of ordinary lines,
 # while a client that asks and never reads holds at most broker.REPLY_QUEUE.
-REPLY_TEXT_BYTES = 256 * 1024
+REPLY_TEXT_BYTES = 64 * 1024
 # Shortest wait asked of a rate-limited client, so it does not spin.
 MIN_RETRY_AFTER = 0.1
 # Refusals in a row (no message accepted in between) that mark a flood. A
@@ -163,9 +163,6 @@ class BrokerCore:
         """A request from ``peer`` (the frames after its routing id); ``key``
         is the client's public key when the broker checks keys."""
         session = self.sessions.get(peer)
-        if session is not None:
-            session.last_seen = now
-            self.sessions.move_to_end(peer)
         try:
             request = m.decode_request(frames)
         except m.ProtocolError as e:
@@ -174,6 +171,17 @@ class BrokerCore:
             return [Reply(peer, m.Error(e.code, e.reason))]
         if isinstance(request, m.Hello):
             return self._on_hello(peer, session, request, now, key)
+        if session is not None and not isinstance(request, m.Who):
+            # A routing id alone proves nothing: a peer may choose its own,
+            # such as that of a connection which dropped. The session token
+            # (from the welcome) proves the request comes from its owner.
+            if not _tokens_match(request.session, session.token):
+                log.warning("request for %s without its session token from %s",
+                            session.name, peer.hex())
+                session = None
+            else:  # any request from the owner counts as a heartbeat
+                session.last_seen = now
+                self.sessions.move_to_end(peer)
         return self._handlers[type(request)](peer, session, request, now)
 
     def tick(self, now: float) -> list:
@@ -227,19 +235,21 @@ class BrokerCore:
         if problem:
             return self._refuse(peer, m.ErrorCode.NAME_INVALID, problem)
         key = m.name_key(hello.name)
+        if session is not None:  # this routing id already speaks for a user
+            if m.name_key(session.name) == key and _tokens_match(hello.resume, session.token):
+                session.last_seen = now
+                self.sessions.move_to_end(peer)
+                return [Reply(peer, self._welcome(session, resumed=True))]
+            return self._refuse(peer, m.ErrorCode.ALREADY_JOINED,
+                                f"this connection is already joined as {session.name}")
         if self.config.names_by_key:
             allowed = self.config.names_by_key.get(client_key or "")
             if allowed is None or m.name_key(allowed) != key:
                 return self._refuse(peer, m.ErrorCode.NAME_NOT_ALLOWED,
                                     f"your key may not use the name {hello.name}")
-        if session is not None:
-            if m.name_key(session.name) == key:  # a repeated hello
-                return [Reply(peer, self._welcome(session, resumed=True))]
-            return self._refuse(peer, m.ErrorCode.ALREADY_JOINED,
-                                f"this connection is already joined as {session.name}")
         owner = self.by_name.get(key)
         if owner is not None:
-            if hello.resume is not None and secrets.compare_digest(hello.resume, owner.token):
+            if _tokens_match(hello.resume, owner.token):
                 return self._resume(owner, peer, now)
             return self._refuse(peer, m.ErrorCode.NAME_TAKEN, f"the name {owner.name} is taken")
         if len(self.sessions) >= self.config.max_users:
@@ -311,7 +321,7 @@ class BrokerCore:
         if session is None:
             return self._not_joined(peer)
         first = self.history[0].seq if self.history else self.seq + 1
-        start = max(fetch.after + 1, first)
+        start = min(max(fetch.after + 1, first), self.seq + 1)
         until = min(fetch.until, self.seq, start - 1 + m.MAX_FETCH_EVENTS)
         events = _within_reply_size(islice(self.history, start - first,
                                            max(start, until + 1) - first))
@@ -366,6 +376,11 @@ class BrokerCore:
                 who: str | None = None) -> list:
         log.warning("refused from %s: %s (%s)", who or peer.hex(), reason[:LOG_QUOTE_CHARS], code)
         return [Reply(peer, m.Error(code, reason, id))]
+
+
+def _tokens_match(given: str | None, token: str) -> bool:
+    """Constant-time comparison (decoding made ``given`` ASCII)."""
+    return given is not None and secrets.compare_digest(given.encode(), token.encode())
 
 
 def _within_reply_size(events) -> list:

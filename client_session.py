@@ -245,6 +245,7 @@ class _Worker:
         self.epoch: str | None = None
         self.token: str | None = None
         self.last_seq = 0
+        self.announced_seq = 0  # the newest seq a heartbeat told of
         self.buffer: dict[int, object] = {}
         self.fetching: tuple[int, float] | None = None  # (until, sent at)
         # seq of the welcome whose earlier messages are awaited, if any
@@ -252,7 +253,7 @@ class _Worker:
         # outbox: id -> text, in order; ids in unsent wait for the window
         self.outbox: OrderedDict[str, str] = OrderedDict()
         self.unsent: deque[str] = deque()
-        self.in_flight: set[str] = set()
+        self.in_flight: dict[str, float] = {}  # id -> when sent, oldest first
         self.paused_until = 0.0
 
     # --- main loop ----------------------------------------------------------------
@@ -278,6 +279,11 @@ class _Worker:
             self._flush_outbox(now)
         self._shut_down()
 
+    @property
+    def _patience(self) -> float:
+        """How long silence from the broker may last before we act."""
+        return self.interval * self.liveness
+
     def _next_deadline(self, now: float) -> float:
         if self.reconnect_at is not None:
             return self.reconnect_at
@@ -285,7 +291,7 @@ class _Worker:
         if self.phase == "joined":
             deadlines.append(self.last_request + self.interval)
             if self.fetching:
-                deadlines.append(self.fetching[1] + self.interval)
+                deadlines.append(self.fetching[1] + self._patience)
             if self.unsent and self.paused_until > now:
                 deadlines.append(self.paused_until)
         if self.phase == "hello" and not self.hello_sent:
@@ -348,6 +354,8 @@ class _Worker:
     def _reconnect(self, now: float, why: str) -> None:
         """Drop both sockets and try again after a backoff (Paranoid Pirate)."""
         self._close_sockets()
+        if self.phase == "joined":
+            self.phase = "probe"  # joined again after the new welcome
         delay = self.backoff
         self.backoff = min(self.backoff * 2, RECONNECT_DELAY_MAX)
         self.reconnect_at = now + delay
@@ -390,17 +398,17 @@ class _Worker:
         self.unsent.append(msg_id)
 
     def _flush_outbox(self, now: float) -> None:
-        if self.phase != "joined" or now < self.paused_until:
+        if self.phase != "joined" or self.dealer is None or now < self.paused_until:
             return
         while self.unsent and len(self.in_flight) < SEND_WINDOW:
             msg_id = self.unsent[0]
             if msg_id not in self.outbox:  # acked while waiting for a resend
                 self.unsent.popleft()
                 continue
-            if not self._request(m.Say(msg_id, self.outbox[msg_id]), now):
+            if not self._request(m.Say(msg_id, self.outbox[msg_id], self.token), now):
                 return
             self.unsent.popleft()
-            self.in_flight.add(msg_id)
+            self.in_flight[msg_id] = now
 
     def _requeue_in_flight(self) -> None:
         """Everything unacknowledged goes out again, in its original order
@@ -411,28 +419,36 @@ class _Worker:
 
     # --- replies ----------------------------------------------------------------------
 
-    def _read_replies(self, now: float) -> None:
+    def _read(self, which: str, decode, handle, now: float) -> None:
+        """Read a batch from socket ``which`` ("dealer" or "sub"): anything
+        from the broker proves it alive; what does not decode is logged."""
         for _ in range(RECV_BATCH):
-            if self.dealer is None:
+            sock = getattr(self, which)  # a handler may have closed it
+            if sock is None:
                 return
             try:
-                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             self.broker_seen = now
             try:
-                reply = m.decode_reply(frames)
+                decoded = decode(frames)
             except m.ProtocolError as e:
-                log.warning("bad reply from broker: %s", e.reason)
+                log.warning("bad frame from the broker's %s socket: %s", which, e.reason)
                 continue
-            handler = getattr(self, f"_on_{reply.TYPE}")
-            handler(reply, now)
+            handle(decoded, frames[0], now)
+
+    def _read_replies(self, now: float) -> None:
+        self._read("dealer", m.decode_reply, self._on_reply, now)
+
+    def _on_reply(self, reply, first_frame: bytes, now: float) -> None:
+        getattr(self, f"_on_{reply.TYPE}")(reply, now)
 
     def _on_welcome(self, w: m.Welcome, now: float) -> None:
         first_join = self.epoch is None
         restarted = not first_join and w.epoch != self.epoch
         if first_join or restarted:
-            self.last_seq = w.seq
+            self.last_seq = self.announced_seq = w.seq
             self.buffer = {s: e for s, e in self.buffer.items() if s > w.seq}
         self.epoch, self.token, self.name = w.epoch, w.resume, w.name
         self.interval, self.liveness, self.max_text = (
@@ -443,13 +459,13 @@ class _Worker:
         self._requeue_in_flight()
         self.emit(Joined(w.name, list(w.users), w.resumed, restarted))
         self.emit(StateChanged(State.CONNECTED, f"joined as {w.name}"))
-        if first_join and self.s.recent and self._request(m.Recent(self.s.recent), now):
+        if first_join and self.s.recent and self._request(m.Recent(self.s.recent, self.token), now):
             self.recent_until = w.seq  # hold live events until the earlier ones are shown
         self._deliver_buffered(now)
 
     def _on_ack(self, ack: m.Ack, now: float) -> None:
         if self.outbox.pop(ack.id, None) is not None:
-            self.in_flight.discard(ack.id)
+            self.in_flight.pop(ack.id, None)
             self.emit(Acked(ack.id, ack.seq))
 
     def _on_error(self, err: m.Error, now: float) -> None:
@@ -467,7 +483,7 @@ class _Worker:
             self._requeue_in_flight()
             return
         if err.id is not None and self.outbox.pop(err.id, None) is not None:
-            self.in_flight.discard(err.id)
+            self.in_flight.pop(err.id, None)
             self.emit(Refused(err.id, err.code, err.reason))
             return
         if self.phase == "hello":
@@ -505,27 +521,17 @@ class _Worker:
     # --- broadcasts -------------------------------------------------------------------
 
     def _read_broadcasts(self, now: float) -> None:
-        for _ in range(RECV_BATCH):
-            if self.sub is None:
+        self._read("sub", m.decode_broadcast, self._on_broadcast, now)
+
+    def _on_broadcast(self, events: list, topic: bytes, now: float) -> None:
+        for event in events:
+            if isinstance(event, m.Heartbeat):
+                self._on_heartbeat(event, topic, now)
+            elif isinstance(event, m.Shutdown):
+                self._reconnect(now, "the broker is shutting down")
                 return
-            try:
-                frames = self.sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.broker_seen = now
-            try:
-                events = m.decode_broadcast(frames)
-            except m.ProtocolError as e:
-                log.warning("bad broadcast from broker: %s", e.reason)
-                continue
-            for event in events:
-                if isinstance(event, m.Heartbeat):
-                    self._on_heartbeat(event, frames[0], now)
-                elif isinstance(event, m.Shutdown):
-                    self._reconnect(now, "the broker is shutting down")
-                    return
-                else:
-                    self._on_sequenced(event, now)
+            else:
+                self._on_sequenced(event, now)
 
     def _on_heartbeat(self, hb: m.Heartbeat, topic: bytes, now: float) -> None:
         if self.phase == "probe" and topic == m.READY_TOPIC_PREFIX + self.nonce:
@@ -542,8 +548,8 @@ class _Worker:
             self.hello_sent = False
             self._requeue_in_flight()
             return
-        if hb.seq > self.last_seq:
-            self._fetch(hb.seq, now)
+        self.announced_seq = max(self.announced_seq, hb.seq)
+        self._catch_up(now)
 
     def _on_sequenced(self, event, now: float) -> None:
         if event.seq <= self.last_seq:
@@ -562,14 +568,20 @@ class _Worker:
         # Stale entries at or below last_seq (from a history reply) go too.
         for seq in [s for s in self.buffer if s <= self.last_seq]:
             del self.buffer[seq]
-        if self.buffer:
-            self._fetch(min(self.buffer) - 1, now)
+        self._catch_up(now)
+
+    def _catch_up(self, now: float) -> None:
+        """Fetch the next part of a gap, up to the first event held (or, with
+        none held, up to the newest seq the broker has announced)."""
+        until = min(self.buffer) - 1 if self.buffer else self.announced_seq
+        if until > self.last_seq:
+            self._fetch(until, now)
 
     def _fetch(self, until: int, now: float) -> None:
         """Ask for the events after last_seq up to ``until``, once at a time."""
         if self.fetching is not None or self.dealer is None:
             return
-        if self._request(m.Fetch(self.last_seq, until), now):
+        if self._request(m.Fetch(self.last_seq, until, self.token), now):
             self.fetching = (until, now)
 
     # --- timers ---------------------------------------------------------------------
@@ -588,16 +600,19 @@ class _Worker:
         if self.phase == "hello" and not self.hello_sent:
             self.hello_sent = self._request(m.Hello(self.name, resume=self.token), now)
         elif self.phase == "joined":
-            if self.fetching and now - self.fetching[1] > self.interval:
-                self.fetching = None  # lost with a reconnect: ask again
-                if self.buffer:
-                    self._fetch(min(self.buffer) - 1, now)
+            if self.fetching and now - self.fetching[1] > self._patience:
+                self.fetching = None  # the answer was lost: ask again
+                self._catch_up(now)
             if now - self.last_request >= self.interval:
-                self._request(m.Ping(), now)
+                self._request(m.Ping(self.token), now)
+            if self.in_flight and now - next(iter(self.in_flight.values())) > self._patience:
+                # An answer was lost (the broker dropped a reply): send again;
+                # the broker acknowledges a repeat without showing it twice.
+                self._requeue_in_flight()
 
     def _shut_down(self) -> None:
         if self.dealer is not None and self.phase == "joined":
-            self._request(m.Bye(), time.monotonic())
+            self._request(m.Bye(self.token), time.monotonic())
             self.dealer.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
         for sock in (self.dealer, self.sub):
             if sock is not None:

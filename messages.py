@@ -53,6 +53,8 @@ MAX_MESSAGE_ID_CHARS = 64
 MAX_TOKEN_CHARS = 64
 # Most events one history reply carries; a client asks again for more.
 MAX_FETCH_EVENTS = 500
+# Numbers beyond this are not exact in every JSON reader (2**53 - 1).
+MAX_SAFE_INT = 2**53 - 1
 
 
 def max_frame_bytes(max_text_bytes: int) -> int:
@@ -114,6 +116,7 @@ class Say:
     TYPE: ClassVar[str] = "say"
     id: str
     text: str
+    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,7 @@ class Ping:
     """Client heartbeat; any request counts as one too."""
 
     TYPE: ClassVar[str] = "ping"
+    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +141,7 @@ class Fetch:
     TYPE: ClassVar[str] = "fetch"
     after: int
     until: int
+    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +150,7 @@ class Recent:
 
     TYPE: ClassVar[str] = "recent"
     count: int
+    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +158,7 @@ class Bye:
     """Client leaves; others see the reason ``quit``."""
 
     TYPE: ClassVar[str] = "bye"
+    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,9 +321,14 @@ def join_events(encoded: list[bytes]) -> bytes:
 # --- decoding -------------------------------------------------------------------
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _parse_json(frame: bytes) -> Any:
     try:
-        return json.loads(frame.decode("utf-8"))
+        # NaN and Infinity are not JSON; accepted, they would break timers.
+        return json.loads(frame.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise ProtocolError("frame is not valid UTF-8") from None
     except (ValueError, RecursionError):
@@ -347,8 +359,10 @@ def _check_field(cls: type, name: str, value: Any, annotation: str) -> Any:
     base = annotation.removesuffix(" | None")
     ok = {
         "str": _is_text,
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "int": lambda v: (isinstance(v, int) and not isinstance(v, bool)
+                          and -MAX_SAFE_INT <= v <= MAX_SAFE_INT),
+        "float": lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
+                            and -MAX_SAFE_INT <= v <= MAX_SAFE_INT),
         "bool": lambda v: isinstance(v, bool),
         "list[str]": lambda v: isinstance(v, list) and all(_is_text(x) for x in v),
         "list[Any]": lambda v: isinstance(v, list),
@@ -381,11 +395,12 @@ def _build(types: dict[str, type], body: Any) -> Any:
 
 def _check_request(msg: Any) -> Any:
     """Limits that hold whatever the broker's settings are."""
+    token = getattr(msg, "resume", None) or getattr(msg, "session", None)
+    if token is not None and not (len(token) <= MAX_TOKEN_CHARS and token.isascii()):
+        raise ProtocolError(f"{msg.TYPE}: the session token is not one this broker gave")
     if isinstance(msg, Hello):
         if len(msg.name) > 4 * MAX_NAME_CHARS:
             raise ProtocolError("hello: name is far too long", ErrorCode.NAME_INVALID)
-        if msg.resume is not None and len(msg.resume) > MAX_TOKEN_CHARS:
-            raise ProtocolError("hello: resume token is too long")
     elif isinstance(msg, Say):
         if not 1 <= len(msg.id) <= MAX_MESSAGE_ID_CHARS:
             raise ProtocolError(f"say: id must be 1 to {MAX_MESSAGE_ID_CHARS} characters")

@@ -101,18 +101,30 @@ class Broker:
     """A real broker process on free loopback ports."""
 
     def __init__(self, *extra: str, port: int | None = None, pub_port: int | None = None):
+        self.chosen_ports = port is not None
         self.port = port or free_port_pair()
         self.pub_port = pub_port or self.port + 1
         self.extra = list(extra)
         self.proc: subprocess.Popen | None = None
         self.log: LineReader | None = None
 
-    def start(self, timeout: float = 10) -> "Broker":
-        self.proc = _spawn(["broker.py", "--port", str(self.port), "--pub-port",
-                            str(self.pub_port), *self.extra], stderr=subprocess.PIPE)
-        self.log = LineReader(self.proc.stderr)
-        self.log.wait_for(lambda l: "listening" in l, timeout, "the broker to listen")
-        return self
+    def start(self, timeout: float = 10, attempts: int = 3) -> "Broker":
+        """Start and wait until it listens; ports we picked ourselves may be
+        taken by someone else in between, so then try fresh ones."""
+        for _ in range(attempts):
+            self.proc = _spawn(["broker.py", "--port", str(self.port), "--pub-port",
+                                str(self.pub_port), *self.extra], stderr=subprocess.PIPE)
+            self.log = LineReader(self.proc.stderr)
+            line = self.log.wait_for(lambda l: "listening" in l or "cannot bind" in l, timeout,
+                                     "the broker to listen")
+            if "listening" in line:
+                return self
+            self.proc.wait(timeout)
+            if self.chosen_ports:
+                break
+            self.port = free_port_pair()
+            self.pub_port = self.port + 1
+        raise AssertionError(f"the broker could not start: {line}")
 
     @property
     def client_args(self) -> list[str]:

@@ -14,6 +14,13 @@ def frame(**body) -> list[bytes]:
     return [json.dumps(body).encode()]
 
 
+def signed(core, peer, **body) -> list[bytes]:
+    """A request carrying the peer's session token, as a joined client sends it."""
+    if peer in core.sessions:
+        body["session"] = core.sessions[peer].token
+    return frame(**body)
+
+
 def replies(outputs, peer=None):
     return [o.message for o in outputs if isinstance(o, Reply) and (peer is None or o.peer == peer)]
 
@@ -74,10 +81,23 @@ def test_second_name_on_one_connection_is_refused(core):
     assert error.code == m.ErrorCode.ALREADY_JOINED
 
 
-def test_repeated_hello_is_welcomed_again_without_a_second_join(core):
-    join(core, b"A", "alice")
-    out = join(core, b"A", "alice")
+def test_repeated_hello_with_the_token_is_welcomed_again_without_a_second_join(core):
+    (welcome,) = replies(join(core, b"A", "alice"))
+    out = join(core, b"A", "alice", resume=welcome.resume)
     assert isinstance(replies(out)[0], m.Welcome) and not published(out)
+    # without the token, the routing id alone gets nothing
+    (error,) = replies(join(core, b"A", "alice"))
+    assert error.code == m.ErrorCode.ALREADY_JOINED
+
+
+def test_requests_without_the_session_token_do_not_speak_for_the_session(core):
+    (welcome,) = replies(join(core, b"A", "alice"))
+    out = core.handle(b"A", frame(type="say", id="x", text="hi"), T0)
+    assert replies(out)[0].code == m.ErrorCode.NOT_JOINED and not published(out)
+    out = core.handle(b"A", frame(type="say", id="x", text="hi", session="f" * 32), T0)
+    assert replies(out)[0].code == m.ErrorCode.NOT_JOINED and not published(out)
+    out = core.handle(b"A", frame(type="say", id="x", text="hi", session=welcome.resume), T0)
+    assert replies(out) == [m.Ack("x", 2)]
 
 
 def test_wrong_protocol_version_is_refused(core):
@@ -94,20 +114,20 @@ def test_server_full(core):
 
 def test_say_is_stamped_by_the_broker_and_acknowledged(core):
     join(core, b"A", "alice")
-    out = core.handle(b"A", frame(type="say", id="m1", text="hi", **{"from": "bob"}), T0 + 1)
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi", **{"from": "bob"}), T0 + 1)
     assert published(out) == [m.Message(2, T0 + 1, "alice", "hi")]
     assert replies(out) == [m.Ack("m1", 2)]
 
 
 def test_repeated_message_id_is_acknowledged_again_but_not_broadcast(core):
     join(core, b"A", "alice")
-    core.handle(b"A", frame(type="say", id="m1", text="hi"), T0)
-    out = core.handle(b"A", frame(type="say", id="m1", text="hi"), T0)
+    core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi"), T0)
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi"), T0)
     assert replies(out) == [m.Ack("m1", 2)] and not published(out)
 
 
 def test_say_before_joining_is_refused(core):
-    out = core.handle(b"A", frame(type="say", id="m1", text="hi"), T0)
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi"), T0)
     assert replies(out) == [m.Error(m.ErrorCode.NOT_JOINED, "join first (send hello)", "m1")]
     assert not published(out)
 
@@ -117,14 +137,14 @@ def test_say_before_joining_is_refused(core):
                                        ("   ", m.ErrorCode.TEXT_EMPTY)])
 def test_bad_text_is_refused_naming_the_message(core, text, code):
     join(core, b"A", "alice")
-    out = core.handle(b"A", frame(type="say", id="m1", text=text), T0)
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text=text), T0)
     (error,) = replies(out)
     assert (error.code, error.id) == (code, "m1") and not published(out)
 
 
 def test_text_at_the_limit_is_accepted(core):
     join(core, b"A", "alice")
-    out = core.handle(b"A", frame(type="say", id="m1", text="x" * 100), T0)
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="x" * 100), T0)
     assert replies(out) == [m.Ack("m1", 2)]
 
 
@@ -141,12 +161,12 @@ def test_malformed_requests_get_an_error_and_change_nothing(core, frames):
 def test_who_needs_no_join(core):
     join(core, b"A", "bob")
     join(core, b"B", "alice")
-    assert replies(core.handle(b"X", frame(type="who"), T0)) == [m.Users(["alice", "bob"])]
+    assert replies(core.handle(b"X", signed(core, b"X", type="who"), T0)) == [m.Users(["alice", "bob"])]
 
 
 def test_bye_announces_quit_and_frees_the_name(core):
     join(core, b"A", "alice")
-    out = core.handle(b"A", frame(type="bye"), T0 + 1)
+    out = core.handle(b"A", signed(core, b"A", type="bye"), T0 + 1)
     assert published(out) == [m.Leave(2, T0 + 1, "alice", m.LeaveReason.QUIT)]
     assert isinstance(replies(join(core, b"B", "alice"))[0], m.Welcome)
 
@@ -155,21 +175,24 @@ def test_silent_session_times_out_after_liveness_intervals(core):
     core.tick(T0)
     join(core, b"A", "alice", now=T0)
     join(core, b"B", "bob", now=T0)
-    core.handle(b"B", frame(type="ping"), T0 + 2.5)
+    core.handle(b"B", signed(core, b"B", type="ping"), T0 + 2.5)
     assert not [e for e in published(core.tick(T0 + 2.9)) if isinstance(e, m.Leave)]
     leaves = [e for e in published(core.tick(T0 + 3.0)) if isinstance(e, m.Leave)]
     assert leaves == [m.Leave(3, T0 + 3.0, "alice", m.LeaveReason.TIMEOUT)]
     assert list(core.sessions) == [b"B"]
 
 
-def test_any_request_counts_as_a_heartbeat(core):
+def test_any_request_of_the_owner_counts_as_a_heartbeat_but_garbage_does_not(core):
     join(core, b"A", "alice", now=T0)
-    core.handle(b"A", [b"garbage"], T0 + 2.9)
-    assert not [e for e in published(core.tick(T0 + 4)) if isinstance(e, m.Leave)]
+    join(core, b"B", "bob", now=T0)
+    core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=1), T0 + 2.9)
+    core.handle(b"B", [b"garbage"], T0 + 2.9)
+    leaves = [e for e in published(core.tick(T0 + 4)) if isinstance(e, m.Leave)]
+    assert [e.name for e in leaves] == ["bob"]
 
 
 def test_ping_from_unknown_peer_says_not_joined(core):
-    (error,) = replies(core.handle(b"A", frame(type="ping"), T0))
+    (error,) = replies(core.handle(b"A", signed(core, b"A", type="ping"), T0))
     assert error.code == m.ErrorCode.NOT_JOINED
 
 
@@ -202,7 +225,7 @@ def test_resume_token_rebinds_the_name_to_a_new_connection_silently(core):
     assert again.resumed and not published(out)
     assert core.sessions[b"B"].name == "alice" and b"A" not in core.sessions
     # the old connection no longer speaks for alice
-    assert replies(core.handle(b"A", frame(type="say", id="x", text="hi"), T0))[0].code == \
+    assert replies(core.handle(b"A", signed(core, b"A", type="say", id="x", text="hi"), T0))[0].code == \
         m.ErrorCode.NOT_JOINED
 
 
@@ -223,18 +246,18 @@ def test_ready_probe_answers_only_on_the_probe_topic(core):
 def test_fetch_returns_the_missing_range_from_history(core):
     join(core, b"A", "alice")
     for i in range(5):
-        core.handle(b"A", frame(type="say", id=f"m{i}", text=f"t{i}"), T0)
-    (history,) = replies(core.handle(b"A", frame(type="fetch", after=2, until=4), T0))
+        core.handle(b"A", signed(core, b"A", type="say", id=f"m{i}", text=f"t{i}"), T0)
+    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=2, until=4), T0))
     assert [e.seq for e in history.events] == [3, 4] and history.first == 1
 
 
 def test_fetch_past_the_history_limit_reports_what_is_gone(core):
     join(core, b"A", "alice")
     for i in range(20):
-        core.handle(b"A", frame(type="say", id=f"m{i}", text=f"t{i}"), T0)
-    (history,) = replies(core.handle(b"A", frame(type="fetch", after=0, until=21), T0))
+        core.handle(b"A", signed(core, b"A", type="say", id=f"m{i}", text=f"t{i}"), T0)
+    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=21), T0))
     assert history.first == 12 and [e.seq for e in history.events] == list(range(12, 22))
-    (history,) = replies(core.handle(b"A", frame(type="fetch", after=0, until=5), T0))
+    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=5), T0))
     assert history.events == [] and history.first == 12 and history.until == 5
 
 
@@ -245,7 +268,7 @@ def test_shutdown_is_announced(core):
 def say_many(core, peer, count, now, start=0):
     out = []
     for i in range(start, start + count):
-        out += core.handle(peer, frame(type="say", id=f"m{i}", text="x"), now)
+        out += core.handle(peer, signed(core, peer, type="say", id=f"m{i}", text="x"), now)
     return out
 
 
@@ -290,11 +313,11 @@ def test_a_client_that_keeps_flooding_is_disconnected():
 
 def test_a_bound_key_may_join_only_under_its_name():
     core = BrokerCore(BrokerConfig(names_by_key={"KEY-A": "alice"}))
-    out = core.handle(b"A", frame(type="hello", name="bob"), T0, key="KEY-A")
+    out = core.handle(b"A", signed(core, b"A", type="hello", name="bob"), T0, key="KEY-A")
     assert replies(out)[0].code == m.ErrorCode.NAME_NOT_ALLOWED
-    out = core.handle(b"B", frame(type="hello", name="alice"), T0, key="KEY-B")
+    out = core.handle(b"B", signed(core, b"B", type="hello", name="alice"), T0, key="KEY-B")
     assert replies(out)[0].code == m.ErrorCode.NAME_NOT_ALLOWED
-    out = core.handle(b"A", frame(type="hello", name="Alice"), T0, key="KEY-A")
+    out = core.handle(b"A", signed(core, b"A", type="hello", name="Alice"), T0, key="KEY-A")
     assert isinstance(replies(out)[0], m.Welcome)
 
 
@@ -302,8 +325,8 @@ def test_history_replies_are_bounded_in_size_and_still_make_progress():
     core = BrokerCore(BrokerConfig(max_text=100_000, history=100, burst=100))
     join(core, b"A", "alice")
     for i in range(10):
-        core.handle(b"A", frame(type="say", id=f"m{i}", text="x" * 100_000), T0)
-    (history,) = replies(core.handle(b"A", frame(type="fetch", after=1, until=11), T0))
+        core.handle(b"A", signed(core, b"A", type="say", id=f"m{i}", text="x" * 30_000), T0)
+    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=1, until=11), T0))
     assert [e.seq for e in history.events] == [2, 3] and history.until == 3
-    (recent,) = replies(core.handle(b"A", frame(type="recent", count=10), T0))
+    (recent,) = replies(core.handle(b"A", signed(core, b"A", type="recent", count=10), T0))
     assert [e.seq for e in recent.events] == [10, 11]

@@ -113,9 +113,10 @@ def test_a_flooding_client_is_limited_then_disconnected_and_others_are_undisturb
         flooder.connect(f"tcp://127.0.0.1:{broker.port}")
         flooder.send(m.encode(m.Hello("flooder")))
         assert flooder.poll(5000)
-        assert isinstance(m.decode_reply(flooder.recv_multipart()), m.Welcome)
+        welcome = m.decode_reply(flooder.recv_multipart())
+        assert isinstance(welcome, m.Welcome)
         for i in range(1100):
-            flooder.send(m.encode(m.Say(str(i), "spam")))
+            flooder.send(m.encode(m.Say(str(i), "spam", welcome.resume)))
         while m.ErrorCode.FLOODING not in codes and flooder.poll(5000):
             reply = m.decode_reply(flooder.recv_multipart())
             codes.append(reply.code if isinstance(reply, m.Error) else reply.TYPE)

@@ -1,0 +1,244 @@
+"""The chat window in this process: a real Tk on Xvfb against a real broker.
+
+Each test has its own Tk root. Tk is driven from the test's (main) thread by
+pumping its loop with ``pump_until`` until what the test waits for is shown.
+"""
+
+import gc
+import re
+import signal
+import threading
+import time
+import tkinter as tk
+
+import pytest
+
+import messages as m
+from gui_client import App, ChatWindow
+from procs import listen, run_cli, wait_until
+from xvfb import x_display  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.gui
+
+
+def pump_until(root: tk.Tk, condition, timeout: float = 10, what: str = "condition"):
+    """Run Tk's loop until ``condition()`` is true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        root.update()
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)  # let the session thread and the broker work
+
+
+def destroyed(root: tk.Tk) -> bool:
+    try:
+        return not root.winfo_exists()
+    except tk.TclError:  # the whole application is gone
+        return True
+
+
+def type_into(entry, text: str) -> None:
+    entry.delete(0, "end")
+    entry.insert(0, text)
+
+
+def session_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "zchat-session"]
+
+
+@pytest.fixture
+def root(x_display):  # noqa: F811
+    root = tk.Tk()
+    yield root
+    if not destroyed(root):
+        root.destroy()
+    wait_until(lambda: not session_threads(), 5, "the session threads to end")
+    # Free this root's reference cycles here: Tcl aborts the process when
+    # an interpreter is deleted by another thread's garbage collection.
+    gc.collect()
+
+
+def open_chat(root: tk.Tk, broker, name: str) -> ChatWindow:
+    app = App(root, "127.0.0.1", broker.port, name)
+    return pump_until(root, lambda: app.chat, 10, f"{name} to join")
+
+
+def chat_text(window: ChatWindow) -> str:
+    return window.chat.get("1.0", "end-1c")
+
+
+def shown_line(window: ChatWindow, needle: str) -> str | None:
+    return next((line for line in chat_text(window).splitlines() if needle in line), None)
+
+
+def press_enter(widget) -> None:
+    widget.focus_force()
+    widget.event_generate("<Return>")
+
+
+def test_enter_sends_the_field_clears_it_and_marks_the_message_delivered(broker, clients, root):
+    ears = listen(broker, "ears")
+    clients.append(ears)
+    window = open_chat(root, broker, "alice")
+    window.entry.insert(0, "   ")
+    press_enter(window.entry)  # whitespace only: not sent
+    window.entry.delete(0, "end")
+    window.entry.insert(0, "hello from the window")
+    press_enter(window.entry)
+    assert window.entry.get() == ""
+    pump_until(root, lambda: "✓" in (shown_line(window, "hello from the window") or ""),
+               what="the message marked delivered")
+    window.entry.insert(0, "and from the button")
+    window.send_button.invoke()
+    wait_until(lambda: len(ears.messages()) >= 2, 10, "2 messages at the listener")
+    assert [(r["from"], r["text"]) for r in ears.messages()] == [
+        ("alice", "hello from the window"), ("alice", "and from the button")]
+    line = shown_line(window, "hello from the window")
+    assert re.fullmatch(r"\d\d:\d\d:\d\d  alice  hello from the window  ✓", line)
+    assert chat_text(window).count("hello from the window") == 1  # not again when broadcast
+
+
+def test_messages_from_others_show_time_sender_and_neutralised_text(broker, root):
+    window = open_chat(root, broker, "alice")
+    text = "héllo 世界 🎉 \x1b[31mred\x1b[0m \u202eevil\u202c end"
+    assert run_cli(broker, "send", text, name="bob").returncode == 0
+    line = pump_until(root, lambda: shown_line(window, "bob  "), what="bob's message")
+    assert re.fullmatch(r"\d\d:\d\d:\d\d  bob  héllo 世界 🎉 \\x1b\[31mred\\x1b\[0m "
+                        r"\\u202eevil\\u202c end", line)
+    assert not {"\x1b", "\u202e", "\u202c"} & set(chat_text(window))
+    bob_at = window.chat.search("bob  ", "1.0")
+    alice_joined_at = window.chat.search("alice joined", "1.0")
+    assert re.fullmatch(r"sender\d", _style_tag(window, bob_at))
+    assert _style_tag(window, alice_joined_at) == "presence"
+
+
+def _style_tag(window: ChatWindow, index: str) -> str:
+    return next(t for t in window.chat.tag_names(index) if t != "line")
+
+
+def test_long_lines_wrap_and_own_lines_look_different(broker, root):
+    window = open_chat(root, broker, "alice")
+    long_text = " ".join(["wrapping"] * 120)
+    window.entry.insert(0, long_text)
+    press_enter(window.entry)
+    pump_until(root, lambda: "✓" in chat_text(window), what="the long message delivered")
+    start = window.chat.search(long_text[:40], "1.0")
+    line_number = start.split(".")[0]
+    display_lines = window.chat.count(f"{line_number}.0", f"{line_number}.end", "displaylines")
+    assert display_lines and display_lines[0] >= 3
+    assert _style_tag(window, window.chat.search("alice  ", "1.0")) == "own"
+
+
+def test_user_list_follows_join_and_leave(broker, clients, root):
+    window = open_chat(root, broker, "alice")
+    assert window.user_list.get(0, "end") == ("alice (you)",)
+    carol = listen(broker, "carol")
+    clients.append(carol)
+    pump_until(root, lambda: window.user_list.get(0, "end") == ("alice (you)", "carol"),
+               what="carol in the list")
+    assert "ONLINE · 2" == window.users_label.cget("text")
+    carol.proc.send_signal(signal.SIGINT)  # leaves properly: others see quit
+    pump_until(root, lambda: window.user_list.get(0, "end") == ("alice (you)",),
+               what="carol gone from the list")
+    assert "carol left (quit)" in chat_text(window)
+
+
+def test_refused_names_show_the_brokers_reason_and_ask_again(broker, clients, root):
+    clients.append(listen(broker, "dave"))
+    app = App(root, "127.0.0.1", broker.port, None)
+    dialog = app.dialog
+    pump_until(root, lambda: dialog.top.winfo_ismapped(), what="the dialog")
+    assert dialog.host_entry.get() == "127.0.0.1"
+    assert dialog.port_entry.get() == str(broker.port)
+    type_into(dialog.name_entry, "no spaces")
+    dialog.join_button.invoke()
+    pump_until(root, lambda: m.name_problem("no spaces") in dialog.message.cget("text"),
+               what="the broker's reason for an invalid name")
+    type_into(dialog.name_entry, "DAVE")
+    press_enter(dialog.name_entry)
+    pump_until(root, lambda: "taken" in dialog.message.cget("text"), what="name taken")
+    assert app.chat is None and root.state() == "withdrawn"
+    type_into(dialog.name_entry, "dave2")
+    press_enter(dialog.name_entry)
+    window = pump_until(root, lambda: app.chat, what="the chat to open")
+    assert window.name == "dave2" and root.title() == "dave2 - zchat"
+    assert not dialog.top.winfo_exists()
+    assert root.focus_get() is window.entry
+
+
+def test_cancel_in_the_dialog_quits_without_joining(broker, clients, root):
+    ears = listen(broker, "ears")
+    clients.append(ears)
+    app = App(root, "127.0.0.1", broker.port, "ears")  # taken: the dialog shows
+    pump_until(root, lambda: "taken" in app.dialog.message.cget("text"), what="name taken")
+    app.dialog.top.event_generate("<Escape>")
+    assert destroyed(root)
+    wait_until(lambda: not session_threads(), 5, "the session thread to end")
+
+
+def test_title_counts_unread_messages_while_the_window_is_not_focused(broker, root):
+    window = open_chat(root, broker, "alice")
+    other = tk.Toplevel(root)
+    other.focus_force()
+    pump_until(root, lambda: not window.focused, what="the window to lose focus")
+    assert run_cli(broker, "send", name="bob", input="one\ntwo\n").returncode == 0
+    pump_until(root, lambda: root.title() == "(2) alice - zchat", what="2 unread in the title")
+    window.entry.focus_force()
+    pump_until(root, lambda: root.title() == "alice - zchat", what="the count cleared")
+
+
+def test_view_stays_put_when_scrolled_up_and_a_marker_shows_new_messages(broker, root):
+    window = open_chat(root, broker, "alice")
+    lines = "".join(f"line {i}\n" for i in range(80))
+    assert run_cli(broker, "send", name="bob", input=lines).returncode == 0
+    pump_until(root, lambda: shown_line(window, "line 79"), what="80 lines")
+    assert window.is_at_bottom()  # followed the newest
+    window.chat.yview_moveto(0)
+    assert run_cli(broker, "send", "newer", name="bob").returncode == 0
+    pump_until(root, lambda: shown_line(window, "newer"), what="the newer message")
+    root.update()
+    assert window.chat.yview()[0] == 0.0
+    assert window.new_marker.winfo_ismapped()
+    window.new_marker.invoke()
+    pump_until(root, lambda: window.is_at_bottom() and not window.new_marker.winfo_ismapped(),
+               what="back at the newest, marker gone")
+
+
+def test_status_line_and_queued_message_through_a_broker_restart(make_broker, clients, root):
+    broker = make_broker("--heartbeat-interval", "0.2")
+    window = open_chat(root, broker, "alice")
+    address = f"127.0.0.1:{broker.port}"
+    assert window.status.cget("text") == f"Connected to {address} as alice"
+    broker.kill()
+    pump_until(root, lambda: "next attempt in" in window.status.cget("text"),
+               what="reconnecting")
+    assert window.status.cget("text").startswith(f"Reconnecting to {address}")
+    assert window.entry.instate(["!disabled"])
+    window.entry.insert(0, "typed while away")
+    press_enter(window.entry)
+    assert "waiting for the connection" in shown_line(window, "typed while away")
+    again = make_broker("--heartbeat-interval", "0.2", port=broker.port)
+    ears = listen(again, "ears", "--history", "10")
+    clients.append(ears)
+    pump_until(root, lambda: window.status.cget("text") == f"Connected to {address} as alice",
+               15, "connected again")
+    pump_until(root, lambda: shown_line(window, "typed while away").endswith("✓"),
+               what="the queued message delivered")
+    assert "Reconnected (the broker restarted)." in chat_text(window)
+    ears.out.wait_for(lambda line: '"text": "typed while away"' in line, 10, "the message")
+
+
+def test_closing_the_window_leaves_at_once_with_quit(broker, clients, root):
+    ears = listen(broker, "ears")
+    clients.append(ears)
+    open_chat(root, broker, "alice")
+    ears.out.wait_for(lambda line: '"name": "alice"' in line, 10, "alice to join")
+    root.tk.call(root.protocol("WM_DELETE_WINDOW"))  # what the close button does
+    assert destroyed(root)
+    wait_until(lambda: not session_threads(), 5, "the session thread to end")
+    leave = ears.out.wait_for(lambda line: '"type": "leave"' in line, 5, "alice to leave")
+    assert '"reason": "quit"' in leave
