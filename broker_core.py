@@ -23,6 +23,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import bisect
 import logging
 import secrets
 from collections import OrderedDict, deque
@@ -133,6 +134,9 @@ class BrokerCore:
     # (event, client message id) of each sequenced event since the shell
     # last took them, for a durable store
     records: list = field(default_factory=list)
+    # (name key, name) of everyone online, kept sorted: a join storm must not
+    # sort the whole list again for every welcome
+    online: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.history = deque(maxlen=self.config.history)
@@ -184,12 +188,19 @@ class BrokerCore:
                 self.sessions.move_to_end(peer)
         return self._handlers[type(request)](peer, session, request, now)
 
-    def tick(self, now: float) -> list:
-        """Time passed: heartbeat when due, and drop sessions gone silent."""
+    def tick(self, now: float, backlog: bool = False) -> list:
+        """Time passed: heartbeat when due, and drop sessions gone silent.
+
+        With ``backlog`` (requests still waiting to be read) nobody is timed
+        out: their pings may be in that backlog, and an overloaded broker
+        must not announce live users as gone.
+        """
         out: list = []
         if now >= self.next_heartbeat:
             out.append(Publish(m.Heartbeat(self.seq, self.epoch, now)))
             self.next_heartbeat = now + self.config.heartbeat_interval
+        if backlog:
+            return out
         deadline = now - self.config.expiry
         while self.sessions:
             oldest = next(iter(self.sessions.values()))
@@ -259,6 +270,7 @@ class BrokerCore:
                           tokens=self.config.burst, refill_at=now)
         self.sessions[peer] = session
         self.by_name[key] = session
+        bisect.insort(self.online, (key, session.name))
         # The welcome's seq precedes the join, so the client sees its own join.
         welcome = self._welcome(session, resumed=False)
         log.info("join %s", session.name)
@@ -347,7 +359,7 @@ class BrokerCore:
     # --- helpers ------------------------------------------------------------------
 
     def user_names(self) -> list[str]:
-        return sorted((s.name for s in self.sessions.values()), key=str.casefold)
+        return [name for _, name in self.online]
 
     def _welcome(self, session: Session, resumed: bool) -> m.Welcome:
         c = self.config
@@ -355,8 +367,10 @@ class BrokerCore:
                          c.heartbeat_interval, c.heartbeat_liveness, c.max_text, resumed)
 
     def _end_session(self, session: Session, reason: str, now: float) -> list:
+        key = m.name_key(session.name)
         del self.sessions[session.peer]
-        del self.by_name[m.name_key(session.name)]
+        del self.by_name[key]
+        del self.online[bisect.bisect_left(self.online, (key, session.name))]
         log.info("leave %s (%s)", session.name, reason)
         return [self._sequenced(m.Leave(self._next_seq(), now, session.name, reason))]
 

@@ -349,6 +349,22 @@ def _is_text(value: Any) -> bool:
     return True
 
 
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and -MAX_SAFE_INT <= value <= MAX_SAFE_INT)
+
+
+# The field types messages use, each with its check.
+_TYPE_CHECKS = {
+    "str": _is_text,
+    "int": lambda v: isinstance(v, int) and _is_number(v),
+    "float": _is_number,
+    "bool": lambda v: isinstance(v, bool),
+    "list[str]": lambda v: isinstance(v, list) and all(_is_text(x) for x in v),
+    "list[Any]": lambda v: isinstance(v, list),
+}
+
+
 def _check_field(cls: type, name: str, value: Any, annotation: str) -> Any:
     """Type-check one field against its annotation (a small, fixed set)."""
     optional = annotation.endswith("| None")
@@ -357,17 +373,7 @@ def _check_field(cls: type, name: str, value: Any, annotation: str) -> Any:
             return None
         raise ProtocolError(f"{cls.TYPE}: field {name!r} is missing")
     base = annotation.removesuffix(" | None")
-    ok = {
-        "str": _is_text,
-        "int": lambda v: (isinstance(v, int) and not isinstance(v, bool)
-                          and -MAX_SAFE_INT <= v <= MAX_SAFE_INT),
-        "float": lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
-                            and -MAX_SAFE_INT <= v <= MAX_SAFE_INT),
-        "bool": lambda v: isinstance(v, bool),
-        "list[str]": lambda v: isinstance(v, list) and all(_is_text(x) for x in v),
-        "list[Any]": lambda v: isinstance(v, list),
-    }[base](value)
-    if not ok:
+    if not _TYPE_CHECKS[base](value):
         raise ProtocolError(f"{cls.TYPE}: field {name!r} must be {base}")
     return value
 

@@ -330,3 +330,10 @@ def test_history_replies_are_bounded_in_size_and_still_make_progress():
     assert [e.seq for e in history.events] == [2, 3] and history.until == 3
     (recent,) = replies(core.handle(b"A", signed(core, b"A", type="recent", count=10), T0))
     assert [e.seq for e in recent.events] == [10, 11]
+
+
+def test_nobody_times_out_while_requests_wait_unread(core):
+    join(core, b"A", "alice", now=T0)
+    out = core.tick(T0 + 10, backlog=True)
+    assert not [e for e in published(out) if isinstance(e, m.Leave)]
+    assert [e.name for e in published(core.tick(T0 + 10)) if isinstance(e, m.Leave)] == ["alice"]
