@@ -44,7 +44,7 @@ EVENTS_PER_TICK = 300
 TICK_BUDGET_S = 0.02
 LOGIN_POLL_MS = 50
 # Earlier messages shown on joining, so a newcomer sees the conversation.
-RECENT_ON_JOIN = 100
+RECENT_ON_JOIN = 50
 # Scrollback kept; the oldest lines go in chunks, not one per message.
 MAX_CHAT_LINES = 20_000
 TRIM_CHUNK_LINES = 1_000

@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 import messages as m
+from hostile_text import HOSTILE_TEXTS, assert_neutralised
 from procs import PYTHON, ROOT, Client, listen, run_cli, wait_until
 
 
@@ -109,14 +110,18 @@ def test_listen_text_format_and_count(broker, clients):
 
 
 def test_listen_shows_control_characters_visibly(broker, clients):
-    listener = Client(broker, "listen", "--count", "1", name="reader")
+    listener = Client(broker, "listen", "--count", str(len(HOSTILE_TEXTS)), name="reader")
     clients.append(listener)
     listener.out.wait_for(lambda l: "reader joined" in l, 10, "own join")
-    run_cli(broker, "send", "a\x1b]0;pwned\x07b\x1b[2Jc\rd\u202ee", name="evil")
+    texts = list(HOSTILE_TEXTS.values())
+    for text in texts:  # as arguments: stdin would split at the \r
+        assert run_cli(broker, "send", text, name="evil").returncode == 0
     assert listener.wait(10) == 0
-    line = listener.out.lines[-1]
-    assert line.endswith("evil: a\\x1b]0;pwned\\x07b\\x1b[2Jc\\rd\\u202ee")
-    assert not any(ch in line for ch in "\x1b\x07\r\u202e")
+    shown = [l for l in listener.out.lines if " evil: " in l]
+    assert shown[0].endswith("evil: a\\x1b]0;pwned\\x07b")
+    assert len(shown) == len(texts)
+    for line, text in zip(shown, texts):
+        assert_neutralised(line, text)
 
 
 def test_sigkilled_client_is_announced_as_timeout_within_the_bound(make_broker, clients):

@@ -15,6 +15,7 @@ import pytest
 
 import messages as m
 from gui_client import App, ChatWindow
+from hostile_text import HOSTILE_TEXTS, assert_neutralised
 from procs import listen, run_cli, wait_until
 from xvfb import x_display  # noqa: F401  (the fixture)
 
@@ -114,6 +115,29 @@ def test_messages_from_others_show_time_sender_and_neutralised_text(broker, root
     alice_joined_at = window.chat.search("alice joined", "1.0")
     assert re.fullmatch(r"sender\d", _style_tag(window, bob_at))
     assert _style_tag(window, alice_joined_at) == "presence"
+
+
+def test_hostile_control_sequences_are_neutralised(broker, root):
+    window = open_chat(root, broker, "alice")
+    for name, text in HOSTILE_TEXTS.items():
+        assert run_cli(broker, "send", text, name="evil").returncode == 0, name
+    pump_until(root, lambda: chat_text(window).count("evil  ") == len(HOSTILE_TEXTS),
+               what="every hostile message")
+    shown = chat_text(window)
+    for text in HOSTILE_TEXTS.values():
+        assert_neutralised(shown, text)
+
+
+def test_joining_shows_the_last_50_earlier_messages_marked(broker, root):
+    lines = [f"before {i}" for i in range(60)]
+    assert run_cli(broker, "send", name="bob", input="\n".join(lines)).returncode == 0
+    window = open_chat(root, broker, "alice")
+    pump_until(root, lambda: shown_line(window, "before 59"), what="the earlier messages")
+    shown = chat_text(window)
+    assert "50 earlier message(s)" in shown
+    assert "before 9\n" not in shown + "\n" and shown.count("before ") == 50
+    at = window.chat.search("before 10", "1.0")
+    assert "earlier" in window.chat.tag_names(at)
 
 
 def _style_tag(window: ChatWindow, index: str) -> str:
