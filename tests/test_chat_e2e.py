@@ -8,11 +8,11 @@ import subprocess
 import time
 
 import pytest
-import zmq
 
 import messages as m
 from hostile_text import HOSTILE_TEXTS, assert_neutralised
 from procs import PYTHON, ROOT, Client, listen, run_cli, wait_until
+from raw_peer import join, raw_dealer, request
 
 
 def test_three_listeners_each_get_500_piped_lines_in_order_exactly_once(broker, clients):
@@ -176,22 +176,11 @@ def test_oversized_message_is_refused_clearly_and_the_broker_keeps_serving(broke
     assert result.returncode == 5
     assert "line 2 refused" in result.stderr and "limit is 4096" in result.stderr
     # the broker itself refuses it too, and drops a frame past its size limit
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    try:
-        raw.connect(f"tcp://127.0.0.1:{broker.port}")
-        raw.send(m.encode(m.Hello("rawbig")))
-        assert raw.poll(5000)
-        welcome = m.decode_reply(raw.recv_multipart())
-        assert isinstance(welcome, m.Welcome)
-        raw.send(m.encode(m.Say("1", big, welcome.resume)))
-        assert raw.poll(5000)
-        error = m.decode_reply(raw.recv_multipart())
+    with raw_dealer(broker.port) as raw:
+        join(raw, "rawbig")
+        error = request(raw, {"type": "say", "id": "1", "text": big})
         assert (error.code, error.id) == (m.ErrorCode.TEXT_TOO_LONG, "1")
         raw.send(b"x" * (m.max_frame_bytes(4096) + 1))
-    finally:
-        raw.close()
     broker.wait_log(lambda l: "text_too_long" in l, 5, "the refusal in the log")
     assert run_cli(broker, "send", "still here", name="after").returncode == 0
     wait_until(lambda: [r["text"] for r in listener.messages()] ==

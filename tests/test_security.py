@@ -3,11 +3,11 @@
 import stat
 
 import pytest
-import zmq
 
 import keys
 import messages as m
 from procs import Client, listen, run_cli, wait_until
+from raw_peer import join, raw_dealer, receive_reply, send_body
 from tcp_proxy import TcpProxy
 
 SECRET_TEXT = "the-launch-code-is-0000"
@@ -106,22 +106,15 @@ def test_a_flooding_client_is_limited_then_disconnected_and_others_are_undisturb
     broker = make_broker("--rate", "50", "--burst", "20")
     listener = listen(broker, "bystander")
     clients.append(listener)
-    flooder = zmq.Context.instance().socket(zmq.DEALER)
-    flooder.setsockopt(zmq.LINGER, 0)
     codes = []
-    try:
-        flooder.connect(f"tcp://127.0.0.1:{broker.port}")
-        flooder.send(m.encode(m.Hello("flooder")))
-        assert flooder.poll(5000)
-        welcome = m.decode_reply(flooder.recv_multipart())
-        assert isinstance(welcome, m.Welcome)
+    with raw_dealer(broker.port) as flooder:
+        join(flooder, "flooder")
         for i in range(1100):
-            flooder.send(m.encode(m.Say(str(i), "spam", welcome.resume)))
-        while m.ErrorCode.FLOODING not in codes and flooder.poll(5000):
-            reply = m.decode_reply(flooder.recv_multipart())
+            send_body(flooder, {"type": "say", "id": str(i), "text": "spam"})
+        while m.ErrorCode.FLOODING not in codes:
+            reply = receive_reply(flooder, 5)
+            assert reply is not None, f"no answer after {codes[-3:]}"
             codes.append(reply.code if isinstance(reply, m.Error) else reply.TYPE)
-    finally:
-        flooder.close()
     assert codes.count("ack") == 20
     assert m.ErrorCode.RATE_LIMITED in codes and codes[-1] == m.ErrorCode.FLOODING
     listener.out.wait_for(lambda l: '"kicked"' in l and "flooder" in l, 5, "the kick")
