@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import math
 import secrets
 import signal
 import socket
@@ -176,7 +177,10 @@ class BrokerShell:
             deadline = self.core.next_deadline()
             if self.release_at is not None:
                 deadline = min(deadline, self.release_at)
-            ready = dict(self.poller.poll(max(0.0, (deadline - time.time()) * 1000)))
+            # Rounded up: pyzmq truncates to whole milliseconds, and a wait of
+            # 0 ms would spin until the deadline.
+            wait_ms = math.ceil(max(0.0, (deadline - time.time()) * 1000))
+            ready = dict(self.poller.poll(wait_ms))
             now = time.time()
             out: list = []
             backlog = False

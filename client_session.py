@@ -30,6 +30,7 @@ import argparse
 import getpass
 import itertools
 import logging
+import math
 import os
 import queue
 import secrets
@@ -263,8 +264,9 @@ class _Worker:
         self._open_sockets(time.monotonic())
         while not self.closing:
             now = time.monotonic()
-            timeout = max(0.0, self._next_deadline(now) - now)
-            ready = dict(self.poller.poll(timeout * 1000))
+            # Rounded up: pyzmq truncates to whole milliseconds (0 would spin).
+            timeout_ms = math.ceil(max(0.0, self._next_deadline(now) - now) * 1000)
+            ready = dict(self.poller.poll(timeout_ms))
             now = time.monotonic()
             if self.s._wake_r.fileno() in ready:
                 self._drain_wakeups()

@@ -325,10 +325,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# NaN and Infinity are not JSON; accepted, they would break timers. One
+# decoder for all frames: json.loads with options builds one per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _parse_json(frame: bytes) -> Any:
     try:
-        # NaN and Infinity are not JSON; accepted, they would break timers.
-        return json.loads(frame.decode("utf-8"), parse_constant=_reject_constant)
+        return _DECODER.decode(frame.decode("utf-8"))
     except UnicodeDecodeError:
         raise ProtocolError("frame is not valid UTF-8") from None
     except (ValueError, RecursionError):
