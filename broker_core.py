@@ -74,6 +74,14 @@ class BrokerConfig:
     def expiry(self) -> float:
         return self.heartbeat_interval * self.heartbeat_liveness
 
+    @property
+    def sweep_period(self) -> float:
+        """Silent sessions are swept at most this often, so that clients
+        lost together (a crashed machine, a cut network) leave in a few
+        broadcasts rather than one each: with thousands online, every
+        broadcast costs a write per subscriber."""
+        return self.heartbeat_interval / 4
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -131,6 +139,7 @@ class BrokerCore:
     history: deque = field(init=False)
     accepted_ids: OrderedDict[tuple[str, str], int] = field(default_factory=OrderedDict)
     next_heartbeat: float = 0.0
+    next_sweep: float = 0.0
     # (event, client message id) of each sequenced event since the shell
     # last took them, for a durable store
     records: list = field(default_factory=list)
@@ -199,8 +208,9 @@ class BrokerCore:
         if now >= self.next_heartbeat:
             out.append(Publish(m.Heartbeat(self.seq, self.epoch, now)))
             self.next_heartbeat = now + self.config.heartbeat_interval
-        if backlog:
+        if backlog or now < self.next_sweep:
             return out
+        self.next_sweep = now + self.config.sweep_period
         deadline = now - self.config.expiry
         while self.sessions:
             oldest = next(iter(self.sessions.values()))
@@ -214,7 +224,8 @@ class BrokerCore:
         deadline = self.next_heartbeat
         if self.sessions:
             oldest = next(iter(self.sessions.values()))
-            deadline = min(deadline, oldest.last_seen + self.config.expiry)
+            sweep = max(oldest.last_seen + self.config.expiry, self.next_sweep)
+            deadline = min(deadline, sweep)
         return deadline
 
     def peer_unreachable(self, peer: bytes, now: float) -> list:

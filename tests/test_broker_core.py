@@ -177,8 +177,11 @@ def test_silent_session_times_out_after_liveness_intervals(core):
     join(core, b"B", "bob", now=T0)
     core.handle(b"B", signed(core, b"B", type="ping"), T0 + 2.5)
     assert not [e for e in published(core.tick(T0 + 2.9)) if isinstance(e, m.Leave)]
-    leaves = [e for e in published(core.tick(T0 + 3.0)) if isinstance(e, m.Leave)]
-    assert leaves == [m.Leave(3, T0 + 3.0, "alice", m.LeaveReason.TIMEOUT)]
+    # swept at most every interval / 4: alice goes at the next sweep
+    assert core.next_deadline() == T0 + 2.9 + 0.25
+    assert not [e for e in published(core.tick(T0 + 3.0)) if isinstance(e, m.Leave)]
+    leaves = [e for e in published(core.tick(T0 + 3.15)) if isinstance(e, m.Leave)]
+    assert leaves == [m.Leave(3, T0 + 3.15, "alice", m.LeaveReason.TIMEOUT)]
     assert list(core.sessions) == [b"B"]
 
 
