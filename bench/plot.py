@@ -39,39 +39,45 @@ def plot_throughput(ax, results: dict) -> None:
     ax.legend(fontsize=8)
 
 
-def plot_latency(ax, results: dict) -> None:
+def grouped_bars(ax, results: dict, draw) -> None:
+    """One group of bars per fixed rate, one bar per target: ``draw(xs, kind,
+    values_of, width)`` draws a target's bars, ``values_of(key)`` giving its
+    figures per rate."""
     kinds = list(results["fixed_rates"])
     rates = sorted({t["offered_rate"] for trials in results["fixed_rates"].values()
                     for t in trials})
     width = 0.8 / max(len(kinds), 1)
     for i, kind in enumerate(kinds):
         by_rate = {t["offered_rate"]: t for t in results["fixed_rates"][kind]}
-        xs = [j + i * width for j in range(len(rates))]
-        p50 = [by_rate[r]["latency"]["p50_ms"] if r in by_rate else 0 for r in rates]
-        p99 = [by_rate[r]["latency"]["p99_ms"] if r in by_rate else 0 for r in rates]
-        ax.bar(xs, p99, width, color=COLOURS.get(kind), alpha=0.35)
-        ax.bar(xs, p50, width, color=COLOURS.get(kind), label=kind)
+
+        def values_of(key, by_rate=by_rate):
+            return [key(by_rate[r]) if r in by_rate else 0 for r in rates]
+
+        draw([j + i * width for j in range(len(rates))], kind, values_of, width)
     ax.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(rates))],
                   [f"{r:.0f} msg/s" for r in rates])
+    ax.legend(fontsize=8)
+
+
+def plot_latency(ax, results: dict) -> None:
+    def draw(xs, kind, values_of, width):
+        ax.bar(xs, values_of(lambda t: t["latency"]["p99_ms"]), width,
+               color=COLOURS.get(kind), alpha=0.35)
+        ax.bar(xs, values_of(lambda t: t["latency"]["p50_ms"]), width,
+               color=COLOURS.get(kind), label=kind)
+
+    grouped_bars(ax, results, draw)
     listeners = next(iter(results["fixed_rates"].values()))[0]["listeners"]
     ax.set(ylabel="ms", title=f"Latency p50 (solid) and p99 (light), {listeners} listeners")
-    ax.legend(fontsize=8)
 
 
 def plot_cpu(ax, results: dict) -> None:
-    kinds = list(results["fixed_rates"])
-    rates = sorted({t["offered_rate"] for trials in results["fixed_rates"].values()
-                    for t in trials})
-    width = 0.8 / max(len(kinds), 1)
-    for i, kind in enumerate(kinds):
-        by_rate = {t["offered_rate"]: t for t in results["fixed_rates"][kind]}
-        xs = [j + i * width for j in range(len(rates))]
-        ax.bar(xs, [by_rate[r]["target_us_per_delivery"] if r in by_rate else 0 for r in rates],
-               width, color=COLOURS.get(kind), label=kind)
-    ax.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(rates))],
-                  [f"{r:.0f} msg/s" for r in rates])
+    def draw(xs, kind, values_of, width):
+        ax.bar(xs, values_of(lambda t: t["target_us_per_delivery"]), width,
+               color=COLOURS.get(kind), label=kind)
+
+    grouped_bars(ax, results, draw)
     ax.set(ylabel="CPU µs per delivery", title="Server CPU per delivery (user+sys)")
-    ax.legend(fontsize=8)
 
 
 def plot_scale(ax, results: dict) -> None:
