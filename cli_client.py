@@ -153,7 +153,8 @@ def run_send(session: ClientSession, args: argparse.Namespace) -> int:
             del line_of[event.id]
             deadline = time.monotonic() + args.timeout
         elif isinstance(event, Refused) and event.id in line_of:
-            where = f"line {line_of.pop(event.id)}" if not args.text else "message"
+            number = line_of.pop(event.id)
+            where = "message" if args.text else f"line {number}"
             err(f"{where} refused: {event.reason} ({event.code})")
             refused += 1
             deadline = time.monotonic() + args.timeout

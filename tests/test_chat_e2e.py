@@ -175,6 +175,8 @@ def test_oversized_message_is_refused_clearly_and_the_broker_keeps_serving(broke
     result = run_cli(broker, "send", name="big", input=f"ok before\n{big}\nok after\n")
     assert result.returncode == 5
     assert "line 2 refused" in result.stderr and "limit is 4096" in result.stderr
+    as_argument = run_cli(broker, "send", big, name="big2")
+    assert as_argument.returncode == 5 and "message refused" in as_argument.stderr
     # the broker itself refuses it too, and drops a frame past its size limit
     with raw_dealer(broker.port) as raw:
         join(raw, "rawbig")
