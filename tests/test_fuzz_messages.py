@@ -15,6 +15,7 @@ import math
 from dataclasses import fields
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -189,22 +190,16 @@ def same_on_the_wire(a: Any, b: Any) -> bool:
 # --- properties -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("decoder,types", [(m.decode_request, m.REQUEST_TYPES),
+                                            (m.decode_reply, m.REPLY_TYPES)],
+                         ids=["request", "reply"])
 @FUZZ
 @given(frames=frame_lists)
-def test_decode_request_is_total_and_what_it_accepts_round_trips(frames):
-    request = decode_or_refuse(m.decode_request, frames)
-    if request is not None:
-        assert_well_typed(request, m.REQUEST_TYPES)
-        assert m.decode_request([m.encode(request)]) == request
-
-
-@FUZZ
-@given(frames=frame_lists)
-def test_decode_reply_is_total_and_what_it_accepts_round_trips(frames):
-    reply = decode_or_refuse(m.decode_reply, frames)
-    if reply is not None:
-        assert_well_typed(reply, m.REPLY_TYPES)
-        assert same_on_the_wire(m.decode_reply([m.encode(reply)]), reply)
+def test_decoding_one_frame_is_total_and_what_it_accepts_round_trips(decoder, types, frames):
+    message = decode_or_refuse(decoder, frames)
+    if message is not None:
+        assert_well_typed(message, types)
+        assert same_on_the_wire(decoder([m.encode(message)]), message)
 
 
 @FUZZ
