@@ -193,8 +193,7 @@ class BrokerCore:
                             session.name, peer.hex())
                 session = None
             else:  # any request from the owner counts as a heartbeat
-                session.last_seen = now
-                self.sessions.move_to_end(peer)
+                self._touch(session, now)
         return self._handlers[type(request)](peer, session, request, now)
 
     def tick(self, now: float, backlog: bool = False) -> list:
@@ -259,8 +258,7 @@ class BrokerCore:
         key = m.name_key(hello.name)
         if session is not None:  # this routing id already speaks for a user
             if m.name_key(session.name) == key and _tokens_match(hello.resume, session.token):
-                session.last_seen = now
-                self.sessions.move_to_end(peer)
+                self._touch(session, now)
                 return [Reply(peer, self._welcome(session, resumed=True))]
             return self._refuse(peer, m.ErrorCode.ALREADY_JOINED,
                                 f"this connection is already joined as {session.name}")
@@ -343,7 +341,7 @@ class BrokerCore:
     def _on_fetch(self, peer: bytes, session: Session | None, fetch: m.Fetch, now: float) -> list:
         if session is None:
             return self._not_joined(peer)
-        first = self.history[0].seq if self.history else self.seq + 1
+        first = self._first_held()
         start = min(max(fetch.after + 1, first), self.seq + 1)
         until = min(fetch.until, self.seq, start - 1 + m.MAX_FETCH_EVENTS)
         events = _within_reply_size(islice(self.history, start - first,
@@ -359,7 +357,7 @@ class BrokerCore:
             return self._not_joined(peer)
         newest_first = (e for e in reversed(self.history) if isinstance(e, m.Message))
         found = _within_reply_size(islice(newest_first, recent.count))
-        first = self.history[0].seq if self.history else self.seq + 1
+        first = self._first_held()
         return [Reply(peer, m.History(found[::-1], first, self.seq, recent=True))]
 
     def _on_bye(self, peer: bytes, session: Session | None, bye: m.Bye, now: float) -> list:
@@ -371,6 +369,15 @@ class BrokerCore:
 
     def user_names(self) -> list[str]:
         return [name for _, name in self.online]
+
+    def _touch(self, session: Session, now: float) -> None:
+        """Heard from its owner: the session moves to the end of the sweep order."""
+        session.last_seen = now
+        self.sessions.move_to_end(session.peer)
+
+    def _first_held(self) -> int:
+        """The oldest seq still in the history (the next one, if it is empty)."""
+        return self.history[0].seq if self.history else self.seq + 1
 
     def _welcome(self, session: Session, resumed: bool) -> m.Welcome:
         c = self.config

@@ -248,7 +248,7 @@ class _Worker:
         self.last_seq = 0
         self.announced_seq = 0  # the newest seq a heartbeat told of
         self.buffer: dict[int, object] = {}
-        self.fetching: tuple[int, float] | None = None  # (until, sent at)
+        self.fetch_sent_at: float | None = None  # the fetch awaiting its answer
         # seq of the welcome whose earlier messages are awaited, if any
         self.recent_until: int | None = None
         # outbox: id -> text, in order; ids in unsent wait for the window
@@ -292,8 +292,8 @@ class _Worker:
         deadlines = [self.broker_seen + self.interval * self.liveness]
         if self.phase == "joined":
             deadlines.append(self.last_request + self.interval)
-            if self.fetching:
-                deadlines.append(self.fetching[1] + self._patience)
+            if self.fetch_sent_at is not None:
+                deadlines.append(self.fetch_sent_at + self._patience)
             if self.unsent and self.paused_until > now:
                 deadlines.append(self.paused_until)
         if self.phase == "hello" and not self.hello_sent:
@@ -361,7 +361,7 @@ class _Worker:
         delay = self.backoff
         self.backoff = min(self.backoff * 2, RECONNECT_DELAY_MAX)
         self.reconnect_at = now + delay
-        self.fetching = None
+        self.fetch_sent_at = None
         self.recent_until = None
         self._requeue_in_flight()
         self.state = State.RECONNECTING
@@ -385,8 +385,7 @@ class _Worker:
                 self.name = args[0]
                 self.token = None
                 if self.phase == "refused":
-                    self.phase = "hello"
-                    self.hello_sent = False
+                    self._say_hello()
             elif cmd == "close":
                 self.closing = True
                 return
@@ -411,6 +410,13 @@ class _Worker:
                 return
             self.unsent.popleft()
             self.in_flight[msg_id] = now
+
+    def _say_hello(self) -> None:
+        """(Re)join on the open sockets: hello goes out on the next pass, and
+        what was in flight goes again after the welcome."""
+        self.phase = "hello"
+        self.hello_sent = False
+        self._requeue_in_flight()
 
     def _requeue_in_flight(self) -> None:
         """Everything unacknowledged goes out again, in its original order
@@ -475,9 +481,7 @@ class _Worker:
             # The broker lost our session (restart, timeout): join again.
             if self.phase == "joined":
                 log.info("broker forgot this session; joining again")
-                self.phase = "hello"
-                self.hello_sent = False
-                self._requeue_in_flight()
+                self._say_hello()
             return
         if err.code == m.ErrorCode.RATE_LIMITED and err.id in self.outbox:
             # Hold everything back, so the order of our messages is kept.
@@ -501,7 +505,7 @@ class _Worker:
         if h.recent:
             self._on_recent(h, now)
             return
-        self.fetching = None
+        self.fetch_sent_at = None
         if self.phase != "joined":
             return
         if h.first > self.last_seq + 1:
@@ -539,16 +543,13 @@ class _Worker:
         if self.phase == "probe" and topic == m.READY_TOPIC_PREFIX + self.nonce:
             # The subscription is live: from now on nothing is missed.
             self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
-            self.phase = "hello"
-            self.hello_sent = False
+            self._say_hello()
             return
         if self.phase != "joined":
             return
         if hb.epoch != self.epoch:
             # A new broker took over the port without us noticing: join it.
-            self.phase = "hello"
-            self.hello_sent = False
-            self._requeue_in_flight()
+            self._say_hello()
             return
         self.announced_seq = max(self.announced_seq, hb.seq)
         self._catch_up(now)
@@ -581,10 +582,10 @@ class _Worker:
 
     def _fetch(self, until: int, now: float) -> None:
         """Ask for the events after last_seq up to ``until``, once at a time."""
-        if self.fetching is not None or self.dealer is None:
+        if self.fetch_sent_at is not None or self.dealer is None:
             return
         if self._request(m.Fetch(self.last_seq, until, self.token), now):
-            self.fetching = (until, now)
+            self.fetch_sent_at = now
 
     # --- timers ---------------------------------------------------------------------
 
@@ -602,8 +603,8 @@ class _Worker:
         if self.phase == "hello" and not self.hello_sent:
             self.hello_sent = self._request(m.Hello(self.name, resume=self.token), now)
         elif self.phase == "joined":
-            if self.fetching and now - self.fetching[1] > self._patience:
-                self.fetching = None  # the answer was lost: ask again
+            if self.fetch_sent_at is not None and now - self.fetch_sent_at > self._patience:
+                self.fetch_sent_at = None  # the answer was lost: ask again
                 self._catch_up(now)
             if now - self.last_request >= self.interval:
                 self._request(m.Ping(self.token), now)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
+from functools import cache
 
 import messages as m
 
 # Bidi controls and other invisible marks that reorder or hide text.
 _BIDI_AND_INVISIBLE = [0x061C, 0x200B, 0x200E, 0x200F, 0x2028, 0x2029, 0xFEFF,
                        *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
-_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _escape(code: int) -> str:
@@ -38,10 +39,13 @@ def visible(text: str, keep: str = "") -> str:
     are (a newline in a Text widget); backslashes are then left alone too,
     since a window does not need escapes to be unambiguous.
     """
-    if not keep:
-        return text.translate(_TABLE)
-    table = {c: e for c, e in _TABLE.items() if chr(c) not in keep and c != ord("\\")}
-    return text.translate(table)
+    return text.translate(_table_keeping(keep) if keep else _TABLE)
+
+
+@cache
+def _table_keeping(keep: str) -> dict[int, str]:
+    """_TABLE less ``keep`` and the backslash, built once per ``keep``."""
+    return {c: e for c, e in _TABLE.items() if chr(c) not in keep and c != ord("\\")}
 
 
 def clock(timestamp: float) -> str:
