@@ -61,8 +61,6 @@ TEXT_MARK = re.compile(rb"bench:(\d+):(\d+):")
 ACK_ID = re.compile(rb'"id":"(\d+)-')
 ERROR_PREFIX = b'{"type":"error"'
 WELCOME_PREFIX = b'{"type":"welcome"'
-SESSION_TOKEN = re.compile(rb'"resume":"([^"]+)"')
-ERROR_CODE = re.compile(rb'"code":"([^"]+)"')
 # Chat texts are padded to a typical chat line's length.
 TEXT_BYTES = 64
 # Most messages sent in one go when the sender is behind its schedule.
@@ -120,16 +118,16 @@ def make_context(sockets: int) -> zmq.Context:
 
 
 def session_token(welcome: bytes) -> str:
-    """The token a welcome hands out, to carry on every later request."""
-    match = SESSION_TOKEN.search(welcome)
-    if match is None:
-        raise ValueError(f"welcome without a session token: {welcome[:200]!r}")
-    return match[1].decode()
+    """The token a welcome hands out, to carry on every later request.
+    (Welcomes and errors are rare: decoded in full, unlike the acks.)"""
+    return m.decode_reply([welcome]).resume
 
 
 def error_code(frame: bytes) -> str:
-    match = ERROR_CODE.search(frame)
-    return match[1].decode() if match else "?"
+    try:
+        return m.decode_reply([frame]).code
+    except m.ProtocolError:
+        return "?"
 
 
 def chat_text(phase: int, n: int) -> str:
