@@ -55,12 +55,17 @@ def generate(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
     return Path(public), Path(secret)
 
 
-def load_key_pair(path: str | os.PathLike) -> KeyPair:
-    """The key pair in a ``.key_secret`` file."""
+def _read_key_file(path: str | os.PathLike) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) from a key file, or a KeyFileError saying why."""
     try:
-        public, secret = zmq.auth.load_certificate(path)
+        return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:
         raise KeyFileError(f"cannot read key file {path}: {e}") from None
+
+
+def load_key_pair(path: str | os.PathLike) -> KeyPair:
+    """The key pair in a ``.key_secret`` file."""
+    public, secret = _read_key_file(path)
     if not secret:
         raise KeyFileError(f"{path} holds no secret key (use the .key_secret file)")
     return KeyPair(public, secret)
@@ -69,11 +74,7 @@ def load_key_pair(path: str | os.PathLike) -> KeyPair:
 def load_public_key(key_or_path: str) -> bytes:
     """A public key given as 40 Z85 characters or as a key file."""
     if os.path.exists(key_or_path):
-        try:
-            public, _ = zmq.auth.load_certificate(key_or_path)
-        except (OSError, ValueError) as e:
-            raise KeyFileError(f"cannot read key file {key_or_path}: {e}") from None
-        return public
+        return _read_key_file(key_or_path)[0]
     if len(key_or_path) != Z85_KEY_CHARS:
         raise KeyFileError(f"{key_or_path!r} is neither a key file nor a 40-character Z85 key")
     try:
@@ -87,7 +88,7 @@ def names_by_key(directory: str | os.PathLike) -> dict[str, str]:
     """Public key (Z85) -> the name of its file, for every NAME.key in ``directory``."""
     bound = {}
     for path in sorted(Path(directory).glob("*.key")):
-        public, _ = zmq.auth.load_certificate(path)
+        public, _ = _read_key_file(path)
         bound[public.decode()] = path.stem
     return bound
 
