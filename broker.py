@@ -18,7 +18,6 @@ import math
 import secrets
 import signal
 import socket
-import sqlite3
 import sys
 import time
 
@@ -27,8 +26,9 @@ from zmq.auth.thread import ThreadAuthenticator
 
 import keys
 import messages as m
-from broker_core import ACCEPTED_IDS_REMEMBERED, BrokerConfig, BrokerCore, Reply
-from store import EventStore
+from broker_core import BrokerConfig, BrokerCore, Persist, Publish, Reply
+from broker_stream import ACCEPTED_IDS_REMEMBERED
+from store import EventStore, StoreError
 
 log = logging.getLogger("zchat.broker")
 
@@ -127,8 +127,8 @@ class BrokerShell:
         # outputs held to share PUB frames, and when they must go
         self.coalesce = coalesce
         self.held: list = []
-        self.release_at: float | None = None
-        self.last_publish = 0.0
+        self.release_at: float | None = None  # monotonic, like every timer here
+        self.last_publish = float("-inf")
         seed_routing_ids()
         self.ctx = zmq.Context()
         self.auth = None
@@ -179,20 +179,22 @@ class BrokerShell:
                 deadline = min(deadline, self.release_at)
             # Rounded up: pyzmq truncates to whole milliseconds, and a wait of
             # 0 ms would spin until the deadline.
-            wait_ms = math.ceil(max(0.0, (deadline - time.time()) * 1000))
+            wait_ms = math.ceil(max(0.0, (deadline - time.monotonic()) * 1000))
             ready = dict(self.poller.poll(wait_ms))
-            now = time.time()
+            # Two clocks: monotonic for every timer, the wall clock only for
+            # the times stamped on events for people to read.
+            now, wall = time.monotonic(), time.time()
             out: list = []
             backlog = False
             if self.router in ready:
-                requests, backlog = self._read_requests(now)
+                requests, backlog = self._read_requests(now, wall)
                 out += requests
             if self.pub in ready:
-                out += self._read_subscriptions(now)
-            out += self.core.tick(now, backlog)
+                out += self._read_subscriptions(wall)
+            out += self.core.tick(now, wall, backlog)
             self._send_or_hold(out, now)
-        self._release(time.time())
-        self._deliver(self.core.shutdown(time.time()), time.time())
+        self._release(time.monotonic())
+        self._deliver(self.core.shutdown(time.time()), time.monotonic())
 
     def _send_or_hold(self, outputs: list, now: float) -> None:
         """Deliver at once when the last publish is a while ago; under a
@@ -223,7 +225,7 @@ class BrokerShell:
         if self.store is not None:
             self.store.close()
 
-    def _read_requests(self, now: float) -> tuple[list, bool]:
+    def _read_requests(self, now: float, wall: float) -> tuple[list, bool]:
         """Outputs of a batch of requests, and whether more are waiting."""
         out: list = []
         for _ in range(RECV_BATCH):
@@ -236,10 +238,10 @@ class BrokerShell:
                     frames, key = self.router.recv_multipart(zmq.NOBLOCK), None
             except zmq.Again:
                 return out, False
-            out += self.core.handle(frames[0], frames[1:], now, key)
+            out += self.core.handle(frames[0], frames[1:], now, wall, key)
         return out, True
 
-    def _read_subscriptions(self, now: float) -> list:
+    def _read_subscriptions(self, wall: float) -> list:
         out: list = []
         for _ in range(RECV_BATCH):
             try:
@@ -247,36 +249,38 @@ class BrokerShell:
             except zmq.Again:
                 break
             if frame[:1] == b"\x01":  # a subscription (b"\x00" unsubscribes)
-                out += self.core.ready_probe(frame[1:], now)
+                out += self.core.ready_probe(frame[1:], wall)
         return out
 
     def _deliver(self, outputs: list, now: float) -> None:
-        """Store new events, publish broadcasts (batched into few frames),
-        then send replies: what is acknowledged is stored and published."""
+        """Carry out the core's outputs in the order that keeps its promises:
+        persist new events (one transaction), then publish (each stream's
+        events batched into few frames), then reply: whatever a client is
+        told of is stored, and whatever is acknowledged is published."""
         while outputs:
-            records = self.core.take_records()
-            if self.store is not None:
-                self.store.append(records)
-            stream: list[bytes] = []
+            to_persist: list[Persist] = []
+            by_topic: dict[bytes, list[bytes]] = {}
             replies: list[Reply] = []
             for item in outputs:
-                if isinstance(item, Reply):
-                    replies.append(item)
-                elif item.topic == m.BROADCAST_TOPIC:
-                    stream.append(m.encode_event(item.event))
+                if isinstance(item, Persist):
+                    to_persist.append(item)
+                elif isinstance(item, Publish):
+                    by_topic.setdefault(item.topic, []).append(m.encode(item.event))
                 else:
-                    self.pub.send_multipart([item.topic, m.join_events([m.encode_event(item.event)])])
-            for frame in frames_of(stream):
-                self.pub.send_multipart([m.BROADCAST_TOPIC, frame])
-            if stream:
+                    replies.append(item)
+            if self.store is not None:
+                self.store.append(to_persist)
+            for topic, encoded in by_topic.items():
+                for frame in frames_of(encoded):
+                    self.pub.send_multipart([topic, frame])
                 self.last_publish = now
             # A peer found unreachable while replying becomes a leave, which
             # is delivered on the next turn of this loop.
             outputs = []
             for reply in replies:
-                outputs += self._send_reply(reply, now)
+                outputs += self._send_reply(reply)
 
-    def _send_reply(self, reply: Reply, now: float) -> list:
+    def _send_reply(self, reply: Reply) -> list:
         try:
             self.router.send_multipart([reply.peer, m.encode(reply.message)], zmq.NOBLOCK)
         except zmq.Again:
@@ -284,7 +288,7 @@ class BrokerShell:
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
-            return self.core.peer_unreachable(reply.peer, now)
+            return self.core.peer_unreachable(reply.peer, time.time())
         return []
 
 
@@ -314,9 +318,12 @@ def make_core(args: argparse.Namespace, store: EventStore | None) -> BrokerCore:
     if store is None:
         return BrokerCore(config)
     core = BrokerCore(config, epoch=store.epoch())
-    core.restore(store.recent_events(config.history), store.recent_ids(ACCEPTED_IDS_REMEMBERED))
-    log.info("history from %s: %d events, continuing after seq %d",
-             args.db, len(core.history), core.seq)
+    for stream_id in store.streams():
+        stream = core.open_stream(stream_id)
+        stream.restore(store.recent_events(stream_id, config.history),
+                       store.recent_ids(stream_id, ACCEPTED_IDS_REMEMBERED))
+        log.info("history of %s from %s: %d events, continuing after seq %d",
+                 stream_id, args.db, len(stream.history), stream.seq)
     return core
 
 
@@ -340,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     except keys.KeyFileError as e:
         print(f"broker: {e}", file=sys.stderr)
         return 1
-    except sqlite3.Error as e:
-        print(f"broker: cannot use database {args.db}: {e}", file=sys.stderr)
+    except StoreError as e:
+        print(f"broker: {e}", file=sys.stderr)
         return 1
     except zmq.ZMQError as e:
         print(f"broker: cannot bind {args.host}:{args.port}/{args.pub_port}: {e}", file=sys.stderr)

@@ -1,18 +1,25 @@
-"""The broker's logic with no I/O: sessions, names, heartbeats, sequence numbers.
+"""The broker's logic with no I/O: sessions, names, heartbeats, rate limits.
 
 BrokerCore is a plain object in the sans-IO style: every method takes what
-happened (the frames a peer sent, the current time) and returns what to send
-as a list of Reply and Publish outputs. It never reads the clock, never
-touches a socket, and never raises on a peer's input, so the ZeroMQ loop in
-broker.py stays a thin shell and the tests can drive the logic directly.
+happened (the frames a peer sent, the current time) and returns what to do,
+in the order it must happen, as a list of Persist, Publish and Reply
+outputs. It never reads the clock, never touches a socket or a file, and
+never raises on a peer's input, so the ZeroMQ loop in broker.py stays a thin
+shell and the tests can drive the logic directly.
+
+Two clocks: ``now`` is monotonic and drives every timer (heartbeats,
+liveness, rate limits); ``wall`` is the wall clock and is only stamped on
+events for people to read. A wall clock that jumps moves no timer.
 
 Theory of operation
 -------------------
 * A session is born from a valid ``hello`` and bound to the routing id that
   sent it; nothing is stored for a peer before that, so connections that
   never join hold no memory and need no clean-up.
-* Every chat message, join and leave gets the next sequence number and goes
-  into a bounded history, from which clients repair gaps (``fetch``).
+* Every chat message, join and leave is appended to a stream
+  (broker_stream.Stream), which numbers it and keeps a bounded history from
+  which clients repair gaps (``fetch``). The chat is the main stream; more
+  streams are more Stream objects in ``streams``.
 * ``sessions`` is kept in order of last activity (any request counts as a
   heartbeat and moves the session to the end), so the liveness sweep only
   looks at the front of the table, never at every session.
@@ -26,24 +33,17 @@ from __future__ import annotations
 import bisect
 import logging
 import secrets
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 import messages as m
+from broker_stream import Stream
 
 log = logging.getLogger("zchat.broker")
 
-# Message ids remembered to ignore a resend of an accepted message. A client
-# resends only what is unacknowledged, at most its in-flight window, so a
-# window far wider than any client's is enough.
-ACCEPTED_IDS_REMEMBERED = 50_000
 # Longest string from a peer quoted in a log line.
 LOG_QUOTE_CHARS = 80
-# Text carried by one history reply: enough for hundreds of ordinary lines,
-# while a client that asks and never reads holds at most broker.REPLY_QUEUE.
-REPLY_TEXT_BYTES = 64 * 1024
 # Shortest wait asked of a rate-limited client, so it does not spin.
 MIN_RETRY_AFTER = 0.1
 # Refusals in a row (no message accepted in between) that mark a flood. A
@@ -99,56 +99,81 @@ class Publish:
     topic: bytes = m.BROADCAST_TOPIC
 
 
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Write a new sequenced event of stream ``stream`` to durable storage.
+
+    Comes before the Publish and the Ack of the same event: the shell writes
+    everything to persist before it sends anything, so no client hears of an
+    event that a crash could still lose. ``sender_id`` is the sender's
+    (name key, message id) of a chat message, so a restarted broker still
+    recognises a resend.
+    """
+
+    stream: str
+    event: Any
+    sender_id: tuple[str, str] | None = None
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """A rate limit: ``allowance`` messages may go now, refilled at a rate.
+    Times are monotonic."""
+
+    allowance: float
+    refilled_at: float
+    limited_until: float = 0.0
+
+    def take(self, now: float, rate: float, burst: int) -> float:
+        """0 if a message may go now, else how long to wait."""
+        if now < self.limited_until:
+            return self.limited_until - now
+        # max(): never refill for time that ran backwards
+        self.allowance = min(burst, self.allowance + max(0.0, now - self.refilled_at) * rate)
+        self.refilled_at = now
+        if self.allowance >= 1:
+            self.allowance -= 1
+            return 0.0
+        wait = max(MIN_RETRY_AFTER, (1 - self.allowance) / rate)
+        self.limited_until = now + wait
+        return wait
+
+
 @dataclass(slots=True)
 class Session:
     name: str
     peer: bytes
-    token: str
-    last_seen: float
-    tokens: float  # the rate limit's bucket
-    refill_at: float  # when tokens was last brought up to date
-    limited_until: float = 0.0
+    secret: str  # the session token of the welcome; proves a request is the owner's
+    last_seen: float  # monotonic
+    bucket: TokenBucket
     refusals: int = 0  # rate refusals since the last accepted message
     # The first message refused for rate. Every later message is refused
     # until this one is sent again, so a client's messages keep their order
     # however late it learns of the refusal.
     blocked_on: str | None = None
 
-    def take_token(self, now: float, rate: float, burst: int) -> float:
-        """0 if a message may go now, else how long to wait."""
-        if now < self.limited_until:
-            return self.limited_until - now
-        self.tokens = min(burst, self.tokens + (now - self.refill_at) * rate)
-        self.refill_at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        wait = max(MIN_RETRY_AFTER, (1 - self.tokens) / rate)
-        self.limited_until = now + wait
-        return wait
+    @property
+    def name_key(self) -> str:
+        return m.name_key(self.name)
 
 
 @dataclass
 class BrokerCore:
     config: BrokerConfig = field(default_factory=BrokerConfig)
     epoch: str = field(default_factory=lambda: secrets.token_hex(8))
-    seq: int = 0
     # routing id -> session, oldest activity first
     sessions: OrderedDict[bytes, Session] = field(default_factory=OrderedDict)
     by_name: dict[str, Session] = field(default_factory=dict)
-    history: deque = field(init=False)
-    accepted_ids: OrderedDict[tuple[str, str], int] = field(default_factory=OrderedDict)
+    # stream id -> stream; the main stream (the chat) always exists
+    streams: dict[str, Stream] = field(default_factory=dict)
     next_heartbeat: float = 0.0
     next_sweep: float = 0.0
-    # (event, client message id) of each sequenced event since the shell
-    # last took them, for a durable store
-    records: list = field(default_factory=list)
     # (name key, name) of everyone online, kept sorted: a join storm must not
     # sort the whole list again for every welcome
     online: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.history = deque(maxlen=self.config.history)
+        self.main = self.open_stream(m.MAIN_STREAM)
         self._handlers = {
             m.Say: self._on_say,
             m.Who: self._on_who,
@@ -158,23 +183,20 @@ class BrokerCore:
             m.Bye: self._on_bye,
         }
 
-    def restore(self, events: list, accepted_ids: list[tuple[tuple[str, str], int]]) -> None:
-        """Continue a stored history: its last events and accepted message ids."""
-        self.history.extend(events)
-        if events:
-            self.seq = max(self.seq, events[-1].seq)
-        self.accepted_ids.update(accepted_ids[-ACCEPTED_IDS_REMEMBERED:])
-
-    def take_records(self) -> list:
-        """The sequenced events since the last call, to be stored."""
-        records, self.records = self.records, []
-        return records
+    def open_stream(self, stream_id: str) -> Stream:
+        """The stream ``stream_id``, created empty if it does not exist yet."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            stream = self.streams[stream_id] = Stream(stream_id, self.config.history)
+        return stream
 
     # --- events from the shell -------------------------------------------------
 
-    def handle(self, peer: bytes, frames: list[bytes], now: float, key: str | None = None) -> list:
-        """A request from ``peer`` (the frames after its routing id); ``key``
-        is the client's public key when the broker checks keys."""
+    def handle(self, peer: bytes, frames: list[bytes], now: float, wall: float,
+               client_key: str | None = None) -> list:
+        """A request from ``peer`` (the frames after its routing id) at
+        monotonic time ``now`` and wall time ``wall``; ``client_key`` is the
+        client's public key when the broker checks keys."""
         session = self.sessions.get(peer)
         try:
             request = m.decode_request(frames)
@@ -183,20 +205,20 @@ class BrokerCore:
             log.warning("refused from %s: %s (%s)", who, e.reason, e.code)
             return [Reply(peer, m.Error(e.code, e.reason))]
         if isinstance(request, m.Hello):
-            return self._on_hello(peer, session, request, now, key)
+            return self._on_hello(peer, session, request, now, wall, client_key)
         if session is not None and not isinstance(request, m.Who):
             # A routing id alone proves nothing: a peer may choose its own,
             # such as that of a connection which dropped. The session token
             # (from the welcome) proves the request comes from its owner.
-            if not _tokens_match(request.session, session.token):
+            if not _tokens_match(request.session, session.secret):
                 log.warning("request for %s without its session token from %s",
                             session.name, peer.hex())
                 session = None
             else:  # any request from the owner counts as a heartbeat
                 self._touch(session, now)
-        return self._handlers[type(request)](peer, session, request, now)
+        return self._handlers[type(request)](peer, session, request, now, wall)
 
-    def tick(self, now: float, backlog: bool = False) -> list:
+    def tick(self, now: float, wall: float, backlog: bool = False) -> list:
         """Time passed: heartbeat when due, and drop sessions gone silent.
 
         With ``backlog`` (requests still waiting to be read) nobody is timed
@@ -205,7 +227,7 @@ class BrokerCore:
         """
         out: list = []
         if now >= self.next_heartbeat:
-            out.append(Publish(m.Heartbeat(self.seq, self.epoch, now)))
+            out.append(Publish(self._heartbeat(wall)))
             self.next_heartbeat = now + self.config.heartbeat_interval
         if backlog or now < self.next_sweep:
             return out
@@ -215,11 +237,11 @@ class BrokerCore:
             oldest = next(iter(self.sessions.values()))
             if oldest.last_seen > deadline:
                 break
-            out += self._end_session(oldest, m.LeaveReason.TIMEOUT, now)
+            out += self._end_session(oldest, m.LeaveReason.TIMEOUT, wall)
         return out
 
     def next_deadline(self) -> float:
-        """When tick() next has work to do."""
+        """When tick() next has work to do (monotonic)."""
         deadline = self.next_heartbeat
         if self.sessions:
             oldest = next(iter(self.sessions.values()))
@@ -227,63 +249,64 @@ class BrokerCore:
             deadline = min(deadline, sweep)
         return deadline
 
-    def peer_unreachable(self, peer: bytes, now: float) -> list:
+    def peer_unreachable(self, peer: bytes, wall: float) -> list:
         """The shell could not deliver to ``peer``: it is gone."""
         session = self.sessions.get(peer)
         if session is None:
             return []
-        return self._end_session(session, m.LeaveReason.DISCONNECTED, now)
+        return self._end_session(session, m.LeaveReason.DISCONNECTED, wall)
 
-    def ready_probe(self, topic: bytes, now: float) -> list:
+    def ready_probe(self, topic: bytes, wall: float) -> list:
         """A SUB subscribed to a ready topic: prove its subscription is live."""
         nonce = topic[len(m.READY_TOPIC_PREFIX):]
         if not topic.startswith(m.READY_TOPIC_PREFIX) or not 0 < len(nonce) <= m.MAX_TOKEN_CHARS:
             return []
-        return [Publish(m.Heartbeat(self.seq, self.epoch, now), topic=topic)]
+        return [Publish(self._heartbeat(wall), topic=topic)]
 
-    def shutdown(self, now: float) -> list:
+    def shutdown(self, wall: float) -> list:
         """The broker is going away: tell everyone."""
-        return [Publish(m.Shutdown(now))]
+        return [Publish(m.Shutdown(wall))]
 
     # --- request handlers -----------------------------------------------------
 
     def _on_hello(self, peer: bytes, session: Session | None, hello: m.Hello, now: float,
-                  client_key: str | None) -> list:
+                  wall: float, client_key: str | None) -> list:
         if hello.v != m.PROTOCOL_VERSION:
             return self._refuse(peer, m.ErrorCode.BAD_VERSION,
                                 f"this broker speaks protocol {m.PROTOCOL_VERSION}, not {hello.v}")
         problem = m.name_problem(hello.name)
         if problem:
             return self._refuse(peer, m.ErrorCode.NAME_INVALID, problem)
-        key = m.name_key(hello.name)
+        name_key = m.name_key(hello.name)
         if session is not None:  # this routing id already speaks for a user
-            if m.name_key(session.name) == key and _tokens_match(hello.resume, session.token):
+            if session.name_key == name_key and _tokens_match(hello.resume, session.secret):
                 self._touch(session, now)
                 return [Reply(peer, self._welcome(session, resumed=True))]
             return self._refuse(peer, m.ErrorCode.ALREADY_JOINED,
                                 f"this connection is already joined as {session.name}")
         if self.config.names_by_key:
             allowed = self.config.names_by_key.get(client_key or "")
-            if allowed is None or m.name_key(allowed) != key:
+            if allowed is None or m.name_key(allowed) != name_key:
                 return self._refuse(peer, m.ErrorCode.NAME_NOT_ALLOWED,
                                     f"your key may not use the name {hello.name}")
-        owner = self.by_name.get(key)
+        owner = self.by_name.get(name_key)
         if owner is not None:
-            if _tokens_match(hello.resume, owner.token):
+            if _tokens_match(hello.resume, owner.secret):
                 return self._resume(owner, peer, now)
             return self._refuse(peer, m.ErrorCode.NAME_TAKEN, f"the name {owner.name} is taken")
         if len(self.sessions) >= self.config.max_users:
             return self._refuse(peer, m.ErrorCode.SERVER_FULL,
                                 f"the broker is full ({self.config.max_users} users)")
         session = Session(hello.name, peer, secrets.token_hex(16), now,
-                          tokens=self.config.burst, refill_at=now)
+                          TokenBucket(self.config.burst, now))
         self.sessions[peer] = session
-        self.by_name[key] = session
-        bisect.insort(self.online, (key, session.name))
+        self.by_name[name_key] = session
+        bisect.insort(self.online, (name_key, session.name))
         # The welcome's seq precedes the join, so the client sees its own join.
         welcome = self._welcome(session, resumed=False)
         log.info("join %s", session.name)
-        return [Reply(peer, welcome), self._sequenced(m.Join(self._next_seq(), now, session.name))]
+        return [Reply(peer, welcome),
+                *self._append(self.main, lambda seq: m.Join(seq, wall, session.name))]
 
     def _resume(self, session: Session, peer: bytes, now: float) -> list:
         del self.sessions[session.peer]
@@ -293,32 +316,35 @@ class BrokerCore:
         log.info("resume %s", session.name)
         return [Reply(peer, self._welcome(session, resumed=True))]
 
-    def _on_say(self, peer: bytes, session: Session | None, say: m.Say, now: float) -> list:
+    def _on_say(self, peer: bytes, session: Session | None, say: m.Say, now: float,
+                wall: float) -> list:
         if session is None:
             return self._not_joined(peer, say.id)
-        key = (m.name_key(session.name), say.id)
-        seq = self.accepted_ids.get(key)
+        stream = self._stream_named(say.stream)
+        if stream is None:
+            return self._refuse(peer, m.ErrorCode.MALFORMED, f"no stream {say.stream!r}",
+                                id=say.id, who=session.name)
+        sender_id = (session.name_key, say.id)
+        seq = stream.accepted_seq(sender_id)
         if seq is not None:  # a resend of an accepted message: ack it again
             return [Reply(peer, m.Ack(say.id, seq))]
         problem = m.text_problem(say.text, self.config.max_text)
         if problem:
             return self._refuse(peer, *problem, id=say.id, who=session.name)
         if session.blocked_on not in (None, say.id):
-            return self._rate_limited(session, say, max(MIN_RETRY_AFTER,
-                                                        session.limited_until - now), now)
-        wait = session.take_token(now, self.config.rate, self.config.burst)
+            return self._rate_limited(session, say, max(
+                MIN_RETRY_AFTER, session.bucket.limited_until - now), wall)
+        wait = session.bucket.take(now, self.config.rate, self.config.burst)
         if wait:
             session.blocked_on = say.id
-            return self._rate_limited(session, say, wait, now)
+            return self._rate_limited(session, say, wait, wall)
         session.refusals = 0
         session.blocked_on = None
-        message = m.Message(self._next_seq(), now, session.name, say.text)
-        self.accepted_ids[key] = message.seq
-        if len(self.accepted_ids) > ACCEPTED_IDS_REMEMBERED:
-            self.accepted_ids.popitem(last=False)
-        return [self._sequenced(message, say.id), Reply(peer, m.Ack(say.id, message.seq))]
+        out = self._append(stream, lambda seq: m.Message(seq, wall, session.name, say.text),
+                           sender_id)
+        return [*out, Reply(peer, m.Ack(say.id, stream.seq))]
 
-    def _rate_limited(self, session: Session, say: m.Say, wait: float, now: float) -> list:
+    def _rate_limited(self, session: Session, say: m.Say, wait: float, wall: float) -> list:
         session.refusals += 1
         if session.refusals == 1:
             log.warning("rate limited %s for %.2fs", session.name, wait)
@@ -328,78 +354,79 @@ class BrokerCore:
         log.warning("disconnecting %s: kept flooding", session.name)
         kick = Reply(session.peer, m.Error(m.ErrorCode.FLOODING,
                                            "disconnected for sending too fast", say.id))
-        return [kick, *self._end_session(session, m.LeaveReason.KICKED, now)]
+        return [kick, *self._end_session(session, m.LeaveReason.KICKED, wall)]
 
-    def _on_who(self, peer: bytes, session: Session | None, who: m.Who, now: float) -> list:
+    def _on_who(self, peer: bytes, session: Session | None, who: m.Who, now: float,
+                wall: float) -> list:
         return [Reply(peer, m.Users(self.user_names()))]
 
-    def _on_ping(self, peer: bytes, session: Session | None, ping: m.Ping, now: float) -> list:
+    def _on_ping(self, peer: bytes, session: Session | None, ping: m.Ping, now: float,
+                 wall: float) -> list:
         # A ping from an unknown peer means the broker lost its session
         # (restart, timeout): say so, so the client joins again.
         return [] if session else self._not_joined(peer)
 
-    def _on_fetch(self, peer: bytes, session: Session | None, fetch: m.Fetch, now: float) -> list:
+    def _on_fetch(self, peer: bytes, session: Session | None, fetch: m.Fetch, now: float,
+                  wall: float) -> list:
         if session is None:
             return self._not_joined(peer)
-        first = self._first_held()
-        start = min(max(fetch.after + 1, first), self.seq + 1)
-        until = min(fetch.until, self.seq, start - 1 + m.MAX_FETCH_EVENTS)
-        events = _within_reply_size(islice(self.history, start - first,
-                                           max(start, until + 1) - first))
-        if events and len(events) < until - start + 1:
-            until = events[-1].seq  # cut short by size: the client asks again
-        log.debug("fetch by %s: %d events after %d", session.name, len(events), fetch.after)
-        return [Reply(peer, m.History(events, first, until))]
+        stream = self._stream_named(fetch.stream)
+        if stream is None:
+            return self._refuse(peer, m.ErrorCode.MALFORMED, f"no stream {fetch.stream!r}")
+        history = stream.fetch(fetch.after, fetch.until)
+        log.debug("fetch by %s: %d events after %d", session.name, len(history.events),
+                  fetch.after)
+        return [Reply(peer, history)]
 
     def _on_recent(self, peer: bytes, session: Session | None, recent: m.Recent,
-                   now: float) -> list:
+                   now: float, wall: float) -> list:
         if session is None:
             return self._not_joined(peer)
-        newest_first = (e for e in reversed(self.history) if isinstance(e, m.Message))
-        found = _within_reply_size(islice(newest_first, recent.count))
-        first = self._first_held()
-        return [Reply(peer, m.History(found[::-1], first, self.seq, recent=True))]
+        stream = self._stream_named(recent.stream)
+        if stream is None:
+            return self._refuse(peer, m.ErrorCode.MALFORMED, f"no stream {recent.stream!r}")
+        return [Reply(peer, stream.recent(recent.count))]
 
-    def _on_bye(self, peer: bytes, session: Session | None, bye: m.Bye, now: float) -> list:
+    def _on_bye(self, peer: bytes, session: Session | None, bye: m.Bye, now: float,
+                wall: float) -> list:
         if session is None:
             return []
-        return self._end_session(session, m.LeaveReason.QUIT, now)
+        return self._end_session(session, m.LeaveReason.QUIT, wall)
 
     # --- helpers ------------------------------------------------------------------
 
     def user_names(self) -> list[str]:
         return [name for _, name in self.online]
 
+    def _stream_named(self, stream_id: str | None) -> Stream | None:
+        return self.streams.get(m.MAIN_STREAM if stream_id is None else stream_id)
+
     def _touch(self, session: Session, now: float) -> None:
         """Heard from its owner: the session moves to the end of the sweep order."""
         session.last_seen = now
         self.sessions.move_to_end(session.peer)
 
-    def _first_held(self) -> int:
-        """The oldest seq still in the history (the next one, if it is empty)."""
-        return self.history[0].seq if self.history else self.seq + 1
+    def _heartbeat(self, wall: float) -> m.Heartbeat:
+        return m.Heartbeat(self.main.seq, self.epoch, wall)
 
     def _welcome(self, session: Session, resumed: bool) -> m.Welcome:
         c = self.config
-        return m.Welcome(session.name, self.seq, self.epoch, self.user_names(), session.token,
-                         c.heartbeat_interval, c.heartbeat_liveness, c.max_text, resumed)
+        return m.Welcome(session.name, self.main.seq, self.epoch, self.user_names(),
+                         session.secret, c.heartbeat_interval, c.heartbeat_liveness, c.max_text,
+                         resumed)
 
-    def _end_session(self, session: Session, reason: str, now: float) -> list:
-        key = m.name_key(session.name)
+    def _end_session(self, session: Session, reason: str, wall: float) -> list:
         del self.sessions[session.peer]
-        del self.by_name[key]
-        del self.online[bisect.bisect_left(self.online, (key, session.name))]
+        del self.by_name[session.name_key]
+        del self.online[bisect.bisect_left(self.online, (session.name_key, session.name))]
         log.info("leave %s (%s)", session.name, reason)
-        return [self._sequenced(m.Leave(self._next_seq(), now, session.name, reason))]
+        return self._append(self.main, lambda seq: m.Leave(seq, wall, session.name, reason))
 
-    def _next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
-
-    def _sequenced(self, event: Any, client_id: str | None = None) -> Publish:
-        self.history.append(event)
-        self.records.append((event, client_id))
-        return Publish(event)
+    @staticmethod
+    def _append(stream: Stream, make_event, sender_id: tuple[str, str] | None = None) -> list:
+        """Number a new event in ``stream``: persist it, then publish it."""
+        event = stream.append(make_event, sender_id)
+        return [Persist(stream.id, event, sender_id), Publish(event, stream.topic)]
 
     def _not_joined(self, peer: bytes, id: str | None = None) -> list:
         return [Reply(peer, m.Error(m.ErrorCode.NOT_JOINED, "join first (send hello)", id))]
@@ -413,15 +440,3 @@ class BrokerCore:
 def _tokens_match(given: str | None, token: str) -> bool:
     """Constant-time comparison (decoding made ``given`` ASCII)."""
     return given is not None and secrets.compare_digest(given.encode(), token.encode())
-
-
-def _within_reply_size(events) -> list:
-    """The leading events whose text fits in one reply (at least one)."""
-    taken: list = []
-    size = 0
-    for event in events:
-        size += len(getattr(event, "text", ""))
-        if taken and size > REPLY_TEXT_BYTES:
-            break
-        taken.append(event)
-    return taken

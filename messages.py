@@ -13,8 +13,8 @@ broker strips before decoding).
 Broker -> one client (ROUTER -> DEALER): exactly one frame, a JSON object.
 
 Broker -> everyone (PUB -> SUB): two frames, ``[topic, body]``. ``topic`` is
-``BROADCAST_TOPIC`` for the chat stream or ``READY_TOPIC_PREFIX + nonce`` for
-a join probe. ``body`` is a JSON array of one or more events, so that a
+the topic of a stream (``stream_topic``; the chat is ``MAIN_STREAM``, topic
+``all``) or ``READY_TOPIC_PREFIX + nonce`` for a join probe. ``body`` is a JSON array of one or more events, so that a
 backlog can leave the broker as one frame while a lone event still goes out
 at once.
 
@@ -32,11 +32,26 @@ from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 1
 
-# Topics on the PUB socket. "all" carries the chat stream; a client proves its
+# Streams: each is an ordered series of events with its own sequence numbers
+# and history (the Clone pattern's one object per stream). Today there is one,
+# the chat everyone joins; rooms and direct messages will be more streams.
+MAIN_STREAM = "all"
+# Topics on the PUB socket. "all" carries the main stream; a client proves its
 # subscription is live by subscribing to a private "ready:<nonce>" topic,
 # which the broker answers with a heartbeat on that topic alone.
 BROADCAST_TOPIC = b"all"
 READY_TOPIC_PREFIX = b"ready:"
+# Other streams' topics: a prefix no other topic starts with, and a NUL at the
+# end, because SUB topics match by prefix ("s:lab" must not match "s:lab2").
+STREAM_TOPIC_PREFIX = b"s:"
+MAX_STREAM_ID_CHARS = 64
+
+
+def stream_topic(stream_id: str) -> bytes:
+    """The PUB topic that carries a stream's events."""
+    if stream_id == MAIN_STREAM:
+        return BROADCAST_TOPIC
+    return STREAM_TOPIC_PREFIX + stream_id.encode() + b"\0"
 
 # --- limits -----------------------------------------------------------------
 
@@ -117,6 +132,7 @@ class Say:
     id: str
     text: str
     session: str | None = None
+    stream: str | None = None  # None: the main stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +158,7 @@ class Fetch:
     after: int
     until: int
     session: str | None = None
+    stream: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +168,7 @@ class Recent:
     TYPE: ClassVar[str] = "recent"
     count: int
     session: str | None = None
+    stream: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +234,7 @@ class History:
     first: int
     until: int
     recent: bool = False
+    stream: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +294,7 @@ REQUEST_TYPES = {cls.TYPE: cls for cls in (Hello, Say, Who, Ping, Fetch, Recent,
 REPLY_TYPES = {cls.TYPE: cls for cls in (Welcome, Ack, Error, Users, History)}
 EVENT_TYPES = {cls.TYPE: cls for cls in (Message, Join, Leave, Heartbeat, Shutdown)}
 SEQUENCED_EVENTS = (Message, Join, Leave)
+SEQUENCED_TYPES = {cls.TYPE: cls for cls in SEQUENCED_EVENTS}
 
 
 # --- encoding -------------------------------------------------------------------
@@ -306,11 +326,6 @@ def to_wire(msg: Any) -> dict:
 def encode(msg: Any) -> bytes:
     """One message as one UTF-8 JSON frame."""
     return json.dumps(to_wire(msg), **_COMPACT).encode()
-
-
-def encode_event(event: Any) -> bytes:
-    """One broadcast event as JSON, to be joined into a PUB body."""
-    return encode(event)
 
 
 def join_events(encoded: list[bytes]) -> bytes:
@@ -399,7 +414,9 @@ def _build(types: dict[str, type], body: Any) -> Any:
             raw = None
         values[name] = _check_field(cls, name, raw, annotation)
     if "events" in values:
-        values["events"] = [decode_event_body(e) for e in values["events"]]
+        # A history holds sequenced events only: a heartbeat or shutdown in
+        # it has no place in a stream and would reach a client's reader.
+        values["events"] = [_build(SEQUENCED_TYPES, e) for e in values["events"]]
     return cls(**values)
 
 
@@ -408,6 +425,9 @@ def _check_request(msg: Any) -> Any:
     token = getattr(msg, "resume", None) or getattr(msg, "session", None)
     if token is not None and not (len(token) <= MAX_TOKEN_CHARS and token.isascii()):
         raise ProtocolError(f"{msg.TYPE}: the session token is not one this broker gave")
+    stream = getattr(msg, "stream", None)
+    if stream is not None and not 1 <= len(stream) <= MAX_STREAM_ID_CHARS:
+        raise ProtocolError(f"{msg.TYPE}: stream must be 1 to {MAX_STREAM_ID_CHARS} characters")
     if isinstance(msg, Hello):
         if len(msg.name) > 4 * MAX_NAME_CHARS:
             raise ProtocolError("hello: name is far too long", ErrorCode.NAME_INVALID)

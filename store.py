@@ -1,14 +1,17 @@
 """Durable history for the broker (``--db PATH``): every sequenced event in SQLite.
 
-The broker writes the events of one loop pass in one transaction, before it
-publishes or acknowledges any of them: an acknowledged message is on disk,
-and a restarted broker never hands out a sequence number twice. WAL mode
-with synchronous=NORMAL survives a killed process (what an operator sees:
-SIGKILL, OOM, a crash); only a power loss may take the last transactions.
+Each event is stored under its stream, with the stream's own sequence
+number. The broker writes the events of one loop pass in one transaction,
+before it publishes or acknowledges any of them (the core's Persist outputs
+come first): an acknowledged message is on disk, and a restarted broker
+never hands out a sequence number twice. WAL mode with synchronous=NORMAL
+survives a killed process (what an operator sees: SIGKILL, OOM, a crash);
+only a power loss may take the last transactions.
 
-A restarted broker reads back its epoch (so clients keep counting), the last
-events for its in-memory history, and the message ids it accepted recently
-(so a client's resend after the restart is acknowledged, not doubled).
+A restarted broker reads back its epoch (so clients keep counting), and for
+each stream its last events for the in-memory history and the message ids
+it accepted recently (so a client's resend after the restart is
+acknowledged, not doubled).
 """
 
 from __future__ import annotations
@@ -21,25 +24,42 @@ import messages as m
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS stream_events (
+    stream TEXT NOT NULL,
+    seq INTEGER NOT NULL,
     type TEXT NOT NULL,
     time REAL NOT NULL,
     name TEXT NOT NULL,
     text TEXT,
     reason TEXT,
     client_key TEXT,   -- the sender's name key, for message ids
-    client_id TEXT     -- the sender's message id
-);
+    client_id TEXT,    -- the sender's message id
+    PRIMARY KEY (stream, seq)
+) WITHOUT ROWID;
 """
 
+# A file from before streams had names: one table of the main stream's events.
+LEGACY_MIGRATION = f"""
+INSERT INTO stream_events
+    SELECT '{m.MAIN_STREAM}', seq, type, time, name, text, reason, client_key, client_id
+    FROM events;
+DROP TABLE events;
+"""
 
-def _row(event: Any, client_id: str | None) -> tuple:
+_COLUMNS = "seq, type, time, name, text, reason"
+
+
+class StoreError(Exception):
+    """The database cannot be used: the message says why, for the operator."""
+
+
+def _row(stream: str, event: Any, sender_id: tuple[str, str] | None) -> tuple:
+    client_key, client_id = sender_id or (None, None)
     if isinstance(event, m.Message):
-        return (event.seq, event.TYPE, event.time, event.sender, event.text, None,
-                m.name_key(event.sender), client_id)
+        return (stream, event.seq, event.TYPE, event.time, event.sender, event.text, None,
+                client_key, client_id)
     reason = event.reason if isinstance(event, m.Leave) else None
-    return (event.seq, event.TYPE, event.time, event.name, None, reason, None, None)
+    return (stream, event.seq, event.TYPE, event.time, event.name, None, reason, None, None)
 
 
 def _event(row: tuple) -> Any:
@@ -55,13 +75,25 @@ class EventStore:
     """The broker's SQLite file; used by the broker's thread only."""
 
     def __init__(self, path: str):
-        self.db = sqlite3.connect(path, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+            if self._has_table("events"):
+                with self.db:
+                    self.db.execute("BEGIN")
+                    for statement in LEGACY_MIGRATION.strip().split(";\n"):
+                        self.db.execute(statement)
+            self._epoch = self._read_or_create_epoch()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot use database {path}: {e}") from None
 
-    def epoch(self) -> str:
-        """This history's epoch, created on first use."""
+    def _has_table(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                               (name,)).fetchone() is not None
+
+    def _read_or_create_epoch(self) -> str:
         row = self.db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
         if row:
             return row[0]
@@ -69,30 +101,37 @@ class EventStore:
         self.db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
         return epoch
 
-    def last_seq(self) -> int:
-        return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+    def epoch(self) -> str:
+        """This history's epoch, created on first use."""
+        return self._epoch
 
-    def recent_events(self, count: int) -> list:
+    def streams(self) -> list[str]:
+        """Every stream that has events, the main stream first when it has."""
+        rows = self.db.execute("SELECT DISTINCT stream FROM stream_events").fetchall()
+        return sorted((row[0] for row in rows), key=lambda s: (s != m.MAIN_STREAM, s))
+
+    def recent_events(self, stream: str, count: int) -> list:
         rows = self.db.execute(
-            "SELECT seq, type, time, name, text, reason FROM events "
-            "ORDER BY seq DESC LIMIT ?", (count,)).fetchall()
+            f"SELECT {_COLUMNS} FROM stream_events WHERE stream=? "
+            "ORDER BY seq DESC LIMIT ?", (stream, count)).fetchall()
         return [_event(row) for row in reversed(rows)]
 
-    def recent_ids(self, count: int) -> list[tuple[tuple[str, str], int]]:
+    def recent_ids(self, stream: str, count: int) -> list[tuple[tuple[str, str], int]]:
         """((name key, message id), seq) of the last accepted messages, oldest first."""
         rows = self.db.execute(
-            "SELECT client_key, client_id, seq FROM events WHERE client_id IS NOT NULL "
-            "ORDER BY seq DESC LIMIT ?", (count,)).fetchall()
+            "SELECT client_key, client_id, seq FROM stream_events "
+            "WHERE stream=? AND client_id IS NOT NULL "
+            "ORDER BY seq DESC LIMIT ?", (stream, count)).fetchall()
         return [((key, msg_id), seq) for key, msg_id, seq in reversed(rows)]
 
-    def append(self, records: Iterable[tuple[Any, str | None]]) -> None:
-        """Write (event, client message id) pairs in one transaction."""
-        rows = [_row(event, client_id) for event, client_id in records]
+    def append(self, records: Iterable) -> None:
+        """Write the events of Persist outputs in one transaction."""
+        rows = [_row(r.stream, r.event, r.sender_id) for r in records]
         if not rows:
             return
         with self.db:
             self.db.execute("BEGIN")
-            self.db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)", rows)
+            self.db.executemany("INSERT INTO stream_events VALUES (?,?,?,?,?,?,?,?,?)", rows)
 
     def close(self) -> None:
         self.db.close()

@@ -7,7 +7,17 @@ import pytest
 import messages as m
 from broker_core import BrokerConfig, BrokerCore, Publish, Reply
 
-T0 = 1_000.0
+T0 = 1_000.0  # monotonic: the core's timers
+WALL_OFFSET = 1_700_000_000.0  # the wall clock, stamped on events, runs elsewhere
+
+
+def wall(now: float) -> float:
+    return now + WALL_OFFSET
+
+
+def at(now: float) -> tuple[float, float]:
+    """(monotonic, wall) at monotonic time ``now``."""
+    return now, wall(now)
 
 
 def frame(**body) -> list[bytes]:
@@ -17,7 +27,7 @@ def frame(**body) -> list[bytes]:
 def signed(core, peer, **body) -> list[bytes]:
     """A request carrying the peer's session token, as a joined client sends it."""
     if peer in core.sessions:
-        body["session"] = core.sessions[peer].token
+        body["session"] = core.sessions[peer].secret
     return frame(**body)
 
 
@@ -30,7 +40,7 @@ def published(outputs):
 
 
 def join(core, peer, name, now=T0, **extra):
-    out = core.handle(peer, frame(type="hello", name=name, **extra), now)
+    out = core.handle(peer, frame(type="hello", name=name, **extra), *at(now))
     return out
 
 
@@ -45,7 +55,7 @@ def test_hello_welcomes_and_announces_join(core):
     (welcome,) = replies(out, b"A")
     assert isinstance(welcome, m.Welcome)
     assert welcome.users == ["alice"] and welcome.seq == 0 and welcome.resume
-    assert published(out) == [m.Join(1, T0, "alice")]
+    assert published(out) == [m.Join(1, wall(T0), "alice")]
 
 
 def test_welcome_lists_everyone_online(core):
@@ -92,11 +102,11 @@ def test_repeated_hello_with_the_token_is_welcomed_again_without_a_second_join(c
 
 def test_requests_without_the_session_token_do_not_speak_for_the_session(core):
     (welcome,) = replies(join(core, b"A", "alice"))
-    out = core.handle(b"A", frame(type="say", id="x", text="hi"), T0)
+    out = core.handle(b"A", frame(type="say", id="x", text="hi"), *at(T0))
     assert replies(out)[0].code == m.ErrorCode.NOT_JOINED and not published(out)
-    out = core.handle(b"A", frame(type="say", id="x", text="hi", session="f" * 32), T0)
+    out = core.handle(b"A", frame(type="say", id="x", text="hi", session="f" * 32), *at(T0))
     assert replies(out)[0].code == m.ErrorCode.NOT_JOINED and not published(out)
-    out = core.handle(b"A", frame(type="say", id="x", text="hi", session=welcome.resume), T0)
+    out = core.handle(b"A", frame(type="say", id="x", text="hi", session=welcome.resume), *at(T0))
     assert replies(out) == [m.Ack("x", 2)]
 
 
@@ -114,20 +124,20 @@ def test_server_full(core):
 
 def test_say_is_stamped_by_the_broker_and_acknowledged(core):
     join(core, b"A", "alice")
-    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi", **{"from": "bob"}), T0 + 1)
-    assert published(out) == [m.Message(2, T0 + 1, "alice", "hi")]
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi", **{"from": "bob"}), *at(T0 + 1))
+    assert published(out) == [m.Message(2, wall(T0 + 1), "alice", "hi")]
     assert replies(out) == [m.Ack("m1", 2)]
 
 
 def test_repeated_message_id_is_acknowledged_again_but_not_broadcast(core):
     join(core, b"A", "alice")
-    core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi"), T0)
-    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi"), T0)
+    core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi"), *at(T0))
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi"), *at(T0))
     assert replies(out) == [m.Ack("m1", 2)] and not published(out)
 
 
 def test_say_before_joining_is_refused(core):
-    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi"), T0)
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi"), *at(T0))
     assert replies(out) == [m.Error(m.ErrorCode.NOT_JOINED, "join first (send hello)", "m1")]
     assert not published(out)
 
@@ -137,14 +147,14 @@ def test_say_before_joining_is_refused(core):
                                        ("   ", m.ErrorCode.TEXT_EMPTY)])
 def test_bad_text_is_refused_naming_the_message(core, text, code):
     join(core, b"A", "alice")
-    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text=text), T0)
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text=text), *at(T0))
     (error,) = replies(out)
     assert (error.code, error.id) == (code, "m1") and not published(out)
 
 
 def test_text_at_the_limit_is_accepted(core):
     join(core, b"A", "alice")
-    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="x" * 100), T0)
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="x" * 100), *at(T0))
     assert replies(out) == [m.Ack("m1", 2)]
 
 
@@ -152,7 +162,7 @@ def test_text_at_the_limit_is_accepted(core):
                                     [b'{"type":"nope"}'], [b'{"type":"say","id":"","text":"x"}']])
 def test_malformed_requests_get_an_error_and_change_nothing(core, frames):
     join(core, b"A", "alice")
-    out = core.handle(b"B", frames, T0)
+    out = core.handle(b"B", frames, *at(T0))
     (error,) = replies(out, b"B")
     assert error.code in (m.ErrorCode.MALFORMED, m.ErrorCode.UNKNOWN_TYPE)
     assert not published(out) and list(core.sessions) == [b"A"]
@@ -161,54 +171,54 @@ def test_malformed_requests_get_an_error_and_change_nothing(core, frames):
 def test_who_needs_no_join(core):
     join(core, b"A", "bob")
     join(core, b"B", "alice")
-    assert replies(core.handle(b"X", signed(core, b"X", type="who"), T0)) == [m.Users(["alice", "bob"])]
+    assert replies(core.handle(b"X", signed(core, b"X", type="who"), *at(T0))) == [m.Users(["alice", "bob"])]
 
 
 def test_bye_announces_quit_and_frees_the_name(core):
     join(core, b"A", "alice")
-    out = core.handle(b"A", signed(core, b"A", type="bye"), T0 + 1)
-    assert published(out) == [m.Leave(2, T0 + 1, "alice", m.LeaveReason.QUIT)]
+    out = core.handle(b"A", signed(core, b"A", type="bye"), *at(T0 + 1))
+    assert published(out) == [m.Leave(2, wall(T0 + 1), "alice", m.LeaveReason.QUIT)]
     assert isinstance(replies(join(core, b"B", "alice"))[0], m.Welcome)
 
 
 def test_silent_session_times_out_after_liveness_intervals(core):
-    core.tick(T0)
+    core.tick(*at(T0))
     join(core, b"A", "alice", now=T0)
     join(core, b"B", "bob", now=T0)
-    core.handle(b"B", signed(core, b"B", type="ping"), T0 + 2.5)
-    assert not [e for e in published(core.tick(T0 + 2.9)) if isinstance(e, m.Leave)]
+    core.handle(b"B", signed(core, b"B", type="ping"), *at(T0 + 2.5))
+    assert not [e for e in published(core.tick(*at(T0 + 2.9))) if isinstance(e, m.Leave)]
     # swept at most every interval / 4: alice goes at the next sweep
     assert core.next_deadline() == T0 + 2.9 + 0.25
-    assert not [e for e in published(core.tick(T0 + 3.0)) if isinstance(e, m.Leave)]
-    leaves = [e for e in published(core.tick(T0 + 3.15)) if isinstance(e, m.Leave)]
-    assert leaves == [m.Leave(3, T0 + 3.15, "alice", m.LeaveReason.TIMEOUT)]
+    assert not [e for e in published(core.tick(*at(T0 + 3.0))) if isinstance(e, m.Leave)]
+    leaves = [e for e in published(core.tick(*at(T0 + 3.15))) if isinstance(e, m.Leave)]
+    assert leaves == [m.Leave(3, wall(T0 + 3.15), "alice", m.LeaveReason.TIMEOUT)]
     assert list(core.sessions) == [b"B"]
 
 
 def test_any_request_of_the_owner_counts_as_a_heartbeat_but_garbage_does_not(core):
     join(core, b"A", "alice", now=T0)
     join(core, b"B", "bob", now=T0)
-    core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=1), T0 + 2.9)
-    core.handle(b"B", [b"garbage"], T0 + 2.9)
-    leaves = [e for e in published(core.tick(T0 + 4)) if isinstance(e, m.Leave)]
+    core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=1), *at(T0 + 2.9))
+    core.handle(b"B", [b"garbage"], *at(T0 + 2.9))
+    leaves = [e for e in published(core.tick(*at(T0 + 4))) if isinstance(e, m.Leave)]
     assert [e.name for e in leaves] == ["bob"]
 
 
 def test_ping_from_unknown_peer_says_not_joined(core):
-    (error,) = replies(core.handle(b"A", signed(core, b"A", type="ping"), T0))
+    (error,) = replies(core.handle(b"A", signed(core, b"A", type="ping"), *at(T0)))
     assert error.code == m.ErrorCode.NOT_JOINED
 
 
 def test_heartbeat_is_published_each_interval_with_the_last_seq(core):
-    hb = published(core.tick(T0))
-    assert hb == [m.Heartbeat(0, core.epoch, T0)]
-    assert published(core.tick(T0 + 0.5)) == []
+    hb = published(core.tick(*at(T0)))
+    assert hb == [m.Heartbeat(0, core.epoch, wall(T0))]
+    assert published(core.tick(*at(T0 + 0.5))) == []
     join(core, b"A", "alice", now=T0 + 0.6)
-    assert published(core.tick(T0 + 1.0)) == [m.Heartbeat(1, core.epoch, T0 + 1.0)]
+    assert published(core.tick(*at(T0 + 1.0))) == [m.Heartbeat(1, core.epoch, wall(T0 + 1.0))]
 
 
 def test_next_deadline_is_the_earliest_heartbeat_or_expiry(core):
-    core.tick(T0)
+    core.tick(*at(T0))
     assert core.next_deadline() == T0 + 1
     join(core, b"A", "alice", now=T0 - 2.5)
     assert core.next_deadline() == T0 + 0.5
@@ -216,9 +226,9 @@ def test_next_deadline_is_the_earliest_heartbeat_or_expiry(core):
 
 def test_unreachable_peer_is_announced_as_gone(core):
     join(core, b"A", "alice")
-    out = core.peer_unreachable(b"A", T0)
-    assert published(out) == [m.Leave(2, T0, "alice", m.LeaveReason.DISCONNECTED)]
-    assert core.peer_unreachable(b"A", T0) == []
+    out = core.peer_unreachable(b"A", wall(T0))
+    assert published(out) == [m.Leave(2, wall(T0), "alice", m.LeaveReason.DISCONNECTED)]
+    assert core.peer_unreachable(b"A", wall(T0)) == []
 
 
 def test_resume_token_rebinds_the_name_to_a_new_connection_silently(core):
@@ -228,7 +238,7 @@ def test_resume_token_rebinds_the_name_to_a_new_connection_silently(core):
     assert again.resumed and not published(out)
     assert core.sessions[b"B"].name == "alice" and b"A" not in core.sessions
     # the old connection no longer speaks for alice
-    assert replies(core.handle(b"A", signed(core, b"A", type="say", id="x", text="hi"), T0))[0].code == \
+    assert replies(core.handle(b"A", signed(core, b"A", type="say", id="x", text="hi"), *at(T0)))[0].code == \
         m.ErrorCode.NOT_JOINED
 
 
@@ -239,39 +249,39 @@ def test_wrong_resume_token_does_not_take_the_name(core):
 
 
 def test_ready_probe_answers_only_on_the_probe_topic(core):
-    (out,) = core.ready_probe(b"ready:abc", T0)
+    (out,) = core.ready_probe(b"ready:abc", wall(T0))
     assert out.topic == b"ready:abc" and isinstance(out.event, m.Heartbeat)
-    assert core.ready_probe(b"all", T0) == []
-    assert core.ready_probe(b"ready:", T0) == []
-    assert core.ready_probe(b"ready:" + b"x" * 65, T0) == []
+    assert core.ready_probe(b"all", wall(T0)) == []
+    assert core.ready_probe(b"ready:", wall(T0)) == []
+    assert core.ready_probe(b"ready:" + b"x" * 65, wall(T0)) == []
 
 
 def test_fetch_returns_the_missing_range_from_history(core):
     join(core, b"A", "alice")
     for i in range(5):
-        core.handle(b"A", signed(core, b"A", type="say", id=f"m{i}", text=f"t{i}"), T0)
-    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=2, until=4), T0))
+        core.handle(b"A", signed(core, b"A", type="say", id=f"m{i}", text=f"t{i}"), *at(T0))
+    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=2, until=4), *at(T0)))
     assert [e.seq for e in history.events] == [3, 4] and history.first == 1
 
 
 def test_fetch_past_the_history_limit_reports_what_is_gone(core):
     join(core, b"A", "alice")
     for i in range(20):
-        core.handle(b"A", signed(core, b"A", type="say", id=f"m{i}", text=f"t{i}"), T0)
-    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=21), T0))
+        core.handle(b"A", signed(core, b"A", type="say", id=f"m{i}", text=f"t{i}"), *at(T0))
+    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=21), *at(T0)))
     assert history.first == 12 and [e.seq for e in history.events] == list(range(12, 22))
-    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=5), T0))
+    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=5), *at(T0)))
     assert history.events == [] and history.first == 12 and history.until == 5
 
 
 def test_shutdown_is_announced(core):
-    assert published(core.shutdown(T0)) == [m.Shutdown(T0)]
+    assert published(core.shutdown(wall(T0))) == [m.Shutdown(wall(T0))]
 
 
 def say_many(core, peer, count, now, start=0):
     out = []
     for i in range(start, start + count):
-        out += core.handle(peer, signed(core, peer, type="say", id=f"m{i}", text="x"), now)
+        out += core.handle(peer, signed(core, peer, type="say", id=f"m{i}", text="x"), *at(now))
     return out
 
 
@@ -316,11 +326,11 @@ def test_a_client_that_keeps_flooding_is_disconnected():
 
 def test_a_bound_key_may_join_only_under_its_name():
     core = BrokerCore(BrokerConfig(names_by_key={"KEY-A": "alice"}))
-    out = core.handle(b"A", signed(core, b"A", type="hello", name="bob"), T0, key="KEY-A")
+    out = core.handle(b"A", signed(core, b"A", type="hello", name="bob"), *at(T0), client_key="KEY-A")
     assert replies(out)[0].code == m.ErrorCode.NAME_NOT_ALLOWED
-    out = core.handle(b"B", signed(core, b"B", type="hello", name="alice"), T0, key="KEY-B")
+    out = core.handle(b"B", signed(core, b"B", type="hello", name="alice"), *at(T0), client_key="KEY-B")
     assert replies(out)[0].code == m.ErrorCode.NAME_NOT_ALLOWED
-    out = core.handle(b"A", signed(core, b"A", type="hello", name="Alice"), T0, key="KEY-A")
+    out = core.handle(b"A", signed(core, b"A", type="hello", name="Alice"), *at(T0), client_key="KEY-A")
     assert isinstance(replies(out)[0], m.Welcome)
 
 
@@ -328,15 +338,15 @@ def test_history_replies_are_bounded_in_size_and_still_make_progress():
     core = BrokerCore(BrokerConfig(max_text=100_000, history=100, burst=100))
     join(core, b"A", "alice")
     for i in range(10):
-        core.handle(b"A", signed(core, b"A", type="say", id=f"m{i}", text="x" * 30_000), T0)
-    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=1, until=11), T0))
+        core.handle(b"A", signed(core, b"A", type="say", id=f"m{i}", text="x" * 30_000), *at(T0))
+    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=1, until=11), *at(T0)))
     assert [e.seq for e in history.events] == [2, 3] and history.until == 3
-    (recent,) = replies(core.handle(b"A", signed(core, b"A", type="recent", count=10), T0))
+    (recent,) = replies(core.handle(b"A", signed(core, b"A", type="recent", count=10), *at(T0)))
     assert [e.seq for e in recent.events] == [10, 11]
 
 
 def test_nobody_times_out_while_requests_wait_unread(core):
     join(core, b"A", "alice", now=T0)
-    out = core.tick(T0 + 10, backlog=True)
+    out = core.tick(*at(T0 + 10), backlog=True)
     assert not [e for e in published(out) if isinstance(e, m.Leave)]
-    assert [e.name for e in published(core.tick(T0 + 10)) if isinstance(e, m.Leave)] == ["alice"]
+    assert [e.name for e in published(core.tick(*at(T0 + 10))) if isinstance(e, m.Leave)] == ["alice"]

@@ -1,7 +1,8 @@
 """Stateful fuzzing of BrokerCore: any sequence of events, and the books stay right.
 
 A hypothesis state machine plays a few peers against one core: valid and
-invalid requests, ticks with a clock that never goes back, unreachable
+invalid requests, ticks with a monotonic clock that never goes back and a wall clock that
+jumps an hour or a day either way, unreachable
 peers and ready probes. After every step it checks that the core never
 raised and that its tables and outputs keep the promises of PROTOCOL.md:
 one session per name, bounded tables, sequence numbers growing by exactly
@@ -17,12 +18,15 @@ from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import broker_core
+from unittest.mock import ANY
+
 import messages as m
-from broker_core import BrokerConfig, BrokerCore, Publish, Reply
+from broker_core import BrokerConfig, BrokerCore, Persist, Publish, Reply
 from raw_peer import FrameFuzzer
 
 T0 = 1_000.0
+WALL0 = 1_700_000_000.0
+ANY_ID = ANY  # a Persist's sender id, checked elsewhere
 # Small tables, so the fuzzer reaches every limit within a few dozen steps.
 CONFIG = BrokerConfig(heartbeat_interval=1.0, heartbeat_liveness=3, max_text=40, history=6,
                       max_users=3)
@@ -51,16 +55,13 @@ class BrokerCoreMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.saved_limit = broker_core.ACCEPTED_IDS_REMEMBERED
-        broker_core.ACCEPTED_IDS_REMEMBERED = ACCEPTED_IDS_LIMIT
         self.core = BrokerCore(CONFIG)
-        self.now = T0
+        self.core.main.ids_remembered = ACCEPTED_IDS_LIMIT
+        self.now = T0  # monotonic
+        self.wall = WALL0  # the wall clock, which may jump
         self.last_seq = 0
         self.tokens: list[str] = []  # resume tokens the broker handed out
         self.ticked = False
-
-    def teardown(self):
-        broker_core.ACCEPTED_IDS_REMEMBERED = self.saved_limit
 
     # --- driving the core --------------------------------------------------------
 
@@ -69,13 +70,14 @@ class BrokerCoreMachine(RuleBasedStateMachine):
 
     def handle(self, peer: bytes, frames: list[bytes]) -> None:
         before = self.owners()
-        out = self.core.handle(peer, frames, self.now)
+        out = self.core.handle(peer, frames, self.now, self.wall)
         after = self.owners()
+        self.check_persisted_first(out)
         for item in out:
             if isinstance(item, Reply):
                 assert item.peer == peer, "a reply went to another peer"
                 self.check_reply(peer, item.message, after)
-            else:
+            elif isinstance(item, Publish):
                 event = self.check_published(item)
                 if isinstance(event, m.Message):
                     assert before.get(peer) == event.sender, "a message under a name not owned"
@@ -91,13 +93,25 @@ class BrokerCoreMachine(RuleBasedStateMachine):
             self.tokens.append(reply.resume)
         elif isinstance(reply, m.Ack):
             assert peer in owners, "an ack for a peer with no session"
-            assert 0 < reply.seq <= self.core.seq
+            assert 0 < reply.seq <= self.core.main.seq
         elif isinstance(reply, m.History):
             seqs = [e.seq for e in reply.events]
             assert seqs == sorted(set(seqs)) and len(seqs) <= m.MAX_FETCH_EVENTS
         elif isinstance(reply, m.Users):
             assert reply.users == self.core.user_names()
         m.encode(reply)  # the shell must be able to send whatever the core returns
+
+    @staticmethod
+    def check_persisted_first(out: list) -> None:
+        """Each sequenced event is persisted before it is published, and
+        anything that tells a client of it comes after both."""
+        persisted = [o.event for o in out if isinstance(o, Persist)]
+        published = [o.event for o in out if isinstance(o, Publish)
+                     and isinstance(o.event, m.SEQUENCED_EVENTS)]
+        assert persisted == published
+        for i, item in enumerate(out):
+            if isinstance(item, Publish) and isinstance(item.event, m.SEQUENCED_EVENTS):
+                assert Persist(m.MAIN_STREAM, item.event, ANY_ID) in out[:i]
 
     def check_published(self, item: Publish):
         event = item.event
@@ -123,8 +137,8 @@ class BrokerCoreMachine(RuleBasedStateMachine):
         """The session token a request carries: its own, another's, or none."""
         sessions = list(self.core.sessions.values())
         own = self.core.sessions.get(peer)
-        token = {"own": own.token if own else None,
-                 "other": sessions[0].token if sessions else None,
+        token = {"own": own.secret if own else None,
+                 "other": sessions[0].secret if sessions else None,
                  "forged": "0" * 32, "none": None}[whose]
         return {} if token is None else {"session": token}
 
@@ -166,7 +180,11 @@ class BrokerCoreMachine(RuleBasedStateMachine):
     def tick(self, elapsed):
         self.now += elapsed
         before = self.owners()
-        for item in self.core.tick(self.now):
+        out = self.core.tick(self.now, self.wall)
+        self.check_persisted_first(out)
+        for item in out:
+            if isinstance(item, Persist):
+                continue
             event = self.check_published(item)
             if isinstance(event, m.Leave):
                 assert event.reason == m.LeaveReason.TIMEOUT
@@ -178,11 +196,17 @@ class BrokerCoreMachine(RuleBasedStateMachine):
                 raise AssertionError(f"tick published {event}")
         self.ticked = True
 
+    @rule(jump=st.sampled_from([-3600.0, 3600.0, -86400.0, 0.5]))
+    def wall_clock_jumps(self, jump):
+        """The wall clock is set (NTP, an operator): no timer may notice."""
+        self.wall += jump
+
     @rule(peer=peers)
     def peer_unreachable(self, peer):
         before = self.owners()
-        out = self.core.peer_unreachable(peer, self.now)
-        events = [self.check_published(item) for item in out]
+        out = self.core.peer_unreachable(peer, self.wall)
+        self.check_persisted_first(out)
+        events = [self.check_published(item) for item in out if isinstance(item, Publish)]
         assert [(e.name, e.reason) for e in events] == (
             [(before[peer], m.LeaveReason.DISCONNECTED)] if peer in before else [])
         assert peer not in self.core.sessions
@@ -191,7 +215,7 @@ class BrokerCoreMachine(RuleBasedStateMachine):
     @rule(topic=st.sampled_from([b"ready:", b"ready:abc", b"ready:" + b"n" * 64,
                                  b"ready:" + b"n" * 65, b"all", b"", b"\xff"]) | st.binary(max_size=80))
     def ready_probe(self, topic):
-        out = self.core.ready_probe(topic, self.now)
+        out = self.core.ready_probe(topic, self.wall)
         for item in out:
             assert item.topic == topic and topic.startswith(m.READY_TOPIC_PREFIX)
             assert isinstance(item.event, m.Heartbeat)
@@ -212,15 +236,15 @@ class BrokerCoreMachine(RuleBasedStateMachine):
     @invariant()
     def tables_stay_bounded(self):
         core = self.core
-        assert len(core.history) <= CONFIG.history
+        assert len(core.main.history) <= CONFIG.history
         assert len(core.sessions) <= CONFIG.max_users
-        assert len(core.accepted_ids) <= ACCEPTED_IDS_LIMIT
+        assert len(core.main.accepted_ids) <= ACCEPTED_IDS_LIMIT
 
     @invariant()
     def history_is_the_tail_of_the_sequence(self):
-        seqs = [e.seq for e in self.core.history]
+        seqs = [e.seq for e in self.core.main.history]
         assert seqs == list(range(self.last_seq - len(seqs) + 1, self.last_seq + 1))
-        assert self.core.seq == self.last_seq
+        assert self.core.main.seq == self.last_seq
 
     @invariant()
     def ordered_by_activity(self):
@@ -249,29 +273,29 @@ test_broker_core_keeps_its_invariants = BrokerCoreMachine.TestCase
 @pytest.fixture
 def core_with_alice():
     core = BrokerCore(CONFIG)
-    (welcome, _join) = core.handle(b"A", frame(type="hello", name="alice"), T0)
+    (welcome, *_join) = core.handle(b"A", frame(type="hello", name="alice"), T0, WALL0)
     assert isinstance(welcome.message, m.Welcome)
     return core
 
 
 @pytest.mark.parametrize("after", [2**63, 2**64, 10**30])
 def test_fetch_far_past_the_end_is_refused_not_raised(core_with_alice, after):
-    token = core_with_alice.sessions[b"A"].token
+    token = core_with_alice.sessions[b"A"].secret
     (reply,) = core_with_alice.handle(
-        b"A", frame(type="fetch", after=after, until=after, session=token), T0)
+        b"A", frame(type="fetch", after=after, until=after, session=token), T0, WALL0)
     assert isinstance(reply.message, m.Error) and reply.message.code == m.ErrorCode.MALFORMED
 
 
 @pytest.mark.parametrize("token", ["\u00e9", "\U0001f389" * 16])
 def test_hello_with_a_non_ascii_resume_token_is_refused_not_raised(core_with_alice, token):
-    (reply,) = core_with_alice.handle(b"B", frame(type="hello", name="alice", resume=token), T0)
+    (reply,) = core_with_alice.handle(b"B", frame(type="hello", name="alice", resume=token), T0, WALL0)
     assert reply.message.code == m.ErrorCode.MALFORMED
     assert list(core_with_alice.sessions) == [b"A"]
 
 
 def test_fetch_at_the_largest_safe_number_is_answered_empty(core_with_alice):
-    token = core_with_alice.sessions[b"A"].token
+    token = core_with_alice.sessions[b"A"].secret
     top = m.MAX_SAFE_INT
     (reply,) = core_with_alice.handle(
-        b"A", frame(type="fetch", after=top, until=top, session=token), T0)
+        b"A", frame(type="fetch", after=top, until=top, session=token), T0, WALL0)
     assert isinstance(reply.message, m.History) and reply.message.events == []

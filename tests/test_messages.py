@@ -24,7 +24,7 @@ def test_every_message_round_trips(msg):
 
 
 def test_events_round_trip_as_one_broadcast_frame():
-    body = m.join_events([m.encode_event(e) for e in EVENTS])
+    body = m.join_events([m.encode(e) for e in EVENTS])
     assert m.decode_broadcast([m.BROADCAST_TOPIC, body]) == EVENTS
 
 

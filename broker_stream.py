@@ -1,0 +1,112 @@
+"""One stream on the broker's side: its sequence numbers, history and accepted ids.
+
+A stream is an ordered series of sequenced events (messages, joins, leaves)
+that clients read in order, exactly once (the Clone pattern's one object per
+stream). The broker's chat is one Stream; a room or a user's direct messages
+is another instance, with numbers, history and gap repair of its own.
+
+Stream is plain data and logic: no clock, no socket, no store. It stamps the
+next sequence number on an event, keeps the newest ``history`` events for
+gap repair (``fetch``) and late joiners (``recent``), and remembers the
+client message ids it accepted, so that a resend is acknowledged, not shown
+twice.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from itertools import islice
+from typing import Any, Callable, Iterable
+
+import messages as m
+
+# Message ids remembered to ignore a resend of an accepted message. A client
+# resends only what is unacknowledged, at most its in-flight window, so a
+# window far wider than any client's is enough.
+ACCEPTED_IDS_REMEMBERED = 50_000
+# Text carried by one history reply: enough for hundreds of ordinary lines,
+# while a client that asks and never reads holds at most broker.REPLY_QUEUE.
+REPLY_TEXT_BYTES = 64 * 1024
+
+# (sender's name key, client message id): unique per sender within a stream
+SenderId = tuple[str, str]
+
+
+class Stream:
+    """Sequence numbers, bounded history and accepted-id memory of one stream."""
+
+    def __init__(self, stream_id: str, history: int,
+                 ids_remembered: int = ACCEPTED_IDS_REMEMBERED):
+        self.id = stream_id
+        self.topic = m.stream_topic(stream_id)
+        self.seq = 0
+        self.history: deque = deque(maxlen=history)
+        self.ids_remembered = ids_remembered
+        self.accepted_ids: OrderedDict[SenderId, int] = OrderedDict()
+
+    @property
+    def wire_id(self) -> str | None:
+        """The stream as replies name it: None for the main stream, so that
+        replies about it read exactly as before streams had names."""
+        return None if self.id == m.MAIN_STREAM else self.id
+
+    def restore(self, events: list, accepted_ids: Iterable[tuple[SenderId, int]]) -> None:
+        """Continue a stored history: its last events and accepted message ids."""
+        self.history.extend(events)
+        if events:
+            self.seq = max(self.seq, events[-1].seq)
+        for sender_id, seq in accepted_ids:
+            self._remember(sender_id, seq)
+
+    def append(self, make_event: Callable[[int], Any], sender_id: SenderId | None = None) -> Any:
+        """Stamp the next sequence number on a new event and keep it."""
+        self.seq += 1
+        event = make_event(self.seq)
+        self.history.append(event)
+        if sender_id is not None:
+            self._remember(sender_id, self.seq)
+        return event
+
+    def accepted_seq(self, sender_id: SenderId) -> int | None:
+        """The seq a message was accepted as, if it was (a resend)."""
+        return self.accepted_ids.get(sender_id)
+
+    def first_held(self) -> int:
+        """The oldest seq still in the history (the next one, if it is empty)."""
+        return self.history[0].seq if self.history else self.seq + 1
+
+    def fetch(self, after: int, until: int) -> m.History:
+        """The events with ``after < seq <= until`` that are still held, from
+        the oldest held, cut short at MAX_FETCH_EVENTS or the reply size."""
+        first = self.first_held()
+        start = min(max(after + 1, first), self.seq + 1)
+        until = min(until, self.seq, start - 1 + m.MAX_FETCH_EVENTS)
+        events = _within_reply_size(islice(self.history, start - first,
+                                           max(start, until + 1) - first))
+        if events and len(events) < until - start + 1:
+            until = events[-1].seq  # cut short by size: the client asks again
+        return m.History(events, first, until, stream=self.wire_id)
+
+    def recent(self, count: int) -> m.History:
+        """The last ``count`` chat messages (not joins and leaves), oldest first."""
+        newest_first = (e for e in reversed(self.history) if isinstance(e, m.Message))
+        found = _within_reply_size(islice(newest_first, count))
+        return m.History(found[::-1], self.first_held(), self.seq, recent=True,
+                         stream=self.wire_id)
+
+    def _remember(self, sender_id: SenderId, seq: int) -> None:
+        self.accepted_ids[sender_id] = seq
+        if len(self.accepted_ids) > self.ids_remembered:
+            self.accepted_ids.popitem(last=False)
+
+
+def _within_reply_size(events) -> list:
+    """The leading events whose text fits in one reply (at least one)."""
+    taken: list = []
+    size = 0
+    for event in events:
+        size += len(getattr(event, "text", ""))
+        if taken and size > REPLY_TEXT_BYTES:
+            break
+        taken.append(event)
+    return taken

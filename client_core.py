@@ -1,0 +1,596 @@
+"""The client's logic with no I/O: joining, liveness, the outbox, the streams.
+
+ClientCore is the client-side twin of broker_core.BrokerCore, in the sans-IO
+style: it is driven by what happened (frames from the broker's two sockets,
+a command from the caller) and the monotonic time, and returns what to do:
+actions for the socket shell (Connect, Disconnect, Subscribe, Unsubscribe,
+Request) and events for the caller (StateChanged, Joined, messages.Message,
+...). It never reads a clock, never touches a socket or a thread, so
+client_session.py stays a thin shell and the tests drive it directly.
+
+Theory of operation
+-------------------
+The phases and which input each acts on are one table, TRANSITIONS:
+
+    WAITING --timer--> PROBING --ready heartbeat--> HELLO --welcome--> JOINED
+                                                      |--refusal--> REFUSED --join(name)--> HELLO
+    any phase with sockets --silence, shutdown--> WAITING (backoff)
+    JOINED --not_joined, heartbeat of a new epoch--> HELLO (same sockets)
+
+1. Connect: open both sockets, subscribe to the streams and to a private
+   ready topic; the broker answers the ready topic with a heartbeat, which
+   proves the subscription is live (the Clone pattern's slow-joiner fix).
+2. Hello: the welcome gives the user list, the main stream's position, and
+   a resume token that takes the name back after a reconnect.
+3. Joined: each stream's StreamReader (client_stream.py) hands events on in
+   order, exactly once, and repairs gaps. Chat text goes out from the Outbox
+   with a bounded window and stays there until acknowledged, so it is sent
+   again after a reconnect and the broker drops the repeats by message id.
+4. Liveness (Paranoid Pirate): ping when quiet for an interval; when the
+   broker has been silent for liveness x interval, drop both sockets and
+   start again with a doubling backoff, resuming the name.
+
+The shell sends each Request without blocking; what cannot go now (the
+DEALER is not connected yet, or its queue is full) it hands back through
+``not_sent``, in order, and the core tries again later.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+from collections import OrderedDict, deque
+from dataclasses import dataclass, replace
+from typing import Any
+
+import messages as m
+from client_stream import Earlier, StreamReader
+
+log = logging.getLogger("zchat.client")
+
+# Before the welcome tells the broker's own values.
+DEFAULT_HEARTBEAT_INTERVAL = 1.0
+DEFAULT_HEARTBEAT_LIVENESS = 3
+# Reconnect backoff doubles from the first delay up to the cap (Paranoid Pirate).
+RECONNECT_DELAY_FIRST = 0.25
+RECONNECT_DELAY_MAX = 8.0
+# Unacknowledged messages on the wire at once: keeps the DEALER far below its
+# high-water mark, so a send never blocks, however long the pipe.
+SEND_WINDOW = 200
+# A request that could not go out (DEALER not connected yet, queue full) is
+# tried again after this long.
+SEND_RETRY_S = 0.05
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"  # no sockets: waiting to (re)connect
+    PROBING = "probing"  # sockets open: waiting for proof the subscription is live
+    HELLO = "hello"  # saying hello: waiting for the welcome
+    JOINED = "joined"
+    REFUSED = "refused"  # the broker refused the name: waiting for join(name)
+    CLOSED = "closed"
+
+
+class State:
+    """The connection state the caller sees (StateChanged.state)."""
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    CLOSED = "closed"
+
+
+# --- actions for the shell -------------------------------------------------------
+
+
+class Action:
+    """Something for the socket shell to do; every other output is an event
+    for the caller."""
+
+
+@dataclass(frozen=True)
+class Connect(Action):
+    """Open the DEALER and the SUB, subscribing the SUB to ``topics``."""
+
+    topics: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Disconnect(Action):
+    """Close both sockets; ``linger``: let a last request (bye) get out."""
+
+    linger: bool = False
+
+
+@dataclass(frozen=True)
+class Subscribe(Action):
+    topic: bytes
+
+
+@dataclass(frozen=True)
+class Unsubscribe(Action):
+    topic: bytes
+
+
+@dataclass(frozen=True)
+class Request(Action):
+    """Send ``message`` on the DEALER without blocking."""
+
+    message: Any
+
+
+# --- events for the caller ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    """Connection state; ``retry_in`` is the delay before the next attempt."""
+
+    state: str
+    detail: str = ""
+    retry_in: float | None = None
+
+
+@dataclass(frozen=True)
+class Joined:
+    """The broker welcomed us (again, if ``resumed``)."""
+
+    name: str
+    users: list[str]
+    resumed: bool
+    broker_restarted: bool
+
+
+@dataclass(frozen=True)
+class JoinRefused:
+    """The broker refused the name; call join() with another, or close()."""
+
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Acked:
+    id: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The broker refused message ``id`` for good."""
+
+    id: str
+    code: str
+    reason: str
+
+
+# --- the outbox -------------------------------------------------------------------
+
+
+class Outbox:
+    """Chat text until the broker acknowledges it, sent in order.
+
+    ``pending`` holds exactly the unacknowledged messages, oldest first;
+    ``unsent`` the ids waiting for the window; ``in_flight`` those on the
+    wire, with when they were sent.
+    """
+
+    def __init__(self) -> None:
+        self.pending: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        self.unsent: deque[str] = deque()
+        self.in_flight: dict[str, float] = {}
+        self.paused_until = 0.0  # rate limited: nothing goes before this
+        self.retry_at = 0.0  # a send failed: try again from this time
+
+    def add(self, msg_id: str, text: str, stream: str | None) -> None:
+        self.pending[msg_id] = (text, stream)
+        self.unsent.append(msg_id)
+
+    def settle(self, msg_id: str) -> bool:
+        """Acknowledged or refused for good: forget it. False if unknown."""
+        if self.pending.pop(msg_id, None) is None:
+            return False
+        self.in_flight.pop(msg_id, None)
+        return True
+
+    def take(self, now: float, token: str | None) -> list:
+        """The Say requests that may go now, within the window."""
+        if now < self.paused_until or now < self.retry_at:
+            return []
+        out = []
+        while self.unsent and len(self.in_flight) < SEND_WINDOW:
+            msg_id = self.unsent.popleft()
+            if msg_id not in self.pending:  # acked while waiting for a resend
+                continue
+            text, stream = self.pending[msg_id]
+            self.in_flight[msg_id] = now
+            out.append(Request(m.Say(msg_id, text, token, stream)))
+        return out
+
+    def not_sent(self, msg_ids: list[str], now: float) -> None:
+        """These could not go out: back to the front of the queue, in order."""
+        for msg_id in reversed(msg_ids):
+            self.in_flight.pop(msg_id, None)
+            self.unsent.appendleft(msg_id)
+        self.retry_at = now + SEND_RETRY_S
+
+    def send_again(self) -> None:
+        """Everything unacknowledged goes out again, in its original order."""
+        if self.in_flight:
+            self.unsent = deque(self.pending)
+            self.in_flight.clear()
+
+    def pause(self, until: float) -> None:
+        """Rate limited: hold everything back, so the order is kept."""
+        self.paused_until = until
+        self.send_again()
+
+    def oldest_in_flight(self) -> float | None:
+        return next(iter(self.in_flight.values()), None)
+
+    def next_deadline(self) -> float | None:
+        if not self.unsent:
+            return None
+        return max(self.paused_until, self.retry_at)
+
+
+# --- the core ------------------------------------------------------------------------
+
+# Input kinds that are not message classes.
+READY = "ready heartbeat"  # a heartbeat on our own ready topic
+SEQUENCED = "sequenced event"  # a Message, Join or Leave of a stream
+
+# Which input each phase acts on, and how. An input missing from its phase's
+# row is ignored: a late answer to an earlier connection, a heartbeat before
+# we are joined, a reply to a request that no longer matters.
+_WHILE_CONNECTED = {m.Shutdown: "_on_shutdown", m.Users: "_on_users", SEQUENCED: "_on_sequenced"}
+TRANSITIONS: dict[Phase, dict[Any, str]] = {
+    Phase.WAITING: {},
+    Phase.PROBING: {**_WHILE_CONNECTED, READY: "_on_ready"},
+    Phase.HELLO: {**_WHILE_CONNECTED, m.Welcome: "_on_welcome", m.Error: "_on_join_error"},
+    Phase.JOINED: {**_WHILE_CONNECTED, m.Welcome: "_on_welcome", m.Error: "_on_error",
+                   m.Ack: "_on_ack", m.History: "_on_history", m.Heartbeat: "_on_heartbeat"},
+    Phase.REFUSED: {m.Shutdown: "_on_shutdown", m.Users: "_on_users"},
+    Phase.CLOSED: {},
+}
+
+
+class ClientCore:
+    """One user's session with a broker, as a state machine."""
+
+    def __init__(self, name: str, recent: int = 0, address: str = "the broker"):
+        """``recent``: how many earlier messages to ask for on joining;
+        ``address``: the broker's, as people should read it."""
+        self.name = name
+        self.recent = min(recent, m.MAX_FETCH_EVENTS)
+        self.address = address
+        self.phase = Phase.WAITING
+        self.state = State.CONNECTING
+        self.interval = DEFAULT_HEARTBEAT_INTERVAL
+        self.liveness = DEFAULT_HEARTBEAT_LIVENESS
+        self.max_text = m.DEFAULT_MAX_TEXT_BYTES
+        self.backoff = RECONNECT_DELAY_FIRST
+        self.reconnect_at = 0.0  # in WAITING: when to connect
+        self.broker_seen = 0.0  # the last frame from the broker, on either socket
+        self.last_request = 0.0
+        self.hello_sent_at: float | None = None  # in HELLO: None until it went out
+        self.hello_retry_at = 0.0  # in HELLO: when to try a hello that did not go out
+        self.ready_topic = b""
+        self.epoch: str | None = None
+        self.token: str | None = None
+        self.outbox = Outbox()
+        self.streams: dict[str, StreamReader] = {}
+        self.by_topic: dict[bytes, StreamReader] = {}
+        self.main = self.follow(m.MAIN_STREAM, 0.0)[0]
+        self._table = {phase: {kind: getattr(self, handler) for kind, handler in row.items()}
+                       for phase, row in TRANSITIONS.items()}
+
+    @property
+    def patience(self) -> float:
+        """How long silence from the broker (or a missing answer) may last."""
+        return self.interval * self.liveness
+
+    # --- streams ------------------------------------------------------------------
+
+    def follow(self, stream_id: str, now: float,
+               after: int | None = None) -> tuple[StreamReader, list]:
+        """Read stream ``stream_id`` too (from just after ``after``, if
+        given): its reader, and the outputs that subscribe to it."""
+        reader = self.streams.get(stream_id)
+        if reader is None:
+            reader = self.streams[stream_id] = StreamReader(stream_id)
+            self.by_topic[reader.topic] = reader
+        if after is not None:
+            reader.start_at(after)
+        out: list = []
+        if self.phase not in (Phase.WAITING, Phase.CLOSED):
+            out.append(Subscribe(reader.topic))
+        if self.phase is Phase.JOINED:
+            out += self._requests(reader.resume(now), now)
+        return reader, out
+
+    # --- commands from the caller ----------------------------------------------------
+
+    def start(self, now: float) -> list:
+        return self._connect(now)
+
+    def send(self, msg_id: str, text: str, now: float, stream: str = m.MAIN_STREAM) -> list:
+        """Queue chat text for a stream; it goes out when it may."""
+        problem = m.text_problem(text, self.max_text)
+        if problem:
+            return [Refused(msg_id, *problem)]
+        self.outbox.add(msg_id, text, None if stream == m.MAIN_STREAM else stream)
+        return self._flush(now)
+
+    def who(self, now: float) -> list:
+        if self.phase in (Phase.WAITING, Phase.CLOSED):
+            return [StateChanged(self.state, "not connected: cannot list users")]
+        return [self._request(m.Who(), now)]
+
+    def join(self, name: str, now: float) -> list:
+        """Try another name (after JoinRefused)."""
+        self.name = name
+        self.token = None
+        return self._say_hello(now) if self.phase is Phase.REFUSED else []
+
+    def close(self, now: float) -> list:
+        """Leave: others see ``quit`` when we were joined."""
+        out: list = []
+        if self.phase is Phase.JOINED:
+            out.append(self._request(m.Bye(self.token), now))
+        if self.phase is not Phase.WAITING:
+            out.append(Disconnect(linger=self.phase is Phase.JOINED))
+        self.phase, self.state = Phase.CLOSED, State.CLOSED
+        return [*out, StateChanged(State.CLOSED, "left")]
+
+    # --- inputs from the sockets --------------------------------------------------------
+
+    def receive_reply(self, frames: list[bytes], now: float) -> list:
+        """Frames from the DEALER."""
+        self.broker_seen = now
+        try:
+            reply = m.decode_reply(frames)
+        except m.ProtocolError as e:
+            log.warning("bad reply from the broker: %s", e.reason)
+            return []
+        return self._dispatch(type(reply), reply, now)
+
+    def receive_broadcast(self, frames: list[bytes], now: float) -> list:
+        """Frames from the SUB: ``[topic, events]``."""
+        self.broker_seen = now
+        try:
+            events = m.decode_broadcast(frames)
+        except m.ProtocolError as e:
+            log.warning("bad broadcast from the broker: %s", e.reason)
+            return []
+        topic = frames[0]
+        out: list = []
+        for event in events:
+            if isinstance(event, m.SEQUENCED_EVENTS):
+                reader = self.by_topic.get(topic)
+                if reader is not None:
+                    out += self._dispatch(SEQUENCED, (reader, event), now)
+            elif isinstance(event, m.Heartbeat) and topic == self.ready_topic:
+                out += self._dispatch(READY, event, now)
+            else:
+                out += self._dispatch(type(event), event, now)
+        return out
+
+    def not_sent(self, requests: list, now: float) -> list:
+        """Requests the shell could not send now, in the order given."""
+        out: list = []
+        unsent_says = []
+        for request in requests:
+            msg = request.message
+            if isinstance(msg, m.Say):
+                unsent_says.append(msg.id)
+            elif isinstance(msg, m.Hello):
+                self.hello_sent_at = None  # tick() tries again
+                self.hello_retry_at = now + SEND_RETRY_S
+            elif isinstance(msg, m.Fetch):
+                self._reader_named(msg.stream).fetch_not_sent()
+            elif isinstance(msg, m.Who):
+                out.append(StateChanged(self.state, "not connected: cannot list users"))
+            elif isinstance(msg, m.Recent):
+                self._reader_named(msg.stream).recent_not_sent()
+        if unsent_says:
+            self.outbox.not_sent(unsent_says, now)
+        return out
+
+    # --- time -----------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list:
+        """Time passed: connect, ping, give up on silence, retry what is due."""
+        if self.phase is Phase.CLOSED:
+            return []
+        if self.phase is Phase.WAITING:
+            return self._connect(now) if now >= self.reconnect_at else []
+        if now - self.broker_seen > self.patience:
+            why = ("broker not responding" if self.phase is Phase.JOINED
+                   else "broker unreachable")
+            return self._reconnect(now, why)
+        if self.phase is Phase.HELLO and self.hello_sent_at is None:
+            if now < self.hello_retry_at:
+                return []
+            self.hello_sent_at = now
+            return [self._request(m.Hello(self.name, resume=self.token), now)]
+        if self.phase is not Phase.JOINED:
+            return []
+        out: list = []
+        for reader in self.streams.values():
+            out += self._requests(reader.tick(now, self.patience), now)
+        oldest = self.outbox.oldest_in_flight()
+        if oldest is not None and now - oldest > self.patience:
+            # An answer was lost (the broker dropped a reply): send again;
+            # the broker acknowledges a repeat without showing it twice.
+            self.outbox.send_again()
+        out += self._flush(now)
+        if now - self.last_request >= self.interval:
+            out.append(self._request(m.Ping(self.token), now))
+        return out
+
+    def next_deadline(self) -> float:
+        """When tick() next has work to do (monotonic)."""
+        if self.phase is Phase.CLOSED:
+            return float("inf")
+        if self.phase is Phase.WAITING:
+            return self.reconnect_at
+        deadlines = [self.broker_seen + self.patience]
+        if self.phase is Phase.HELLO and self.hello_sent_at is None:
+            deadlines.append(self.hello_retry_at)
+        if self.phase is Phase.JOINED:
+            deadlines.append(self.last_request + self.interval)
+            deadlines += [t for r in self.streams.values()
+                          if (t := r.next_deadline(self.patience)) is not None]
+            if (oldest := self.outbox.oldest_in_flight()) is not None:
+                deadlines.append(oldest + self.patience)
+            if (t := self.outbox.next_deadline()) is not None:
+                deadlines.append(t)
+        return min(deadlines)
+
+    # --- dispatch ----------------------------------------------------------------------------
+
+    def _dispatch(self, kind: Any, value: Any, now: float) -> list:
+        handler = self._table[self.phase].get(kind)
+        if handler is None:
+            log.debug("ignored %s in phase %s", kind, self.phase.value)
+            return []
+        return handler(value, now)
+
+    def _on_ready(self, heartbeat: m.Heartbeat, now: float) -> list:
+        # The subscription is live: from now on nothing is missed.
+        return [Unsubscribe(self.ready_topic), *self._say_hello(now)]
+
+    def _on_welcome(self, w: m.Welcome, now: float) -> list:
+        first_join = self.epoch is None
+        restarted = not first_join and w.epoch != self.epoch
+        if first_join or restarted:
+            # Each stream restarts at its position; today the welcome gives
+            # the main stream's, and other streams are followed anew.
+            self.main.start_at(w.seq)
+        self.epoch, self.token, self.name = w.epoch, w.resume, w.name
+        self.interval, self.liveness, self.max_text = (
+            w.heartbeat_interval, w.heartbeat_liveness, w.max_text)
+        self.phase, self.state = Phase.JOINED, State.CONNECTED
+        self.hello_sent_at = None
+        self.backoff = RECONNECT_DELAY_FIRST
+        self.outbox.send_again()
+        out: list = [Joined(w.name, list(w.users), w.resumed, restarted),
+                     StateChanged(State.CONNECTED, f"joined as {w.name}")]
+        if self.recent:  # not asked yet, or not answered before we rejoined
+            out += self._requests([self.main.hold_for_recent(self.recent, now)], now)
+        for reader in self.streams.values():
+            out += self._requests(reader.resume(now), now)
+        return out + self._flush(now)
+
+    def _on_join_error(self, err: m.Error, now: float) -> list:
+        """An error while saying hello: the name is refused (or the broker
+        lost a session we were resuming)."""
+        if err.code == m.ErrorCode.NOT_JOINED or err.id is not None:
+            return []  # an answer to a request of our previous session
+        self.phase = Phase.REFUSED
+        return [JoinRefused(err.code, err.reason)]
+
+    def _on_error(self, err: m.Error, now: float) -> list:
+        if err.code == m.ErrorCode.NOT_JOINED:
+            # The broker lost our session (restart, timeout): join again.
+            log.info("broker forgot this session; joining again")
+            return self._say_hello(now)
+        if err.code == m.ErrorCode.RATE_LIMITED and err.id in self.outbox.pending:
+            self.outbox.pause(now + (err.retry_after or self.interval))
+            return []
+        if err.id is not None and self.outbox.settle(err.id):
+            return [Refused(err.id, err.code, err.reason)]
+        log.warning("broker error: %s (%s)", err.reason, err.code)
+        return []
+
+    def _on_ack(self, ack: m.Ack, now: float) -> list:
+        if not self.outbox.settle(ack.id):
+            return []
+        return [Acked(ack.id, ack.seq), *self._flush(now)]
+
+    def _on_users(self, users: m.Users, now: float) -> list:
+        return [users]
+
+    def _on_history(self, h: m.History, now: float) -> list:
+        reader = self._reader_named(h.stream)
+        if reader is None:
+            return []
+        if not h.recent:
+            return self._requests(reader.on_history(h, now), now)
+        out = reader.on_recent(h, now)
+        if reader is self.main and any(isinstance(o, Earlier) for o in out):
+            self.recent = 0  # shown: not asked again on a later welcome
+        return self._requests(out, now)
+
+    def _on_heartbeat(self, hb: m.Heartbeat, now: float) -> list:
+        if hb.epoch != self.epoch:
+            # A new broker took over the port without us noticing: join it.
+            return self._say_hello(now)
+        return self._requests(self.main.on_announce(hb.seq, now), now)
+
+    def _on_sequenced(self, reader_and_event: tuple, now: float) -> list:
+        reader, event = reader_and_event
+        return self._requests(reader.on_event(event, now), now)
+
+    def _on_shutdown(self, shutdown: m.Shutdown, now: float) -> list:
+        return self._reconnect(now, "the broker is shutting down")
+
+    # --- transitions -------------------------------------------------------------------------
+
+    def _connect(self, now: float) -> list:
+        self.ready_topic = m.READY_TOPIC_PREFIX + secrets.token_hex(8).encode()
+        self.phase = Phase.PROBING
+        self.broker_seen = now  # patience runs from here
+        topics = (*self.by_topic, self.ready_topic)
+        out: list = [Connect(topics)]
+        if self.state != State.CONNECTING:
+            self.state = State.CONNECTING
+            out.append(StateChanged(State.CONNECTING, f"connecting to {self.address}"))
+        return out
+
+    def _reconnect(self, now: float, why: str) -> list:
+        """Drop both sockets and try again after a backoff (Paranoid Pirate)."""
+        delay = self.backoff
+        self.backoff = min(self.backoff * 2, RECONNECT_DELAY_MAX)
+        self.reconnect_at = now + delay
+        self.phase, self.state = Phase.WAITING, State.RECONNECTING
+        self.hello_sent_at = None
+        for reader in self.streams.values():
+            reader.pause()
+        self.outbox.send_again()
+        log.info("%s; reconnecting in %.2fs", why, delay)
+        return [Disconnect(), StateChanged(State.RECONNECTING, why, delay)]
+
+    def _say_hello(self, now: float) -> list:
+        """(Re)join on the open sockets: what was in flight goes again after
+        the welcome, and requests of the old session are forgotten."""
+        self.phase = Phase.HELLO
+        self.hello_sent_at = now
+        for reader in self.streams.values():
+            reader.pause()
+        self.outbox.send_again()
+        return [self._request(m.Hello(self.name, resume=self.token), now)]
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _request(self, msg: Any, now: float) -> Request:
+        self.last_request = now
+        return Request(msg)
+
+    def _requests(self, outputs: list, now: float) -> list:
+        """A reader's outputs, its requests signed with our session token."""
+        return [self._request(replace(o, session=self.token), now)
+                if isinstance(o, (m.Fetch, m.Recent)) else o for o in outputs]
+
+    def _flush(self, now: float) -> list:
+        if self.phase is not Phase.JOINED:
+            return []
+        says = self.outbox.take(now, self.token)
+        if says:
+            self.last_request = now
+        return says
+
+    def _reader_named(self, wire_id: str | None) -> StreamReader | None:
+        return self.streams.get(m.MAIN_STREAM if wire_id is None else wire_id)
