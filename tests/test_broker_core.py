@@ -350,3 +350,28 @@ def test_nobody_times_out_while_requests_wait_unread(core):
     out = core.tick(*at(T0 + 10), backlog=True)
     assert not [e for e in published(out) if isinstance(e, m.Leave)]
     assert [e.name for e in published(core.tick(*at(T0 + 10))) if isinstance(e, m.Leave)] == ["alice"]
+
+
+# --- two clocks ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jump", [3600.0, -3600.0])
+def test_a_wall_clock_jump_times_nobody_out_and_trips_no_rate_limit(jump):
+    core = BrokerCore(BrokerConfig(heartbeat_interval=1.0, heartbeat_liveness=3, rate=10,
+                                   burst=2))
+    join(core, b"A", "alice")
+    join(core, b"B", "bob")
+    # The wall clock moves an hour; the monotonic clock only a little.
+    now, jumped = T0 + 1, wall(T0 + 1) + jump
+    core.handle(b"A", signed(core, b"A", type="ping"), now, jumped)
+    core.handle(b"B", signed(core, b"B", type="ping"), now, jumped)
+    out = core.tick(now + 0.5, jumped + 0.5)
+    assert not [e for e in published(out) if isinstance(e, m.Leave)]
+    # one message per 0.2 s is within 10/s: never refused, whatever the wall says
+    for i in range(10):
+        t = now + 0.2 * (i + 1)
+        out = core.handle(b"A", signed(core, b"A", type="say", id=f"j{i}", text="x"), t,
+                          jumped - 0.2 * i)  # a wall clock running backwards
+        assert isinstance(replies(out)[0], m.Ack)
+    (message,) = [e for e in published(out) if isinstance(e, m.Message)]
+    assert message.time == jumped - 0.2 * 9  # people see the wall clock

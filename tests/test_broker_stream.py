@@ -1,0 +1,67 @@
+"""One stream on the broker's side, with no sockets: numbering, history, ids."""
+
+import messages as m
+from broker_stream import REPLY_TEXT_BYTES, Stream
+
+WALL = 1_700_000_000.0
+
+
+def filled(count: int, history: int = 10, text: str = "t") -> Stream:
+    stream = Stream("lab", history)
+    for i in range(count):
+        stream.append(lambda seq: m.Message(seq, WALL, "bob", f"{text}{seq}"), ("bob", f"id{i}"))
+    return stream
+
+
+def test_each_event_gets_the_next_number_and_the_history_keeps_the_newest():
+    stream = filled(15)
+    assert stream.seq == 15
+    assert [e.seq for e in stream.history] == list(range(6, 16))
+    assert stream.first_held() == 6
+    assert Stream("x", 5).first_held() == 1  # empty: the next one
+
+
+def test_streams_are_independent_and_name_their_topic():
+    a, b = filled(3), Stream("other", 10)
+    b.append(lambda seq: m.Join(seq, WALL, "ann"))
+    assert (a.seq, b.seq) == (3, 1)
+    assert a.topic == b"s:lab\0" and b.topic == b"s:other\0"
+    assert not b.topic.startswith(a.topic) and Stream(m.MAIN_STREAM, 1).topic == b"all"
+
+
+def test_an_accepted_id_is_remembered_within_a_bound():
+    stream = Stream("lab", 10, ids_remembered=3)
+    for i in range(5):
+        stream.append(lambda seq: m.Message(seq, WALL, "bob", "x"), ("bob", f"id{i}"))
+    assert stream.accepted_seq(("bob", "id4")) == 5
+    assert stream.accepted_seq(("bob", "id1")) is None  # forgotten, oldest first
+    assert len(stream.accepted_ids) == 3
+
+
+def test_fetch_answers_the_held_part_of_the_range_and_says_what_is_gone():
+    stream = filled(15)
+    h = stream.fetch(2, 8)
+    assert [e.seq for e in h.events] == [6, 7, 8] and (h.first, h.until) == (6, 8)
+    assert h.stream == "lab"
+    h = stream.fetch(15, 20)  # nothing after the newest: empty, until = newest
+    assert h.events == [] and h.until == 15
+
+
+def test_fetch_is_cut_at_the_reply_size_and_says_where_it_stopped():
+    stream = filled(10, text="x" * (REPLY_TEXT_BYTES // 3 - 10))
+    h = stream.fetch(0, 10)
+    assert len(h.events) == 3 and h.until == h.events[-1].seq == 3
+
+
+def test_recent_gives_the_last_messages_oldest_first_and_skips_presence():
+    stream = filled(4)
+    stream.append(lambda seq: m.Join(seq, WALL, "ann"))
+    h = stream.recent(2)
+    assert [e.seq for e in h.events] == [3, 4] and h.recent and h.until == 5
+
+
+def test_restore_continues_numbering_and_remembers_ids():
+    stream = Stream("lab", 10)
+    stream.restore([m.Message(7, WALL, "bob", "x")], [(("bob", "id7"), 7)])
+    assert stream.seq == 7 and stream.accepted_seq(("bob", "id7")) == 7
+    assert stream.append(lambda seq: m.Join(seq, WALL, "ann")).seq == 8

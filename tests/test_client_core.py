@@ -1,0 +1,404 @@
+"""The client core with no sockets: phases, transitions, delivery, outbox, liveness.
+
+ClientCore is driven here exactly as client_session's worker drives it:
+frames in, the monotonic time, actions and events out. ``Loopback`` joins it
+to a real BrokerCore in memory, as the sockets would, so that what the two
+cores say to each other is the real protocol.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import messages as m
+from broker_core import BrokerConfig, BrokerCore, Publish, Reply
+from client_core import (RECONNECT_DELAY_FIRST, RECONNECT_DELAY_MAX, SEND_RETRY_S, SEND_WINDOW,
+                         TRANSITIONS, READY, SEQUENCED, Acked, Action, ClientCore, Connect,
+                         Disconnect, Joined, JoinRefused, Phase, Refused, Request, State,
+                         StateChanged, Subscribe, Unsubscribe)
+from client_stream import Earlier, InStream, Missed
+
+T0 = 500.0
+WALL = 1_700_000_000.0
+EPOCH = "e1"
+
+
+def requests(out) -> list:
+    return [o.message for o in out if isinstance(o, Request)]
+
+
+def events(out) -> list:
+    return [o for o in out if not isinstance(o, Action)]
+
+
+def reply(msg) -> list[bytes]:
+    return [m.encode(msg)]
+
+
+def broadcast(events_, topic: bytes = m.BROADCAST_TOPIC) -> list[bytes]:
+    return [topic, m.join_events([m.encode(e) for e in events_])]
+
+
+def welcome(seq: int = 0, epoch: str = EPOCH, token: str = "tok", resumed: bool = False,
+            name: str = "ann") -> m.Welcome:
+    return m.Welcome(name, seq, epoch, [name], token, 1.0, 3, 100, resumed)
+
+
+def msg(seq: int, text: str = "hi", sender: str = "bob") -> m.Message:
+    return m.Message(seq, WALL, sender, text)
+
+
+def ready_topic(out) -> bytes:
+    (connect,) = [o for o in out if isinstance(o, Connect)]
+    (topic,) = [t for t in connect.topics if t.startswith(m.READY_TOPIC_PREFIX)]
+    return topic
+
+
+def joined(recent: int = 0, seq: int = 0, now: float = T0) -> ClientCore:
+    """A core that has connected, proved its subscription and been welcomed."""
+    core = ClientCore("ann", recent)
+    topic = ready_topic(core.start(now))
+    out = core.receive_broadcast(broadcast([m.Heartbeat(seq, EPOCH, WALL)], topic), now)
+    assert requests(out) == [m.Hello("ann")]
+    core.receive_reply(reply(welcome(seq)), now)
+    assert core.phase is Phase.JOINED
+    return core
+
+
+# --- phases and transitions -----------------------------------------------------
+
+
+def test_start_opens_sockets_subscribed_to_the_stream_and_a_private_ready_topic():
+    core = ClientCore("ann")
+    out = core.start(T0)
+    (connect,) = out
+    assert m.BROADCAST_TOPIC in connect.topics and ready_topic(out)
+    assert core.phase is Phase.PROBING
+
+
+def test_the_ready_heartbeat_leads_to_hello_and_the_welcome_to_joined():
+    core = ClientCore("ann")
+    topic = ready_topic(core.start(T0))
+    # a heartbeat on the stream's topic proves nothing about our subscription
+    assert core.receive_broadcast(broadcast([m.Heartbeat(0, EPOCH, WALL)]), T0) == []
+    out = core.receive_broadcast(broadcast([m.Heartbeat(0, EPOCH, WALL)], topic), T0)
+    assert Unsubscribe(topic) in out and requests(out) == [m.Hello("ann")]
+    assert core.phase is Phase.HELLO
+    out = core.receive_reply(reply(welcome(seq=4)), T0)
+    assert events(out) == [Joined("ann", ["ann"], False, False),
+                           StateChanged(State.CONNECTED, "joined as ann")]
+    assert core.phase is Phase.JOINED and core.main.last_seq == 4
+
+
+def test_a_refused_name_waits_for_another_and_tries_it():
+    core = ClientCore("ann")
+    topic = ready_topic(core.start(T0))
+    core.receive_broadcast(broadcast([m.Heartbeat(0, EPOCH, WALL)], topic), T0)
+    out = core.receive_reply(reply(m.Error(m.ErrorCode.NAME_TAKEN, "taken")), T0)
+    assert events(out) == [JoinRefused(m.ErrorCode.NAME_TAKEN, "taken")]
+    assert core.phase is Phase.REFUSED
+    assert requests(core.join("ann2", T0 + 1)) == [m.Hello("ann2")]
+    assert core.phase is Phase.HELLO
+
+
+# One example of every kind of input, to try in every phase.
+INPUTS = {
+    READY: lambda core: ("sub", [core.ready_topic or b"ready:x",
+                                 m.join_events([m.encode(m.Heartbeat(0, EPOCH, WALL))])]),
+    SEQUENCED: lambda core: ("sub", broadcast([msg(1)])),
+    m.Heartbeat: lambda core: ("sub", broadcast([m.Heartbeat(0, EPOCH, WALL)])),
+    m.Shutdown: lambda core: ("sub", broadcast([m.Shutdown(WALL)])),
+    m.Welcome: lambda core: ("dealer", reply(welcome())),
+    m.Error: lambda core: ("dealer", reply(m.Error(m.ErrorCode.NAME_TAKEN, "taken"))),
+    m.Ack: lambda core: ("dealer", reply(m.Ack("x", 1))),
+    m.Users: lambda core: ("dealer", reply(m.Users(["ann"]))),
+    m.History: lambda core: ("dealer", reply(m.History([], 1, 0))),
+}
+
+
+def core_in(phase: Phase) -> ClientCore:
+    if phase is Phase.JOINED:
+        return joined()
+    core = ClientCore("ann")
+    if phase is Phase.WAITING:
+        return core
+    topic = ready_topic(core.start(T0))
+    if phase is Phase.CLOSED:
+        core.close(T0)
+    elif phase is not Phase.PROBING:
+        core.receive_broadcast(broadcast([m.Heartbeat(0, EPOCH, WALL)], topic), T0)
+        if phase is Phase.REFUSED:
+            core.receive_reply(reply(m.Error(m.ErrorCode.NAME_TAKEN, "taken")), T0)
+    assert core.phase is phase
+    return core
+
+
+@pytest.mark.parametrize("phase, kind", [
+    pytest.param(phase, kind, id=f"{phase.value}-{getattr(kind, 'TYPE', kind)}")
+    for phase in Phase for kind in INPUTS if kind not in TRANSITIONS[phase]])
+def test_an_input_a_phase_does_not_act_on_changes_nothing(phase, kind):
+    core = core_in(phase)
+    socket, frames = INPUTS[kind](core)
+    receive = core.receive_broadcast if socket == "sub" else core.receive_reply
+    assert receive(frames, T0 + 0.1) == []
+    assert core.phase is phase
+
+
+def test_every_handler_in_the_table_exists_and_every_phase_has_a_row():
+    assert set(TRANSITIONS) == set(Phase)
+    for row in TRANSITIONS.values():
+        for handler in row.values():
+            assert callable(getattr(ClientCore, handler))
+
+
+# --- delivery in order, exactly once -----------------------------------------------
+
+
+def test_events_are_handed_on_in_order_once_and_a_gap_is_fetched():
+    core = joined()
+    assert events(core.receive_broadcast(broadcast([msg(1, "a")]), T0)) == [msg(1, "a")]
+    out = core.receive_broadcast(broadcast([msg(3, "c")]), T0)
+    assert events(out) == [] and requests(out) == [m.Fetch(1, 2, "tok")]
+    # a second gap while the fetch is out asks nothing more
+    assert requests(core.receive_broadcast(broadcast([msg(5, "e")]), T0)) == []
+    out = core.receive_reply(reply(m.History([msg(2, "b")], 1, 2)), T0)
+    assert events(out) == [msg(2, "b"), msg(3, "c")]
+    assert requests(out) == [m.Fetch(3, 4, "tok")]
+    out = core.receive_reply(reply(m.History([msg(4, "d")], 1, 4)), T0)
+    assert events(out) == [msg(4, "d"), msg(5, "e")]
+    # repeats, live or from a history, are dropped
+    assert events(core.receive_broadcast(broadcast([msg(2, "b"), msg(5, "e")]), T0)) == []
+
+
+def test_a_heartbeat_announcing_a_later_seq_fetches_the_tail():
+    core = joined(seq=3)
+    out = core.receive_broadcast(broadcast([m.Heartbeat(6, EPOCH, WALL)]), T0)
+    assert requests(out) == [m.Fetch(3, 6, "tok")]
+
+
+def test_what_the_broker_no_longer_holds_is_reported_missed():
+    core = joined()
+    core.receive_broadcast(broadcast([msg(9)]), T0)
+    out = core.receive_reply(reply(m.History([msg(6), msg(7), msg(8)], 6, 8)), T0)
+    assert events(out) == [Missed(1, 5), msg(6), msg(7), msg(8), msg(9)]
+
+
+def test_a_lost_fetch_answer_is_asked_again_after_patience():
+    core = joined()
+    core.receive_broadcast(broadcast([msg(3)]), T0)
+    core.receive_broadcast(broadcast([m.Heartbeat(3, EPOCH, WALL)]), T0 + 2)  # alive
+    assert requests(core.tick(T0 + 2.9)) == [m.Ping("tok")]
+    assert m.Fetch(0, 2, "tok") in requests(core.tick(T0 + 3.1))
+
+
+def test_earlier_messages_come_first_and_live_ones_wait_for_them():
+    core = joined(recent=50, seq=2)
+    out = core.receive_broadcast(broadcast([msg(3, "live")]), T0)
+    assert events(out) == []
+    out = core.receive_reply(reply(m.History([msg(1, "old")], 1, 2, recent=True)), T0)
+    assert events(out) == [Earlier([msg(1, "old")]), msg(3, "live")]
+
+
+def test_a_rejoin_while_earlier_messages_are_awaited_does_not_hold_the_chat_forever():
+    core = ClientCore("ann", recent=50)
+    topic = ready_topic(core.start(T0))
+    core.receive_broadcast(broadcast([m.Heartbeat(2, EPOCH, WALL)], topic), T0)
+    out = core.receive_reply(reply(welcome(seq=2)), T0)
+    assert requests(out) == [m.Recent(50, "tok")]
+    # the broker forgot us before it answered; we join again
+    assert requests(core.receive_reply(reply(m.Error(m.ErrorCode.NOT_JOINED, "join")), T0)) \
+        == [m.Hello("ann", resume="tok")]
+    out = core.receive_reply(reply(welcome(seq=2, token="tok2")), T0 + 0.1)
+    assert requests(out) == [m.Recent(50, "tok2")]  # asked again, not forgotten
+    core.receive_broadcast(broadcast([msg(3, "live")]), T0 + 0.2)
+    # no answer ever comes: after patience the live chat flows anyway
+    out = core.tick(T0 + 0.1 + 3.01)
+    assert msg(3, "live") in events(out)
+
+
+def test_a_history_with_an_unsequenced_event_is_refused_without_harm():
+    core = joined()
+    core.receive_broadcast(broadcast([msg(2)]), T0)
+    bad = b'{"type":"history","first":1,"until":1,"events":[{"type":"shutdown","time":1}]}'
+    assert core.receive_reply([bad], T0) == []
+    assert core.phase is Phase.JOINED
+    assert events(core.receive_reply(reply(m.History([msg(1)], 1, 1)), T0)) == [msg(1), msg(2)]
+
+
+# --- the outbox -------------------------------------------------------------------------
+
+
+def test_text_goes_out_in_order_within_the_window_and_is_acknowledged():
+    core = joined()
+    out = []
+    for i in range(SEND_WINDOW + 5):
+        out += core.send(f"id{i}", f"t{i}", T0)
+    says = requests(out)
+    assert [s.id for s in says] == [f"id{i}" for i in range(SEND_WINDOW)]
+    assert all(s.session == "tok" for s in says)
+    out = core.receive_reply(reply(m.Ack("id0", 1)), T0)
+    assert events(out) == [Acked("id0", 1)] and [s.id for s in requests(out)] == [f"id{SEND_WINDOW}"]
+
+
+def test_text_too_long_is_refused_at_once_without_sending():
+    core = joined()
+    out = core.send("x", "a" * 101, T0)
+    assert requests(out) == [] and isinstance(events(out)[0], Refused)
+
+
+def test_a_rate_limit_pauses_and_resends_from_the_refused_message_in_order():
+    core = joined()
+    for i in range(3):
+        core.send(f"id{i}", f"t{i}", T0)
+    core.receive_reply(reply(m.Ack("id0", 1)), T0)
+    err = m.Error(m.ErrorCode.RATE_LIMITED, "too fast", "id1", 0.5)
+    assert core.receive_reply(reply(err), T0) == []
+    assert requests(core.tick(T0 + 0.4)) == []
+    assert [s.id for s in requests(core.tick(T0 + 0.5)) if isinstance(s, m.Say)] == ["id1", "id2"]
+
+
+def test_a_refused_message_is_reported_and_forgotten():
+    core = joined()
+    core.send("id0", "hi", T0)
+    out = core.receive_reply(reply(m.Error(m.ErrorCode.TEXT_TOO_LONG, "long", "id0")), T0)
+    assert events(out) == [Refused("id0", m.ErrorCode.TEXT_TOO_LONG, "long")]
+    assert not core.outbox.pending
+
+
+def test_requests_the_shell_could_not_send_are_tried_again_in_order():
+    core = joined()
+    out = core.send("a", "1", T0) + core.send("b", "2", T0)
+    assert core.not_sent([o for o in out if isinstance(o, Request)], T0) == []
+    assert requests(core.tick(T0 + SEND_RETRY_S / 2)) == []
+    assert [s.id for s in requests(core.tick(T0 + SEND_RETRY_S))] == ["a", "b"]
+
+
+def test_text_queued_before_joining_goes_after_the_welcome():
+    core = ClientCore("ann")
+    topic = ready_topic(core.start(T0))
+    assert requests(core.send("a", "early", T0)) == []
+    core.receive_broadcast(broadcast([m.Heartbeat(0, EPOCH, WALL)], topic), T0)
+    out = core.receive_reply(reply(welcome()), T0)
+    assert [r.id for r in requests(out) if isinstance(r, m.Say)] == ["a"]
+
+
+# --- liveness, reconnecting, resuming ----------------------------------------------------
+
+
+def test_silence_reconnects_with_a_doubling_capped_backoff_and_resumes_the_name():
+    core = joined()
+    core.send("a", "in flight", T0)
+    now, delays = T0, []
+    for _ in range(8):
+        now = core.broker_seen + 3.01
+        out = core.tick(now)
+        assert Disconnect() in out
+        (changed,) = [e for e in events(out) if isinstance(e, StateChanged)]
+        delays.append(changed.retry_in)
+        assert core.tick(core.reconnect_at - 0.01) == []
+        out = core.tick(core.reconnect_at)
+        assert isinstance(out[0], Connect)
+    assert delays[:3] == [RECONNECT_DELAY_FIRST, 2 * RECONNECT_DELAY_FIRST,
+                          4 * RECONNECT_DELAY_FIRST]
+    assert max(delays) == RECONNECT_DELAY_MAX
+    now = core.reconnect_at
+    out = core.receive_broadcast(broadcast([m.Heartbeat(0, EPOCH, WALL)], ready_topic(out)), now)
+    assert requests(out) == [m.Hello("ann", resume="tok")]
+    out = core.receive_reply(reply(welcome(resumed=True)), now)
+    assert [r.id for r in requests(out) if isinstance(r, m.Say)] == ["a"]  # sent again
+    assert core.backoff == RECONNECT_DELAY_FIRST
+
+
+def test_any_frame_counts_as_the_broker_alive_and_a_quiet_client_pings():
+    core = joined()
+    core.receive_reply(reply(m.Users([])), T0 + 2.5)
+    assert requests(core.tick(T0 + 2.6)) == [m.Ping("tok")]
+    assert Disconnect() not in core.tick(T0 + 5.4)
+    assert Disconnect() in core.tick(T0 + 5.6)
+
+
+def test_a_heartbeat_of_a_new_epoch_rejoins_and_the_new_run_starts_afresh():
+    core = joined(seq=40)
+    out = core.receive_broadcast(broadcast([m.Heartbeat(2, "e2", WALL)]), T0)
+    assert requests(out) == [m.Hello("ann", resume="tok")]
+    out = core.receive_reply(reply(welcome(seq=2, epoch="e2", token="t2")), T0)
+    assert events(out)[0] == Joined("ann", ["ann"], False, True)
+    assert events(core.receive_broadcast(broadcast([msg(3)]), T0)) == [msg(3)]
+
+
+def test_shutdown_reconnects_and_close_says_bye_with_a_linger():
+    core = joined()
+    out = core.receive_broadcast(broadcast([m.Shutdown(WALL)]), T0)
+    assert Disconnect() in out and core.phase is Phase.WAITING
+    core = joined()
+    out = core.close(T0)
+    assert requests(out) == [m.Bye("tok")] and Disconnect(linger=True) in out
+    assert core.phase is Phase.CLOSED and core.tick(T0 + 100) == []
+
+
+# --- two streams through one broker core and one client core -----------------------------
+
+
+class Loopback:
+    """A BrokerCore and a ClientCore joined in memory as the sockets join them."""
+
+    def __init__(self, broker: BrokerCore, client: ClientCore, peer: bytes = b"P"):
+        self.broker, self.client, self.peer = broker, client, peer
+        self.topics: set[bytes] = set()
+        self.delivered: list = []
+
+    def run(self, outputs: list, now: float) -> None:
+        """Carry out the client's outputs until nothing more happens."""
+        pending = list(outputs)
+        while pending:
+            out = pending.pop(0)
+            if isinstance(out, Connect):
+                self.topics = set(out.topics)
+                pending += self._from_broker(
+                    [o for t in out.topics for o in self.broker.ready_probe(t, WALL)], now)
+            elif isinstance(out, Subscribe):
+                self.topics.add(out.topic)
+            elif isinstance(out, Unsubscribe):
+                self.topics.discard(out.topic)
+            elif isinstance(out, Request):
+                frames = [m.encode(out.message)]
+                pending += self._from_broker(self.broker.handle(self.peer, frames, now, WALL), now)
+            elif not isinstance(out, Action):
+                self.delivered.append(out)
+
+    def _from_broker(self, outputs: list, now: float) -> list:
+        back: list = []
+        for o in outputs:
+            if isinstance(o, Reply) and o.peer == self.peer:
+                back += self.client.receive_reply([m.encode(o.message)], now)
+            elif isinstance(o, Publish) and any(o.topic.startswith(t) for t in self.topics):
+                back += self.client.receive_broadcast([o.topic, m.join_events([m.encode(o.event)])],
+                                                      now)
+        return back
+
+
+def test_two_streams_run_independently_through_one_broker_and_one_client():
+    broker = BrokerCore(BrokerConfig(history=10))
+    lab = broker.open_stream("lab")
+    client = ClientCore("ann")
+    net = Loopback(broker, client)
+    net.run(client.start(T0), T0)
+    assert client.phase is Phase.JOINED
+    _, out = client.follow("lab", T0, after=lab.seq)
+    net.run(out, T0)
+    net.run(client.send("m1", "to all", T0), T0)
+    net.run(client.send("m2", "to the lab", T0, stream="lab"), T0)
+    net.run(client.send("m3", "lab again", T0, stream="lab"), T0)
+    assert broker.main.seq == 2 and lab.seq == 2  # each stream numbers its own
+    texts = [(e.stream, e.event.text) if isinstance(e, InStream) else (m.MAIN_STREAM, e.text)
+             for e in net.delivered if isinstance(e, (InStream, m.Message))]
+    assert texts == [("all", "to all"), ("lab", "to the lab"), ("lab", "lab again")]
+    # a gap in one stream is repaired from that stream's history alone
+    lost = lab.append(lambda seq: m.Message(seq, WALL, "bob", "lost on the way"))
+    lab.append(lambda seq: m.Message(seq, WALL, "bob", "after it"))
+    net.delivered.clear()
+    last = lab.history[-1]
+    net.run(client.receive_broadcast([lab.topic, m.join_events([m.encode(last)])], T0), T0)
+    assert [e.event.text for e in net.delivered if isinstance(e, InStream)] == [
+        lost.text, "after it"]
+    assert client.streams["all"].last_seq == 2 and client.streams["lab"].last_seq == 4

@@ -1,0 +1,50 @@
+"""The cores and the protocol stay free of I/O: no sockets, threads, clocks or Tk.
+
+A module qualifies by what it imports itself and what the project's own
+modules it imports do, followed to the end; standard-library modules that
+use threads inside (logging) do not count against it.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = {"socket", "threading", "time", "tkinter", "zmq", "select", "selectors", "asyncio",
+             "subprocess", "queue", "sqlite3"}
+PROJECT = {p.stem for p in ROOT.glob("*.py")}
+
+
+def imports_of(module: str) -> set[str]:
+    """Top-level names of every module that ``module`` imports."""
+    tree = ast.parse((ROOT / f"{module}.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def reachable(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        for imported in imports_of(name):
+            if imported not in seen:
+                seen.add(imported)
+                if imported in PROJECT:
+                    todo.append(imported)
+    return seen
+
+
+@pytest.mark.parametrize("module", ["broker_core", "broker_stream", "client_core",
+                                    "client_stream", "messages"])
+def test_a_core_module_imports_no_io(module):
+    assert reachable(module) & FORBIDDEN == set()
+
+
+def test_the_check_sees_an_io_import():
+    assert "zmq" in reachable("client_session") and "time" in reachable("broker")

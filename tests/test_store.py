@@ -1,0 +1,88 @@
+"""store.py: the SQLite history behind --db, and the broker's clear errors about it."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+
+import pytest
+
+import messages as m
+from broker_core import Persist
+from procs import PYTHON, ROOT, free_port_pair
+from store import EventStore, StoreError
+
+WALL = 1_700_000_000.0
+
+
+def records(stream: str, first: int, count: int) -> list[Persist]:
+    return [Persist(stream, m.Message(seq, WALL + seq, "bob", f"t{seq}"), ("bob", f"id{seq}"))
+            for seq in range(first, first + count)]
+
+
+def test_events_round_trip_per_stream_and_survive_a_reopen(tmp_path):
+    path = str(tmp_path / "chat.db")
+    store = EventStore(path)
+    epoch = store.epoch()
+    store.append(records(m.MAIN_STREAM, 1, 5))
+    store.append(records("lab", 1, 3) + [Persist("lab", m.Leave(4, WALL, "ann", "quit"))])
+    store.close()
+    again = EventStore(path)
+    assert again.epoch() == epoch
+    assert again.streams() == [m.MAIN_STREAM, "lab"]
+    assert [e.seq for e in again.recent_events(m.MAIN_STREAM, 3)] == [3, 4, 5]
+    assert again.recent_events("lab", 10)[-1] == m.Leave(4, WALL, "ann", "quit")
+    assert again.recent_events("lab", 10)[0] == m.Message(1, WALL + 1, "bob", "t1")
+    assert again.recent_ids("lab", 2) == [(("bob", "id2"), 2), (("bob", "id3"), 3)]
+    again.close()
+
+
+def test_a_file_from_before_streams_is_migrated_into_the_main_stream(tmp_path):
+    path = str(tmp_path / "old.db")
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE events (seq INTEGER PRIMARY KEY, type TEXT NOT NULL, time REAL NOT NULL,
+            name TEXT NOT NULL, text TEXT, reason TEXT, client_key TEXT, client_id TEXT);
+        INSERT INTO meta VALUES ('epoch', 'oldepoch');
+        INSERT INTO events VALUES (1, 'join', 1.0, 'ann', NULL, NULL, NULL, NULL);
+        INSERT INTO events VALUES (2, 'message', 2.0, 'ann', 'hello', NULL, 'ann', 'm1');
+    """)
+    db.commit()
+    db.close()
+    store = EventStore(path)
+    assert store.epoch() == "oldepoch"
+    assert store.recent_events(m.MAIN_STREAM, 10) == [m.Join(1, 1.0, "ann"),
+                                                      m.Message(2, 2.0, "ann", "hello")]
+    assert store.recent_ids(m.MAIN_STREAM, 10) == [(("ann", "m1"), 2)]
+    store.close()
+
+
+def test_a_corrupt_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(StoreError, match="cannot use database .*junk.db: file is not a database"):
+        EventStore(str(path))
+
+
+def run_broker(db: str, **kw) -> subprocess.CompletedProcess:
+    port = free_port_pair()
+    return subprocess.run([PYTHON, "broker.py", "--port", str(port), "--db", db], cwd=ROOT,
+                          capture_output=True, text=True, timeout=20, **kw)
+
+
+def test_the_broker_refuses_a_corrupt_file_in_one_line_without_a_traceback(tmp_path):
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"\x00garbage" * 1000)
+    done = run_broker(str(path))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"broker: cannot use database {path}: file is not a database"]
+
+
+def test_the_broker_refuses_a_path_it_cannot_create_in_one_line(tmp_path):
+    path = tmp_path / "no such directory" / "chat.db"
+    done = run_broker(str(path))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"broker: cannot use database {path}: unable to open database file"]
