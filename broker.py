@@ -293,12 +293,13 @@ class BrokerShell:
 
 
 def frames_of(encoded_events: list[bytes]):
-    """PUB bodies of at most about FRAME_BYTES each, events kept in order."""
-    start, size = 0, 0
+    """PUB bodies of at most FRAME_BYTES each (a larger event goes alone),
+    events kept in order."""
+    start, size = 0, 1  # a body's size so far: its "[" and each event with its "," or "]"
     for i, event in enumerate(encoded_events):
-        if size and size + len(event) > FRAME_BYTES:
+        if i > start and size + len(event) + 1 > FRAME_BYTES:
             yield m.join_events(encoded_events[start:i])
-            start, size = i, 0
+            start, size = i, 1
         size += len(event) + 1
     if start < len(encoded_events):
         yield m.join_events(encoded_events[start:])

@@ -80,9 +80,10 @@ def test_unreachable_broker_exits_3_within_timeout(broker):
     broker.kill()
     started = time.monotonic()
     result = run_cli(broker, "send", "hi", "--timeout", "1", name="lonely")
-    assert result.returncode == 3 and "unreachable" in result.stderr
+    assert result.returncode == 3, result.stderr
+    # it gave up on the broker it was pointed at, not on some other address
+    assert f"127.0.0.1:{port} unreachable" in result.stderr, result.stderr
     assert time.monotonic() - started < 10
-    assert port == broker.port
 
 
 def test_bad_usage_exits_2(broker):
@@ -101,7 +102,8 @@ def test_listen_text_format_and_count(broker, clients):
     listener = Client(broker, "listen", "--count", "2", name="reader")
     clients.append(listener)
     listener.out.wait_for(lambda l: l.endswith("* reader joined"), 10, "own join")
-    run_cli(broker, "send", name="w", input="first\nsecond\nthird\n")
+    sent = run_cli(broker, "send", name="w", input="first\nsecond\nthird\n")
+    assert sent.returncode == 0, sent.stderr
     assert listener.wait(10) == 0
     lines = listener.out.lines
     assert lines[-2].endswith(" w: first") and lines[-1].endswith(" w: second")

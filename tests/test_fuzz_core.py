@@ -61,6 +61,9 @@ class BrokerCoreMachine(RuleBasedStateMachine):
         self.wall = WALL0  # the wall clock, which may jump
         self.last_seq = 0
         self.tokens: list[str] = []  # resume tokens the broker handed out
+        # Who is online by this machine's own reckoning: the names of the
+        # joins published, less those of the leaves.
+        self.online: set[str] = set()
         self.ticked = False
 
     # --- driving the core --------------------------------------------------------
@@ -98,7 +101,8 @@ class BrokerCoreMachine(RuleBasedStateMachine):
             seqs = [e.seq for e in reply.events]
             assert seqs == sorted(set(seqs)) and len(seqs) <= m.MAX_FETCH_EVENTS
         elif isinstance(reply, m.Users):
-            assert reply.users == self.core.user_names()
+            # sorted case-insensitively (PROTOCOL.md), ties in a fixed order
+            assert reply.users == sorted(self.online, key=lambda name: (name.casefold(), name))
         m.encode(reply)  # the shell must be able to send whatever the core returns
 
     @staticmethod
@@ -119,6 +123,12 @@ class BrokerCoreMachine(RuleBasedStateMachine):
             assert item.topic == m.BROADCAST_TOPIC
             assert event.seq == self.last_seq + 1, "sequence numbers skip or repeat"
             self.last_seq = event.seq
+            if isinstance(event, m.Join):
+                assert event.name not in self.online, "a join for a name already online"
+                self.online.add(event.name)
+            elif isinstance(event, m.Leave):
+                assert event.name in self.online, "a leave for a name not online"
+                self.online.remove(event.name)
         m.encode(event)
         return event
 
@@ -232,6 +242,10 @@ class BrokerCoreMachine(RuleBasedStateMachine):
             assert m.name_problem(session.name) is None
         for peer, session in core.sessions.items():
             assert session.peer == peer
+
+    @invariant()
+    def sessions_are_who_the_events_say_is_online(self):
+        assert {s.name for s in self.core.sessions.values()} == self.online
 
     @invariant()
     def tables_stay_bounded(self):

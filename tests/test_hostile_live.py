@@ -187,6 +187,10 @@ def test_connection_churn_leaves_no_sessions_and_no_memory(make_broker):
 
 # --- impersonation --------------------------------------------------------------------
 
+# What a stranger's say with id "takeover" gets: it has no session.
+NOT_JOINED_TAKEOVER = m.Error(m.ErrorCode.NOT_JOINED, "join first (send hello)", "takeover")
+
+
 SPOOF_FIELDS = {"from": "alice", "name": "alice", "sender": "alice", "user": "alice",
                 "nick": "alice", "seq": 1, "time": 0}
 
@@ -212,6 +216,15 @@ def test_a_joined_peer_cannot_speak_as_another_user(broker, clients):
             reply = request(mallory, body, timeout=0.5 if body["type"] == "ping" else 5)
             if body["type"] == "say":
                 assert reply == m.Ack(body["id"], reply.seq), reply
+            elif body["type"] == "ping":
+                # the owner's ping is answered with silence; not_joined would
+                # mean the spoofed fields cost mallory its own session
+                assert reply is None, reply
+            else:  # the fetch: mallory's own history, every spoof under its name
+                assert isinstance(reply, m.History), reply
+                assert [e.seq for e in reply.events] == list(range(1, 10)), reply
+                senders = {e.sender for e in reply.events if isinstance(e, m.Message)}
+                assert senders == {"mallory"}, reply
         assert isinstance(request(mallory, {"type": "say", "id": "end", "text": "mallory done"}),
                           m.Ack)
         # A bye that names alice ends mallory's own session, never alice's.
@@ -227,7 +240,10 @@ def test_a_joined_peer_cannot_speak_as_another_user(broker, clients):
     assert alice.proc.poll() is None
 
 
-def test_guessed_routing_ids_cannot_take_over_a_live_session(broker, clients):
+def test_guessed_routing_ids_cannot_take_over_a_live_session(make_broker, clients):
+    # Alice's raw socket never pings: a 6 s liveness window keeps her session
+    # through the guesses (the fast test heartbeat would leave it ~0.6 s).
+    broker = make_broker("--heartbeat-interval", "2")
     listener = listen(broker, "legit-ears")
     clients.append(listener)
     rng = random.Random(7)
@@ -243,14 +259,14 @@ def test_guessed_routing_ids_cannot_take_over_a_live_session(broker, clients):
         for guess in guesses:
             with raw_dealer(broker.port, routing_id=guess) as mallory:
                 send_body(mallory, {"type": "say", "id": "takeover", "text": "takeover"})
-                # A live id is refused by the ROUTER (silence); others are strangers
-                # (not_joined), or silence too if a fixed broker refuses chosen ids.
-                reply = receive_reply(mallory, 0.5 if guess == alice_id else 2)
+                # A live id is refused by the ROUTER (silence); others are
+                # strangers, told to join (silence there would hide whether
+                # the broker acted on the message at all).
+                reply = receive_reply(mallory, 0.5 if guess == alice_id else 5)
                 if guess == alice_id:
                     assert reply is None, reply
                 else:
-                    assert reply in (None, m.Error(m.ErrorCode.NOT_JOINED,
-                                                   "join first (send hello)", "takeover")), reply
+                    assert reply == NOT_JOINED_TAKEOVER, (guess, reply)
         assert isinstance(request(alice, {"type": "say", "id": "1", "text": "alice here"}), m.Ack)
     wait_until(lambda: any(r["text"] == "alice here" for r in listener.messages()), 10,
                "alice's message")
@@ -263,14 +279,17 @@ def test_routing_id_of_a_dropped_connection_cannot_take_over_its_session(make_br
         alice_id = learn_routing_id(broker, alice)
         join(alice, "alice")
     # Alice's connection is gone (no bye). Until the ROUTER has noticed, the
-    # id is still in use and a claim is ignored, so retry briefly.
+    # id is still in use and a claim is ignored, so retry briefly. Once it
+    # gets through, the id alone (without alice's session token) must not
+    # count as alice: the broker tells mallory to join.
     deadline = time.monotonic() + 3
     reply = None
     while reply is None and time.monotonic() < deadline:
         with raw_dealer(broker.port, routing_id=alice_id) as mallory:
             send_body(mallory, {"type": "say", "id": "takeover", "text": "I am alice"})
             reply = receive_reply(mallory, 0.3)
-    assert not isinstance(reply, m.Ack), f"mallory spoke as alice: {reply}"
+    assert reply is not None, "the broker never answered the claim of alice's routing id"
+    assert reply == NOT_JOINED_TAKEOVER, f"mallory got {reply} as alice"
 
 
 @pytest.mark.xfail(strict=True, reason=(

@@ -1,0 +1,206 @@
+"""display.py: what text from other people looks like once it is shown.
+
+``visible`` must turn every character that could rewrite a terminal, hide
+text or reorder it into a printable escape, leave every ordinary character
+of every script alone, and never let a shown escape be forged. The classes
+below are written out here from the module's own account of them, so that
+a character dropped from (or added to) its table shows up as a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import messages as m
+from display import event_json, event_line, iso_utc, visible
+from hostile_text import HOSTILE_TEXTS, assert_neutralised
+
+# --- what is escaped ----------------------------------------------------------------
+
+SHORT_ESCAPES = {"\n": r"\n", "\r": r"\r", "\t": r"\t"}
+# C0 controls other than the three above, DEL, and the C1 controls (which
+# include CSI 0x9b and OSC 0x9d, single-byte forms of ESC [ and ESC ]).
+C0 = [chr(c) for c in range(0x00, 0x20) if chr(c) not in SHORT_ESCAPES]
+DEL = ["\x7f"]
+C1 = [chr(c) for c in range(0x80, 0xA0)]
+# CVE-2021-42574's bidi controls, and invisible marks that hide or move text.
+BIDI_AND_INVISIBLE = {
+    "\u061c": "ARABIC LETTER MARK",
+    "\u200b": "ZERO WIDTH SPACE",
+    "\u200e": "LEFT-TO-RIGHT MARK",
+    "\u200f": "RIGHT-TO-LEFT MARK",
+    "\u2028": "LINE SEPARATOR",
+    "\u2029": "PARAGRAPH SEPARATOR",
+    "\u202a": "LEFT-TO-RIGHT EMBEDDING",
+    "\u202b": "RIGHT-TO-LEFT EMBEDDING",
+    "\u202c": "POP DIRECTIONAL FORMATTING",
+    "\u202d": "LEFT-TO-RIGHT OVERRIDE",
+    "\u202e": "RIGHT-TO-LEFT OVERRIDE",
+    "\u2066": "LEFT-TO-RIGHT ISOLATE",
+    "\u2067": "RIGHT-TO-LEFT ISOLATE",
+    "\u2068": "FIRST STRONG ISOLATE",
+    "\u2069": "POP DIRECTIONAL ISOLATE",
+    "\ufeff": "ZERO WIDTH NO-BREAK SPACE (BOM)",
+}
+ESCAPED = [*SHORT_ESCAPES, *C0, *DEL, *C1, *BIDI_AND_INVISIBLE]
+
+
+def char_id(char: str) -> str:
+    return BIDI_AND_INVISIBLE.get(char, f"U+{ord(char):04X}")
+
+
+# An escape as shown, read back: the inverse a reader of the output applies.
+ESCAPE = re.compile(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|[nrt\\])")
+
+
+def unescape(shown: str) -> str:
+    def one(match: re.Match) -> str:
+        code = match.group(1)
+        if code[0] in "xu":
+            return chr(int(code[1:], 16))
+        return {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}[code]
+    return ESCAPE.sub(one, shown)
+
+
+@pytest.mark.parametrize("char,shown", [
+    ("\x1b", r"\x1b"), ("\x00", r"\x00"), ("\x07", r"\x07"), ("\x08", r"\x08"),
+    ("\x7f", r"\x7f"), ("\x85", r"\x85"), ("\x9b", r"\x9b"), ("\x9d", r"\x9d"),
+    ("\n", r"\n"), ("\r", r"\r"), ("\t", r"\t"), ("\u202e", r"\u202e"),
+    ("\u2066", r"\u2066"), ("\ufeff", r"\ufeff"), ("\\", "\\\\"),
+])
+def test_an_unsafe_character_is_shown_as_its_escape(char, shown):
+    assert visible(f"a{char}b") == f"a{shown}b"
+
+
+@pytest.mark.parametrize("char", ESCAPED, ids=char_id)
+def test_every_character_of_every_unsafe_class_is_escaped(char):
+    shown = visible(char)
+    assert shown.startswith("\\") and len(shown) > 1
+    assert set(shown) <= set(string.ascii_letters + string.digits + "\\"), repr(shown)
+    assert unescape(shown) == char
+
+
+@pytest.mark.parametrize("name,text", HOSTILE_TEXTS.items())
+def test_terminal_attacks_are_neutralised(name, text):
+    assert_neutralised(visible(text), text)
+
+
+def test_a_shown_escape_cannot_be_forged_by_typing_it():
+    assert visible(r"\x1b[2J") == r"\\x1b[2J"
+    assert visible(r"\x1b[2J") != visible("\x1b[2J")
+
+
+@given(st.text())
+def test_what_is_shown_reads_back_as_exactly_what_was_sent(text):
+    shown = visible(text)
+    assert not set(shown) & set(ESCAPED)
+    assert unescape(shown) == text
+
+
+# --- what is left alone -------------------------------------------------------------
+
+LEFT_ALONE = {
+    "printable ASCII": "".join(c for c in string.printable if c not in string.whitespace + "\\")
+                       + " ",
+    "accents, precomposed": "\u00e9t\u00e9 \u00d1and\u00fa stra\u00dfe \u0153uvre \u0107\u0161\u017e",
+    "accents, combining": "e\u0301te\u0301 n\u0303",
+    "Greek and Cyrillic": "\u03b1\u03b2\u03b3 \u0436\u0443\u043a",
+    "CJK and kana": "\u6f22\u5b57 \u304b\u306a \u30ab\u30ca \ud55c\uad6d\uc5b4",
+    "Arabic and Hebrew letters": "\u0645\u0631\u062d\u0628\u0627 \u05e9\u05dc\u05d5\u05dd",
+    "Persian with a zero width non-joiner": "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+    "Devanagari with a virama": "\u0915\u094d\u0937",
+    "emoji": "\U0001f389\U0001f600\u2764\ufe0f",
+    "emoji ZWJ sequence": "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466",
+    "emoji skin tone": "\U0001f44d\U0001f3fd",
+    "flag and keycap": "\U0001f1eb\U0001f1f7 1\ufe0f\u20e3",
+    "subdivision flag (tag characters)":
+        "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f",
+    "typographic punctuation": "\u201cquoted\u201d \u2018it\u2019s\u2019 \u2014 \u2013 \u2026 \u00ab\u00bb",
+    "symbols": "\u20ac \u00a3 \u00a9 \u00b0 \u00b1 \u00d7 \u2192 \u2713",
+    # the neighbours of the escaped ranges
+    "no-break space (after C1)": "\u00a0",
+    "narrow no-break space (after the overrides)": "\u202f",
+    "zero width joiner": "\u200d",
+}
+
+
+@pytest.mark.parametrize("text", LEFT_ALONE.values(), ids=LEFT_ALONE.keys())
+def test_ordinary_text_of_every_script_is_left_alone(text):
+    assert visible(text) == text
+
+
+# --- keep: a window's layout characters ----------------------------------------------
+
+
+def test_kept_newlines_and_backslashes_stay_as_they_are():
+    assert visible("line one\nC:\\path", keep="\n") == "line one\nC:\\path"
+
+
+@pytest.mark.parametrize("char", [c for c in ESCAPED if c != "\n"], ids=char_id)
+def test_keeping_newlines_still_escapes_everything_else(char):
+    assert visible(f"a\n{char}", keep="\n") == f"a\n{visible(char)}"
+
+
+# --- event lines and JSON records ----------------------------------------------------
+
+
+@pytest.fixture
+def india_time(monkeypatch):
+    """Local time five and a half hours ahead of UTC, whatever the machine's."""
+    monkeypatch.setenv("TZ", "IST-5:30")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+# 2024-03-01T12:34:56.789 UTC
+WHEN = 1709296496.789
+
+
+@pytest.mark.parametrize("event,line", [
+    (m.Message(7, WHEN, "alice", "hi there"), "18:04:56 alice: hi there"),
+    (m.Message(8, WHEN, "mallory", "a\x1b[2J\rb\u202ec"), r"18:04:56 mallory: a\x1b[2J\rb\u202ec"),
+    (m.Message(9, WHEN, "bob", "\u00e9t\u00e9 \U0001f389"), "18:04:56 bob: \u00e9t\u00e9 \U0001f389"),
+    (m.Join(10, WHEN, "carol"), "18:04:56 * carol joined"),
+    (m.Leave(11, WHEN, "carol", m.LeaveReason.TIMEOUT), "18:04:56 * carol left (timeout)"),
+    (m.Leave(12, WHEN, "dave", m.LeaveReason.KICKED), "18:04:56 * dave left (kicked)"),
+], ids=["message", "hostile message", "accents and emoji", "join", "leave", "kick"])
+def test_event_line_shows_local_time_sender_and_safe_text(india_time, event, line):
+    assert event_line(event) == line
+
+
+@pytest.mark.parametrize("event,record", [
+    (m.Message(7, WHEN, "alice", "a\x1b[2Jb"),
+     {"type": "message", "seq": 7, "time": "2024-03-01T12:34:56.789Z", "from": "alice",
+      "text": "a\x1b[2Jb"}),
+    (m.Join(8, WHEN, "bob"),
+     {"type": "join", "seq": 8, "time": "2024-03-01T12:34:56.789Z", "name": "bob"}),
+    (m.Leave(9, WHEN, "bob", m.LeaveReason.QUIT),
+     {"type": "leave", "seq": 9, "time": "2024-03-01T12:34:56.789Z", "name": "bob",
+      "reason": "quit"}),
+], ids=["message", "join", "leave"])
+def test_event_json_is_the_whole_event_with_utc_time(india_time, event, record):
+    assert event_json(event) == record
+
+
+def test_event_json_text_is_raw_and_left_to_json_to_escape():
+    encoded = json.dumps(event_json(m.Message(1, WHEN, "eve", "a\x1b]0;x\x07\u202eb")))
+    assert "\x1b" not in encoded and "\x07" not in encoded
+    assert json.loads(encoded)["text"] == "a\x1b]0;x\x07\u202eb"
+
+
+@pytest.mark.parametrize("timestamp,iso", [
+    (0.0, "1970-01-01T00:00:00.000Z"),
+    (WHEN, "2024-03-01T12:34:56.789Z"),
+    (1.9996, "1970-01-01T00:00:01.999Z"),  # cut to the millisecond, never rounded up
+])
+def test_iso_utc(india_time, timestamp, iso):
+    assert iso_utc(timestamp) == iso
