@@ -14,6 +14,7 @@ connection logic lives in client_session.py, shared with the window.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import queue
@@ -64,7 +65,8 @@ USAGE = """%(prog)s [OPTIONS]                  chat interactively (needs a termi
        (OPTIONS may stand before or after the command)"""
 
 DESCRIPTION = """zchat command-line client. With no command and a terminal on stdin it is
-an interactive chat (/users lists who is online, /quit leaves)."""
+an interactive chat: messages appear above the line you type, which has line
+editing and history (up/down); /help lists the chat's commands."""
 
 
 class Stop(BaseException):
@@ -410,32 +412,101 @@ def run_users(args: argparse.Namespace) -> int:
 
 # --- interactive ----------------------------------------------------------------------
 
+CHAT_COMMANDS = {
+    "/help": "list these commands",
+    "/users": "list who is online",
+    "/quit": "leave the chat (Ctrl-D on an empty line too)",
+}
+CHAT_HELP = "\n".join([*(f"  {command:<7} {what}" for command, what in CHAT_COMMANDS.items()),
+                       "  //text  sends /text (a message that starts with /)",
+                       "  Ctrl-C leaves too; up/down recall earlier lines."])
+
 
 def run_chat(session: ClientSession, args: argparse.Namespace) -> int:
+    """The terminal chat, on prompt_toolkit: the line being typed stays at
+    the bottom, intact, while what arrives is printed above it."""
     joined = join(session, args.timeout)
     err(f"joined as {joined.name}; online: {', '.join(joined.users)}. "
-        "Type a message and Enter; /users lists who is online; /quit or Ctrl-D leaves.")
-    printer = threading.Thread(target=print_chat_events, args=(session,), daemon=True)
-    printer.start()
-    for line in stdin_lines():
-        if line.strip() == "/quit":
-            break
-        if line.strip() == "/users":
+        "Type a message and Enter; /help lists the commands.")
+    return asyncio.run(chat_loop(session, joined.name))
+
+
+async def chat_loop(session: ClientSession, name: str) -> int:
+    # Imported here: only the interactive chat needs it, scripts start faster.
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.patch_stdout import patch_stdout
+
+    # A signal ends the prompt by cancelling this task, so prompt_toolkit
+    # restores the terminal before we leave.
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    stopped_by: list[int] = []
+
+    def stop(status: int) -> None:
+        stopped_by.append(status)
+        task.cancel()
+
+    for signum, status in STOP_STATUS.items():
+        loop.add_signal_handler(signum, stop, status)
+    prompt = PromptSession(f"{name}> ", erase_when_done=True)  # the broker's echo shows it
+    sent: dict[str, str] = {}  # message id -> text, until acknowledged
+    try:
+        with patch_stdout():
+            printer = threading.Thread(target=print_chat_events, args=(session, sent),
+                                       daemon=True)
+            printer.start()
+            while True:
+                try:
+                    line = await prompt.prompt_async()
+                except EOFError:  # Ctrl-D on an empty line
+                    return Exit.OK
+                except KeyboardInterrupt:  # Ctrl-C: the terminal sends it as a key
+                    return Exit.INTERRUPTED
+                if chat_line(session, line, sent) == "/quit":
+                    return Exit.OK
+    except asyncio.CancelledError:
+        if not stopped_by:
+            raise
+        return stopped_by[0]
+    finally:
+        for signum in STOP_STATUS:
+            loop.remove_signal_handler(signum)
+        install_stop_handlers()
+
+
+def chat_line(session: ClientSession, line: str, sent: dict[str, str]) -> str | None:
+    """Act on one typed line; returns the command it was, if any. A line
+    whose first non-blank character is / is a command, never sent."""
+    stripped = line.strip()
+    if not stripped:
+        return None
+    if stripped.startswith("//"):
+        line = stripped[1:]
+    elif stripped.startswith("/"):
+        command = stripped.split()[0]
+        if command == "/help":
+            out("commands:\n" + CHAT_HELP)
+        elif command == "/users":
             session.who()
-        elif line.strip():
-            session.send(line)
-    return Exit.OK
+        elif command != "/quit":
+            err(f"unknown command {visible(command)} (not sent; /help lists the commands, "
+                "//text sends /text)")
+        return command
+    sent[session.send(line)] = line
+    return None
 
 
-def print_chat_events(session: ClientSession) -> None:
+def print_chat_events(session: ClientSession, sent: dict[str, str]) -> None:
     while True:
         event = session.events.get()
         if isinstance(event, (m.Message, m.Join, m.Leave)):
             out(event_line(event))
         elif isinstance(event, m.Users):
             out("online: " + ", ".join(visible(u) for u in event.users))
+        elif isinstance(event, Acked):
+            sent.pop(event.id, None)
         elif isinstance(event, Refused):
-            err(f"not sent: {event.reason}")
+            err(f"not sent ({event.reason}): {visible(sent.pop(event.id, ''))}")
         elif isinstance(event, JoinRefused):
             err(f"cannot rejoin: {event.reason}")
         else:

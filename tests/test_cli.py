@@ -71,7 +71,7 @@ def test_a_bad_port_or_an_unknown_host_is_bad_usage_at_once(argv, env, complaint
 def test_top_level_help_tells_of_the_interactive_chat_and_both_option_positions():
     result = run_cli_exactly("--help")
     assert result.returncode == 0
-    assert "interactive" in result.stdout
+    assert "interactive" in result.stdout and "/help" in result.stdout
     assert "before or after the command" in result.stdout
     assert "143" in result.stdout and "CHAT_PUB_PORT" in result.stdout
 
