@@ -90,11 +90,16 @@ class LineReader:
         self._thread.join(timeout)
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Our environment for a child, less our own CHAT_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    env.update(PYTHONUNBUFFERED="1", **(extra or {}))
+    return env
+
+
 def _spawn(args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
-    """``env``: variables added to ours (CHAT_* of ours are left out)."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-    full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.Popen([PYTHON, *args], cwd=ROOT, text=True, env=full_env,
+    """``env``: variables added to the child's environment (see child_env)."""
+    return subprocess.Popen([PYTHON, *args], cwd=ROOT, text=True, env=child_env(env),
                             encoding="utf-8", errors="replace", **kw)
 
 

@@ -19,7 +19,7 @@ import termios
 import threading
 import time
 
-from procs import PYTHON, ROOT
+from procs import PYTHON, ROOT, child_env
 
 CURSOR_POSITION_REQUEST = b"\x1b[6n"
 # CSI and OSC sequences, and the short ESC ones: what a screen would not show as text.
@@ -40,10 +40,9 @@ class Terminal:
         self.rows = rows
         self.master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-        full_env.update(TERM="xterm", PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen([PYTHON, *args], cwd=ROOT, stdin=slave, stdout=slave,
-                                     stderr=slave, env=full_env, start_new_session=True)
+                                     stderr=slave, env=child_env({"TERM": "xterm", **(env or {})}),
+                                     start_new_session=True)
         os.close(slave)
         self._raw = b""
         self._changed = threading.Condition()

@@ -1,8 +1,9 @@
 """The command line of cli_client.py: options in either position, ports and
-hosts checked at once, --pub-port, signals as a goodbye, and what `send`
+hosts checked at once, --pub-port, and what `send`
 says about a long stdin (progress, and where to resume after an interruption).
 
-Real broker processes and real clients, as in test_chat_e2e.py.
+Real broker processes and real clients, as in test_chat_e2e.py (which has the
+SIGINT and SIGTERM goodbye).
 """
 
 import json
@@ -91,18 +92,6 @@ def test_pub_port_reaches_a_broker_on_non_consecutive_ports(make_broker, clients
     assert result.returncode == 0, result.stderr
     wait_until(lambda: ears.messages(), 10, "the message")
     assert [r["text"] for r in ears.messages()] == ["over the other port"]
-
-
-def test_sigterm_is_a_goodbye_like_ctrl_c(broker, clients):
-    watcher = listen(broker, "watcher")
-    victim = listen(broker, "victim")
-    clients += [watcher, victim]
-    victim.proc.send_signal(signal.SIGTERM)
-    assert victim.wait(5) == 143
-    line = watcher.out.wait_for(lambda l: json.loads(l).get("type") == "leave", 5, "a leave")
-    assert json.loads(line)["reason"] == "quit"  # not "timeout": the broker was told
-    victim.err.join(5)
-    assert not any("Traceback" in l for l in victim.err.lines), victim.err.lines
 
 
 RESUME_REPORT = re.compile(r"interrupted: (\d+) line\(s\) accepted; line (\d+) is the first not "
