@@ -311,13 +311,13 @@ class SendTally:
                  f"accepted (resume with: tail -n +{first}){unanswered}")
 
     def settle(self) -> None:
-        """After an interruption: wait (at most --timeout) for the answers to
-        the lines already sent, so the report is exact; a second interruption
-        ends the wait."""
+        """After an interruption: wait for the answers to the lines already
+        sent, so the report is exact. The wait ends after --timeout without
+        an answer, or at a second interruption."""
         if not self.pending:
             return
-        self.say(f"interrupted: waiting up to {self.timeout:g}s for the broker's answer to "
-                 f"{len(self.pending)} line(s) already sent (interrupt again to stop now)")
+        self.say(f"interrupted: waiting for the broker's answer to the {len(self.pending)} "
+                 "line(s) already sent (interrupt again to stop now)")
         with contextlib.suppress(Stop):
             self.await_answers(lambda: not self.pending, patient=True)
 
@@ -549,7 +549,7 @@ def run(args: argparse.Namespace) -> int:
                                 recent=getattr(args, "history", 0)).start()
         return runner(session, args)
     except CliError as e:
-        if str(e):
+        if str(e):  # empty when the cause is already said
             err(str(e))
         return e.status
     finally:
