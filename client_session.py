@@ -295,13 +295,30 @@ def list_users(host: str, port: int, timeout: float,
 # --- command-line options shared by both clients ------------------------------------
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535 (anything else is bad usage)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return port
+
+
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """--host, --port, --name, --server-key and --key, with their defaults."""
+    """--host, --port, --pub-port, --name, --server-key and --key, with their defaults.
+
+    Defaults from the environment are strings, so argparse checks them with
+    the option's type just as it checks what is typed.
+    """
     parser.add_argument("--host", default=os.environ.get("CHAT_HOST", "127.0.0.1"),
                         help="broker address (default 127.0.0.1, env CHAT_HOST)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("CHAT_PORT", 5555)),
-                        help="broker request port; broadcasts use the next one "
-                             "(default 5555, env CHAT_PORT)")
+    parser.add_argument("--port", type=port_number, default=os.environ.get("CHAT_PORT", "5555"),
+                        help="broker request port (default 5555, env CHAT_PORT)")
+    parser.add_argument("--pub-port", type=port_number, default=os.environ.get("CHAT_PUB_PORT"),
+                        help="broker broadcast port, for a broker run with its own --pub-port "
+                             "(default: --port + 1, env CHAT_PUB_PORT)")
     parser.add_argument("--name", default=os.environ.get("CHAT_NAME"),
                         help="your username (default env CHAT_NAME, else your login name)")
     parser.add_argument("--server-key", metavar="KEY|FILE",

@@ -90,10 +90,16 @@ class LineReader:
         self._thread.join(timeout)
 
 
-def _spawn(args: list[str], **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("CHAT_NAME", None)
-    return subprocess.Popen([PYTHON, *args], cwd=ROOT, text=True, env=env,
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Our environment for a child, less our own CHAT_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    env.update(PYTHONUNBUFFERED="1", **(extra or {}))
+    return env
+
+
+def _spawn(args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    """``env``: variables added to the child's environment (see child_env)."""
+    return subprocess.Popen([PYTHON, *args], cwd=ROOT, text=True, env=child_env(env),
                             encoding="utf-8", errors="replace", **kw)
 
 
@@ -199,9 +205,17 @@ def listen(broker, name: str, *args: str, timeout: float = 10) -> Client:
 
 def run_cli(broker: Broker, *args: str, name: str | None = None, input: str | None = None,
             timeout: float = 30) -> subprocess.CompletedProcess:
-    cmd = ["cli_client.py", *args, *broker.client_args]
+    """cli_client.py with ``args``, then the broker's address and ``name``."""
+    cmd = [*args, *broker.client_args]
     if name:
         cmd += ["--name", name]
-    proc = _spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return run_cli_exactly(*cmd, input=input, timeout=timeout)
+
+
+def run_cli_exactly(*args: str, env: dict[str, str] | None = None, input: str | None = None,
+                    timeout: float = 30) -> subprocess.CompletedProcess:
+    """cli_client.py with exactly ``args`` (and ``env`` added to the environment)."""
+    proc = _spawn(["cli_client.py", *args], env=env, stdin=subprocess.PIPE,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout, stderr = proc.communicate(input or "", timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

@@ -139,14 +139,17 @@ def test_sigkilled_client_is_announced_as_timeout_within_the_bound(make_broker, 
     assert (leave["name"], leave["reason"]) == ("victim", "timeout")
 
 
-def test_ctrl_c_is_a_quit(broker, clients):
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_are_a_quit(broker, clients, sig, status):
     watcher = listen(broker, "watcher")
     quitter = listen(broker, "quitter")
     clients += [watcher, quitter]
-    quitter.proc.send_signal(signal.SIGINT)
-    assert quitter.wait(5) == 130
+    quitter.proc.send_signal(sig)
+    assert quitter.wait(5) == status
     line = watcher.out.wait_for(lambda l: json.loads(l).get("type") == "leave", 5, "a leave")
-    assert json.loads(line)["reason"] == "quit"
+    assert json.loads(line)["reason"] == "quit"  # not "timeout": the broker was told
+    quitter.err.join(5)
+    assert not any("Traceback" in l for l in quitter.err.lines), quitter.err.lines
 
 
 def test_listener_survives_a_broker_restart_and_rejoins(broker, make_broker, clients):

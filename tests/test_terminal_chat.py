@@ -1,0 +1,111 @@
+"""The terminal chat (no command, a terminal on stdin) through a real pty.
+
+A real broker, a real `listen --json` client as the other side, and the chat
+on a pseudo-terminal that answers as a terminal does.
+"""
+
+import json
+import signal
+import termios
+
+import pytest
+
+from display import visible
+from hostile_text import HOSTILE_TEXTS
+from procs import listen, run_cli, wait_until
+from terminal import Terminal
+
+UP, LEFT = "\x1b[A", "\x1b[D"
+ENTER = "\r"  # what the Enter key sends in raw mode
+
+
+@pytest.fixture
+def chat(broker, clients):
+    """A listener "ears", then "typist" chatting on a terminal, at its prompt."""
+    ears = listen(broker, "ears")
+    clients.append(ears)
+    term = Terminal("cli_client.py", "--name", "typist", *broker.client_args)
+    try:
+        ears.out.wait_for(lambda l: '"typist"' in l and '"join"' in l, 15, "typist to join")
+        term.wait_for("typist>", 15, "the prompt")
+        yield term, ears
+    finally:
+        term.close()
+
+
+def input_line_holds(typed: str, after: str = ""):
+    """A condition: the newest input line (drawn after ``after``) shows ``typed``.
+    (A redraw may move the cursor over the prompt's space rather than print it.)"""
+    def holds(text: str) -> bool:
+        text = text[text.rfind(after):] if after else text
+        prompt = text.rfind("typist>")
+        return prompt >= 0 and typed in text[prompt:]
+    return holds
+
+
+def sent_by_typist(ears) -> list[str]:
+    return [r["text"] for r in ears.messages() if r["from"] == "typist"]
+
+
+def test_messages_arrive_above_a_half_typed_line_which_is_sent_intact(broker, chat):
+    term, ears = chat
+    term.type("half typed")
+    term.wait_for(input_line_holds("half typed"), 10, "the typed text on the input line")
+    incoming = [f"incoming {n}" for n in range(1, 4)]
+    assert run_cli(broker, "send", name="other", input="\n".join(incoming)).returncode == 0
+    shown = term.wait_for("other: incoming 3", 10, "the incoming messages")
+    for text in incoming:  # each on a line of its own
+        assert any(line.endswith(f" other: {text}") for line in shown.splitlines()), shown
+    # The input line is drawn again below them, with what was typed.
+    term.wait_for(input_line_holds("half typed", after="other: incoming 3"), 10,
+                  "the input line redrawn below the messages")
+    term.type(" rest" + ENTER)
+    wait_until(lambda: sent_by_typist(ears), 10, "the typed line")
+    assert sent_by_typist(ears) == ["half typed rest"]
+
+
+def test_commands_stay_local_and_line_editing_and_history_work(chat):
+    term, ears = chat
+    term.type("/help" + ENTER)
+    term.wait_for(lambda t: all(c in t for c in ("/help", "/users", "/quit", "//text")), 10,
+                  "the list of commands")
+    term.type("/frobnicate now" + ENTER)
+    term.wait_for("unknown command /frobnicate (not sent", 10, "the local error")
+    term.type("/users" + ENTER)
+    term.wait_for("online: ears, typist", 10, "who is online")
+    term.type("//slash at the start" + ENTER)
+    wait_until(lambda: sent_by_typist(ears), 10, "the // line")
+    term.type("helo" + LEFT + "l" + ENTER)  # the arrow moves the cursor, it is not text
+    wait_until(lambda: len(sent_by_typist(ears)) >= 2, 10, "the edited line")
+    term.type(UP + ENTER)  # the last line again, from the history
+    wait_until(lambda: len(sent_by_typist(ears)) >= 3, 10, "the recalled line")
+    # Only these went out: no command, and the broker orders each after the one before.
+    assert sent_by_typist(ears) == ["/slash at the start", "hello", "hello"]
+    term.type("/quit" + ENTER)
+    assert term.proc.wait(10) == 0
+    leave = ears.out.wait_for(lambda l: '"leave"' in l, 5, "typist leaves")
+    assert json.loads(leave)["reason"] == "quit"
+
+
+def test_hostile_text_is_shown_neutralised(broker, chat):
+    term, _ = chat
+    texts = list(HOSTILE_TEXTS.values())
+    for text in texts:  # as arguments: stdin would split at the \r
+        assert run_cli(broker, "send", text, name="evil").returncode == 0
+    term.wait_for(lambda t: all(f"evil: {visible(text)}" in t for text in texts), 15,
+                  "every hostile text, shown with visible escapes")
+    for text in texts:
+        assert text not in term.raw
+
+
+def test_sigterm_leaves_at_once_and_restores_the_terminal(chat):
+    term, ears = chat
+    term.type("half typed")
+    term.wait_for(input_line_holds("half typed"), 10, "the typed text on the input line")
+    assert not term.local_modes() & termios.ECHO  # the prompt has the terminal in raw mode
+    term.proc.send_signal(signal.SIGTERM)
+    assert term.proc.wait(10) == 143
+    leave = ears.out.wait_for(lambda l: '"leave"' in l, 5, "typist leaves")
+    assert json.loads(leave)["reason"] == "quit"
+    assert term.local_modes() & termios.ECHO and term.local_modes() & termios.ICANON
+    assert sent_by_typist(ears) == []
