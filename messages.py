@@ -105,7 +105,9 @@ class Hello:
 
     TYPE: ClassVar[str] = "hello"
     name: str
-    v: int = PROTOCOL_VERSION
+    # Required on the wire (a hello without it is malformed); the default is
+    # for Python callers, which always send it.
+    v: int = field(default=PROTOCOL_VERSION, metadata={"required": True})
     resume: str | None = None
 
 
@@ -281,9 +283,10 @@ SEQUENCED_EVENTS = (Message, Join, Leave)
 
 @cache
 def _field_specs(cls: type) -> tuple[tuple[str, str, str, Any], ...]:
-    """(name, wire name, annotation, default) of each field of a message type."""
+    """(name, wire name, annotation, default on the wire) of each field of a message type."""
     return tuple(
-        (f.name, f.metadata.get("wire", f.name), f.type, f.default) for f in fields(cls)
+        (f.name, f.metadata.get("wire", f.name), f.type,
+         MISSING if f.metadata.get("required") else f.default) for f in fields(cls)
     )
 
 

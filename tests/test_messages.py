@@ -46,6 +46,7 @@ def test_text_is_utf8_not_escaped():
     ([b'{"type":"say","text":"x"}'], "'id' is missing"),
     ([b'{"type":"say","id":"1","text":5}'], "'text' must be str"),
     ([b'{"type":"say","id":"1","text":"\\ud800"}'], "'text' must be str"),
+    ([b'{"type":"hello","name":"alice"}'], "'v' is missing"),
     ([b'{"type":"fetch","after":true,"until":2}'], "'after' must be int"),
     ([b'{"type":"fetch","after":5,"until":2}'], "after <= until"),
     ([b'{"type":"say","id":"' + b"x" * 65 + b'","text":"t"}'], "id must be"),
