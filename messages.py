@@ -370,6 +370,9 @@ _TYPE_CHECKS = {
     "list[str]": lambda v: isinstance(v, list) and all(_is_text(x) for x in v),
     "list[Any]": lambda v: isinstance(v, list),
 }
+# How a refusal names a type where its annotation alone would not say what is
+# wrong (a lone surrogate such as \ud800 is a str, but not UTF-8 text).
+_TYPE_NAMES = {"str": "a string of valid UTF-8 text"}
 
 
 def _check_field(cls: type, name: str, value: Any, annotation: str) -> Any:
@@ -381,7 +384,7 @@ def _check_field(cls: type, name: str, value: Any, annotation: str) -> Any:
         raise ProtocolError(f"{cls.TYPE}: field {name!r} is missing")
     base = annotation.removesuffix(" | None")
     if not _TYPE_CHECKS[base](value):
-        raise ProtocolError(f"{cls.TYPE}: field {name!r} must be {base}")
+        raise ProtocolError(f"{cls.TYPE}: field {name!r} must be {_TYPE_NAMES.get(base, base)}")
     return value
 
 
