@@ -38,6 +38,8 @@ json_ints = st.integers(-3, 40) | st.sampled_from([2**31, 2**53, 2**62, 2**63, 2
 
 
 def frame(**body) -> list[bytes]:
+    if body.get("type") == "hello":
+        body.setdefault("v", m.PROTOCOL_VERSION)  # every client sends it
     return [json.dumps(body).encode()]
 
 
@@ -114,7 +116,7 @@ class BrokerCoreMachine(RuleBasedStateMachine):
           random_token=st.sampled_from([None, "0" * 32, "", "x" * 64, "\u00e9t\u00e9"]))
     def hello(self, peer, name, resume, random_token):
         token = self.tokens[-1] if resume and self.tokens else random_token
-        body = {"type": "hello", "name": name, "v": m.PROTOCOL_VERSION}
+        body = {"type": "hello", "name": name}
         if token is not None:
             body["resume"] = token
         self.handle(peer, frame(**body))
@@ -139,7 +141,7 @@ class BrokerCoreMachine(RuleBasedStateMachine):
     @rule(peer=peers, name=st.sampled_from(VALID_NAMES))
     def join(self, peer, name):
         """A plain hello with a valid name: most steps then run with sessions."""
-        self.handle(peer, frame(type="hello", name=name, v=m.PROTOCOL_VERSION))
+        self.handle(peer, frame(type="hello", name=name))
 
     @rule(peer=peers, after=json_ints, span=st.integers(-2, 10) | json_ints, whose=tokens_used)
     def fetch(self, peer, after, span, whose):
@@ -249,7 +251,7 @@ test_broker_core_keeps_its_invariants = BrokerCoreMachine.TestCase
 @pytest.fixture
 def core_with_alice():
     core = BrokerCore(CONFIG)
-    (welcome, _join) = core.handle(b"A", frame(type="hello", name="alice", v=1), T0)
+    (welcome, _join) = core.handle(b"A", frame(type="hello", name="alice"), T0)
     assert isinstance(welcome.message, m.Welcome)
     return core
 
@@ -264,7 +266,7 @@ def test_fetch_far_past_the_end_is_refused_not_raised(core_with_alice, after):
 
 @pytest.mark.parametrize("token", ["\u00e9", "\U0001f389" * 16])
 def test_hello_with_a_non_ascii_resume_token_is_refused_not_raised(core_with_alice, token):
-    (reply,) = core_with_alice.handle(b"B", frame(type="hello", name="alice", v=1, resume=token), T0)
+    (reply,) = core_with_alice.handle(b"B", frame(type="hello", name="alice", resume=token), T0)
     assert reply.message.code == m.ErrorCode.MALFORMED
     assert list(core_with_alice.sessions) == [b"A"]
 

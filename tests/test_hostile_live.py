@@ -313,6 +313,14 @@ def test_one_hostile_request_cannot_kill_the_broker(broker, body):
 # --- malformed frames -------------------------------------------------------------------
 
 
+def test_a_hello_without_a_version_is_malformed_and_joins_nobody(broker):
+    with raw_dealer(broker.port) as peer:
+        refused = request(peer, {"type": "hello", "name": "noversion"})
+        assert isinstance(refused, m.Error) and refused.code == m.ErrorCode.MALFORMED, refused
+        assert "'v' is missing" in refused.reason
+        assert request(peer, {"type": "who"}) == m.Users([])
+
+
 def test_malformed_frames_get_the_right_error_and_do_not_disturb_a_listener(broker, clients):
     listener = listen(broker, "legit-ears")
     clients.append(listener)
