@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-text", type=int, default=m.DEFAULT_MAX_TEXT_BYTES, metavar="BYTES",
                    help=f"largest message text in UTF-8 bytes (default {m.DEFAULT_MAX_TEXT_BYTES})")
     p.add_argument("--history", type=int, default=1000, metavar="N",
-                   help="messages kept for gap repair and late joiners (default 1000)")
+                   help="events kept for gap repair and late joiners (default 1000)")
     p.add_argument("--db", metavar="PATH",
                    help="keep every message in this SQLite file, across restarts")
     p.add_argument("--max-users", type=int, default=5000, metavar="N",

@@ -120,7 +120,9 @@ class Hello:
 
     TYPE: ClassVar[str] = "hello"
     name: str
-    v: int = PROTOCOL_VERSION
+    # Required on the wire (a hello without it is malformed); the default is
+    # for Python callers, which always send it.
+    v: int = field(default=PROTOCOL_VERSION, metadata={"required": True})
     resume: str | None = None
 
 
@@ -301,9 +303,10 @@ SEQUENCED_TYPES = {cls.TYPE: cls for cls in SEQUENCED_EVENTS}
 
 @cache
 def _field_specs(cls: type) -> tuple[tuple[str, str, str, Any], ...]:
-    """(name, wire name, annotation, default) of each field of a message type."""
+    """(name, wire name, annotation, default on the wire) of each field of a message type."""
     return tuple(
-        (f.name, f.metadata.get("wire", f.name), f.type, f.default) for f in fields(cls)
+        (f.name, f.metadata.get("wire", f.name), f.type,
+         MISSING if f.metadata.get("required") else f.default) for f in fields(cls)
     )
 
 
@@ -382,6 +385,9 @@ _TYPE_CHECKS = {
     "list[str]": lambda v: isinstance(v, list) and all(_is_text(x) for x in v),
     "list[Any]": lambda v: isinstance(v, list),
 }
+# How a refusal names a type where its annotation alone would not say what is
+# wrong (a lone surrogate such as \ud800 is a str, but not UTF-8 text).
+_TYPE_NAMES = {"str": "a string of valid UTF-8 text"}
 
 
 def _check_field(cls: type, name: str, value: Any, annotation: str) -> Any:
@@ -393,7 +399,7 @@ def _check_field(cls: type, name: str, value: Any, annotation: str) -> Any:
         raise ProtocolError(f"{cls.TYPE}: field {name!r} is missing")
     base = annotation.removesuffix(" | None")
     if not _TYPE_CHECKS[base](value):
-        raise ProtocolError(f"{cls.TYPE}: field {name!r} must be {base}")
+        raise ProtocolError(f"{cls.TYPE}: field {name!r} must be {_TYPE_NAMES.get(base, base)}")
     return value
 
 

@@ -21,6 +21,8 @@ def at(now: float) -> tuple[float, float]:
 
 
 def frame(**body) -> list[bytes]:
+    if body.get("type") == "hello":
+        body.setdefault("v", m.PROTOCOL_VERSION)  # every client sends it
     return [json.dumps(body).encode()]
 
 

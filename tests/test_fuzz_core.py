@@ -42,6 +42,8 @@ json_ints = st.integers(-3, 40) | st.sampled_from([2**31, 2**53, 2**62, 2**63, 2
 
 
 def frame(**body) -> list[bytes]:
+    if body.get("type") == "hello":
+        body.setdefault("v", m.PROTOCOL_VERSION)  # every client sends it
     return [json.dumps(body).encode()]
 
 

@@ -286,7 +286,7 @@ def test_every_message_type_is_covered_by_the_strategies():
 
 def test_lone_surrogates_deep_nesting_and_huge_numbers_are_refused_cleanly():
     """The edge cases named in the issue, each once, with every decoder."""
-    frames = [b'{"type":"say","id":"1","text":"\\ud800"}', b'{"type":"hello","name":"\\udfff"}',
+    frames = [b'{"type":"say","id":"1","text":"\\ud800"}', b'{"type":"hello","v":1,"name":"\\udfff"}',
               b"[" * 100_000, b'{"type":"fetch","after":1' + b"0" * 5000 + b',"until":1}',
               b'{"type":"fetch","after":NaN,"until":Infinity}', b'{"type":"ping"',
               b'{"type":"say","id":"1","text":"a","text":5}']

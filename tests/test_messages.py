@@ -44,8 +44,11 @@ def test_text_is_utf8_not_escaped():
     ([b"[1,2]"], "JSON object"),
     ([b'{"type":"teleport"}'], "unknown message type"),
     ([b'{"type":"say","text":"x"}'], "'id' is missing"),
-    ([b'{"type":"say","id":"1","text":5}'], "'text' must be str"),
-    ([b'{"type":"say","id":"1","text":"\\ud800"}'], "'text' must be str"),
+    ([b'{"type":"say","id":"1","text":5}'], "'text' must be a string of valid UTF-8 text"),
+    # A lone surrogate escaped in JSON cannot be UTF-8; raw bad bytes spoil the frame.
+    ([b'{"type":"say","id":"1","text":"\\ud800"}'], "'text' must be a string of valid UTF-8 text"),
+    ([b'{"type":"say","id":"1","text":"caf\xe9"}'], "frame is not valid UTF-8"),
+    ([b'{"type":"hello","name":"alice"}'], "'v' is missing"),
     ([b'{"type":"fetch","after":true,"until":2}'], "'after' must be int"),
     ([b'{"type":"fetch","after":5,"until":2}'], "after <= until"),
     ([b'{"type":"say","id":"' + b"x" * 65 + b'","text":"t"}'], "id must be"),
