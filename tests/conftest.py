@@ -1,5 +1,7 @@
 """Fixtures shared by the tests: real brokers and clients, cleaned up after."""
 
+import signal
+
 import pytest
 
 from procs import Broker
@@ -33,3 +35,12 @@ def clients():
     yield running
     for client in running:
         client.stop()
+
+
+def pytest_configure(config):
+    """Children must be able to get Ctrl-C: a SIGINT that was ignored when
+    the test run started (a job started in the background by a shell without
+    job control) is inherited through exec, so the tests' clients would
+    ignore it too. A handler is reset to the default at exec instead."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
