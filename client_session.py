@@ -39,6 +39,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Callable
 
 import zmq
 
@@ -155,8 +156,16 @@ class ClientSession:
     """One user's connection to a broker, run by a worker thread."""
 
     def __init__(self, host: str, port: int, name: str, pub_port: int | None = None,
-                 recent: int = 0, encryption: Encryption | None = None):
-        """``recent``: how many earlier messages to show on joining (Earlier)."""
+                 recent: int = 0, encryption: Encryption | None = None,
+                 on_event: Callable[[], None] | None = None):
+        """``recent``: how many earlier messages to show on joining (Earlier).
+
+        ``on_event``: called with no arguments by the worker thread after it
+        put events on ``events``, at most once per pass of its loop, so a
+        caller can wake up instead of polling the queue. It must be quick,
+        never block, and (for a window) never touch the GUI toolkit itself.
+        """
+        self.on_event = on_event
         self.address = f"{host}:{port}"
         self.encryption = encryption
         self.recent = min(recent, m.MAX_FETCH_EVENTS)
@@ -214,6 +223,8 @@ class ClientSession:
         except Exception:  # a bug of ours: say so rather than die silently
             log.exception("client session failed")
             self.events.put(StateChanged(State.CLOSED, "internal error, see log"))
+            if self.on_event is not None:
+                self.on_event()
         finally:
             self._wake_r.close()
             self._wake_w.close()
@@ -224,7 +235,7 @@ class _Worker:
 
     def __init__(self, session: ClientSession):
         self.s = session
-        self.emit = session.events.put
+        self.emitted = False  # events put since on_event was last called
         self.ctx = zmq.Context.instance()
         self.dealer: zmq.Socket | None = None
         self.sub: zmq.Socket | None = None
@@ -279,7 +290,19 @@ class _Worker:
                 self._read_broadcasts(now)
             self._on_timers(now)
             self._flush_outbox(now)
+            self._tell_events()
         self._shut_down()
+        self._tell_events()
+
+    def emit(self, event) -> None:
+        self.s.events.put(event)
+        self.emitted = True
+
+    def _tell_events(self) -> None:
+        """Calls the session's on_event once for all the events of one pass."""
+        if self.emitted and self.s.on_event is not None:
+            self.emitted = False
+            self.s.on_event()
 
     @property
     def _patience(self) -> float:
