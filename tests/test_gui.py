@@ -265,22 +265,52 @@ def test_status_line_and_queued_message_through_a_broker_restart(make_broker, cl
                what="reconnecting")
     assert window.status.cget("text").startswith(f"Reconnecting to {address}")
     assert window.entry.instate(["!disabled"])
-    window.entry.insert(0, "typed while away")
-    press_enter(window.entry)
-    assert "waiting for the connection" in shown_line(window, "typed while away")
+    for text in ("typed while away", "and a second"):
+        window.entry.insert(0, text)
+        press_enter(window.entry)
+        assert "waiting for the connection" in shown_line(window, text)
     again = make_broker("--heartbeat-interval", "0.2", port=broker.port)
     ears = listen(again, "ears", "--history", "10")
     clients.append(ears)
     pump_until(root, lambda: window.status.cget("text") == f"Connected to {address} as alice",
                15, "connected again")
-    pump_until(root, lambda: shown_line(window, "typed while away").endswith("✓"),
-               what="the queued message delivered")
+    pump_until(root, lambda: shown_line(window, "and a second").endswith("✓"),
+               what="the queued messages delivered")
     shown = chat_text(window)
     assert "Reconnected (the broker restarted)." in shown
-    # Shown where it was sent: after the reconnection, not where it was typed.
-    assert shown.index("Reconnected") < shown.index("typed while away")
+    # Shown where they were sent: after the reconnection, not where typed.
+    assert shown.index("Reconnected") < shown.index("typed while away") < shown.index("and a")
+    assert shown_line(window, "typed while away").endswith("✓")
+    ears.out.wait_for(lambda line: '"text": "and a second"' in line, 10, "the messages")
+
+
+def next_attempt_in(window: ChatWindow) -> float:
+    found = re.search(r"next attempt in ([\d.]+) s", window.status.cget("text"))
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_message_typed_offline_shows_after_what_others_said_before_it(make_broker, clients,
+                                                                         root, tmp_path):
+    db = str(tmp_path / "chat.db")  # the history survives the restart: alice catches up
+    broker = make_broker("--heartbeat-interval", "0.2", "--db", db)
+    window = open_chat(root, broker, "alice")
+    broker.kill()
+    # Her next attempt a while off, so bob speaks before she is back.
+    pump_until(root, lambda: next_attempt_in(window) >= 1.5, what="a longer backoff")
+    window.entry.insert(0, "typed while away")
+    press_enter(window.entry)
+    again = make_broker("--heartbeat-interval", "0.2", "--db", db, port=broker.port)
+    assert run_cli(again, "send", "said meanwhile", name="bob").returncode == 0
+    pump_until(root, lambda: (shown_line(window, "typed while away") or "").endswith("✓")
+               and shown_line(window, "said meanwhile"), 15, "both messages")
+    ears = listen(again, "ears", "--history", "10")
+    clients.append(ears)
+    wait_until(lambda: len(ears.messages()) == 2, 10, "both messages at a listener")
+    assert [said["text"] for said in ears.messages()] == ["said meanwhile", "typed while away"]
+    shown = chat_text(window)
+    assert (shown.index("Reconnected") < shown.index("said meanwhile")
+            < shown.index("typed while away")), shown
     assert shown.count("typed while away") == 1
-    ears.out.wait_for(lambda line: '"text": "typed while away"' in line, 10, "the message")
 
 
 def test_closing_the_window_leaves_at_once_with_quit(broker, clients, root):
