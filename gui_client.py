@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import ctypes
+import ctypes.util
 import itertools
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -100,6 +103,79 @@ def apply_style(root: tk.Misc) -> None:
     style.configure("Problem.TLabel", foreground=COLORS["bad"])
     style.configure("Busy.TLabel", foreground=COLORS["muted"])
     style.configure("Marker.TButton", foreground="#ffffff", background=COLORS["own"])
+
+
+# --- characters no font can draw ----------------------------------------------------------
+
+# Beyond Unicode's first plane: most emoji, where an empty box is likeliest.
+ASTRAL_CHARACTER = re.compile("[\U00010000-\U0010FFFF]")
+
+
+class FontCoverage:
+    """Which characters some installed font can draw, asked of fontconfig:
+    for a character its font lacks, Tk's text (through Xft) takes the first
+    font fontconfig offers that has it, and draws an empty box when none
+    does. Monochrome fonts such as Debian's fonts-symbola cover most emoji."""
+
+    def __init__(self):
+        self._known: dict[str, bool] = {}
+        self._fc = self._load_fontconfig()
+
+    @staticmethod
+    def _load_fontconfig():
+        try:
+            fc = ctypes.CDLL(ctypes.util.find_library("fontconfig") or "libfontconfig.so.1")
+        except OSError:
+            return None  # not an X11 Tk: its text finds fonts otherwise
+        pointer = ctypes.c_void_p
+        for function, result, arguments in [
+                ("FcCharSetCreate", pointer, []),
+                ("FcCharSetAddChar", ctypes.c_int, [pointer, ctypes.c_uint32]),
+                ("FcCharSetDestroy", None, [pointer]),
+                ("FcPatternCreate", pointer, []),
+                ("FcPatternAddCharSet", ctypes.c_int, [pointer, ctypes.c_char_p, pointer]),
+                ("FcPatternDestroy", None, [pointer]),
+                ("FcObjectSetCreate", pointer, []),
+                ("FcObjectSetDestroy", None, [pointer]),
+                ("FcFontList", pointer, [pointer, pointer, pointer]),
+                ("FcFontSetDestroy", None, [pointer])]:
+            getattr(fc, function).restype = result
+            getattr(fc, function).argtypes = arguments
+        return fc
+
+    def has(self, char: str) -> bool:
+        """True when an installed font has ``char`` (or when we cannot tell)."""
+        if char not in self._known:
+            self._known[char] = self._fc is None or self._fonts_with(ord(char)) > 0
+        return self._known[char]
+
+    def _fonts_with(self, code: int) -> int:
+        fc = self._fc
+        charset, pattern, fields = fc.FcCharSetCreate(), fc.FcPatternCreate(), fc.FcObjectSetCreate()
+        try:
+            fc.FcCharSetAddChar(charset, code)
+            fc.FcPatternAddCharSet(pattern, b"charset", charset)
+            fonts = fc.FcFontList(None, pattern, fields)
+            if not fonts:
+                return 0
+            count = ctypes.cast(fonts, ctypes.POINTER(ctypes.c_int))[0]  # FcFontSet.nfont
+            fc.FcFontSetDestroy(fonts)
+            return count
+        finally:
+            fc.FcObjectSetDestroy(fields)
+            fc.FcPatternDestroy(pattern)
+            fc.FcCharSetDestroy(charset)
+
+    def drawable(self, text: str) -> str:
+        """``text`` with each emoji (or other character beyond the first
+        plane) that no installed font has written as ``[U+1F389]``."""
+        if text.isascii():
+            return text
+        return ASTRAL_CHARACTER.sub(self._placeholder, text)
+
+    def _placeholder(self, match: re.Match) -> str:
+        char = match.group()
+        return char if self.has(char) else f"[U+{ord(char):04X}]"
 
 
 # --- waking Tk's loop from the session's thread -----------------------------------------
@@ -374,6 +450,7 @@ class ChatWindow:
     def __init__(self, root: tk.Tk, session: ClientSession, joined: Joined, wakeup: Wakeup):
         self.root, self.session = root, session
         self.name = joined.name
+        self.fonts = FontCoverage()
         self.users: list[str] = []  # in the order shown
         self.users_stale = False  # the list as it was when the connection went down
         # Own messages shown at once and not yet acknowledged (the session
@@ -635,9 +712,13 @@ class ChatWindow:
 
     # --- showing lines -------------------------------------------------------------
 
+    def _shown(self, text: str, keep: str = "") -> str:
+        """Someone's text as the window shows it: safe, and nothing drawn as an empty box."""
+        return self.fonts.drawable(visible(text, keep))
+
     def _message_parts(self, when: float, sender: str, text: str, sender_tag: str) -> list:
-        return [f"{clock(when)}  ", ("line", "time"), visible(sender), ("line", sender_tag),
-                "  " + visible(text, keep="\n"), ("line",)]
+        return [f"{clock(when)}  ", ("line", "time"), self._shown(sender), ("line", sender_tag),
+                "  " + self._shown(text, keep="\n"), ("line",)]
 
     def _sender_tag(self, sender: str) -> str:
         if sender == self.name:
@@ -676,8 +757,8 @@ class ChatWindow:
             self._add_user(event.name)
         else:
             self._remove_user(event.name)
-        self._append([f"{clock(event.time)}  ", ("line", "time"), presence_text(event),
-                      ("line", "presence")])
+        self._append([f"{clock(event.time)}  ", ("line", "time"),
+                      self.fonts.drawable(presence_text(event)), ("line", "presence")])
 
     def _on_missed(self, event: Missed) -> None:
         # Held lines whose broadcast was lost: they went out before what follows.
@@ -741,7 +822,8 @@ class ChatWindow:
             return
         index = bisect.bisect(self.users, m.name_key(name), key=m.name_key)
         self.users.insert(index, name)
-        self.user_list.insert(index, f"{name} (you)" if name == self.name else name)
+        shown = self.fonts.drawable(name)
+        self.user_list.insert(index, f"{shown} (you)" if name == self.name else shown)
         self._color_user(index)
         self._count_users()
 

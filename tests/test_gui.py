@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 import tkinter as tk
+from tkinter import font as tkfont
 
 import pytest
 
@@ -134,8 +135,9 @@ def test_messages_from_others_show_time_sender_and_neutralised_text(broker, root
     text = "héllo 世界 🎉 \x1b[31mred\x1b[0m \u202eevil\u202c end"
     assert run_cli(broker, "send", text, name="bob").returncode == 0
     line = pump_until(root, lambda: shown_line(window, "bob  "), what="bob's message")
-    assert re.fullmatch(r"\d\d:\d\d:\d\d  bob  héllo 世界 🎉 \\x1b\[31mred\\x1b\[0m "
-                        r"\\u202eevil\\u202c end", line)
+    party = re.escape(window.fonts.drawable("🎉"))  # as is where a font has it
+    assert re.fullmatch(r"\d\d:\d\d:\d\d  bob  héllo 世界 " + party +
+                        r" \\x1b\[31mred\\x1b\[0m \\u202eevil\\u202c end", line)
     assert not {"\x1b", "\u202e", "\u202c"} & set(chat_text(window))
     bob_at = window.chat.search("bob  ", "1.0")
     alice_joined_at = window.chat.search("alice joined", "1.0")
@@ -415,3 +417,16 @@ def test_an_idle_window_sleeps_until_the_session_has_events(broker, root, monkey
     assert cpu < 0.01 * wall, f"Tk's thread took {1000 * cpu:.1f} ms in {wall:.1f} s idle"
     assert run_cli(broker, "send", "wake up", name="bob").returncode == 0
     pump_until(root, lambda: shown_line(window, "wake up"), 5, "the message")
+
+
+def test_emoji_no_installed_font_has_show_as_a_readable_placeholder(broker, root):
+    window = open_chat(root, broker, "alice")
+    assert run_cli(broker, "send", "party 🎉 private \U0010fffd", name="bob").returncode == 0
+    line = pump_until(root, lambda: shown_line(window, "bob  "), what="bob's message")
+    # No font has a private-use character: readable, not an empty box.
+    assert line.endswith(" private [U+10FFFD]")
+    party = "🎉" if window.fonts.has("🎉") else "[U+1F389]"
+    assert line.endswith(f"bob  party {party} private [U+10FFFD]")
+    assert window.fonts.has("A")
+    if "Symbola" in tkfont.families(root):  # Debian's fonts-symbola: drawn, not a box
+        assert party == "🎉"
