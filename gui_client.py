@@ -46,9 +46,12 @@ from client_session import (Acked, ClientSession, Earlier, Encryption, Joined, J
                             encryption_from_args, login_name)
 from display import clock, presence_text, visible
 
-# The worker's wakeups drive the reading of events; this slow poll is only a
-# safety net. Under a backlog the window comes back as soon as Tk has redrawn
-# and handled input. While reconnecting, the status line counts down.
+# The worker's wakeups drive the reading of events, a few ms after the first
+# one so that a stream of arrivals makes batches rather than one redraw per
+# message; the slow poll is only a safety net. Under a backlog the window
+# comes back as soon as Tk has redrawn and handled input. While
+# reconnecting, the status line counts down.
+WAKE_DELAY_MS = 10
 SAFETY_POLL_MS = 1000
 COUNTDOWN_REFRESH_MS = 200
 # Bounds on one tick, so input and redraws are never held up for long.
@@ -251,8 +254,9 @@ class EventPump:
         if not self._due and not self.stopped:
             self._cancel()
             self._due = True
-            # At Tk's next idle moment: many wakeups make one batch.
-            self._job = self.root.after_idle(self._run)
+            # A timer, not an idle handler: the redraw of the last batch (an
+            # idle handler) and other timers get their turn between batches.
+            self._job = self.root.after(WAKE_DELAY_MS, self._run)
 
     def _run(self) -> None:
         self._job, self._due = None, False
