@@ -233,6 +233,9 @@ class Wakeup:
                 self._tk.deletefilehandler(self._read_fd)
                 os.close(self._read_fd)
                 os.close(self._write_fd)
+        # The session's thread may outlive the window and hold the last
+        # reference to us: Tcl aborts if that thread frees the interpreter.
+        self._tk = self.handler = None
 
 
 class EventPump:
