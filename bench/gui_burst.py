@@ -1,6 +1,7 @@
-"""How the chat window copes with a burst of messages (10,000 by default).
+"""What the chat window costs idle, and how it copes with a burst of messages.
 
-    python bench/gui_burst.py [--messages 10000] [--json bench/results/gui_burst.json]
+    python bench/gui_burst.py [--messages 10000] [--idle-seconds 10]
+                              [--json bench/results/gui_burst.json]
 
 Starts a broker on free loopback ports, an Xvfb screen when DISPLAY is unset
 (needs Debian's xvfb), and the real chat window (gui_client.ChatWindow) in
@@ -10,12 +11,16 @@ Tk's own main loop runs while a 10 ms probe timer records how late each of
 its ticks comes: the longest gap is the longest time the window could not
 redraw or take a key press.
 
-Two scenarios:
+Three scenarios:
+  idle    nothing happens for --idle-seconds (the broker's heartbeats
+          aside) while Tk's main loop runs: the CPU the whole process
+          takes (every thread: Tk's, the session's, libzmq's), as a share
+          of one core, and the Tk thread's own part.
   live    the sender pipes the lines; the window shows them as they arrive.
   queued  the window's loop is held until every message waits in the
           session's queue, then released: the worst case of a burst.
 
-Figures: time to show the burst, and the longest main-loop stall.
+Figures: idle CPU; time to show the burst, and the longest main-loop stall.
 """
 
 from __future__ import annotations
@@ -84,6 +89,23 @@ def run_loop_until_shown(root: tk.Tk, window, target_lines: int) -> dict:
             "probe_period_ms": PROBE_MS}
 
 
+def idle_scenario(root: tk.Tk, window, seconds: float) -> dict:
+    """Tk's main loop for ``seconds`` with nothing to show; the CPU it took."""
+    # Let the join's own events (earlier messages, the user list) settle first.
+    wait_until(lambda: root.update() or window.session.events.empty(), 10, "a quiet window")
+    process_before, tk_before = time.process_time(), time.thread_time()
+    wall_before = time.perf_counter()
+    root.after(round(1000 * seconds), root.quit)
+    root.mainloop()
+    wall = time.perf_counter() - wall_before
+    process_cpu = time.process_time() - process_before
+    tk_cpu = time.thread_time() - tk_before
+    return {"seconds": round(wall, 2),
+            "cpu_ms": round(1000 * process_cpu, 1),
+            "percent_of_a_core": round(100 * process_cpu / wall, 2),
+            "tk_thread_cpu_ms": round(1000 * tk_cpu, 1)}
+
+
 def live_scenario(root: tk.Tk, window, broker: Broker, count: int) -> dict:
     target = window.lines_added + count + 1  # + the sender's join line
     sender = start_burst(broker, count, "live")
@@ -107,6 +129,7 @@ def queued_scenario(root: tk.Tk, window, broker: Broker, count: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--messages", type=int, default=10_000)
+    p.add_argument("--idle-seconds", type=float, default=10.0)
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args()
     with ExitStack() as cleanup:
@@ -122,6 +145,7 @@ def main() -> int:
         cleanup.callback(root.destroy)
         window = open_window(root, broker)
         figures = {"messages": args.messages,
+                   "idle": idle_scenario(root, window, args.idle_seconds),
                    "live": live_scenario(root, window, broker, args.messages),
                    "queued": queued_scenario(root, window, broker, args.messages)}
     print(json.dumps(figures, indent=2))

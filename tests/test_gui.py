@@ -10,11 +10,14 @@ import signal
 import threading
 import time
 import tkinter as tk
+from tkinter import font as tkfont
 
 import pytest
 
+import gui_client
 import messages as m
-from gui_client import App, ChatWindow
+from client_session import login_name
+from gui_client import COLORS, App, ChatWindow
 from hostile_text import HOSTILE_TEXTS, assert_neutralised
 from procs import listen, run_cli, wait_until
 from xvfb import x_display  # noqa: F401  (the fixture)
@@ -81,6 +84,30 @@ def press_enter(widget) -> None:
     widget.event_generate("<Return>")
 
 
+def click_text(text: tk.Text, index: str) -> None:
+    """A click on the character at ``index``, as the mouse makes it."""
+    text.see(index)
+    text.update_idletasks()
+    x, y, width, height = text.bbox(index)
+    at = {"x": x + width // 2, "y": y + height // 2}
+    text.event_generate("<Motion>", **at)  # Tk finds the tags under the pointer
+    text.event_generate("<Button-1>", **at)
+    text.event_generate("<ButtonRelease-1>", **at)
+
+
+def display_lines(window: ChatWindow, needle: str) -> int:
+    """How many lines on screen the chat's line holding ``needle`` takes."""
+    line = window.chat.search(needle, "1.0").split(".")[0]
+    return window.chat.count(f"{line}.0", f"{line}.end", "displaylines")[0] + 1
+
+
+def fill_the_view(root: tk.Tk, window: ChatWindow, broker, count: int = 60) -> None:
+    lines = "".join(f"line {i}\n" for i in range(count))
+    assert run_cli(broker, "send", name="bob", input=lines).returncode == 0
+    pump_until(root, lambda: shown_line(window, f"line {count - 1}"), what=f"{count} lines")
+    assert window.is_at_bottom() and window.chat.yview()[0] > 0  # it scrolled, and followed
+
+
 def test_enter_sends_the_field_clears_it_and_marks_the_message_delivered(broker, clients, root):
     ears = listen(broker, "ears")
     clients.append(ears)
@@ -108,8 +135,9 @@ def test_messages_from_others_show_time_sender_and_neutralised_text(broker, root
     text = "héllo 世界 🎉 \x1b[31mred\x1b[0m \u202eevil\u202c end"
     assert run_cli(broker, "send", text, name="bob").returncode == 0
     line = pump_until(root, lambda: shown_line(window, "bob  "), what="bob's message")
-    assert re.fullmatch(r"\d\d:\d\d:\d\d  bob  héllo 世界 🎉 \\x1b\[31mred\\x1b\[0m "
-                        r"\\u202eevil\\u202c end", line)
+    party = re.escape(window.fonts.drawable("🎉"))  # as is where a font has it
+    assert re.fullmatch(r"\d\d:\d\d:\d\d  bob  héllo 世界 " + party +
+                        r" \\x1b\[31mred\\x1b\[0m \\u202eevil\\u202c end", line)
     assert not {"\x1b", "\u202e", "\u202c"} & set(chat_text(window))
     bob_at = window.chat.search("bob  ", "1.0")
     alice_joined_at = window.chat.search("alice joined", "1.0")
@@ -217,10 +245,7 @@ def test_title_counts_unread_messages_while_the_window_is_not_focused(broker, ro
 
 def test_view_stays_put_when_scrolled_up_and_a_marker_shows_new_messages(broker, root):
     window = open_chat(root, broker, "alice")
-    lines = "".join(f"line {i}\n" for i in range(80))
-    assert run_cli(broker, "send", name="bob", input=lines).returncode == 0
-    pump_until(root, lambda: shown_line(window, "line 79"), what="80 lines")
-    assert window.is_at_bottom()  # followed the newest
+    fill_the_view(root, window, broker, 80)
     window.chat.yview_moveto(0)
     assert run_cli(broker, "send", "newer", name="bob").returncode == 0
     pump_until(root, lambda: shown_line(window, "newer"), what="the newer message")
@@ -242,18 +267,52 @@ def test_status_line_and_queued_message_through_a_broker_restart(make_broker, cl
                what="reconnecting")
     assert window.status.cget("text").startswith(f"Reconnecting to {address}")
     assert window.entry.instate(["!disabled"])
-    window.entry.insert(0, "typed while away")
-    press_enter(window.entry)
-    assert "waiting for the connection" in shown_line(window, "typed while away")
+    for text in ("typed while away", "and a second"):
+        window.entry.insert(0, text)
+        press_enter(window.entry)
+        assert "waiting for the connection" in shown_line(window, text)
     again = make_broker("--heartbeat-interval", "0.2", port=broker.port)
     ears = listen(again, "ears", "--history", "10")
     clients.append(ears)
     pump_until(root, lambda: window.status.cget("text") == f"Connected to {address} as alice",
                15, "connected again")
-    pump_until(root, lambda: shown_line(window, "typed while away").endswith("✓"),
-               what="the queued message delivered")
-    assert "Reconnected (the broker restarted)." in chat_text(window)
-    ears.out.wait_for(lambda line: '"text": "typed while away"' in line, 10, "the message")
+    pump_until(root, lambda: shown_line(window, "and a second").endswith("✓"),
+               what="the queued messages delivered")
+    shown = chat_text(window)
+    assert "Reconnected (the broker restarted)." in shown
+    # Shown where they were sent: after the reconnection, not where typed.
+    assert shown.index("Reconnected") < shown.index("typed while away") < shown.index("and a")
+    assert shown_line(window, "typed while away").endswith("✓")
+    ears.out.wait_for(lambda line: '"text": "and a second"' in line, 10, "the messages")
+
+
+def next_attempt_in(window: ChatWindow) -> float:
+    found = re.search(r"next attempt in ([\d.]+) s", window.status.cget("text"))
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_message_typed_offline_shows_after_what_others_said_before_it(make_broker, clients,
+                                                                         root, tmp_path):
+    db = str(tmp_path / "chat.db")  # the history survives the restart: alice catches up
+    broker = make_broker("--heartbeat-interval", "0.2", "--db", db)
+    window = open_chat(root, broker, "alice")
+    broker.kill()
+    # Her next attempt a while off, so bob speaks before she is back.
+    pump_until(root, lambda: next_attempt_in(window) >= 1.5, what="a longer backoff")
+    window.entry.insert(0, "typed while away")
+    press_enter(window.entry)
+    again = make_broker("--heartbeat-interval", "0.2", "--db", db, port=broker.port)
+    assert run_cli(again, "send", "said meanwhile", name="bob").returncode == 0
+    pump_until(root, lambda: (shown_line(window, "typed while away") or "").endswith("✓")
+               and shown_line(window, "said meanwhile"), 15, "both messages")
+    ears = listen(again, "ears", "--history", "10")
+    clients.append(ears)
+    wait_until(lambda: len(ears.messages()) == 2, 10, "both messages at a listener")
+    assert [said["text"] for said in ears.messages()] == ["said meanwhile", "typed while away"]
+    shown = chat_text(window)
+    assert (shown.index("Reconnected") < shown.index("said meanwhile")
+            < shown.index("typed while away")), shown
+    assert shown.count("typed while away") == 1
 
 
 def test_closing_the_window_leaves_at_once_with_quit(broker, clients, root):
@@ -266,3 +325,108 @@ def test_closing_the_window_leaves_at_once_with_quit(broker, clients, root):
     wait_until(lambda: not session_threads(), 5, "the session thread to end")
     leave = ears.out.wait_for(lambda line: '"type": "leave"' in line, 5, "alice to leave")
     assert '"reason": "quit"' in leave
+
+
+TOO_LONG = "x" * (m.DEFAULT_MAX_TEXT_BYTES + 4)
+
+
+def test_a_refused_message_goes_back_into_the_field_or_is_offered_to_edit(broker, root):
+    window = open_chat(root, broker, "alice")
+    type_into(window.entry, TOO_LONG)
+    press_enter(window.entry)
+    assert window.entry.get() == ""
+    line = pump_until(root, lambda: "not sent" in (shown_line(window, "alice  x") or "")
+                      and shown_line(window, "alice  x"), what="the refusal")
+    assert window.entry.get() == TOO_LONG  # the field was empty: the text is back
+    assert line.endswith("✗ not sent: message is 4100 bytes; the limit is 4096 · edit")
+    # Refused while something new is typed: the new text is left alone, and
+    # the refused one is offered back.
+    press_enter(window.entry)
+    window.entry.insert(0, "a new draft")
+    pump_until(root, lambda: chat_text(window).count("✗ not sent") == 2, what="the 2nd refusal")
+    assert window.entry.get() == "a new draft"
+    window.entry.delete(0, "end")
+    click_text(window.chat, window.chat.tag_prevrange("link", "end")[0])
+    assert window.entry.get() == TOO_LONG
+
+
+def test_the_view_keeps_following_when_a_refusal_makes_the_last_line_taller(broker, root):
+    window = open_chat(root, broker, "alice")
+    # Narrow: the refusal's mark is longer than a line on screen, so the
+    # refused line takes more lines on screen than it did while pending.
+    root.geometry("480x320")
+    pump_until(root, lambda: root.winfo_width() == 480, what="the narrow window")
+    fill_the_view(root, window, broker)
+    type_into(window.entry, TOO_LONG)
+    press_enter(window.entry)
+    while_pending = display_lines(window, "alice  x")
+    pump_until(root, lambda: "not sent" in chat_text(window), what="the refusal")
+    assert display_lines(window, "alice  x") > while_pending  # what this test is about
+    assert run_cli(broker, "send", "after the refusal", name="bob").returncode == 0
+    pump_until(root, lambda: shown_line(window, "after the refusal"), what="the next message")
+    root.update()
+    assert window.is_at_bottom(), window.chat.yview()  # still following
+    assert not window.new_marker.winfo_ismapped()
+
+
+def test_the_user_list_turns_grey_while_the_connection_is_down(make_broker, clients, root):
+    broker = make_broker("--heartbeat-interval", "0.2")
+    window = open_chat(root, broker, "alice")
+    clients.append(listen(broker, "bob"))
+    pump_until(root, lambda: window.user_list.get(0, "end") == ("alice (you)", "bob"),
+               what="bob in the list")
+
+    def colors():
+        return [window.user_list.itemcget(i, "foreground") for i in range(window.user_list.size())]
+
+    assert colors() == [COLORS["own"], COLORS["text"]]
+    assert window.users_label.cget("text") == "ONLINE · 2"
+    broker.kill()
+    pump_until(root, lambda: window.status.cget("text").startswith("Reconnecting"),
+               what="reconnecting")
+    assert colors() == [COLORS["muted"]] * 2
+    assert window.users_label.cget("text") == "WHO WAS ONLINE · 2"
+    make_broker("--heartbeat-interval", "0.2", port=broker.port)
+    pump_until(root, lambda: window.status.cget("text").startswith("Connected"), 15,
+               "connected again")
+    assert window.user_list.get(0) == "alice (you)" and colors()[0] == COLORS["own"]
+    assert set(colors()[1:]) <= {COLORS["text"]}  # bob, if he is back already
+    assert window.users_label.cget("text").startswith("ONLINE · ")
+
+
+def test_the_dialog_suggests_the_login_name(broker, root):
+    app = App(root, "127.0.0.1", broker.port, None)
+    dialog = app.dialog
+    pump_until(root, lambda: dialog.top.winfo_ismapped(), what="the dialog")
+    assert dialog.name_entry.get() == login_name()
+    press_enter(dialog.name_entry)
+    window = pump_until(root, lambda: app.chat, what="the chat to open")
+    assert window.name == login_name()
+
+
+def test_an_idle_window_sleeps_until_the_session_has_events(broker, root, monkeypatch):
+    # Only a wakeup from the session's thread can bring a message in now.
+    monkeypatch.setattr(gui_client, "SAFETY_POLL_MS", 60_000)
+    window = open_chat(root, broker, "alice")
+    pump_until(root, lambda: window.session.events.empty() and "alice joined" in chat_text(window),
+               what="a quiet window")
+    cpu_before, wall_before = time.thread_time(), time.monotonic()
+    root.after(2000, root.quit)
+    root.mainloop()
+    cpu, wall = time.thread_time() - cpu_before, time.monotonic() - wall_before
+    assert cpu < 0.01 * wall, f"Tk's thread took {1000 * cpu:.1f} ms in {wall:.1f} s idle"
+    assert run_cli(broker, "send", "wake up", name="bob").returncode == 0
+    pump_until(root, lambda: shown_line(window, "wake up"), 5, "the message")
+
+
+def test_emoji_no_installed_font_has_show_as_a_readable_placeholder(broker, root):
+    window = open_chat(root, broker, "alice")
+    assert run_cli(broker, "send", "party 🎉 private \U0010fffd", name="bob").returncode == 0
+    line = pump_until(root, lambda: shown_line(window, "bob  "), what="bob's message")
+    # No font has a private-use character: readable, not an empty box.
+    assert line.endswith(" private [U+10FFFD]")
+    party = "🎉" if window.fonts.has("🎉") else "[U+1F389]"
+    assert line.endswith(f"bob  party {party} private [U+10FFFD]")
+    assert window.fonts.has("A")
+    if "Symbola" in tkfont.families(root):  # Debian's fonts-symbola: drawn, not a box
+        assert party == "🎉"
