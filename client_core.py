@@ -348,21 +348,13 @@ class ClientCore:
 
     def receive_reply(self, frames: list[bytes], now: float) -> list:
         """Frames from the DEALER."""
-        self.broker_seen = now
-        try:
-            reply = m.decode_reply(frames)
-        except m.ProtocolError as e:
-            log.warning("bad reply from the broker: %s", e.reason)
-            return []
-        return self._dispatch(type(reply), reply, now)
+        reply = self._heard(m.decode_reply, frames, now)
+        return [] if reply is None else self._dispatch(type(reply), reply, now)
 
     def receive_broadcast(self, frames: list[bytes], now: float) -> list:
         """Frames from the SUB: ``[topic, events]``."""
-        self.broker_seen = now
-        try:
-            events = m.decode_broadcast(frames)
-        except m.ProtocolError as e:
-            log.warning("bad broadcast from the broker: %s", e.reason)
+        events = self._heard(m.decode_broadcast, frames, now)
+        if events is None:
             return []
         topic = frames[0]
         out: list = []
@@ -397,6 +389,16 @@ class ClientCore:
         if unsent_says:
             self.outbox.not_sent(unsent_says, now)
         return out
+
+    def _heard(self, decode, frames: list[bytes], now: float):
+        """Any frame proves the broker alive; what does not decode is logged
+        and dropped (None)."""
+        self.broker_seen = now
+        try:
+            return decode(frames)
+        except m.ProtocolError as e:
+            log.warning("bad frames from the broker: %s", e.reason)
+            return None
 
     # --- time -----------------------------------------------------------------------------
 
