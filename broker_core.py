@@ -151,10 +151,11 @@ class Session:
     # until this one is sent again, so a client's messages keep their order
     # however late it learns of the refusal.
     blocked_on: str | None = None
+    # the name as names are compared; kept, not recomputed for every message
+    name_key: str = ""
 
-    @property
-    def name_key(self) -> str:
-        return m.name_key(self.name)
+    def __post_init__(self) -> None:
+        self.name_key = m.name_key(self.name)
 
 
 @dataclass
