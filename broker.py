@@ -74,7 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--db", metavar="PATH",
                    help="keep every message in this SQLite file, across restarts")
     p.add_argument("--max-users", type=int, default=5000, metavar="N",
-                   help="most users online at once (default 5000)")
+                   help="most connections at once (default 5000)")
+    p.add_argument("--max-rooms", type=int, default=1000, metavar="N",
+                   help="most rooms at once (default 1000)")
+    p.add_argument("--history-bytes", type=int, default=64 * 1024 * 1024, metavar="BYTES",
+                   help="all histories together at most (default 64 MiB)")
     p.add_argument("--rate", type=float, default=200.0, metavar="PER_SECOND",
                    help="messages a user may send per second, sustained (default 200)")
     p.add_argument("--burst", type=int, default=1000, metavar="N",
@@ -94,8 +98,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.pub_port = args.port + 1
     if args.heartbeat_interval <= 0 or args.heartbeat_liveness < 1:
         p.error("--heartbeat-interval must be > 0 and --heartbeat-liveness >= 1")
-    if args.max_text < 1 or args.history < 1 or args.max_users < 1 or args.burst < 1:
-        p.error("--max-text, --history, --max-users and --burst must be at least 1")
+    if min(args.max_text, args.history, args.max_users, args.burst, args.max_rooms,
+           args.history_bytes) < 1:
+        p.error("--max-text, --history, --max-users, --burst, --max-rooms and --history-bytes "
+                "must be at least 1")
     if args.rate <= 0 or args.coalesce_ms < 0:
         p.error("--rate must be positive and --coalesce-ms not negative")
     if args.allow and not args.curve_secret:
@@ -312,6 +318,8 @@ def make_core(args: argparse.Namespace, store: EventStore | None) -> BrokerCore:
         max_text=args.max_text,
         history=args.history,
         max_users=args.max_users,
+        max_rooms=args.max_rooms,
+        history_bytes=args.history_bytes,
         rate=args.rate,
         burst=args.burst,
         names_by_key=keys.names_by_key(args.allow) if args.allow else {},
@@ -320,9 +328,9 @@ def make_core(args: argparse.Namespace, store: EventStore | None) -> BrokerCore:
         return BrokerCore(config)
     core = BrokerCore(config, epoch=store.epoch())
     for stream_id in store.streams():
-        stream = core.open_stream(stream_id)
-        stream.restore(store.recent_events(stream_id, config.history),
-                       store.recent_ids(stream_id, ACCEPTED_IDS_REMEMBERED))
+        core.restore(stream_id, store.recent_events(stream_id, config.history),
+                     store.recent_ids(stream_id, ACCEPTED_IDS_REMEMBERED))
+        stream = core.streams[stream_id]
         log.info("history of %s from %s: %d events, continuing after seq %d",
                  stream_id, args.db, len(stream.history), stream.seq)
     return core

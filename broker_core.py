@@ -1,4 +1,4 @@
-"""The broker's logic with no I/O: sessions, names, heartbeats, rate limits.
+"""The broker's logic with no I/O: users, connections, rooms, direct messages.
 
 BrokerCore is a plain object in the sans-IO style: every method takes what
 happened (the frames a peer sent, the current time) and returns what to do,
@@ -13,19 +13,26 @@ events for people to read. A wall clock that jumps moves no timer.
 
 Theory of operation
 -------------------
-* A session is born from a valid ``hello`` and bound to the routing id that
-  sent it; nothing is stored for a peer before that, so connections that
-  never join hold no memory and need no clean-up.
-* Every chat message, join and leave is appended to a stream
-  (broker_stream.Stream), which numbers it and keeps a bounded history from
-  which clients repair gaps (``fetch``). The chat is the main stream; more
-  streams are more Stream objects in ``streams``.
+* A user is a name; a session is one connection of it (a window, a
+  ``listen``, a script's ``send``). A session is born from a valid ``hello``
+  and bound to the routing id that sent it; nothing is stored for a peer
+  before that, so connections that never join hold no memory. A second
+  connection may use a name in use only with the same secret as the first
+  (or, with ``--allow``, the key that owns the name).
+* A quiet session (a script's ``send``) is never announced or listed. A
+  user is online while any session that is not quiet is; in a room, while
+  any such session of the user is in it.
+* Every room, and every user's direct messages, is a stream
+  (broker_stream.Stream) that numbers its events and keeps a bounded
+  history from which clients repair gaps (``fetch``). Room events go out on
+  the room's PUB topic; direct messages only to the two parties' sessions,
+  through the ROUTER. All histories together stay within a byte budget.
 * ``sessions`` is kept in order of last activity (any request counts as a
   heartbeat and moves the session to the end), so the liveness sweep only
   looks at the front of the table, never at every session.
 * A resume token from the welcome lets a client that lost its connection
-  take its name back from a new routing id before it times out, without a
-  leave/join pair.
+  take its session back from a new routing id before it times out, without
+  a leave/join pair.
 """
 
 from __future__ import annotations
@@ -50,6 +57,11 @@ MIN_RETRY_AFTER = 0.1
 # client that honours retry_after has at most its send window (200) refused
 # at once, so a polite client never comes near it.
 FLOOD_REFUSALS = 1000
+# Heartbeats after a user's direct messages changed that announce their
+# position: a reader whose copy of the change (or of the first announcement)
+# was dropped still learns of it. (Rooms announce theirs at every heartbeat:
+# a subscriber's queue may drop any number of frames in a row.)
+POSITION_REPEATS = 2
 
 
 @dataclass(frozen=True)
@@ -60,8 +72,8 @@ class BrokerConfig:
     max_text: int = m.DEFAULT_MAX_TEXT_BYTES
     # Messages kept for late joiners and gap repair.
     history: int = 1000
-    # Each user holds two connections; 5,000 users stay well inside a
-    # 20,000 open-file limit.
+    # Connections (sessions) at once. Each holds two sockets; 5,000 stay well
+    # inside a 20,000 open-file limit.
     max_users: int = 5000
     # Token bucket per user: a sustained rate and a burst. Far above any
     # person's typing; a script may pipe a 1,000-line log at once.
@@ -69,6 +81,12 @@ class BrokerConfig:
     burst: int = 1000
     # client public key (Z85) -> the only name it may join under
     names_by_key: dict[str, str] = field(default_factory=dict)
+    # Rooms in all, and per connection (IRC servers allow 10-120 per user).
+    max_rooms: int = 1000
+    rooms_per_session: int = 50
+    # All histories together, in UTF-8 bytes of text plus a fixed cost per
+    # event: rooms x history x max_text could otherwise reach gigabytes.
+    history_bytes: int = 64 * 1024 * 1024
 
     @property
     def expiry(self) -> float:
@@ -96,18 +114,18 @@ class Publish:
     """Broadcast ``event`` on the PUB socket under ``topic``."""
 
     event: Any
-    topic: bytes = m.BROADCAST_TOPIC
+    topic: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class Persist:
     """Write a new sequenced event of stream ``stream`` to durable storage.
 
-    Comes before the Publish and the Ack of the same event: the shell writes
-    everything to persist before it sends anything, so no client hears of an
-    event that a crash could still lose. ``sender_id`` is the sender's
-    (name key, message id) of a chat message, so a restarted broker still
-    recognises a resend.
+    Comes before the Publish, the Ack and the direct deliveries of the same
+    event: the shell writes everything to persist before it sends anything,
+    so no client hears of an event that a crash could still lose.
+    ``sender_id`` is the sender's (name key, message id) of a chat message,
+    so a restarted broker still recognises a resend.
     """
 
     stream: str
@@ -139,23 +157,56 @@ class TokenBucket:
         return wait
 
 
-@dataclass(slots=True)
-class Session:
+@dataclass(eq=False, slots=True)
+class User:
+    """A name in use: its connections, its rate limit, its direct messages."""
+
     name: str
+    name_key: str
+    # Proves a further connection is the same person (None: no proof
+    # offered, so the name takes one connection only).
+    secret: str | None
+    # One bucket for all of a user's connections: more connections must
+    # not mean a higher rate.
+    bucket: TokenBucket
+    sessions: list = field(default_factory=list)
+    visible: int = 0  # sessions that are not quiet: online while > 0
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """One connection of a user."""
+
+    user: User
     peer: bytes
     secret: str  # the session token of the welcome; proves a request is the owner's
     last_seen: float  # monotonic
-    bucket: TokenBucket
+    quiet: bool = False
+    rooms: dict = field(default_factory=dict)  # room key -> Room, in joining order
     refusals: int = 0  # rate refusals since the last accepted message
     # The first message refused for rate. Every later message is refused
     # until this one is sent again, so a client's messages keep their order
     # however late it learns of the refusal.
     blocked_on: str | None = None
-    # the name as names are compared; kept, not recomputed for every message
-    name_key: str = ""
 
-    def __post_init__(self) -> None:
-        self.name_key = m.name_key(self.name)
+    @property
+    def name(self) -> str:
+        return self.user.name
+
+
+@dataclass(eq=False)
+class Room:
+    """A room: its stream, topic and who is in it."""
+
+    name: str  # as it was created
+    stream: Stream
+    topic: str = ""
+    # name key -> (name, visible sessions of that user in the room)
+    members: dict = field(default_factory=dict)
+    sessions: int = 0  # every session in it, quiet ones too
+
+    def info(self) -> m.Room:
+        return m.Room(self.name, self.stream.seq, self.topic, len(self.members))
 
 
 @dataclass
@@ -164,9 +215,13 @@ class BrokerCore:
     epoch: str = field(default_factory=lambda: secrets.token_hex(8))
     # routing id -> session, oldest activity first
     sessions: OrderedDict[bytes, Session] = field(default_factory=OrderedDict)
-    by_name: dict[str, Session] = field(default_factory=dict)
-    # stream id -> stream; the main stream (the chat) always exists
+    by_name: dict[str, User] = field(default_factory=dict)
+    rooms: dict[str, Room] = field(default_factory=dict)  # room key -> room
+    # stream id -> stream: every room's, and the direct messages of users
     streams: dict[str, Stream] = field(default_factory=dict)
+    history_bytes: int = 0  # what all histories hold together
+    # a user's "@" stream -> heartbeats that are still to announce its position
+    to_announce: dict[str, int] = field(default_factory=dict)
     next_heartbeat: float = 0.0
     next_sweep: float = 0.0
     # (name key, name) of everyone online, kept sorted: a join storm must not
@@ -174,7 +229,7 @@ class BrokerCore:
     online: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.main = self.open_stream(m.MAIN_STREAM)
+        self.general = self._open_room(m.GENERAL_ROOM)
         self._handlers = {
             m.Say: self._on_say,
             m.Who: self._on_who,
@@ -182,14 +237,34 @@ class BrokerCore:
             m.Fetch: self._on_fetch,
             m.Recent: self._on_recent,
             m.Bye: self._on_bye,
+            m.JoinRoom: self._on_join_room,
+            m.PartRoom: self._on_part_room,
+            m.SetTopic: self._on_set_topic,
+            m.ListRooms: self._on_list_rooms,
         }
 
+    @property
+    def main(self) -> Stream:
+        """The stream of #general."""
+        return self.general.stream
+
     def open_stream(self, stream_id: str) -> Stream:
-        """The stream ``stream_id``, created empty if it does not exist yet."""
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            stream = self.streams[stream_id] = Stream(stream_id, self.config.history)
-        return stream
+        """The stream ``stream_id`` (a room key or a user's "@" stream),
+        created empty if it does not exist yet."""
+        if stream_id.startswith(m.DM_STREAM_PREFIX):
+            return self._dm_stream(stream_id)
+        return self._open_room(stream_id).stream
+
+    def restore(self, stream_id: str, events: list, accepted_ids) -> None:
+        """Continue a stored stream: its last events and accepted message ids."""
+        stream = self.open_stream(stream_id)
+        before = stream.bytes
+        stream.restore(events, accepted_ids)
+        self.history_bytes += stream.bytes - before
+        room = self.rooms.get(stream_id)
+        topics = [e for e in stream.history if isinstance(e, m.Topic)]
+        if room is not None and topics:
+            room.topic = topics[-1].text
 
     # --- events from the shell -------------------------------------------------
 
@@ -207,7 +282,7 @@ class BrokerCore:
             return [Reply(peer, m.Error(e.code, e.reason))]
         if isinstance(request, m.Hello):
             return self._on_hello(peer, session, request, now, wall, client_key)
-        if session is not None and not isinstance(request, m.Who):
+        if session is not None and not isinstance(request, (m.Who, m.ListRooms)):
             # A routing id alone proves nothing: a peer may choose its own,
             # such as that of a connection which dropped. The session token
             # (from the welcome) proves the request comes from its owner.
@@ -220,7 +295,8 @@ class BrokerCore:
         return self._handlers[type(request)](peer, session, request, now, wall)
 
     def tick(self, now: float, wall: float, backlog: bool = False) -> list:
-        """Time passed: heartbeat when due, and drop sessions gone silent.
+        """Time passed: heartbeat (and announce changed streams) when due,
+        and drop sessions gone silent.
 
         With ``backlog`` (requests still waiting to be read) nobody is timed
         out: their pings may be in that backlog, and an overloaded broker
@@ -228,7 +304,8 @@ class BrokerCore:
         """
         out: list = []
         if now >= self.next_heartbeat:
-            out.append(Publish(self._heartbeat(wall)))
+            out.append(Publish(self._heartbeat(wall), m.HEARTBEAT_TOPIC))
+            out += self._announce_positions()
             self.next_heartbeat = now + self.config.heartbeat_interval
         if backlog or now < self.next_sweep:
             return out
@@ -258,17 +335,17 @@ class BrokerCore:
         return self._end_session(session, m.LeaveReason.DISCONNECTED, wall)
 
     def ready_probe(self, topic: bytes, wall: float) -> list:
-        """A SUB subscribed to a ready topic: prove its subscription is live."""
+        """A SUB subscribed to a ready topic: prove its subscriptions are live."""
         nonce = topic[len(m.READY_TOPIC_PREFIX):]
         if not topic.startswith(m.READY_TOPIC_PREFIX) or not 0 < len(nonce) <= m.MAX_TOKEN_CHARS:
             return []
-        return [Publish(self._heartbeat(wall), topic=topic)]
+        return [Publish(self._heartbeat(wall), topic)]
 
     def shutdown(self, wall: float) -> list:
         """The broker is going away: tell everyone."""
-        return [Publish(m.Shutdown(wall))]
+        return [Publish(m.Shutdown(wall), m.HEARTBEAT_TOPIC)]
 
-    # --- request handlers -----------------------------------------------------
+    # --- joining ----------------------------------------------------------------
 
     def _on_hello(self, peer: bytes, session: Session | None, hello: m.Hello, now: float,
                   wall: float, client_key: str | None) -> list:
@@ -278,9 +355,13 @@ class BrokerCore:
         problem = m.name_problem(hello.name)
         if problem:
             return self._refuse(peer, m.ErrorCode.NAME_INVALID, problem)
+        rooms = [m.GENERAL_ROOM] if hello.rooms is None else hello.rooms
+        for room in rooms:
+            if (problem := m.room_problem(room)):
+                return self._refuse(peer, m.ErrorCode.ROOM_INVALID, problem)
         name_key = m.name_key(hello.name)
         if session is not None:  # this routing id already speaks for a user
-            if session.name_key == name_key and _tokens_match(hello.resume, session.secret):
+            if session.user.name_key == name_key and _tokens_match(hello.resume, session.secret):
                 self._touch(session, now)
                 return [Reply(peer, self._welcome(session, resumed=True))]
             return self._refuse(peer, m.ErrorCode.ALREADY_JOINED,
@@ -290,24 +371,50 @@ class BrokerCore:
             if allowed is None or m.name_key(allowed) != name_key:
                 return self._refuse(peer, m.ErrorCode.NAME_NOT_ALLOWED,
                                     f"your key may not use the name {hello.name}")
-        owner = self.by_name.get(name_key)
-        if owner is not None:
-            if _tokens_match(hello.resume, owner.secret):
-                return self._resume(owner, peer, now)
-            return self._refuse(peer, m.ErrorCode.NAME_TAKEN, f"the name {owner.name} is taken")
+        user = self.by_name.get(name_key)
+        if user is not None:
+            resumed = next((s for s in user.sessions if _tokens_match(hello.resume, s.secret)),
+                           None)
+            if resumed is not None:
+                return self._resume(resumed, peer, now)
+            # With --allow the key already proved who this is.
+            if not (self.config.names_by_key or _tokens_match(hello.secret, user.secret)):
+                return self._refuse(peer, m.ErrorCode.NAME_TAKEN,
+                                    f"the name {user.name} is taken")
         if len(self.sessions) >= self.config.max_users:
             return self._refuse(peer, m.ErrorCode.SERVER_FULL,
-                                f"the broker is full ({self.config.max_users} users)")
-        session = Session(hello.name, peer, secrets.token_hex(16), now,
-                          TokenBucket(self.config.burst, now))
+                                f"the broker is full ({self.config.max_users} connections)")
+        if (problem := self._rooms_problem(rooms)):
+            return self._refuse(peer, m.ErrorCode.TOO_MANY_ROOMS, problem)
+        if user is None:
+            user = self.by_name[name_key] = User(
+                hello.name, name_key, hello.secret, TokenBucket(self.config.burst, now))
+        session = Session(user, peer, secrets.token_hex(16), now, quiet=hello.quiet)
         self.sessions[peer] = session
-        self.by_name[name_key] = session
-        bisect.insort(self.online, (name_key, session.name))
-        # The welcome's seq precedes the join, so the client sees its own join.
+        user.sessions.append(session)
+        if not session.quiet:
+            user.visible += 1
+            if user.visible == 1:
+                bisect.insort(self.online, (name_key, user.name))
+        entered = [self._open_room(room) for room in rooms]
+        for room in entered:
+            session.rooms[m.room_key(room.name)] = room
+        # The welcome's positions precede the joins, so the client sees its own.
         welcome = self._welcome(session, resumed=False)
-        log.info("join %s", session.name)
-        return [Reply(peer, welcome),
-                *self._append(self.main, lambda seq: m.Join(seq, wall, session.name))]
+        log.info("join %s%s", user.name, " (quiet)" if session.quiet else "")
+        out: list = [Reply(peer, welcome)]
+        for room in entered:
+            out += self._enter(session, room, wall)
+        return out
+
+    def _rooms_problem(self, rooms: list[str]) -> str | None:
+        """Why a connection may not be in all these rooms, if it may not."""
+        if len(rooms) > self.config.rooms_per_session:
+            return f"at most {self.config.rooms_per_session} rooms per connection"
+        new = {m.room_key(r) for r in rooms} - self.rooms.keys()
+        if len(self.rooms) + len(new) > self.config.max_rooms:
+            return f"the broker has its most rooms ({self.config.max_rooms})"
+        return None
 
     def _resume(self, session: Session, peer: bytes, now: float) -> list:
         del self.sessions[session.peer]
@@ -317,33 +424,161 @@ class BrokerCore:
         log.info("resume %s", session.name)
         return [Reply(peer, self._welcome(session, resumed=True))]
 
+    def _welcome(self, session: Session, resumed: bool) -> m.Welcome:
+        c = self.config
+        dm = self.streams.get(m.dm_stream(session.name))
+        return m.Welcome(session.name, self.epoch, self.user_names(), session.secret,
+                         c.heartbeat_interval, c.heartbeat_liveness, c.max_text,
+                         [room.info() for room in session.rooms.values()],
+                         dm.seq if dm else 0, resumed)
+
+    # --- rooms --------------------------------------------------------------------
+
+    def _on_join_room(self, peer: bytes, session: Session | None, join: m.JoinRoom,
+                      now: float, wall: float) -> list:
+        if session is None:
+            return self._not_joined(peer)
+        if (problem := m.room_problem(join.room)):
+            return self._refuse(peer, m.ErrorCode.ROOM_INVALID, problem, who=session.name)
+        key = m.room_key(join.room)
+        if key in session.rooms:  # already in it: the answer is the same
+            return [Reply(peer, session.rooms[key].info())]
+        if (problem := self._rooms_problem([*session.rooms, key])):
+            return self._refuse(peer, m.ErrorCode.TOO_MANY_ROOMS, problem, who=session.name)
+        room = self._open_room(join.room)
+        session.rooms[key] = room
+        return [Reply(peer, room.info()), *self._enter(session, room, wall)]
+
+    def _on_part_room(self, peer: bytes, session: Session | None, part: m.PartRoom,
+                      now: float, wall: float) -> list:
+        if session is None:
+            return self._not_joined(peer)
+        room = session.rooms.pop(m.room_key(part.room), None)
+        if room is None:
+            return self._refuse(peer, m.ErrorCode.NOT_IN_ROOM, f"you are not in {part.room}",
+                                who=session.name)
+        return [Reply(peer, m.Parted(room.name)), *self._exit(session, room, m.LeaveReason.PART,
+                                                             wall)]
+
+    def _on_set_topic(self, peer: bytes, session: Session | None, topic: m.SetTopic,
+                      now: float, wall: float) -> list:
+        room = self._room_of(session, topic.room)
+        if room is None:
+            return self._not_in(peer, session, topic.room)
+        room.topic = topic.text
+        out = self._append(room.stream, lambda seq: m.Topic(seq, wall, session.name, topic.text,
+                                                            room.name))
+        return [*out, Reply(peer, room.info())]
+
+    def _on_list_rooms(self, peer: bytes, session: Session | None, rooms: m.ListRooms,
+                       now: float, wall: float) -> list:
+        listed = sorted(self.rooms.values(), key=lambda r: m.room_key(r.name))
+        return [Reply(peer, m.RoomList([room.info() for room in listed]))]
+
+    def _open_room(self, name: str) -> Room:
+        key = m.room_key(name)
+        room = self.rooms.get(key)
+        if room is None:
+            stream = self.streams[key] = Stream(key, self.config.history)
+            room = self.rooms[key] = Room(name, stream)
+        return room
+
+    def _enter(self, session: Session, room: Room, wall: float) -> list:
+        """``session`` is now in ``room``: a join when its user was not."""
+        room.sessions += 1
+        if session.quiet:
+            return []
+        user = session.user
+        name, count = room.members.get(user.name_key, (user.name, 0))
+        room.members[user.name_key] = (name, count + 1)
+        if count:
+            return []
+        return self._append(room.stream, lambda seq: m.Join(seq, wall, user.name, room.name))
+
+    def _exit(self, session: Session, room: Room, reason: str, wall: float) -> list:
+        """``session`` left ``room``: a leave when its user is no longer in it."""
+        room.sessions -= 1
+        out: list = []
+        if not session.quiet:
+            user = session.user
+            name, count = room.members[user.name_key]
+            if count > 1:
+                room.members[user.name_key] = (name, count - 1)
+            else:
+                del room.members[user.name_key]
+                out = self._append(room.stream,
+                                   lambda seq: m.Leave(seq, wall, user.name, reason, room.name))
+        key = m.room_key(room.name)
+        if room.sessions == 0 and room.stream.seq == 0 and key != m.GENERAL_ROOM:
+            del self.rooms[key], self.streams[key]  # nobody in it and nothing said
+        return out
+
+    # --- messages -----------------------------------------------------------------
+
     def _on_say(self, peer: bytes, session: Session | None, say: m.Say, now: float,
                 wall: float) -> list:
         if session is None:
             return self._not_joined(peer, say.id)
-        stream = self._stream_named(say.stream)
-        if stream is None:
-            return self._refuse(peer, m.ErrorCode.MALFORMED, f"no stream {say.stream!r}",
+        if say.to is not None:
+            return self._direct(session, say, now, wall)
+        room = self._room_of(session, say.room or m.GENERAL_ROOM)
+        if room is None:
+            return self._not_in(peer, session, say.room or m.GENERAL_ROOM, say.id)
+        sender_id = (session.user.name_key, say.id)
+        refusal = self._admit(session, say, room.stream, now, wall)
+        if refusal is not None:
+            return refusal
+        out = self._append(room.stream,
+                           lambda seq: m.Message(seq, wall, session.name, say.text, room.name),
+                           sender_id)
+        return [*out, Reply(peer, m.Ack(say.id, room.stream.seq))]
+
+    def _direct(self, session: Session, say: m.Say, now: float, wall: float) -> list:
+        """A direct message: numbered in the addressee's stream and in the
+        sender's, and delivered to both users' sessions alone."""
+        peer = session.peer
+        addressee = self.by_name.get(m.name_key(say.to))
+        if addressee is None or not addressee.visible:
+            return self._refuse(peer, m.ErrorCode.USER_OFFLINE, f"{say.to} is not online",
                                 id=say.id, who=session.name)
-        sender_id = (session.name_key, say.id)
-        seq = stream.accepted_seq(sender_id)
-        if seq is not None:  # a resend of an accepted message: ack it again
-            return [Reply(peer, m.Ack(say.id, seq))]
+        sender = session.user
+        own = self._dm_stream(m.dm_stream(sender.name))
+        refusal = self._admit(session, say, own, now, wall)
+        if refusal is not None:
+            return refusal
+        sender_id = (sender.name_key, say.id)
+        parties = [(sender, own, sender_id)]
+        if addressee is not sender:  # a note to oneself is numbered once
+            parties.append((addressee, self._dm_stream(m.dm_stream(addressee.name)), None))
+        out: list = []
+        for user, stream, remembered in parties:
+            event = self._number(stream, lambda seq: m.Message(seq, wall, sender.name, say.text,
+                                                               to=addressee.name), remembered)
+            out.append(Persist(stream.id, event, remembered))
+            out += [Reply(s.peer, event) for s in user.sessions if not s.quiet]
+        return [*out, Reply(peer, m.Ack(say.id, own.seq))]
+
+    def _admit(self, session: Session, say: m.Say, stream: Stream, now: float,
+               wall: float) -> list | None:
+        """None if ``say`` may be numbered in ``stream``; else the replies
+        that refuse it (an ack again, for a resend of an accepted message)."""
+        seq = stream.accepted_seq((session.user.name_key, say.id))
+        if seq is not None:
+            return [Reply(session.peer, m.Ack(say.id, seq))]
         problem = m.text_problem(say.text, self.config.max_text)
         if problem:
-            return self._refuse(peer, *problem, id=say.id, who=session.name)
+            return self._refuse(session.peer, *problem, id=say.id, who=session.name)
+        bucket = session.user.bucket
         if session.blocked_on not in (None, say.id):
-            return self._rate_limited(session, say, max(
-                MIN_RETRY_AFTER, session.bucket.limited_until - now), wall)
-        wait = session.bucket.take(now, self.config.rate, self.config.burst)
+            return self._rate_limited(session, say, max(MIN_RETRY_AFTER,
+                                                        bucket.limited_until - now), wall)
+        wait = bucket.take(now, self.config.rate, self.config.burst)
         if wait:
             session.blocked_on = say.id
             return self._rate_limited(session, say, wait, wall)
         session.refusals = 0
         session.blocked_on = None
-        out = self._append(stream, lambda seq: m.Message(seq, wall, session.name, say.text),
-                           sender_id)
-        return [*out, Reply(peer, m.Ack(say.id, stream.seq))]
+        return None
 
     def _rate_limited(self, session: Session, say: m.Say, wait: float, wall: float) -> list:
         session.refusals += 1
@@ -357,9 +592,15 @@ class BrokerCore:
                                            "disconnected for sending too fast", say.id))
         return [kick, *self._end_session(session, m.LeaveReason.KICKED, wall)]
 
+    # --- queries ------------------------------------------------------------------
+
     def _on_who(self, peer: bytes, session: Session | None, who: m.Who, now: float,
                 wall: float) -> list:
-        return [Reply(peer, m.Users(self.user_names()))]
+        if who.room is None:
+            return [Reply(peer, m.Users(self.user_names()))]
+        room = self.rooms.get(m.room_key(who.room))
+        names = [] if room is None else [n for _, (n, _) in sorted(room.members.items())]
+        return [Reply(peer, m.Users(names, room.name if room else who.room))]
 
     def _on_ping(self, peer: bytes, session: Session | None, ping: m.Ping, now: float,
                  wall: float) -> list:
@@ -369,23 +610,19 @@ class BrokerCore:
 
     def _on_fetch(self, peer: bytes, session: Session | None, fetch: m.Fetch, now: float,
                   wall: float) -> list:
-        if session is None:
-            return self._not_joined(peer)
-        stream = self._stream_named(fetch.stream)
+        stream = self._readable(session, fetch.stream)
         if stream is None:
-            return self._refuse(peer, m.ErrorCode.MALFORMED, f"no stream {fetch.stream!r}")
+            return self._not_in(peer, session, fetch.stream or m.GENERAL_ROOM)
         history = stream.fetch(fetch.after, fetch.until)
-        log.debug("fetch by %s: %d events after %d", session.name, len(history.events),
-                  fetch.after)
+        log.debug("fetch by %s: %d events of %s after %d", session.name, len(history.events),
+                  stream.id, fetch.after)
         return [Reply(peer, history)]
 
     def _on_recent(self, peer: bytes, session: Session | None, recent: m.Recent,
                    now: float, wall: float) -> list:
-        if session is None:
-            return self._not_joined(peer)
-        stream = self._stream_named(recent.stream)
+        stream = self._readable(session, recent.stream)
         if stream is None:
-            return self._refuse(peer, m.ErrorCode.MALFORMED, f"no stream {recent.stream!r}")
+            return self._not_in(peer, session, recent.stream or m.GENERAL_ROOM)
         return [Reply(peer, stream.recent(recent.count))]
 
     def _on_bye(self, peer: bytes, session: Session | None, bye: m.Bye, now: float,
@@ -399,8 +636,26 @@ class BrokerCore:
     def user_names(self) -> list[str]:
         return [name for _, name in self.online]
 
-    def _stream_named(self, stream_id: str | None) -> Stream | None:
-        return self.streams.get(m.MAIN_STREAM if stream_id is None else stream_id)
+    def _room_of(self, session: Session | None, room: str) -> Room | None:
+        return None if session is None else session.rooms.get(m.room_key(room))
+
+    def _readable(self, session: Session | None, stream_id: str | None) -> Stream | None:
+        """The stream a session may read: a room it is in, or its own
+        direct messages."""
+        if session is None:
+            return None
+        if stream_id is not None and stream_id.startswith(m.DM_STREAM_PREFIX):
+            if m.name_key(stream_id[1:]) != session.user.name_key:
+                return None
+            return self._dm_stream(m.dm_stream(session.name))
+        room = self._room_of(session, stream_id or m.GENERAL_ROOM)
+        return room.stream if room else None
+
+    def _dm_stream(self, stream_id: str) -> Stream:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            stream = self.streams[stream_id] = Stream(stream_id, self.config.history)
+        return stream
 
     def _touch(self, session: Session, now: float) -> None:
         """Heard from its owner: the session moves to the end of the sweep order."""
@@ -408,29 +663,74 @@ class BrokerCore:
         self.sessions.move_to_end(session.peer)
 
     def _heartbeat(self, wall: float) -> m.Heartbeat:
-        return m.Heartbeat(self.main.seq, self.epoch, wall)
+        return m.Heartbeat(self.epoch, wall)
 
-    def _welcome(self, session: Session, resumed: bool) -> m.Welcome:
-        c = self.config
-        return m.Welcome(session.name, self.main.seq, self.epoch, self.user_names(),
-                         session.secret, c.heartbeat_interval, c.heartbeat_liveness, c.max_text,
-                         resumed)
+    def _announce_positions(self) -> list:
+        """Streams tell their positions, so a reader notices a lost tail:
+        every room someone is in on its topic, and a user's direct messages,
+        when they changed lately, to that user's sessions."""
+        out = [Publish(m.Position(key, room.stream.seq), room.stream.topic)
+               for key, room in self.rooms.items() if room.sessions and room.stream.seq]
+        for stream_id, left in list(self.to_announce.items()):
+            stream = self.streams[stream_id]
+            position = m.Position(stream_id, stream.seq)
+            if (user := self.by_name.get(stream_id[1:])) is not None:
+                out += [Reply(s.peer, position) for s in user.sessions if not s.quiet]
+            if left > 1:
+                self.to_announce[stream_id] = left - 1
+            else:
+                del self.to_announce[stream_id]
+        return out
 
     def _end_session(self, session: Session, reason: str, wall: float) -> list:
+        user = session.user
         del self.sessions[session.peer]
-        del self.by_name[session.name_key]
-        del self.online[bisect.bisect_left(self.online, (session.name_key, session.name))]
-        log.info("leave %s (%s)", session.name, reason)
-        return self._append(self.main, lambda seq: m.Leave(seq, wall, session.name, reason))
+        user.sessions.remove(session)
+        out: list = []
+        for room in list(session.rooms.values()):
+            out += self._exit(session, room, reason, wall)
+        session.rooms.clear()
+        if not session.quiet:
+            user.visible -= 1
+            if user.visible == 0:
+                del self.online[bisect.bisect_left(self.online, (user.name_key, user.name))]
+        if not user.sessions:
+            del self.by_name[user.name_key]  # the name is free again
+        log.info("leave %s (%s)", user.name, reason)
+        return out
 
-    @staticmethod
-    def _append(stream: Stream, make_event, sender_id: tuple[str, str] | None = None) -> list:
-        """Number a new event in ``stream``: persist it, then publish it."""
-        event = stream.append(make_event, sender_id)
+    def _append(self, stream: Stream, make_event, sender_id: tuple[str, str] | None = None) -> list:
+        """Number a new event in a room's stream: persist it, then publish it."""
+        event = self._number(stream, make_event, sender_id)
         return [Persist(stream.id, event, sender_id), Publish(event, stream.topic)]
+
+    def _number(self, stream: Stream, make_event, sender_id: tuple[str, str] | None) -> Any:
+        """Append a new event to ``stream``, within the history budget."""
+        before = stream.bytes
+        event = stream.append(make_event, sender_id)
+        self.history_bytes += stream.bytes - before
+        self._keep_within_history_budget()
+        if stream.topic is None:
+            self.to_announce[stream.id] = POSITION_REPEATS
+        return event
+
+    def _keep_within_history_budget(self) -> None:
+        """Over the budget, the largest histories give up their oldest events."""
+        while self.history_bytes > self.config.history_bytes:
+            largest = max(self.streams.values(), key=lambda s: s.bytes)
+            if not largest.history:
+                return
+            self.history_bytes -= largest.drop_oldest()
 
     def _not_joined(self, peer: bytes, id: str | None = None) -> list:
         return [Reply(peer, m.Error(m.ErrorCode.NOT_JOINED, "join first (send hello)", id))]
+
+    def _not_in(self, peer: bytes, session: Session | None, room: str,
+                id: str | None = None) -> list:
+        if session is None:
+            return self._not_joined(peer, id)
+        return self._refuse(peer, m.ErrorCode.NOT_IN_ROOM, f"you are not in {room}"[:120], id=id,
+                            who=session.name)
 
     def _refuse(self, peer: bytes, code: str, reason: str, id: str | None = None,
                 who: str | None = None) -> list:
@@ -438,6 +738,7 @@ class BrokerCore:
         return [Reply(peer, m.Error(code, reason, id))]
 
 
-def _tokens_match(given: str | None, token: str) -> bool:
+def _tokens_match(given: str | None, token: str | None) -> bool:
     """Constant-time comparison (decoding made ``given`` ASCII)."""
-    return given is not None and secrets.compare_digest(given.encode(), token.encode())
+    return (given is not None and token is not None
+            and secrets.compare_digest(given.encode(), token.encode()))

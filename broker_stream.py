@@ -2,8 +2,8 @@
 
 A stream is an ordered series of sequenced events (messages, joins, leaves)
 that clients read in order, exactly once (the Clone pattern's one object per
-stream). The broker's chat is one Stream; a room or a user's direct messages
-is another instance, with numbers, history and gap repair of its own.
+stream). Every room is one Stream, and so is every user's direct messages,
+each with numbers, history and gap repair of its own.
 
 Stream is plain data and logic: no clock, no socket, no store. It stamps the
 next sequence number on an event, keeps the newest ``history`` events for
@@ -28,8 +28,17 @@ ACCEPTED_IDS_REMEMBERED = 50_000
 # while a client that asks and never reads holds at most broker.REPLY_QUEUE.
 REPLY_TEXT_BYTES = 64 * 1024
 
+# What one held event counts against the broker's history budget beyond its
+# text: the object and its other fields, roughly.
+EVENT_OVERHEAD_BYTES = 200
+
 # (sender's name key, client message id): unique per sender within a stream
 SenderId = tuple[str, str]
+
+
+def event_bytes(event: Any) -> int:
+    """What holding ``event`` in a history costs, in bytes."""
+    return EVENT_OVERHEAD_BYTES + len(getattr(event, "text", "").encode())
 
 
 class Stream:
@@ -40,19 +49,16 @@ class Stream:
         self.id = stream_id
         self.topic = m.stream_topic(stream_id)
         self.seq = 0
-        self.history: deque = deque(maxlen=history)
+        self.history_limit = history
+        self.history: deque = deque()
+        self.bytes = 0  # what the history holds, by event_bytes
         self.ids_remembered = ids_remembered
         self.accepted_ids: OrderedDict[SenderId, int] = OrderedDict()
 
-    @property
-    def wire_id(self) -> str | None:
-        """The stream as replies name it: None for the main stream, so that
-        replies about it read exactly as before streams had names."""
-        return None if self.id == m.MAIN_STREAM else self.id
-
     def restore(self, events: list, accepted_ids: Iterable[tuple[SenderId, int]]) -> None:
         """Continue a stored history: its last events and accepted message ids."""
-        self.history.extend(events)
+        for event in events[-self.history_limit:]:
+            self._hold(event)
         if events:
             self.seq = max(self.seq, events[-1].seq)
         for sender_id, seq in accepted_ids:
@@ -62,10 +68,22 @@ class Stream:
         """Stamp the next sequence number on a new event and keep it."""
         self.seq += 1
         event = make_event(self.seq)
-        self.history.append(event)
+        self._hold(event)
         if sender_id is not None:
             self._remember(sender_id, self.seq)
         return event
+
+    def _hold(self, event: Any) -> None:
+        if len(self.history) >= self.history_limit:
+            self.drop_oldest()
+        self.history.append(event)
+        self.bytes += event_bytes(event)
+
+    def drop_oldest(self) -> int:
+        """Forget the oldest held event (the history budget is spent); what it freed."""
+        freed = event_bytes(self.history.popleft())
+        self.bytes -= freed
+        return freed
 
     def accepted_seq(self, sender_id: SenderId) -> int | None:
         """The seq a message was accepted as, if it was (a resend)."""
@@ -85,14 +103,13 @@ class Stream:
                                            max(start, until + 1) - first))
         if events and len(events) < until - start + 1:
             until = events[-1].seq  # cut short by size: the client asks again
-        return m.History(events, first, until, stream=self.wire_id)
+        return m.History(events, first, until, stream=self.id)
 
     def recent(self, count: int) -> m.History:
         """The last ``count`` chat messages (not joins and leaves), oldest first."""
         newest_first = (e for e in reversed(self.history) if isinstance(e, m.Message))
         found = _within_reply_size(islice(newest_first, count))
-        return m.History(found[::-1], self.first_held(), self.seq, recent=True,
-                         stream=self.wire_id)
+        return m.History(found[::-1], self.first_held(), self.seq, recent=True, stream=self.id)
 
     def _remember(self, sender_id: SenderId, seq: int) -> None:
         self.accepted_ids[sender_id] = seq

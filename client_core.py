@@ -165,6 +165,26 @@ class Refused:
     reason: str
 
 
+@dataclass(frozen=True)
+class RoomJoined:
+    """We are in ``room`` now (or its topic was set: the same answer)."""
+
+    room: m.Room
+
+
+@dataclass(frozen=True)
+class RoomParted:
+    room: str
+
+
+@dataclass(frozen=True)
+class BrokerRefused:
+    """The broker refused a request that is not a message (join, part, topic...)."""
+
+    code: str
+    reason: str
+
+
 # --- the outbox -------------------------------------------------------------------
 
 
@@ -177,14 +197,14 @@ class Outbox:
     """
 
     def __init__(self) -> None:
-        self.pending: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        self.pending: OrderedDict[str, tuple[str, str | None, str | None]] = OrderedDict()
         self.unsent: deque[str] = deque()
         self.in_flight: dict[str, float] = {}
         self.paused_until = 0.0  # rate limited: nothing goes before this
         self.retry_at = 0.0  # a send failed: try again from this time
 
-    def add(self, msg_id: str, text: str, stream: str | None) -> None:
-        self.pending[msg_id] = (text, stream)
+    def add(self, msg_id: str, text: str, room: str | None, to: str | None) -> None:
+        self.pending[msg_id] = (text, room, to)
         self.unsent.append(msg_id)
 
     def settle(self, msg_id: str) -> bool:
@@ -203,9 +223,9 @@ class Outbox:
             msg_id = self.unsent.popleft()
             if msg_id not in self.pending:  # acked while waiting for a resend
                 continue
-            text, stream = self.pending[msg_id]
+            text, room, to = self.pending[msg_id]
             self.in_flight[msg_id] = now
-            out.append(Request(m.Say(msg_id, text, token, stream)))
+            out.append(Request(m.Say(msg_id, text, token, room, to)))
         return out
 
     def not_sent(self, msg_ids: list[str], now: float) -> None:
@@ -239,19 +259,23 @@ class Outbox:
 
 # Input kinds that are not message classes.
 READY = "ready heartbeat"  # a heartbeat on our own ready topic
-SEQUENCED = "sequenced event"  # a Message, Join or Leave of a stream
+SEQUENCED = "sequenced event"  # a Message, Join, Leave or Topic of a stream
 
 # Which input each phase acts on, and how. An input missing from its phase's
 # row is ignored: a late answer to an earlier connection, a heartbeat before
 # we are joined, a reply to a request that no longer matters.
-_WHILE_CONNECTED = {m.Shutdown: "_on_shutdown", m.Users: "_on_users", SEQUENCED: "_on_sequenced"}
+_WHILE_CONNECTED = {m.Shutdown: "_on_shutdown", m.Users: "_on_users", m.RoomList: "_on_users",
+                    SEQUENCED: "_on_sequenced"}
 TRANSITIONS: dict[Phase, dict[Any, str]] = {
     Phase.WAITING: {},
     Phase.PROBING: {**_WHILE_CONNECTED, READY: "_on_ready"},
     Phase.HELLO: {**_WHILE_CONNECTED, m.Welcome: "_on_welcome", m.Error: "_on_join_error"},
     Phase.JOINED: {**_WHILE_CONNECTED, m.Welcome: "_on_welcome", m.Error: "_on_error",
-                   m.Ack: "_on_ack", m.History: "_on_history", m.Heartbeat: "_on_heartbeat"},
-    Phase.REFUSED: {m.Shutdown: "_on_shutdown", m.Users: "_on_users"},
+                   m.Ack: "_on_ack", m.History: "_on_history", m.Heartbeat: "_on_heartbeat",
+                   m.Position: "_on_position", READY: "_on_room_ready", m.Room: "_on_room",
+                   m.Parted: "_on_parted"},
+    Phase.REFUSED: {m.Shutdown: "_on_shutdown", m.Users: "_on_users",
+                    m.RoomList: "_on_users"},
     Phase.CLOSED: {},
 }
 
@@ -259,12 +283,19 @@ TRANSITIONS: dict[Phase, dict[Any, str]] = {
 class ClientCore:
     """One user's session with a broker, as a state machine."""
 
-    def __init__(self, name: str, recent: int = 0, address: str = "the broker"):
-        """``recent``: how many earlier messages to ask for on joining;
-        ``address``: the broker's, as people should read it."""
+    def __init__(self, name: str, recent: int = 0, address: str = "the broker",
+                 rooms: tuple[str, ...] = (m.GENERAL_ROOM,), quiet: bool = False,
+                 secret: str | None = None):
+        """``recent``: how many earlier messages of each room to ask for on
+        joining; ``address``: the broker's, as people should read it;
+        ``rooms``: the rooms to be in; ``quiet``: not announced or listed
+        (a script's send); ``secret``: proves this is the same person as the
+        name's other connections."""
         self.name = name
         self.recent = min(recent, m.MAX_FETCH_EVENTS)
         self.address = address
+        self.quiet = quiet
+        self.secret = secret
         self.phase = Phase.WAITING
         self.state = State.CONNECTING
         self.interval = DEFAULT_HEARTBEAT_INTERVAL
@@ -280,9 +311,13 @@ class ClientCore:
         self.epoch: str | None = None
         self.token: str | None = None
         self.outbox = Outbox()
-        self.streams: dict[str, StreamReader] = {}
+        self.streams: dict[str, StreamReader] = {}  # stream id -> its reader
         self.by_topic: dict[bytes, StreamReader] = {}
-        self.main = self.follow(m.MAIN_STREAM, 0.0)[0]
+        self.rooms: dict[str, str] = {}  # room key -> the name we were told or asked for
+        self.entering: dict[bytes, str] = {}  # ready topic -> room being joined
+        self.dm: StreamReader | None = None  # our direct messages, from the welcome on
+        for room in rooms:
+            self._add_room(room)
         self._table = {phase: {kind: getattr(self, handler) for kind, handler in row.items()}
                        for phase, row in TRANSITIONS.items()}
 
@@ -293,40 +328,73 @@ class ClientCore:
 
     # --- streams ------------------------------------------------------------------
 
-    def follow(self, stream_id: str, now: float,
-               after: int | None = None) -> tuple[StreamReader, list]:
-        """Read stream ``stream_id`` too (from just after ``after``, if
-        given): its reader, and the outputs that subscribe to it."""
+    def _add_room(self, room: str) -> StreamReader:
+        key = m.room_key(room)
+        self.rooms[key] = room
+        return self._reader(key)
+
+    def _reader(self, stream_id: str) -> StreamReader:
         reader = self.streams.get(stream_id)
         if reader is None:
             reader = self.streams[stream_id] = StreamReader(stream_id)
-            self.by_topic[reader.topic] = reader
-        if after is not None:
-            reader.start_at(after)
-        out: list = []
-        if self.phase not in (Phase.WAITING, Phase.CLOSED):
-            out.append(Subscribe(reader.topic))
-        if self.phase is Phase.JOINED:
-            out += self._requests(reader.resume(now), now)
-        return reader, out
+            if reader.topic is not None:
+                self.by_topic[reader.topic] = reader
+        return reader
+
+    def _drop_room(self, key: str) -> list:
+        self.rooms.pop(key, None)
+        reader = self.streams.pop(key, None)
+        if reader is None:
+            return []
+        self.by_topic.pop(reader.topic, None)
+        return [Unsubscribe(reader.topic)] if self.phase is not Phase.WAITING else []
 
     # --- commands from the caller ----------------------------------------------------
 
     def start(self, now: float) -> list:
         return self._connect(now)
 
-    def send(self, msg_id: str, text: str, now: float, stream: str = m.MAIN_STREAM) -> list:
-        """Queue chat text for a stream; it goes out when it may."""
+    def send(self, msg_id: str, text: str, now: float, room: str | None = None,
+             to: str | None = None) -> list:
+        """Queue chat text for a room (None: #general) or a person; it goes
+        out when it may."""
         problem = m.text_problem(text, self.max_text)
         if problem:
             return [Refused(msg_id, *problem)]
-        self.outbox.add(msg_id, text, None if stream == m.MAIN_STREAM else stream)
+        self.outbox.add(msg_id, text, room, to)
         return self._flush(now)
 
-    def who(self, now: float) -> list:
+    def who(self, now: float, room: str | None = None) -> list:
+        return self._ask(m.Who(room), now, "cannot list users")
+
+    def list_rooms(self, now: float) -> list:
+        return self._ask(m.ListRooms(), now, "cannot list rooms")
+
+    def join_room(self, room: str, now: float) -> list:
+        """Enter ``room``: subscribe to it, prove the subscription, then ask."""
+        key = m.room_key(room)
+        if key in self.rooms:
+            return []
+        self._add_room(room)
+        if self.phase is not Phase.JOINED:
+            return []  # the next hello names it
+        return self._probe_room(key)
+
+    def part_room(self, room: str, now: float) -> list:
+        key = m.room_key(room)
+        if key not in self.rooms:
+            return []
+        if self.phase is not Phase.JOINED:
+            return self._drop_room(key)
+        return [self._request(m.PartRoom(room, self.token), now)]
+
+    def set_topic(self, room: str, text: str, now: float) -> list:
+        return self._ask(m.SetTopic(room, text, self.token), now, "cannot set the topic")
+
+    def _ask(self, request: Any, now: float, what: str) -> list:
         if self.phase in (Phase.WAITING, Phase.CLOSED):
-            return [StateChanged(self.state, "not connected: cannot list users")]
-        return [self._request(m.Who(), now)]
+            return [StateChanged(self.state, f"not connected: {what}")]
+        return [self._request(request, now)]
 
     def join(self, name: str, now: float) -> list:
         """Try another name (after JoinRefused)."""
@@ -349,7 +417,11 @@ class ClientCore:
     def receive_reply(self, frames: list[bytes], now: float) -> list:
         """Frames from the DEALER."""
         reply = self._heard(m.decode_reply, frames, now)
-        return [] if reply is None else self._dispatch(type(reply), reply, now)
+        if reply is None:
+            return []
+        if isinstance(reply, m.Message):  # a direct message, ours alone
+            return [] if self.dm is None else self._dispatch(SEQUENCED, (self.dm, reply), now)
+        return self._dispatch(type(reply), reply, now)
 
     def receive_broadcast(self, frames: list[bytes], now: float) -> list:
         """Frames from the SUB: ``[topic, events]``."""
@@ -363,8 +435,8 @@ class ClientCore:
                 reader = self.by_topic.get(topic)
                 if reader is not None:
                     out += self._dispatch(SEQUENCED, (reader, event), now)
-            elif isinstance(event, m.Heartbeat) and topic == self.ready_topic:
-                out += self._dispatch(READY, event, now)
+            elif isinstance(event, m.Heartbeat) and topic.startswith(m.READY_TOPIC_PREFIX):
+                out += self._dispatch(READY, topic, now)
             else:
                 out += self._dispatch(type(event), event, now)
         return out
@@ -382,8 +454,8 @@ class ClientCore:
                 self.hello_retry_at = now + SEND_RETRY_S
             elif isinstance(msg, m.Fetch):
                 self._reader_named(msg.stream).fetch_not_sent()
-            elif isinstance(msg, m.Who):
-                out.append(StateChanged(self.state, "not connected: cannot list users"))
+            elif isinstance(msg, (m.Who, m.ListRooms, m.SetTopic, m.PartRoom, m.JoinRoom)):
+                out.append(StateChanged(self.state, f"not connected: cannot {msg.TYPE}"))
             elif isinstance(msg, m.Recent):
                 self._reader_named(msg.stream).recent_not_sent()
         if unsent_says:
@@ -416,7 +488,7 @@ class ClientCore:
             if now < self.hello_retry_at:
                 return []
             self.hello_sent_at = now
-            return [self._request(m.Hello(self.name, resume=self.token), now)]
+            return [self._hello(now)]
         if self.phase is not Phase.JOINED:
             return []
         out: list = []
@@ -460,17 +532,61 @@ class ClientCore:
             return []
         return handler(value, now)
 
-    def _on_ready(self, heartbeat: m.Heartbeat, now: float) -> list:
-        # The subscription is live: from now on nothing is missed.
+    def _on_ready(self, topic: bytes, now: float) -> list:
+        if topic != self.ready_topic:
+            return []
+        # The subscriptions are live: from now on nothing is missed.
         return [Unsubscribe(self.ready_topic), *self._say_hello(now)]
+
+    def _on_room_ready(self, topic: bytes, now: float) -> list:
+        """A room's subscription is live: ask to enter it."""
+        room = self.entering.pop(topic, None)
+        if room is None or room not in self.rooms:
+            return []
+        return [Unsubscribe(topic), self._request(m.JoinRoom(self.rooms[room], self.token), now)]
+
+    def _probe_room(self, key: str) -> list:
+        ready = m.READY_TOPIC_PREFIX + secrets.token_hex(8).encode()
+        self.entering[ready] = key
+        return [Subscribe(self.streams[key].topic), Subscribe(ready)]
+
+    def _on_room(self, info: m.Room, now: float) -> list:
+        key = m.room_key(info.room)
+        reader = self.streams.get(key)
+        if reader is None or key not in self.rooms:
+            return []  # parted meanwhile
+        self.rooms[key] = info.room
+        if reader.live:
+            return [RoomJoined(info), *self._requests(reader.on_announce(info.seq, now), now)]
+        reader.start_at(info.seq)
+        out: list = [RoomJoined(info)]
+        if self.recent:
+            out += self._requests([reader.hold_for_recent(self.recent, now)], now)
+        return out + self._requests(reader.resume(now), now)
+
+    def _on_parted(self, parted: m.Parted, now: float) -> list:
+        return [*self._drop_room(m.room_key(parted.room)), RoomParted(parted.room)]
+
+    def _on_position(self, position: m.Position, now: float) -> list:
+        reader = self.streams.get(position.stream)
+        return [] if reader is None else self._requests(reader.on_announce(position.seq, now), now)
 
     def _on_welcome(self, w: m.Welcome, now: float) -> list:
         first_join = self.epoch is None
         restarted = not first_join and w.epoch != self.epoch
-        if first_join or restarted:
-            # Each stream restarts at its position; today the welcome gives
-            # the main stream's, and other streams are followed anew.
-            self.main.start_at(w.seq)
+        fresh = [] if first_join or restarted else [r for r in self.streams.values()
+                                                     if not r.live and r.last_seq == 0]
+        if self.dm is None or self.dm.id != m.dm_stream(w.name):
+            self.dm = self._reader(m.dm_stream(w.name))
+            fresh.append(self.dm)
+        positions = [(self._reader(m.room_key(r.room)), r.seq) for r in w.rooms]
+        positions.append((self.dm, w.dm_seq))
+        out: list = []
+        for reader, seq in positions:
+            if first_join or restarted or reader in fresh:
+                reader.start_at(seq)  # counting starts here
+            else:  # the same run: a position, and what is after ours is a gap
+                reader.announced_seq = max(reader.announced_seq, seq)
         self.epoch, self.token, self.name = w.epoch, w.resume, w.name
         self.interval, self.liveness, self.max_text = (
             w.heartbeat_interval, w.heartbeat_liveness, w.max_text)
@@ -478,12 +594,16 @@ class ClientCore:
         self.hello_sent_at = None
         self.backoff = RECONNECT_DELAY_FIRST
         self.outbox.send_again()
-        out: list = [Joined(w.name, list(w.users), w.resumed, restarted),
-                     StateChanged(State.CONNECTED, f"joined as {w.name}")]
+        out += [Joined(w.name, list(w.users), w.resumed, restarted),
+                StateChanged(State.CONNECTED, f"joined as {w.name}")]
         if self.recent:  # not asked yet, or not answered before we rejoined
-            out += self._requests([self.main.hold_for_recent(self.recent, now)], now)
+            for reader, _ in positions[:-1]:
+                out += self._requests([reader.hold_for_recent(self.recent, now)], now)
         for reader in self.streams.values():
             out += self._requests(reader.resume(now), now)
+        # rooms asked for while the hello was on its way are entered now
+        for key in self.rooms.keys() - {m.room_key(r.room) for r in w.rooms}:
+            out += self._probe_room(key)
         return out + self._flush(now)
 
     def _on_join_error(self, err: m.Error, now: float) -> list:
@@ -504,8 +624,7 @@ class ClientCore:
             return []
         if err.id is not None and self.outbox.settle(err.id):
             return [Refused(err.id, err.code, err.reason)]
-        log.warning("broker error: %s (%s)", err.reason, err.code)
-        return []
+        return [BrokerRefused(err.code, err.reason)]
 
     def _on_ack(self, ack: m.Ack, now: float) -> list:
         if not self.outbox.settle(ack.id):
@@ -522,7 +641,8 @@ class ClientCore:
         if not h.recent:
             return self._requests(reader.on_history(h, now), now)
         out = reader.on_recent(h, now)
-        if reader is self.main and any(isinstance(o, Earlier) for o in out):
+        if any(isinstance(o, Earlier) for o in out) and not any(
+                r.recent_until is not None for r in self.streams.values()):
             self.recent = 0  # shown: not asked again on a later welcome
         return self._requests(out, now)
 
@@ -530,7 +650,7 @@ class ClientCore:
         if hb.epoch != self.epoch:
             # A new broker took over the port without us noticing: join it.
             return self._say_hello(now)
-        return self._requests(self.main.on_announce(hb.seq, now), now)
+        return []
 
     def _on_sequenced(self, reader_and_event: tuple, now: float) -> list:
         reader, event = reader_and_event
@@ -545,7 +665,8 @@ class ClientCore:
         self.ready_topic = m.READY_TOPIC_PREFIX + secrets.token_hex(8).encode()
         self.phase = Phase.PROBING
         self.broker_seen = now  # patience runs from here
-        topics = (*self.by_topic, self.ready_topic)
+        self.entering.clear()
+        topics = (m.HEARTBEAT_TOPIC, *self.by_topic, self.ready_topic)
         out: list = [Connect(topics)]
         if self.state != State.CONNECTING:
             self.state = State.CONNECTING
@@ -573,9 +694,13 @@ class ClientCore:
         for reader in self.streams.values():
             reader.pause()
         self.outbox.send_again()
-        return [self._request(m.Hello(self.name, resume=self.token), now)]
+        return [self._hello(now)]
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _hello(self, now: float) -> Request:
+        return self._request(m.Hello(self.name, resume=self.token, secret=self.secret,
+                                     quiet=self.quiet, rooms=list(self.rooms.values())), now)
 
     def _request(self, msg: Any, now: float) -> Request:
         self.last_request = now
@@ -594,5 +719,5 @@ class ClientCore:
             self.last_request = now
         return says
 
-    def _reader_named(self, wire_id: str | None) -> StreamReader | None:
-        return self.streams.get(m.MAIN_STREAM if wire_id is None else wire_id)
+    def _reader_named(self, stream_id: str | None) -> StreamReader | None:
+        return self.streams.get(m.GENERAL_ROOM if stream_id is None else stream_id)

@@ -32,13 +32,15 @@ import zmq
 
 import keys
 import messages as m
-from client_core import (Acked, Action, ClientCore, Connect, Disconnect, Joined, JoinRefused, Phase,
-                         Refused, Request, State, StateChanged, Subscribe, Unsubscribe)
-from client_stream import Earlier, InStream, Missed
+from client_core import (Acked, Action, BrokerRefused, ClientCore, Connect, Disconnect, Joined,
+                         JoinRefused, Phase, Refused, Request, RoomJoined, RoomParted, State,
+                         StateChanged, Subscribe, Unsubscribe)
+from client_stream import Earlier, Missed
 
-__all__ = ["Acked", "ClientSession", "Earlier", "Encryption", "InStream", "Joined",
-           "JoinRefused", "Missed", "Refused", "State", "StateChanged", "add_connection_arguments",
-           "encryption_from_args", "list_users", "login_name"]
+__all__ = ["Acked", "BrokerRefused", "ClientSession", "Earlier", "Encryption", "Joined",
+           "JoinRefused", "Missed", "Refused", "RoomJoined", "RoomParted", "State",
+           "StateChanged", "add_connection_arguments", "encryption_from_args", "ask_broker", "list_users",
+           "login_name"]
 
 log = logging.getLogger("zchat.client")
 
@@ -65,10 +67,13 @@ class ClientSession:
 
     def __init__(self, host: str, port: int, name: str, pub_port: int | None = None,
                  recent: int = 0, encryption: Encryption | None = None,
-                 on_event: Callable[[], None] | None = None):
-        """``recent``: how many earlier messages to show on joining (Earlier).
-        ``on_event``: called from the worker thread, at most once per loop
-        pass, after it put events on ``events`` (to wake a GUI loop)."""
+                 on_event: Callable[[], None] | None = None,
+                 rooms: tuple[str, ...] = (m.GENERAL_ROOM,), quiet: bool = False,
+                 secret: str | None = None):
+        """``recent``: how many earlier messages of each room to show on
+        joining (Earlier). ``on_event``: called from the worker thread, at
+        most once per loop pass, after it put events on ``events`` (to wake a
+        GUI loop). ``rooms``, ``quiet``, ``secret``: see ClientCore."""
         self.address = f"{host}:{port}"
         self.encryption = encryption
         self.request_endpoint = f"tcp://{host}:{port}"
@@ -76,7 +81,7 @@ class ClientSession:
         self.name = name
         self.events: queue.Queue = queue.Queue()
         self.on_event = on_event
-        self._core = ClientCore(name, recent, self.address)
+        self._core = ClientCore(name, recent, self.address, rooms, quiet, secret)
         self._commands: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -91,16 +96,31 @@ class ClientSession:
         self._thread.start()
         return self
 
-    def send(self, text: str) -> str:
-        """Queue chat text; returns its message id (see Acked / Refused)."""
+    def send(self, text: str, room: str | None = None, to: str | None = None) -> str:
+        """Queue chat text for a room (None: #general) or a person (``to``);
+        returns its message id (see Acked / Refused)."""
         with self._id_lock:
             msg_id = next(self._ids)
-        self._command(ClientCore.send, msg_id, text)
+        self._command(ClientCore.send, msg_id, text, room=room, to=to)
         return msg_id
 
-    def who(self) -> None:
-        """Ask who is online; the answer comes as a messages.Users event."""
-        self._command(ClientCore.who)
+    def who(self, room: str | None = None) -> None:
+        """Ask who is online (in a room); the answer is a messages.Users event."""
+        self._command(ClientCore.who, room=room)
+
+    def list_rooms(self) -> None:
+        """Ask which rooms exist; the answer is a messages.RoomList event."""
+        self._command(ClientCore.list_rooms)
+
+    def join_room(self, room: str) -> None:
+        """Enter a room (RoomJoined, or BrokerRefused)."""
+        self._command(ClientCore.join_room, room)
+
+    def part_room(self, room: str) -> None:
+        self._command(ClientCore.part_room, room)
+
+    def set_topic(self, room: str, text: str) -> None:
+        self._command(ClientCore.set_topic, room, text)
 
     def join(self, name: str) -> None:
         """Try another name after JoinRefused."""
@@ -112,9 +132,9 @@ class ClientSession:
             self._command(ClientCore.close)
             self._thread.join(timeout)
 
-    def _command(self, method, *args) -> None:
-        """Hand ``core.method(*args, now)`` to the worker thread."""
-        self._commands.put((method, args))
+    def _command(self, method, *args, **kwargs) -> None:
+        """Hand ``core.method(*args, now, **kwargs)`` to the worker thread."""
+        self._commands.put((method, args, kwargs))
         try:
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):
@@ -185,10 +205,10 @@ class _Worker:
     def _run_commands(self, now: float) -> None:
         while True:
             try:
-                method, args = self.s._commands.get_nowait()
+                method, args, kwargs = self.s._commands.get_nowait()
             except queue.Empty:
                 return
-            self._carry_out(method(self.core, *args, now))
+            self._carry_out(method(self.core, *args, now, **kwargs))
 
     def _read(self, sock: zmq.Socket, receive, now: float) -> None:
         """Feed the core a batch of frames from one socket."""
@@ -266,9 +286,10 @@ class _Worker:
             self.sub.setsockopt(zmq.UNSUBSCRIBE, action.topic)
 
 
-def list_users(host: str, port: int, timeout: float,
-               encryption: Encryption | None = None) -> list[str] | None:
-    """Who is online, asked without joining; None if no answer in time."""
+def ask_broker(host: str, port: int, request, answer_type: type, timeout: float,
+               encryption: Encryption | None = None):
+    """Ask something that needs no join (``who``, ``rooms``): the answer of
+    type ``answer_type``, or None if none came in time."""
     ctx = zmq.Context.instance()
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
@@ -276,7 +297,7 @@ def list_users(host: str, port: int, timeout: float,
         encryption.apply(dealer)
     try:
         dealer.connect(f"tcp://{host}:{port}")
-        dealer.send(m.encode(m.Who()))
+        dealer.send(m.encode(request))
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0:
             if not dealer.poll(remaining * 1000):
@@ -285,11 +306,18 @@ def list_users(host: str, port: int, timeout: float,
                 reply = m.decode_reply(dealer.recv_multipart())
             except m.ProtocolError:
                 continue
-            if isinstance(reply, m.Users):
-                return reply.users
+            if isinstance(reply, answer_type):
+                return reply
         return None
     finally:
         dealer.close()
+
+
+def list_users(host: str, port: int, timeout: float, encryption: Encryption | None = None,
+               room: str | None = None) -> list[str] | None:
+    """Who is online (in ``room``), asked without joining; None if no answer in time."""
+    reply = ask_broker(host, port, m.Who(room), m.Users, timeout, encryption)
+    return None if reply is None else reply.users
 
 
 # --- command-line options shared by both clients ------------------------------------

@@ -32,7 +32,7 @@ class Earlier:
     """Chat messages from before we joined (asked for with ``recent``)."""
 
     messages: list
-    stream: str = m.MAIN_STREAM
+    stream: str = m.GENERAL_ROOM
 
 
 @dataclass(frozen=True)
@@ -41,20 +41,11 @@ class Missed:
 
     first: int
     last: int
-    stream: str = m.MAIN_STREAM
+    stream: str = m.GENERAL_ROOM
 
     @property
     def count(self) -> int:
         return self.last - self.first + 1
-
-
-@dataclass(frozen=True)
-class InStream:
-    """An event of a stream other than the main one (the main stream's
-    events are handed over as they are, as before streams had names)."""
-
-    stream: str
-    event: Any
 
 
 class StreamReader:
@@ -62,10 +53,9 @@ class StreamReader:
 
     def __init__(self, stream_id: str):
         self.id = stream_id
-        self.topic = m.stream_topic(stream_id)
-        self.wire_id = None if stream_id == m.MAIN_STREAM else stream_id
+        self.topic = m.stream_topic(stream_id)  # None: direct messages, not on PUB
         self.last_seq = 0  # the newest seq handed on
-        self.announced_seq = 0  # the newest seq a heartbeat told of
+        self.announced_seq = 0  # the newest seq a position told of
         self.buffer: dict[int, Any] = {}  # seq -> event not yet handed on
         self.live = False  # positioned by a welcome, and events may flow
         self.fetch_sent_at: float | None = None  # the fetch awaiting its answer
@@ -99,7 +89,7 @@ class StreamReader:
         back until they are answered (or the request is given up)."""
         self.recent_until = self.last_seq
         self.recent_sent_at = now
-        return m.Recent(count, stream=self.wire_id)
+        return m.Recent(count, stream=self.id)
 
     # --- inputs ------------------------------------------------------------------
 
@@ -112,7 +102,8 @@ class StreamReader:
         return self._deliver(now) if self.live else []
 
     def on_announce(self, seq: int, now: float) -> list:
-        """A heartbeat says the stream has reached ``seq``."""
+        """The broker says the stream has reached ``seq`` (a position, or a
+        welcome on resuming)."""
         self.announced_seq = max(self.announced_seq, seq)
         return self._catch_up(now) if self.live else []
 
@@ -180,7 +171,7 @@ class StreamReader:
         out: list = []
         while (event := self.buffer.pop(self.last_seq + 1, None)) is not None:
             self.last_seq = event.seq
-            out.append(event if self.wire_id is None else InStream(self.id, event))
+            out.append(event)
         # Stale entries at or below last_seq (from a history reply) go too.
         for seq in [s for s in self.buffer if s <= self.last_seq]:
             del self.buffer[seq]
@@ -193,4 +184,4 @@ class StreamReader:
         if until <= self.last_seq or self.fetch_sent_at is not None:
             return []
         self.fetch_sent_at = now
-        return [m.Fetch(self.last_seq, until, stream=self.wire_id)]
+        return [m.Fetch(self.last_seq, until, stream=self.id)]

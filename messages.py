@@ -13,10 +13,12 @@ broker strips before decoding).
 Broker -> one client (ROUTER -> DEALER): exactly one frame, a JSON object.
 
 Broker -> everyone (PUB -> SUB): two frames, ``[topic, body]``. ``topic`` is
-the topic of a stream (``stream_topic``; the chat is ``MAIN_STREAM``, topic
-``all``) or ``READY_TOPIC_PREFIX + nonce`` for a join probe. ``body`` is a JSON array of one or more events, so that a
-backlog can leave the broker as one frame while a lone event still goes out
-at once.
+a room's (``room_topic``), ``HEARTBEAT_TOPIC`` for heartbeats, or
+``READY_TOPIC_PREFIX + nonce`` for a join probe. ``body`` is a JSON array of
+one or more events, so that a backlog can leave the broker as one frame
+while a lone event still goes out at once. Direct messages never go on the
+PUB socket: the broker sends them to their addressee's connections on the
+ROUTER, as replies.
 
 Decoding either returns a valid typed message or raises ProtocolError with a
 reason and an error code; it never raises anything else.
@@ -30,28 +32,45 @@ from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 1
+# 2: rooms and direct messages (1 had one chat stream on topic "all").
+PROTOCOL_VERSION = 2
 
 # Streams: each is an ordered series of events with its own sequence numbers
-# and history (the Clone pattern's one object per stream). Today there is one,
-# the chat everyone joins; rooms and direct messages will be more streams.
-MAIN_STREAM = "all"
-# Topics on the PUB socket. "all" carries the main stream; a client proves its
-# subscription is live by subscribing to a private "ready:<nonce>" topic,
-# which the broker answers with a heartbeat on that topic alone.
-BROADCAST_TOPIC = b"all"
+# and history (the Clone pattern's one object per stream). Every room is one,
+# named by its room key ("#general"); every user's direct messages are one,
+# named "@" + the user's name key, and only that user may read it.
+GENERAL_ROOM = "#general"  # exists always; a client that names no room is in it
+MAIN_STREAM = GENERAL_ROOM
+DM_STREAM_PREFIX = "@"
+# Topics on the PUB socket. Each room has its own, ending in a NUL byte
+# because SUB topics match by prefix ("r:#lab" must not match "r:#lab2").
+# Heartbeats have their own topic, which every client subscribes to. A client
+# proves its subscriptions are live by subscribing to a private
+# "ready:<nonce>" topic, which the broker answers with a heartbeat on that
+# topic alone (subscriptions of one connection are taken in order).
+ROOM_TOPIC_PREFIX = b"r:"
+HEARTBEAT_TOPIC = b"hb"
 READY_TOPIC_PREFIX = b"ready:"
-# Other streams' topics: a prefix no other topic starts with, and a NUL at the
-# end, because SUB topics match by prefix ("s:lab" must not match "s:lab2").
-STREAM_TOPIC_PREFIX = b"s:"
 MAX_STREAM_ID_CHARS = 64
 
 
-def stream_topic(stream_id: str) -> bytes:
-    """The PUB topic that carries a stream's events."""
-    if stream_id == MAIN_STREAM:
-        return BROADCAST_TOPIC
-    return STREAM_TOPIC_PREFIX + stream_id.encode() + b"\0"
+def room_topic(room_key: str) -> bytes:
+    """The PUB topic that carries a room's events."""
+    return ROOM_TOPIC_PREFIX + room_key.encode() + b"\0"
+
+
+# The topic of #general, where everything of protocol 1 now happens.
+BROADCAST_TOPIC = room_topic(GENERAL_ROOM)
+
+
+def dm_stream(name: str) -> str:
+    """The stream of a user's direct messages."""
+    return DM_STREAM_PREFIX + name_key(name)
+
+
+def stream_topic(stream_id: str) -> bytes | None:
+    """The PUB topic of a stream; None for direct messages (never on PUB)."""
+    return None if stream_id.startswith(DM_STREAM_PREFIX) else room_topic(stream_id)
 
 # --- limits -----------------------------------------------------------------
 
@@ -59,6 +78,16 @@ def stream_topic(stream_id: str) -> bytes:
 # bidi characters, so a name can never pretend to be another (IRC allows 9-30).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 MAX_NAME_CHARS = 32
+# Room names like IRC channels: '#' and 1-32 of the same safe set, compared
+# ignoring case (RFC 2812 allows 50; 32 keeps a sidebar readable).
+ROOM_PATTERN = re.compile(r"#[A-Za-z0-9_.\-]{1,32}")
+MAX_ROOM_CHARS = 33
+# A room topic in UTF-8 bytes: a line, not an essay (IRC servers allow ~300).
+MAX_TOPIC_BYTES = 300
+# The secret a client keeps to prove that two connections are one person.
+MAX_SECRET_CHARS = 64
+# Rooms one hello may name at once (each also costs a subscription).
+MAX_HELLO_ROOMS = 50
 # Default largest chat text in UTF-8 bytes; the broker can change it and
 # announces its value in the welcome. 4 KiB is several screens of chat.
 DEFAULT_MAX_TEXT_BYTES = 4096
@@ -100,6 +129,10 @@ class ErrorCode:
     FLOODING = "flooding"  # kept flooding past rate_limited: disconnected
     SERVER_FULL = "server_full"
     NAME_NOT_ALLOWED = "name_not_allowed"  # this client key may not use that name
+    ROOM_INVALID = "room_invalid"  # not a room name
+    NOT_IN_ROOM = "not_in_room"  # say, topic, fetch or part in a room not joined
+    TOO_MANY_ROOMS = "too_many_rooms"  # a limit on rooms per connection or in all
+    USER_OFFLINE = "user_offline"  # a direct message to a name not online
 
 
 class ProtocolError(Exception):
@@ -124,6 +157,12 @@ class Hello:
     # for Python callers, which always send it.
     v: int = field(default=PROTOCOL_VERSION, metadata={"required": True})
     resume: str | None = None
+    # proves this is the same person as the name's other connections
+    secret: str | None = None
+    # a quiet connection (a script's send) is not announced or listed
+    quiet: bool = False
+    # the rooms to be in from the start (absent: #general)
+    rooms: list[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +173,8 @@ class Say:
     id: str
     text: str
     session: str | None = None
-    stream: str | None = None  # None: the main stream
+    room: str | None = None  # neither room nor to: #general
+    to: str | None = None  # a direct message to this name
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +182,42 @@ class Who:
     """Anyone asks who is online (no join needed)."""
 
     TYPE: ClassVar[str] = "who"
+    room: str | None = None  # None: everyone online
+
+
+@dataclass(frozen=True, slots=True)
+class JoinRoom:
+    """Client enters a room, creating it if it does not exist."""
+
+    TYPE: ClassVar[str] = "join"
+    room: str
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PartRoom:
+    """Client leaves a room."""
+
+    TYPE: ClassVar[str] = "part"
+    room: str
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetTopic:
+    """Client sets the topic of a room it is in."""
+
+    TYPE: ClassVar[str] = "topic"
+    room: str
+    text: str
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListRooms:
+    """Anyone asks which rooms exist (no join needed)."""
+
+    TYPE: ClassVar[str] = "rooms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,18 +258,48 @@ class Bye:
 
 
 @dataclass(frozen=True, slots=True)
+class Room:
+    """A room as its members see it: its position (the last seq so far),
+    topic and number of people in it. Answers ``join`` and ``topic``."""
+
+    TYPE: ClassVar[str] = "room"
+    room: str
+    seq: int
+    topic: str
+    members: int
+
+
+@dataclass(frozen=True, slots=True)
+class Parted:
+    """Broker answers ``part``."""
+
+    TYPE: ClassVar[str] = "parted"
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoomList:
+    """Broker answers ``rooms``: every room with its topic and member count."""
+
+    TYPE: ClassVar[str] = "rooms"
+    rooms: list[Room]
+
+
+@dataclass(frozen=True, slots=True)
 class Welcome:
-    """Broker accepts a hello. ``seq`` is the last sequence number so far."""
+    """Broker accepts a hello: the rooms this connection is in, with their
+    positions, and the position of the user's direct messages."""
 
     TYPE: ClassVar[str] = "welcome"
     name: str
-    seq: int
     epoch: str
     users: list[str]
     resume: str
     heartbeat_interval: float
     heartbeat_liveness: int
     max_text: int
+    rooms: list[Room]
+    dm_seq: int
     resumed: bool = False
     v: int = PROTOCOL_VERSION
 
@@ -224,6 +330,7 @@ class Users:
 
     TYPE: ClassVar[str] = "users"
     users: list[str]
+    room: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +355,8 @@ class Message:
     time: float
     sender: str = field(metadata={"wire": "from"})
     text: str
+    room: str | None = None  # a room's message
+    to: str | None = None  # a direct message: its addressee
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +365,7 @@ class Join:
     seq: int
     time: float
     name: str
+    room: str | None = None
 
 
 class LeaveReason:
@@ -263,6 +373,7 @@ class LeaveReason:
     TIMEOUT = "timeout"  # no heartbeat for liveness x interval
     DISCONNECTED = "disconnected"  # the broker could no longer reach it
     KICKED = "kicked"  # disconnected by the broker for flooding
+    PART = "part"  # left this room, still online
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,16 +383,38 @@ class Leave:
     time: float
     name: str
     reason: str
+    room: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """Someone set a room's topic."""
+
+    TYPE: ClassVar[str] = "topic"
+    seq: int
+    time: float
+    name: str
+    text: str
+    room: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Broker is alive; ``seq`` lets a client notice it missed the tail."""
+    """Broker is alive; ``epoch`` names this run of it."""
 
     TYPE: ClassVar[str] = "heartbeat"
-    seq: int
     epoch: str
     time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """The last seq of a stream, so a reader notices a lost tail: on a
+    room's topic after it changed, and to a user alone for direct messages."""
+
+    TYPE: ClassVar[str] = "position"
+    stream: str
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,10 +425,14 @@ class Shutdown:
     time: float
 
 
-REQUEST_TYPES = {cls.TYPE: cls for cls in (Hello, Say, Who, Ping, Fetch, Recent, Bye)}
-REPLY_TYPES = {cls.TYPE: cls for cls in (Welcome, Ack, Error, Users, History)}
-EVENT_TYPES = {cls.TYPE: cls for cls in (Message, Join, Leave, Heartbeat, Shutdown)}
-SEQUENCED_EVENTS = (Message, Join, Leave)
+REQUEST_TYPES = {cls.TYPE: cls for cls in (Hello, Say, Who, Ping, Fetch, Recent, Bye, JoinRoom,
+                                            PartRoom, SetTopic, ListRooms)}
+# Direct messages (a Message with ``to``) and their Position come as replies.
+REPLY_TYPES = {cls.TYPE: cls for cls in (Welcome, Ack, Error, Users, History, Room, Parted,
+                                          RoomList, Message, Position)}
+EVENT_TYPES = {cls.TYPE: cls for cls in (Message, Join, Leave, Topic, Heartbeat, Position,
+                                          Shutdown)}
+SEQUENCED_EVENTS = (Message, Join, Leave, Topic)
 SEQUENCED_TYPES = {cls.TYPE: cls for cls in SEQUENCED_EVENTS}
 
 
@@ -316,11 +453,11 @@ _COMPACT = {"separators": (",", ":"), "ensure_ascii": False}
 def to_wire(msg: Any) -> dict:
     """The JSON-ready dict of a message, with ``type`` and wire field names."""
     body = {"type": msg.TYPE}
-    for name, wire_name, _, _ in _field_specs(type(msg)):
+    for name, wire_name, annotation, _ in _field_specs(type(msg)):
         value = getattr(msg, name)
         if value is None:
             continue
-        if name == "events":
+        if annotation in _NESTED:
             value = [to_wire(e) for e in value]
         body[wire_name] = value
     return body
@@ -384,7 +521,12 @@ _TYPE_CHECKS = {
     "bool": lambda v: isinstance(v, bool),
     "list[str]": lambda v: isinstance(v, list) and all(_is_text(x) for x in v),
     "list[Any]": lambda v: isinstance(v, list),
+    "list[Room]": lambda v: isinstance(v, list),
 }
+# Fields that hold messages, and the types each may hold: a history holds
+# sequenced events only (a heartbeat or shutdown in it has no place in a
+# stream and would reach a client's reader); a welcome or list holds rooms.
+_NESTED = {"list[Any]": SEQUENCED_TYPES, "list[Room]": {Room.TYPE: Room}}
 # How a refusal names a type where its annotation alone would not say what is
 # wrong (a lone surrogate such as \ud800 is a str, but not UTF-8 text).
 _TYPE_NAMES = {"str": "a string of valid UTF-8 text"}
@@ -418,11 +560,11 @@ def _build(types: dict[str, type], body: Any) -> Any:
             raw = default
         else:
             raw = None
-        values[name] = _check_field(cls, name, raw, annotation)
-    if "events" in values:
-        # A history holds sequenced events only: a heartbeat or shutdown in
-        # it has no place in a stream and would reach a client's reader.
-        values["events"] = [_build(SEQUENCED_TYPES, e) for e in values["events"]]
+        value = _check_field(cls, name, raw, annotation)
+        nested = _NESTED.get(annotation.removesuffix(" | None"))
+        if nested is not None and value is not None:
+            value = [_build(nested, item) for item in value]
+        values[name] = value
     return cls(**values)
 
 
@@ -437,9 +579,18 @@ def _check_request(msg: Any) -> Any:
     if isinstance(msg, Hello):
         if len(msg.name) > 4 * MAX_NAME_CHARS:
             raise ProtocolError("hello: name is far too long", ErrorCode.NAME_INVALID)
+        if msg.secret is not None and not (len(msg.secret) <= MAX_SECRET_CHARS
+                                           and msg.secret.isascii()):
+            raise ProtocolError(f"hello: secret must be at most {MAX_SECRET_CHARS} ASCII characters")
+        if msg.rooms is not None and len(msg.rooms) > MAX_HELLO_ROOMS:
+            raise ProtocolError(f"hello: at most {MAX_HELLO_ROOMS} rooms",
+                                ErrorCode.TOO_MANY_ROOMS)
     elif isinstance(msg, Say):
         if not 1 <= len(msg.id) <= MAX_MESSAGE_ID_CHARS:
             raise ProtocolError(f"say: id must be 1 to {MAX_MESSAGE_ID_CHARS} characters")
+    elif isinstance(msg, SetTopic):
+        if len(msg.text.encode()) > MAX_TOPIC_BYTES:
+            raise ProtocolError(f"topic: at most {MAX_TOPIC_BYTES} bytes", ErrorCode.TEXT_TOO_LONG)
     elif isinstance(msg, Fetch):
         if msg.after < 0 or msg.until < msg.after:
             raise ProtocolError("fetch: need 0 <= after <= until")
@@ -493,6 +644,19 @@ def name_problem(name: str) -> str | None:
 def name_key(name: str) -> str:
     """The form under which names are compared: unique ignoring case."""
     return name.casefold()
+
+
+def room_problem(room: str) -> str | None:
+    """Why ``room`` is not a valid room name, or None when it is."""
+    if ROOM_PATTERN.fullmatch(room):
+        return None
+    return (f"room names are '#' and 1 to {MAX_ROOM_CHARS - 1} characters of letters, "
+            "digits, '_', '-' and '.'")
+
+
+def room_key(room: str) -> str:
+    """The form under which rooms are compared (and their stream id)."""
+    return room.lower()
 
 
 def text_problem(text: str, max_text_bytes: int) -> tuple[str, str] | None:

@@ -41,7 +41,7 @@ class ScriptedBroker:
     def beat(self) -> None:
         """A heartbeat on the main topic, when one is due."""
         if self.epoch is not None and time.monotonic() >= self.next_beat:
-            self.publish(m.BROADCAST_TOPIC, [m.Heartbeat(self.seq, self.epoch, time.time())])
+            self.publish(m.HEARTBEAT_TOPIC, [m.Heartbeat(self.epoch, time.time())])
             self.next_beat = time.monotonic() + 0.1
 
     def answer_probe(self, epoch: str, seq: int, timeout: float = 5.0) -> None:
@@ -51,7 +51,7 @@ class ScriptedBroker:
         while self.pub.poll(max(0, deadline - time.monotonic()) * 1000):
             frame = self.pub.recv()
             if frame[:1] == b"\x01" and frame[1:].startswith(m.READY_TOPIC_PREFIX):
-                self.publish(frame[1:], [m.Heartbeat(seq, epoch, time.time())])
+                self.publish(frame[1:], [m.Heartbeat(epoch, time.time())])
                 self.epoch, self.seq = epoch, seq
                 return
         raise AssertionError("no ready probe from the client")
@@ -98,4 +98,6 @@ class ScriptedBroker:
 
 
 def welcome(name: str, seq: int, epoch: str, token: str, interval: float = 0.2) -> m.Welcome:
-    return m.Welcome(name, seq, epoch, [name], token, interval, 3, m.DEFAULT_MAX_TEXT_BYTES)
+    """A welcome into #general, whose last seq is ``seq``."""
+    return m.Welcome(name, epoch, [name], token, interval, 3, m.DEFAULT_MAX_TEXT_BYTES,
+                     [m.Room(m.GENERAL_ROOM, seq, "", 1)], 0)

@@ -8,7 +8,8 @@ import messages as m
 from broker_core import BrokerConfig, BrokerCore, Publish, Reply
 
 T0 = 1_000.0  # monotonic: the core's timers
-WALL_OFFSET = 1_700_000_000.0  # the wall clock, stamped on events, runs elsewhere
+WALL_OFFSET = 1_700_000_000.0
+G = m.GENERAL_ROOM  # the wall clock, stamped on events, runs elsewhere
 
 
 def wall(now: float) -> float:
@@ -56,14 +57,15 @@ def test_hello_welcomes_and_announces_join(core):
     out = join(core, b"A", "alice")
     (welcome,) = replies(out, b"A")
     assert isinstance(welcome, m.Welcome)
-    assert welcome.users == ["alice"] and welcome.seq == 0 and welcome.resume
-    assert published(out) == [m.Join(1, wall(T0), "alice")]
+    assert welcome.users == ["alice"] and welcome.resume
+    assert welcome.rooms == [m.Room(G, 0, "", 0)] and welcome.dm_seq == 0
+    assert published(out) == [m.Join(1, wall(T0), "alice", G)]
 
 
 def test_welcome_lists_everyone_online(core):
     join(core, b"A", "alice")
     (welcome,) = replies(join(core, b"B", "Bob"))
-    assert welcome.users == ["alice", "Bob"] and welcome.seq == 1
+    assert welcome.users == ["alice", "Bob"] and welcome.rooms[0].seq == 1
 
 
 @pytest.mark.parametrize("name", ["", "a" * 33, "bad name", "ünï", "a\u202eb", "x\x1b", "a/b"])
@@ -127,7 +129,7 @@ def test_server_full(core):
 def test_say_is_stamped_by_the_broker_and_acknowledged(core):
     join(core, b"A", "alice")
     out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi", **{"from": "bob"}), *at(T0 + 1))
-    assert published(out) == [m.Message(2, wall(T0 + 1), "alice", "hi")]
+    assert published(out) == [m.Message(2, wall(T0 + 1), "alice", "hi", G)]
     assert replies(out) == [m.Ack("m1", 2)]
 
 
@@ -179,7 +181,7 @@ def test_who_needs_no_join(core):
 def test_bye_announces_quit_and_frees_the_name(core):
     join(core, b"A", "alice")
     out = core.handle(b"A", signed(core, b"A", type="bye"), *at(T0 + 1))
-    assert published(out) == [m.Leave(2, wall(T0 + 1), "alice", m.LeaveReason.QUIT)]
+    assert published(out) == [m.Leave(2, wall(T0 + 1), "alice", m.LeaveReason.QUIT, G)]
     assert isinstance(replies(join(core, b"B", "alice"))[0], m.Welcome)
 
 
@@ -193,7 +195,7 @@ def test_silent_session_times_out_after_liveness_intervals(core):
     assert core.next_deadline() == T0 + 2.9 + 0.25
     assert not [e for e in published(core.tick(*at(T0 + 3.0))) if isinstance(e, m.Leave)]
     leaves = [e for e in published(core.tick(*at(T0 + 3.15))) if isinstance(e, m.Leave)]
-    assert leaves == [m.Leave(3, wall(T0 + 3.15), "alice", m.LeaveReason.TIMEOUT)]
+    assert leaves == [m.Leave(3, wall(T0 + 3.15), "alice", m.LeaveReason.TIMEOUT, G)]
     assert list(core.sessions) == [b"B"]
 
 
@@ -211,12 +213,22 @@ def test_ping_from_unknown_peer_says_not_joined(core):
     assert error.code == m.ErrorCode.NOT_JOINED
 
 
-def test_heartbeat_is_published_each_interval_with_the_last_seq(core):
-    hb = published(core.tick(*at(T0)))
-    assert hb == [m.Heartbeat(0, core.epoch, wall(T0))]
+def test_heartbeat_each_interval_and_the_position_of_each_room_in_use(core):
+    out = core.tick(*at(T0))
+    assert [(o.event, o.topic) for o in out] == [(m.Heartbeat(core.epoch, wall(T0)),
+                                                  m.HEARTBEAT_TOPIC)]
     assert published(core.tick(*at(T0 + 0.5))) == []
     join(core, b"A", "alice", now=T0 + 0.6)
-    assert published(core.tick(*at(T0 + 1.0))) == [m.Heartbeat(1, core.epoch, wall(T0 + 1.0))]
+    position = (m.Position(G, 1), m.room_topic(G))
+    out = core.tick(*at(T0 + 1.0))
+    assert [(o.event, o.topic) for o in out] == [
+        (m.Heartbeat(core.epoch, wall(T0 + 1.0)), m.HEARTBEAT_TOPIC), position]
+    # at every heartbeat while anyone is in the room: a subscriber's queue
+    # may have dropped any number of announcements in a row
+    core.handle(b"A", signed(core, b"A", type="ping"), *at(T0 + 1.5))
+    assert position in [(o.event, o.topic) for o in core.tick(*at(T0 + 2.0))]
+    core.handle(b"A", signed(core, b"A", type="bye"), *at(T0 + 2.5))
+    assert not [o for o in core.tick(*at(T0 + 3.0)) if isinstance(o.event, m.Position)]
 
 
 def test_next_deadline_is_the_earliest_heartbeat_or_expiry(core):
@@ -229,7 +241,7 @@ def test_next_deadline_is_the_earliest_heartbeat_or_expiry(core):
 def test_unreachable_peer_is_announced_as_gone(core):
     join(core, b"A", "alice")
     out = core.peer_unreachable(b"A", wall(T0))
-    assert published(out) == [m.Leave(2, wall(T0), "alice", m.LeaveReason.DISCONNECTED)]
+    assert published(out) == [m.Leave(2, wall(T0), "alice", m.LeaveReason.DISCONNECTED, G)]
     assert core.peer_unreachable(b"A", wall(T0)) == []
 
 

@@ -126,7 +126,7 @@ def sub(shell):
 
 
 def publish(*seqs: int) -> list[Publish]:
-    return [Publish(message(seq)) for seq in seqs]
+    return [Publish(message(seq), m.BROADCAST_TOPIC) for seq in seqs]
 
 
 def next_frame_seqs(sub: zmq.Socket) -> list[int]:

@@ -7,7 +7,7 @@ WALL = 1_700_000_000.0
 
 
 def filled(count: int, history: int = 10, text: str = "t") -> Stream:
-    stream = Stream("lab", history)
+    stream = Stream("#lab", history)
     for i in range(count):
         stream.append(lambda seq: m.Message(seq, WALL, "bob", f"{text}{seq}"), ("bob", f"id{i}"))
     return stream
@@ -22,15 +22,15 @@ def test_each_event_gets_the_next_number_and_the_history_keeps_the_newest():
 
 
 def test_streams_are_independent_and_name_their_topic():
-    a, b = filled(3), Stream("other", 10)
+    a, b = filled(3), Stream("#lab2", 10)
     b.append(lambda seq: m.Join(seq, WALL, "ann"))
     assert (a.seq, b.seq) == (3, 1)
-    assert a.topic == b"s:lab\0" and b.topic == b"s:other\0"
-    assert not b.topic.startswith(a.topic) and Stream(m.MAIN_STREAM, 1).topic == b"all"
+    assert a.topic == b"r:#lab\0" and b.topic == b"r:#lab2\0"
+    assert not b.topic.startswith(a.topic) and Stream("@bob", 1).topic is None
 
 
 def test_an_accepted_id_is_remembered_within_a_bound():
-    stream = Stream("lab", 10, ids_remembered=3)
+    stream = Stream("#lab", 10, ids_remembered=3)
     for i in range(5):
         stream.append(lambda seq: m.Message(seq, WALL, "bob", "x"), ("bob", f"id{i}"))
     assert stream.accepted_seq(("bob", "id4")) == 5
@@ -42,7 +42,7 @@ def test_fetch_answers_the_held_part_of_the_range_and_says_what_is_gone():
     stream = filled(15)
     h = stream.fetch(2, 8)
     assert [e.seq for e in h.events] == [6, 7, 8] and (h.first, h.until) == (6, 8)
-    assert h.stream == "lab"
+    assert h.stream == "#lab"
     h = stream.fetch(15, 20)  # nothing after the newest: empty, until = newest
     assert h.events == [] and h.until == 15
 
@@ -61,7 +61,7 @@ def test_recent_gives_the_last_messages_oldest_first_and_skips_presence():
 
 
 def test_restore_continues_numbering_and_remembers_ids():
-    stream = Stream("lab", 10)
+    stream = Stream("#lab", 10)
     stream.restore([m.Message(7, WALL, "bob", "x")], [(("bob", "id7"), 7)])
     assert stream.seq == 7 and stream.accepted_seq(("bob", "id7")) == 7
     assert stream.append(lambda seq: m.Join(seq, WALL, "ann")).seq == 8

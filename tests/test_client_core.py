@@ -13,14 +13,16 @@ import pytest
 import messages as m
 from broker_core import BrokerConfig, BrokerCore, Publish, Reply
 from client_core import (RECONNECT_DELAY_FIRST, RECONNECT_DELAY_MAX, SEND_RETRY_S, SEND_WINDOW,
+                         RoomJoined,
                          TRANSITIONS, READY, SEQUENCED, Acked, Action, ClientCore, Connect,
                          Disconnect, Joined, JoinRefused, Phase, Refused, Request, State,
                          StateChanged, Subscribe, Unsubscribe)
-from client_stream import Earlier, InStream, Missed
+from client_stream import Earlier, Missed
 
 T0 = 500.0
 WALL = 1_700_000_000.0
 EPOCH = "e1"
+G = m.GENERAL_ROOM
 
 
 def requests(out) -> list:
@@ -40,12 +42,17 @@ def broadcast(events_, topic: bytes = m.BROADCAST_TOPIC) -> list[bytes]:
 
 
 def welcome(seq: int = 0, epoch: str = EPOCH, token: str = "tok", resumed: bool = False,
-            name: str = "ann") -> m.Welcome:
-    return m.Welcome(name, seq, epoch, [name], token, 1.0, 3, 100, resumed)
+            name: str = "ann", dm_seq: int = 0) -> m.Welcome:
+    return m.Welcome(name, epoch, [name], token, 1.0, 3, 100, [m.Room(G, seq, "", 1)], dm_seq,
+                     resumed)
 
 
 def msg(seq: int, text: str = "hi", sender: str = "bob") -> m.Message:
-    return m.Message(seq, WALL, sender, text)
+    return m.Message(seq, WALL, sender, text, G)
+
+
+def hello(name: str = "ann", resume: str | None = None) -> m.Hello:
+    return m.Hello(name, resume=resume, rooms=[G])
 
 
 def ready_topic(out) -> bytes:
@@ -58,8 +65,8 @@ def joined(recent: int = 0, seq: int = 0, now: float = T0) -> ClientCore:
     """A core that has connected, proved its subscription and been welcomed."""
     core = ClientCore("ann", recent)
     topic = ready_topic(core.start(now))
-    out = core.receive_broadcast(broadcast([m.Heartbeat(seq, EPOCH, WALL)], topic), now)
-    assert requests(out) == [m.Hello("ann")]
+    out = core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], topic), now)
+    assert requests(out) == [hello()]
     core.receive_reply(reply(welcome(seq)), now)
     assert core.phase is Phase.JOINED
     return core
@@ -80,39 +87,39 @@ def test_the_ready_heartbeat_leads_to_hello_and_the_welcome_to_joined():
     core = ClientCore("ann")
     topic = ready_topic(core.start(T0))
     # a heartbeat on the stream's topic proves nothing about our subscription
-    assert core.receive_broadcast(broadcast([m.Heartbeat(0, EPOCH, WALL)]), T0) == []
-    out = core.receive_broadcast(broadcast([m.Heartbeat(0, EPOCH, WALL)], topic), T0)
-    assert Unsubscribe(topic) in out and requests(out) == [m.Hello("ann")]
+    assert core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)]), T0) == []
+    out = core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], topic), T0)
+    assert Unsubscribe(topic) in out and requests(out) == [hello()]
     assert core.phase is Phase.HELLO
     out = core.receive_reply(reply(welcome(seq=4)), T0)
     assert events(out) == [Joined("ann", ["ann"], False, False),
                            StateChanged(State.CONNECTED, "joined as ann")]
-    assert core.phase is Phase.JOINED and core.main.last_seq == 4
+    assert core.phase is Phase.JOINED and core.streams[G].last_seq == 4
 
 
 def test_a_refused_name_waits_for_another_and_tries_it():
     core = ClientCore("ann")
     topic = ready_topic(core.start(T0))
-    core.receive_broadcast(broadcast([m.Heartbeat(0, EPOCH, WALL)], topic), T0)
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], topic), T0)
     out = core.receive_reply(reply(m.Error(m.ErrorCode.NAME_TAKEN, "taken")), T0)
     assert events(out) == [JoinRefused(m.ErrorCode.NAME_TAKEN, "taken")]
     assert core.phase is Phase.REFUSED
-    assert requests(core.join("ann2", T0 + 1)) == [m.Hello("ann2")]
+    assert requests(core.join("ann2", T0 + 1)) == [hello("ann2")]
     assert core.phase is Phase.HELLO
 
 
 # One example of every kind of input, to try in every phase.
 INPUTS = {
     READY: lambda core: ("sub", [core.ready_topic or b"ready:x",
-                                 m.join_events([m.encode(m.Heartbeat(0, EPOCH, WALL))])]),
+                                 m.join_events([m.encode(m.Heartbeat(EPOCH, WALL))])]),
     SEQUENCED: lambda core: ("sub", broadcast([msg(1)])),
-    m.Heartbeat: lambda core: ("sub", broadcast([m.Heartbeat(0, EPOCH, WALL)])),
+    m.Heartbeat: lambda core: ("sub", broadcast([m.Heartbeat(EPOCH, WALL)])),
     m.Shutdown: lambda core: ("sub", broadcast([m.Shutdown(WALL)])),
     m.Welcome: lambda core: ("dealer", reply(welcome())),
     m.Error: lambda core: ("dealer", reply(m.Error(m.ErrorCode.NAME_TAKEN, "taken"))),
     m.Ack: lambda core: ("dealer", reply(m.Ack("x", 1))),
     m.Users: lambda core: ("dealer", reply(m.Users(["ann"]))),
-    m.History: lambda core: ("dealer", reply(m.History([], 1, 0))),
+    m.History: lambda core: ("dealer", reply(m.History([], 1, 0, stream=G))),
 }
 
 
@@ -126,7 +133,7 @@ def core_in(phase: Phase) -> ClientCore:
     if phase is Phase.CLOSED:
         core.close(T0)
     elif phase is not Phase.PROBING:
-        core.receive_broadcast(broadcast([m.Heartbeat(0, EPOCH, WALL)], topic), T0)
+        core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], topic), T0)
         if phase is Phase.REFUSED:
             core.receive_reply(reply(m.Error(m.ErrorCode.NAME_TAKEN, "taken")), T0)
     assert core.phase is phase
@@ -158,58 +165,58 @@ def test_events_are_handed_on_in_order_once_and_a_gap_is_fetched():
     core = joined()
     assert events(core.receive_broadcast(broadcast([msg(1, "a")]), T0)) == [msg(1, "a")]
     out = core.receive_broadcast(broadcast([msg(3, "c")]), T0)
-    assert events(out) == [] and requests(out) == [m.Fetch(1, 2, "tok")]
+    assert events(out) == [] and requests(out) == [m.Fetch(1, 2, "tok", G)]
     # a second gap while the fetch is out asks nothing more
     assert requests(core.receive_broadcast(broadcast([msg(5, "e")]), T0)) == []
-    out = core.receive_reply(reply(m.History([msg(2, "b")], 1, 2)), T0)
+    out = core.receive_reply(reply(m.History([msg(2, "b")], 1, 2, stream=G)), T0)
     assert events(out) == [msg(2, "b"), msg(3, "c")]
-    assert requests(out) == [m.Fetch(3, 4, "tok")]
-    out = core.receive_reply(reply(m.History([msg(4, "d")], 1, 4)), T0)
+    assert requests(out) == [m.Fetch(3, 4, "tok", G)]
+    out = core.receive_reply(reply(m.History([msg(4, "d")], 1, 4, stream=G)), T0)
     assert events(out) == [msg(4, "d"), msg(5, "e")]
     # repeats, live or from a history, are dropped
     assert events(core.receive_broadcast(broadcast([msg(2, "b"), msg(5, "e")]), T0)) == []
 
 
-def test_a_heartbeat_announcing_a_later_seq_fetches_the_tail():
+def test_a_position_announcing_a_later_seq_fetches_the_tail():
     core = joined(seq=3)
-    out = core.receive_broadcast(broadcast([m.Heartbeat(6, EPOCH, WALL)]), T0)
-    assert requests(out) == [m.Fetch(3, 6, "tok")]
+    out = core.receive_broadcast(broadcast([m.Position(G, 6)]), T0)
+    assert requests(out) == [m.Fetch(3, 6, "tok", G)]
 
 
 def test_what_the_broker_no_longer_holds_is_reported_missed():
     core = joined()
     core.receive_broadcast(broadcast([msg(9)]), T0)
-    out = core.receive_reply(reply(m.History([msg(6), msg(7), msg(8)], 6, 8)), T0)
+    out = core.receive_reply(reply(m.History([msg(6), msg(7), msg(8)], 6, 8, stream=G)), T0)
     assert events(out) == [Missed(1, 5), msg(6), msg(7), msg(8), msg(9)]
 
 
 def test_a_lost_fetch_answer_is_asked_again_after_patience():
     core = joined()
     core.receive_broadcast(broadcast([msg(3)]), T0)
-    core.receive_broadcast(broadcast([m.Heartbeat(3, EPOCH, WALL)]), T0 + 2)  # alive
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)]), T0 + 2)  # alive
     assert requests(core.tick(T0 + 2.9)) == [m.Ping("tok")]
-    assert m.Fetch(0, 2, "tok") in requests(core.tick(T0 + 3.1))
+    assert m.Fetch(0, 2, "tok", G) in requests(core.tick(T0 + 3.1))
 
 
 def test_earlier_messages_come_first_and_live_ones_wait_for_them():
     core = joined(recent=50, seq=2)
     out = core.receive_broadcast(broadcast([msg(3, "live")]), T0)
     assert events(out) == []
-    out = core.receive_reply(reply(m.History([msg(1, "old")], 1, 2, recent=True)), T0)
+    out = core.receive_reply(reply(m.History([msg(1, "old")], 1, 2, recent=True, stream=G)), T0)
     assert events(out) == [Earlier([msg(1, "old")]), msg(3, "live")]
 
 
 def test_a_rejoin_while_earlier_messages_are_awaited_does_not_hold_the_chat_forever():
     core = ClientCore("ann", recent=50)
     topic = ready_topic(core.start(T0))
-    core.receive_broadcast(broadcast([m.Heartbeat(2, EPOCH, WALL)], topic), T0)
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], topic), T0)
     out = core.receive_reply(reply(welcome(seq=2)), T0)
-    assert requests(out) == [m.Recent(50, "tok")]
+    assert requests(out) == [m.Recent(50, "tok", G)]
     # the broker forgot us before it answered; we join again
     assert requests(core.receive_reply(reply(m.Error(m.ErrorCode.NOT_JOINED, "join")), T0)) \
-        == [m.Hello("ann", resume="tok")]
+        == [hello(resume="tok")]
     out = core.receive_reply(reply(welcome(seq=2, token="tok2")), T0 + 0.1)
-    assert requests(out) == [m.Recent(50, "tok2")]  # asked again, not forgotten
+    assert requests(out) == [m.Recent(50, "tok2", G)]  # asked again, not forgotten
     core.receive_broadcast(broadcast([msg(3, "live")]), T0 + 0.2)
     # no answer ever comes: after patience the live chat flows anyway
     out = core.tick(T0 + 0.1 + 3.01)
@@ -222,7 +229,7 @@ def test_a_history_with_an_unsequenced_event_is_refused_without_harm():
     bad = b'{"type":"history","first":1,"until":1,"events":[{"type":"shutdown","time":1}]}'
     assert core.receive_reply([bad], T0) == []
     assert core.phase is Phase.JOINED
-    assert events(core.receive_reply(reply(m.History([msg(1)], 1, 1)), T0)) == [msg(1), msg(2)]
+    assert events(core.receive_reply(reply(m.History([msg(1)], 1, 1, stream=G)), T0)) == [msg(1), msg(2)]
 
 
 # --- the outbox -------------------------------------------------------------------------
@@ -277,7 +284,7 @@ def test_text_queued_before_joining_goes_after_the_welcome():
     core = ClientCore("ann")
     topic = ready_topic(core.start(T0))
     assert requests(core.send("a", "early", T0)) == []
-    core.receive_broadcast(broadcast([m.Heartbeat(0, EPOCH, WALL)], topic), T0)
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], topic), T0)
     out = core.receive_reply(reply(welcome()), T0)
     assert [r.id for r in requests(out) if isinstance(r, m.Say)] == ["a"]
 
@@ -302,8 +309,8 @@ def test_silence_reconnects_with_a_doubling_capped_backoff_and_resumes_the_name(
                           4 * RECONNECT_DELAY_FIRST]
     assert max(delays) == RECONNECT_DELAY_MAX
     now = core.reconnect_at
-    out = core.receive_broadcast(broadcast([m.Heartbeat(0, EPOCH, WALL)], ready_topic(out)), now)
-    assert requests(out) == [m.Hello("ann", resume="tok")]
+    out = core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], ready_topic(out)), now)
+    assert requests(out) == [hello(resume="tok")]
     out = core.receive_reply(reply(welcome(resumed=True)), now)
     assert [r.id for r in requests(out) if isinstance(r, m.Say)] == ["a"]  # sent again
     assert core.backoff == RECONNECT_DELAY_FIRST
@@ -319,8 +326,8 @@ def test_any_frame_counts_as_the_broker_alive_and_a_quiet_client_pings():
 
 def test_a_heartbeat_of_a_new_epoch_rejoins_and_the_new_run_starts_afresh():
     core = joined(seq=40)
-    out = core.receive_broadcast(broadcast([m.Heartbeat(2, "e2", WALL)]), T0)
-    assert requests(out) == [m.Hello("ann", resume="tok")]
+    out = core.receive_broadcast(broadcast([m.Heartbeat("e2", WALL)]), T0)
+    assert requests(out) == [hello(resume="tok")]
     out = core.receive_reply(reply(welcome(seq=2, epoch="e2", token="t2")), T0)
     assert events(out)[0] == Joined("ann", ["ann"], False, True)
     assert events(core.receive_broadcast(broadcast([msg(3)]), T0)) == [msg(3)]
@@ -336,69 +343,93 @@ def test_shutdown_reconnects_and_close_says_bye_with_a_linger():
     assert core.phase is Phase.CLOSED and core.tick(T0 + 100) == []
 
 
-# --- two streams through one broker core and one client core -----------------------------
+# --- rooms and direct messages through one broker core and two client cores ---------------
 
 
 class Loopback:
-    """A BrokerCore and a ClientCore joined in memory as the sockets join them."""
+    """A BrokerCore and ClientCores joined in memory as the sockets join them:
+    replies go to their peer, broadcasts to the clients subscribed to them."""
 
-    def __init__(self, broker: BrokerCore, client: ClientCore, peer: bytes = b"P"):
-        self.broker, self.client, self.peer = broker, client, peer
-        self.topics: set[bytes] = set()
-        self.delivered: list = []
+    def __init__(self, broker: BrokerCore):
+        self.broker = broker
+        self.clients: dict[bytes, ClientCore] = {}
+        self.topics: dict[bytes, set[bytes]] = {}
+        self.delivered: dict[bytes, list] = {}
 
-    def run(self, outputs: list, now: float) -> None:
-        """Carry out the client's outputs until nothing more happens."""
-        pending = list(outputs)
+    def add(self, peer: bytes, client: ClientCore) -> ClientCore:
+        self.clients[peer], self.topics[peer], self.delivered[peer] = client, set(), []
+        self.run(peer, client.start(T0))
+        return client
+
+    def run(self, peer: bytes, outputs: list) -> None:
+        """Carry out a client's outputs, and all that follows, until quiet."""
+        pending = [(peer, o) for o in outputs]
         while pending:
-            out = pending.pop(0)
+            peer, out = pending.pop(0)
+            client = self.clients[peer]
             if isinstance(out, Connect):
-                self.topics = set(out.topics)
-                pending += self._from_broker(
-                    [o for t in out.topics for o in self.broker.ready_probe(t, WALL)], now)
+                self.topics[peer] = set(out.topics)
+                broker_out = [o for t in out.topics for o in self.broker.ready_probe(t, WALL)]
             elif isinstance(out, Subscribe):
-                self.topics.add(out.topic)
+                self.topics[peer].add(out.topic)
+                broker_out = self.broker.ready_probe(out.topic, WALL)
             elif isinstance(out, Unsubscribe):
-                self.topics.discard(out.topic)
+                self.topics[peer].discard(out.topic)
+                continue
             elif isinstance(out, Request):
-                frames = [m.encode(out.message)]
-                pending += self._from_broker(self.broker.handle(self.peer, frames, now, WALL), now)
-            elif not isinstance(out, Action):
-                self.delivered.append(out)
+                broker_out = self.broker.handle(peer, [m.encode(out.message)], T0, WALL)
+            else:
+                if not isinstance(out, Action):
+                    self.delivered[peer].append(out)
+                continue
+            pending += self._from_broker(broker_out, only=peer if not isinstance(
+                out, Request) else None)
 
-    def _from_broker(self, outputs: list, now: float) -> list:
+    def _from_broker(self, outputs: list, only: bytes | None) -> list:
         back: list = []
         for o in outputs:
-            if isinstance(o, Reply) and o.peer == self.peer:
-                back += self.client.receive_reply([m.encode(o.message)], now)
-            elif isinstance(o, Publish) and any(o.topic.startswith(t) for t in self.topics):
-                back += self.client.receive_broadcast([o.topic, m.join_events([m.encode(o.event)])],
-                                                      now)
+            if isinstance(o, Reply) and o.peer in self.clients:
+                back += [(o.peer, x) for x in self.clients[o.peer].receive_reply(
+                    [m.encode(o.message)], T0)]
+            elif isinstance(o, Publish):
+                for peer, client in self.clients.items():
+                    if (only in (None, peer)) and any(o.topic.startswith(t)
+                                                       for t in self.topics[peer]):
+                        frames = [o.topic, m.join_events([m.encode(o.event)])]
+                        back += [(peer, x) for x in client.receive_broadcast(frames, T0)]
         return back
 
+    def texts(self, peer: bytes) -> list:
+        return [(e.room or f"dm:{e.sender}->{e.to}", e.text) for e in self.delivered[peer]
+                if isinstance(e, m.Message)]
 
-def test_two_streams_run_independently_through_one_broker_and_one_client():
+
+def test_rooms_and_direct_messages_are_separate_streams_end_to_end_in_memory():
     broker = BrokerCore(BrokerConfig(history=10))
-    lab = broker.open_stream("lab")
-    client = ClientCore("ann")
-    net = Loopback(broker, client)
-    net.run(client.start(T0), T0)
-    assert client.phase is Phase.JOINED
-    _, out = client.follow("lab", T0, after=lab.seq)
-    net.run(out, T0)
-    net.run(client.send("m1", "to all", T0), T0)
-    net.run(client.send("m2", "to the lab", T0, stream="lab"), T0)
-    net.run(client.send("m3", "lab again", T0, stream="lab"), T0)
-    assert broker.main.seq == 2 and lab.seq == 2  # each stream numbers its own
-    texts = [(e.stream, e.event.text) if isinstance(e, InStream) else (m.MAIN_STREAM, e.text)
-             for e in net.delivered if isinstance(e, (InStream, m.Message))]
-    assert texts == [("all", "to all"), ("lab", "to the lab"), ("lab", "lab again")]
-    # a gap in one stream is repaired from that stream's history alone
-    lost = lab.append(lambda seq: m.Message(seq, WALL, "bob", "lost on the way"))
-    lab.append(lambda seq: m.Message(seq, WALL, "bob", "after it"))
-    net.delivered.clear()
-    last = lab.history[-1]
-    net.run(client.receive_broadcast([lab.topic, m.join_events([m.encode(last)])], T0), T0)
-    assert [e.event.text for e in net.delivered if isinstance(e, InStream)] == [
-        lost.text, "after it"]
-    assert client.streams["all"].last_seq == 2 and client.streams["lab"].last_seq == 4
+    net = Loopback(broker)
+    ann = net.add(b"A", ClientCore("ann", rooms=(G, "#Lab")))
+    bob = net.add(b"B", ClientCore("bob"))
+    assert ann.phase is Phase.JOINED and bob.phase is Phase.JOINED
+    net.run(b"A", ann.send("m1", "to all", T0))
+    net.run(b"A", ann.send("m2", "to the lab", T0, room="#lab"))
+    net.run(b"B", bob.send("m3", "psst", T0, to="ANN"))
+    assert broker.rooms["#lab"].stream.seq == 2  # ann's join, her message
+    assert net.texts(b"A") == [(G, "to all"), ("#Lab", "to the lab"), ("dm:bob->ann", "psst")]
+    # bob is not in #lab: he hears nothing of it; he sees his own direct message
+    assert net.texts(b"B") == [(G, "to all"), ("dm:bob->ann", "psst")]
+    # bob joins #lab later: the probe, the join, and from then on its events
+    net.run(b"B", bob.join_room("#LAB", T0))
+    assert any(isinstance(e, RoomJoined) and e.room.room == "#Lab" for e in net.delivered[b"B"])
+    net.run(b"A", ann.send("m4", "welcome bob", T0, room="#lab"))
+    assert net.texts(b"B")[-1] == ("#Lab", "welcome bob")
+    # a gap in one stream is repaired from that stream alone
+    lab = broker.rooms["#lab"].stream
+    lost = lab.append(lambda seq: m.Message(seq, WALL, "carol", "lost on the way", "#Lab"))
+    after = lab.append(lambda seq: m.Message(seq, WALL, "carol", "after it", "#Lab"))
+    net.run(b"B", bob.receive_broadcast([lab.topic, m.join_events([m.encode(after)])], T0))
+    assert net.texts(b"B")[-2:] == [("#Lab", lost.text), ("#Lab", "after it")]
+    # parting stops the room's events
+    net.run(b"B", bob.part_room("#lab", T0))
+    net.run(b"A", ann.send("m5", "bye bob", T0, room="#lab"))
+    assert net.texts(b"B")[-1] == ("#Lab", "after it")
+    assert bob.streams.keys() == {G, "@bob"}

@@ -45,14 +45,14 @@ def test_a_rejoin_while_earlier_messages_are_awaited_does_not_freeze_the_chat(sc
         scripted.reply(peer, welcome("ann", 5, "e1", "t2"))
         scripted.wait_event(session, Joined)
         scripted.seq = 6
-        scripted.publish(m.BROADCAST_TOPIC, [m.Message(6, time.time(), "bob", "still there?")])
+        scripted.publish(m.BROADCAST_TOPIC, [m.Message(6, time.time(), "bob", "still there?", m.GENERAL_ROOM)])
         # The live chat goes on, whether or not the earlier messages come.
         assert scripted.wait_event(session, m.Message).text == "still there?"
     finally:
         session.close()
 
 
-@pytest.mark.parametrize("odd", [{"type": "shutdown"}, {"type": "heartbeat", "seq": 9, "epoch": "e1"}])
+@pytest.mark.parametrize("odd", [{"type": "shutdown"}, {"type": "heartbeat", "epoch": "e1"}])
 def test_a_history_holding_an_unsequenced_event_is_refused_and_the_session_goes_on(
         scripted, odd):
     session = ClientSession("127.0.0.1", scripted.port, "ann").start()
@@ -61,15 +61,16 @@ def test_a_history_holding_an_unsequenced_event_is_refused_and_the_session_goes_
         now = time.time()
         # Event 2 arrives first: the client fetches event 1 ...
         scripted.seq = 2
-        scripted.publish(m.BROADCAST_TOPIC, [m.Message(2, now, "bob", "second")])
+        scripted.publish(m.BROADCAST_TOPIC, [m.Message(2, now, "bob", "second", m.GENERAL_ROOM)])
         peer, fetch = scripted.expect("fetch")
         assert (fetch["after"], fetch["until"]) == (0, 1)
         # ... and the answer holds an event that no history may hold.
-        bad = {"type": "history", "first": 1, "until": 1, "events": [{**odd, "time": now}]}
+        bad = {"type": "history", "first": 1, "until": 1, "stream": m.GENERAL_ROOM,
+               "events": [{**odd, "time": now}]}
         scripted.reply_raw(peer, bad)
         # The client asks again (its fetch got no valid answer) and is answered.
         peer, fetch = scripted.expect("fetch")
-        scripted.reply(peer, m.History([m.Message(1, now, "bob", "first")], 1, 1))
+        scripted.reply(peer, m.History([m.Message(1, now, "bob", "first", m.GENERAL_ROOM)], 1, 1, stream=m.GENERAL_ROOM))
         assert scripted.wait_event(session, m.Message).text == "first"
         assert scripted.wait_event(session, m.Message).text == "second"
     finally:

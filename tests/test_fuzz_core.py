@@ -202,8 +202,10 @@ class BrokerCoreMachine(RuleBasedStateMachine):
                 assert event.reason == m.LeaveReason.TIMEOUT
                 assert event.name in before.values(), "a leave for a name nobody held"
             elif isinstance(event, m.Heartbeat):
+                assert item.topic == m.HEARTBEAT_TOPIC and event.epoch == self.core.epoch
+            elif isinstance(event, m.Position):
                 # "the last seq so far" at its place in the output order
-                assert event.seq == self.last_seq
+                assert (event.stream, event.seq) == (m.GENERAL_ROOM, self.last_seq)
             else:
                 raise AssertionError(f"tick published {event}")
         self.ticked = True
@@ -237,11 +239,13 @@ class BrokerCoreMachine(RuleBasedStateMachine):
     @invariant()
     def sessions_and_names_agree(self):
         core = self.core
-        assert len(core.sessions) == len(core.by_name)
-        assert {id(s) for s in core.sessions.values()} == {id(s) for s in core.by_name.values()}
-        for key, session in core.by_name.items():
-            assert key == m.name_key(session.name)
-            assert m.name_problem(session.name) is None
+        in_users = [s for user in core.by_name.values() for s in user.sessions]
+        assert {id(s) for s in core.sessions.values()} == {id(s) for s in in_users}
+        assert len(in_users) == len(core.sessions)
+        for key, user in core.by_name.items():
+            assert key == m.name_key(user.name) and user.sessions
+            assert m.name_problem(user.name) is None
+            assert all(s.user is user for s in user.sessions)
         for peer, session in core.sessions.items():
             assert session.peer == peer
 

@@ -202,7 +202,7 @@ def test_a_joined_peer_cannot_speak_as_another_user(broker, clients):
     with raw_dealer(broker.port) as mallory:
         join(mallory, "mallory", **{k: v for k, v in SPOOF_FIELDS.items() if k != "name"})
         for name in ["alice", "ALICE", "Alice", "alice ", "\u0430lice", "alice\u200b"]:
-            refused = request(mallory, {"type": "hello", "name": name, "v": 1, "resume": "0" * 32})
+            refused = request(mallory, {"type": "hello", "name": name, "v": m.PROTOCOL_VERSION, "resume": "0" * 32})
             assert isinstance(refused, m.Error), refused
             assert refused.code in (m.ErrorCode.ALREADY_JOINED, m.ErrorCode.NAME_INVALID)
         spoofed = [{"type": "say", "id": f"s{i}", "text": f"spoof {i}", **SPOOF_FIELDS}
@@ -316,7 +316,7 @@ def test_claiming_the_next_automatic_routing_id_cannot_crash_the_broker(broker):
 
 @pytest.mark.parametrize("body", [
     {"type": "fetch", "after": 2**64, "until": 2**64},
-    {"type": "hello", "name": "victim", "v": 1, "resume": "\u00e9"},
+    {"type": "hello", "name": "victim", "v": m.PROTOCOL_VERSION, "resume": "\u00e9"},
 ], ids=["fetch-past-maxsize", "non-ascii-resume"])
 def test_one_hostile_request_cannot_kill_the_broker(broker, body):
     with raw_dealer(broker.port) as victim, raw_dealer(broker.port) as attacker:

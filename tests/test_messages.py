@@ -6,15 +6,23 @@ import pytest
 
 import messages as m
 
+ROOM = m.Room("#Lab-3", 7, "homework due friday", 2)
 ALL_MESSAGES = [
-    m.Hello("alice"), m.Hello("bob", resume="tok"), m.Say("id1", "héllo 世界 🎉"), m.Who(),
-    m.Ping(), m.Fetch(3, 9), m.Bye(),
-    m.Welcome("alice", 4, "ep", ["alice", "bob"], "tok", 1.0, 3, 4096, True),
+    m.Hello("alice"), m.Hello("bob", resume="tok"),
+    m.Hello("bob", secret="s" * 32, quiet=True, rooms=["#ci", "#general"]),
+    m.Say("id1", "héllo 世界 🎉"), m.Say("id2", "hi", room="#ci"), m.Say("id3", "psst", to="bob"),
+    m.Who(), m.Who("#ci"), m.Ping(), m.Fetch(3, 9), m.Fetch(3, 9, stream="@bob"), m.Bye(),
+    m.JoinRoom("#ci"), m.PartRoom("#ci"), m.SetTopic("#ci", "builds"), m.ListRooms(),
+    m.Welcome("alice", "ep", ["alice", "bob"], "tok", 1.0, 3, 4096, [ROOM], 4, True),
     m.Ack("id1", 5), m.Error("name_taken", "taken"), m.Error("rate_limited", "slow", "x", 0.5),
-    m.Users(["a", "b"]), m.History([m.Join(1, 2.0, "a"), m.Message(2, 3.0, "a", "t")], 1, 2),
+    m.Users(["a", "b"]), m.Users(["a"], "#ci"), ROOM, m.Parted("#ci"), m.RoomList([ROOM, ROOM]),
+    m.History([m.Join(1, 2.0, "a", "#ci"), m.Message(2, 3.0, "a", "t", "#ci"),
+               m.Topic(3, 4.0, "a", "x", "#ci")], 1, 3, stream="#ci"),
+    m.Message(4, 5.0, "alice", "psst", to="bob"), m.Position("@bob", 4),
 ]
-EVENTS = [m.Message(1, 2.5, "alice", "hi"), m.Join(2, 3.0, "bob"),
-          m.Leave(3, 4.0, "bob", "timeout"), m.Heartbeat(3, "ep", 5.0), m.Shutdown(6.0)]
+EVENTS = [m.Message(1, 2.5, "alice", "hi", "#general"), m.Join(2, 3.0, "bob", "#general"),
+          m.Leave(3, 4.0, "bob", "timeout", "#general"), m.Topic(4, 4.5, "bob", "t", "#general"),
+          m.Heartbeat("ep", 5.0), m.Position("#general", 4), m.Shutdown(6.0)]
 
 
 @pytest.mark.parametrize("msg", ALL_MESSAGES, ids=lambda x: type(x).__name__)
