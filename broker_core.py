@@ -205,8 +205,10 @@ class Room:
     members: dict = field(default_factory=dict)
     sessions: int = 0  # every session in it, quiet ones too
 
-    def info(self) -> m.Room:
-        return m.Room(self.name, self.stream.seq, self.topic, len(self.members))
+    def info(self, seq: int | None = None) -> m.Room:
+        """The room as its members see it (at position ``seq``, if given)."""
+        return m.Room(self.name, self.stream.seq if seq is None else seq, self.topic,
+                      len(self.members))
 
 
 @dataclass
@@ -397,15 +399,14 @@ class BrokerCore:
             if user.visible == 1:
                 bisect.insort(self.online, (name_key, user.name))
         entered = [self._open_room(room) for room in rooms]
+        # The welcome's positions precede the joins, so the client sees its own.
+        positions = {m.room_key(room.name): room.stream.seq for room in entered}
+        joins: list = []
         for room in entered:
             session.rooms[m.room_key(room.name)] = room
-        # The welcome's positions precede the joins, so the client sees its own.
-        welcome = self._welcome(session, resumed=False)
+            joins += self._enter(session, room, wall)
         log.info("join %s%s", user.name, " (quiet)" if session.quiet else "")
-        out: list = [Reply(peer, welcome)]
-        for room in entered:
-            out += self._enter(session, room, wall)
-        return out
+        return [Reply(peer, self._welcome(session, resumed=False, positions=positions)), *joins]
 
     def _rooms_problem(self, rooms: list[str]) -> str | None:
         """Why a connection may not be in all these rooms, if it may not."""
@@ -424,12 +425,15 @@ class BrokerCore:
         log.info("resume %s", session.name)
         return [Reply(peer, self._welcome(session, resumed=True))]
 
-    def _welcome(self, session: Session, resumed: bool) -> m.Welcome:
+    def _welcome(self, session: Session, resumed: bool,
+                 positions: dict[str, int] | None = None) -> m.Welcome:
+        """``positions``: each room's seq before this session's own join."""
         c = self.config
         dm = self.streams.get(m.dm_stream(session.name))
+        rooms = [room.info(positions.get(key) if positions else None)
+                 for key, room in session.rooms.items()]
         return m.Welcome(session.name, self.epoch, self.user_names(), session.secret,
-                         c.heartbeat_interval, c.heartbeat_liveness, c.max_text,
-                         [room.info() for room in session.rooms.values()],
+                         c.heartbeat_interval, c.heartbeat_liveness, c.max_text, rooms,
                          dm.seq if dm else 0, resumed)
 
     # --- rooms --------------------------------------------------------------------
@@ -447,7 +451,9 @@ class BrokerCore:
             return self._refuse(peer, m.ErrorCode.TOO_MANY_ROOMS, problem, who=session.name)
         room = self._open_room(join.room)
         session.rooms[key] = room
-        return [Reply(peer, room.info()), *self._enter(session, room, wall)]
+        before = room.stream.seq  # the answer precedes the own join
+        joined = self._enter(session, room, wall)
+        return [Reply(peer, room.info(before)), *joined]
 
     def _on_part_room(self, peer: bytes, session: Session | None, part: m.PartRoom,
                       now: float, wall: float) -> list:

@@ -747,9 +747,12 @@ class ChatWindow:
 
     def _on_message(self, message: m.Message, earlier: bool = False) -> None:
         own = message.sender == self.name
-        if own and not earlier and self._take_own_broadcast(message):
+        if own and not earlier and message.to is None and self._take_own_broadcast(message):
             return
-        parts = self._message_parts(message.time, message.sender, message.text,
+        # A direct message (sent from the command line: the window has no
+        # conversations of its own yet) is shown in the chat, marked private.
+        text = message.text if message.to is None else f"(private, to {message.to}) {message.text}"
+        parts = self._message_parts(message.time, message.sender, text,
                                     self._sender_tag(message.sender))
         if earlier:
             parts[-1] = ("line", "earlier")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import messages as m
-from broker_core import BrokerConfig, BrokerCore, Publish, Reply
+from broker_core import BrokerConfig, BrokerCore, Persist, Publish, Reply
 
 T0 = 1_000.0  # monotonic: the core's timers
 WALL_OFFSET = 1_700_000_000.0
@@ -58,7 +58,7 @@ def test_hello_welcomes_and_announces_join(core):
     (welcome,) = replies(out, b"A")
     assert isinstance(welcome, m.Welcome)
     assert welcome.users == ["alice"] and welcome.resume
-    assert welcome.rooms == [m.Room(G, 0, "", 0)] and welcome.dm_seq == 0
+    assert welcome.rooms == [m.Room(G, 0, "", 1)] and welcome.dm_seq == 0
     assert published(out) == [m.Join(1, wall(T0), "alice", G)]
 
 
@@ -389,3 +389,184 @@ def test_a_wall_clock_jump_times_nobody_out_and_trips_no_rate_limit(jump):
         assert isinstance(replies(out)[0], m.Ack)
     (message,) = [e for e in published(out) if isinstance(e, m.Message)]
     assert message.time == jumped - 0.2 * 9  # people see the wall clock
+
+
+# --- rooms ---------------------------------------------------------------------------------
+
+
+def topics(outputs) -> list:
+    return [(o.topic, o.event) for o in outputs if isinstance(o, Publish)]
+
+
+def test_joining_a_room_creates_it_and_announces_the_join_there_alone(core):
+    join(core, b"A", "alice")
+    out = core.handle(b"A", signed(core, b"A", type="join", room="#Lab-3"), *at(T0))
+    (info,) = replies(out)
+    assert info == m.Room("#Lab-3", 0, "", 1)  # the position before the own join
+    assert topics(out) == [(m.room_topic("#lab-3"), m.Join(1, wall(T0), "alice", "#Lab-3"))]
+    # the same room under another case is the same room, and joining again is harmless
+    out = core.handle(b"A", signed(core, b"A", type="join", room="#LAB-3"), *at(T0))
+    assert replies(out) == [m.Room("#Lab-3", 1, "", 1)] and not topics(out)
+
+
+@pytest.mark.parametrize("room", ["lab", "#", "#" + "x" * 33, "#a b", "#ü", "#a\u202e"])
+def test_a_bad_room_name_is_refused(core, room):
+    join(core, b"A", "alice")
+    (error,) = replies(core.handle(b"A", signed(core, b"A", type="join", room=room), *at(T0)))
+    assert error.code == m.ErrorCode.ROOM_INVALID
+
+
+def test_rooms_per_connection_and_in_all_are_bounded():
+    core = BrokerCore(BrokerConfig(max_rooms=3, rooms_per_session=2))
+    join(core, b"A", "alice")  # #general is one room already
+    assert replies(core.handle(b"A", signed(core, b"A", type="join", room="#a"), *at(T0)))[0] \
+        == m.Room("#a", 0, "", 1)
+    (error,) = replies(core.handle(b"A", signed(core, b"A", type="join", room="#b"), *at(T0)))
+    assert error.code == m.ErrorCode.TOO_MANY_ROOMS and "per connection" in error.reason
+    join(core, b"B", "bob", rooms=["#b"])
+    (error,) = replies(join(core, b"C", "carol", rooms=["#c"]))
+    assert error.code == m.ErrorCode.TOO_MANY_ROOMS and "most rooms" in error.reason
+
+
+def test_part_announces_a_leave_in_that_room_and_an_unused_room_is_forgotten(core):
+    join(core, b"A", "alice", rooms=["#general", "#lab"])
+    out = core.handle(b"A", signed(core, b"A", type="part", room="#lab"), *at(T0 + 1))
+    assert replies(out) == [m.Parted("#lab")]
+    assert topics(out) == [(m.room_topic("#lab"),
+                            m.Leave(2, wall(T0 + 1), "alice", m.LeaveReason.PART, "#lab"))]
+    # a room nobody is in and nothing was said in is forgotten
+    join(core, b"Q", "quiet-bot", quiet=True, rooms=["#empty"])
+    core.handle(b"Q", signed(core, b"Q", type="bye"), *at(T0))
+    assert "#empty" not in core.rooms and "#lab" in core.rooms
+    (error,) = replies(core.handle(b"A", signed(core, b"A", type="part", room="#lab"), *at(T0)))
+    assert error.code == m.ErrorCode.NOT_IN_ROOM
+
+
+def test_say_goes_to_the_room_it_names_and_only_to_a_member(core):
+    join(core, b"A", "alice", rooms=["#general", "#ci"])
+    join(core, b"B", "bob")
+    out = core.handle(b"A", signed(core, b"A", type="say", id="1", text="green", room="#CI"),
+                      *at(T0))
+    assert topics(out) == [(m.room_topic("#ci"), m.Message(2, wall(T0), "alice", "green", "#ci"))]
+    assert replies(out) == [m.Ack("1", 2)]
+    (error,) = replies(core.handle(b"B", signed(core, b"B", type="say", id="2", text="x",
+                                                room="#ci"), *at(T0)))
+    assert error.code == m.ErrorCode.NOT_IN_ROOM and error.id == "2"
+    (error,) = replies(core.handle(b"B", signed(core, b"B", type="fetch", after=0, until=2,
+                                                stream="#ci"), *at(T0)))
+    assert error.code == m.ErrorCode.NOT_IN_ROOM
+
+
+def test_who_rooms_and_topics(core):
+    join(core, b"A", "alice", rooms=["#general", "#ci"])
+    join(core, b"B", "Bob", rooms=["#ci"])
+    assert replies(core.handle(b"X", frame(type="who", room="#ci"), *at(T0))) == [
+        m.Users(["alice", "Bob"], "#ci")]
+    out = core.handle(b"B", signed(core, b"B", type="topic", room="#ci", text="builds"), *at(T0))
+    assert topics(out) == [(m.room_topic("#ci"), m.Topic(3, wall(T0), "Bob", "builds", "#ci"))]
+    assert replies(out) == [m.Room("#ci", 3, "builds", 2)]
+    (listing,) = replies(core.handle(b"X", frame(type="rooms"), *at(T0)))
+    assert listing == m.RoomList([m.Room("#ci", 3, "builds", 2), m.Room(G, 1, "", 1)])
+
+
+# --- direct messages ---------------------------------------------------------------------
+
+
+def test_a_direct_message_reaches_both_parties_sessions_and_never_the_pub_socket(core):
+    join(core, b"A", "alice", secret="s-alice")
+    join(core, b"A2", "alice", secret="s-alice")  # alice's second device
+    join(core, b"B", "bob")
+    out = core.handle(b"A", signed(core, b"A", type="say", id="d1", text="psst", to="BOB"),
+                      *at(T0))
+    assert topics(out) == []  # nothing on the PUB socket
+    sent = m.Message(1, wall(T0), "alice", "psst", to="bob")
+    assert sorted(repr((o.peer, o.message)) for o in out if isinstance(o, Reply)) == sorted(
+        repr(r) for r in [(b"A", sent), (b"A2", sent), (b"B", sent), (b"A", m.Ack("d1", 1))])
+    assert [o.stream for o in out if isinstance(o, Persist)] == ["@alice", "@bob"]
+    # each party's stream numbers its own direct messages
+    core.handle(b"B", signed(core, b"B", type="say", id="d2", text="hi", to="carol-x"), *at(T0))
+    out = core.handle(b"B", signed(core, b"B", type="say", id="d3", text="yes?", to="alice"),
+                      *at(T0))
+    assert m.Ack("d3", 2) in replies(out, b"B")
+    assert m.Message(2, wall(T0), "bob", "yes?", to="alice") in replies(out, b"A")
+    # nobody reads another's direct messages
+    (error,) = replies(core.handle(b"B", signed(core, b"B", type="fetch", after=0, until=9,
+                                                stream="@alice"), *at(T0)))
+    assert error.code == m.ErrorCode.NOT_IN_ROOM
+
+
+def test_a_direct_message_to_someone_not_online_is_refused(core):
+    join(core, b"A", "alice")
+    join(core, b"Q", "qbot", quiet=True)  # quiet: not online for people
+    for to in ["nobody", "qbot"]:
+        (error,) = replies(core.handle(b"A", signed(core, b"A", type="say", id=to, text="x",
+                                                    to=to), *at(T0)))
+        assert error.code == m.ErrorCode.USER_OFFLINE and error.id == to
+
+
+# --- several connections, quiet ones ----------------------------------------------------------
+
+
+def test_a_second_connection_needs_the_first_ones_secret(core):
+    join(core, b"A", "alice", secret="s1")
+    for secret in [None, "other"]:
+        extra = {"secret": secret} if secret else {}
+        (error,) = replies(join(core, b"X", "Alice", **extra))
+        assert error.code == m.ErrorCode.NAME_TAKEN
+    (welcome,) = replies(join(core, b"A2", "ALICE", secret="s1"))
+    assert welcome.name == "alice"
+    # no secret at first: the name takes one connection only
+    join(core, b"B", "bob")
+    assert replies(join(core, b"B2", "bob", secret=""))[0].code == m.ErrorCode.NAME_TAKEN
+
+
+def test_a_user_is_online_and_in_a_room_while_any_loud_connection_is(core):
+    out = join(core, b"A", "alice", secret="s")
+    out += join(core, b"A2", "alice", secret="s")
+    out += join(core, b"A3", "alice", secret="s", quiet=True)
+    assert [e for _, e in topics(out)] == [m.Join(1, wall(T0), "alice", G)]  # once
+    assert core.user_names() == ["alice"]
+    out = core.handle(b"A", signed(core, b"A", type="bye"), *at(T0))
+    assert topics(out) == [] and core.user_names() == ["alice"]
+    out = core.handle(b"A2", signed(core, b"A2", type="bye"), *at(T0 + 1))
+    assert [e for _, e in topics(out)] == [m.Leave(2, wall(T0 + 1), "alice", "quit", G)]
+    assert core.user_names() == [] and "alice" in core.by_name  # the quiet one still holds it
+
+
+def test_a_quiet_connection_is_never_announced_or_listed_but_may_post(core):
+    out = join(core, b"Q", "ci", quiet=True, rooms=["#ci"])
+    assert topics(out) == [] and core.user_names() == []
+    out = core.handle(b"Q", signed(core, b"Q", type="say", id="1", text="build 142 passed",
+                                   room="#ci"), *at(T0))
+    assert [e for _, e in topics(out)] == [m.Message(1, wall(T0), "ci", "build 142 passed",
+                                                     "#ci")]
+    assert topics(core.handle(b"Q", signed(core, b"Q", type="bye"), *at(T0))) == []
+
+
+def test_all_connections_of_a_user_share_one_rate_limit():
+    core = BrokerCore(BrokerConfig(rate=1, burst=2))
+    join(core, b"A", "alice", secret="s")
+    join(core, b"A2", "alice", secret="s")
+    assert isinstance(replies(core.handle(b"A", signed(core, b"A", type="say", id="1", text="x"),
+                                          *at(T0)))[0], m.Ack)
+    assert isinstance(replies(core.handle(b"A2", signed(core, b"A2", type="say", id="2",
+                                                        text="x"), *at(T0)))[0], m.Ack)
+    (error,) = replies(core.handle(b"A2", signed(core, b"A2", type="say", id="3", text="x"),
+                                   *at(T0)))
+    assert error.code == m.ErrorCode.RATE_LIMITED
+
+
+def test_all_histories_together_stay_within_the_byte_budget():
+    budget = 200_000
+    core = BrokerCore(BrokerConfig(history=1000, history_bytes=budget, rate=1e9, burst=10**9))
+    join(core, b"A", "alice", rooms=["#general", "#a", "#b"])
+    for i in range(300):
+        for room in ["#general", "#a", "#b"]:
+            core.handle(b"A", signed(core, b"A", type="say", id=f"{room}{i}", text="x" * 1000,
+                                     room=room), *at(T0 + i))
+    assert core.history_bytes <= budget
+    assert core.history_bytes == sum(s.bytes for s in core.streams.values())
+    # the largest histories gave up their oldest events: each keeps its newest
+    for room in ["#general", "#a", "#b"]:
+        stream = core.rooms[room].stream
+        assert stream.history[-1].seq == stream.seq and len(stream.history) > 30
