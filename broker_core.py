@@ -361,6 +361,11 @@ class BrokerCore:
         for room in rooms:
             if (problem := m.room_problem(room)):
                 return self._refuse(peer, m.ErrorCode.ROOM_INVALID, problem)
+        # one room named twice (in any case) is entered once
+        first_named: dict[str, str] = {}
+        for room in rooms:
+            first_named.setdefault(m.room_key(room), room)
+        rooms = list(first_named.values())
         name_key = m.name_key(hello.name)
         if session is not None:  # this routing id already speaks for a user
             if session.user.name_key == name_key and _tokens_match(hello.resume, session.secret):

@@ -570,3 +570,9 @@ def test_all_histories_together_stay_within_the_byte_budget():
     for room in ["#general", "#a", "#b"]:
         stream = core.rooms[room].stream
         assert stream.history[-1].seq == stream.seq and len(stream.history) > 30
+
+
+def test_a_room_named_twice_in_a_hello_is_entered_once(core):
+    (welcome, *rest) = join(core, b"A", "alice", rooms=["#lab", "#general", "#LAB"])
+    assert [r.room for r in welcome.message.rooms] == ["#lab", "#general"]
+    assert core.rooms["#lab"].sessions == 1
