@@ -264,9 +264,10 @@ class BrokerCore:
         stream.restore(events, accepted_ids)
         self.history_bytes += stream.bytes - before
         room = self.rooms.get(stream_id)
-        topics = [e for e in stream.history if isinstance(e, m.Topic)]
-        if room is not None and topics:
-            room.topic = topics[-1].text
+        if room is not None and events:
+            room.name = events[-1].room or room.name  # as it was created
+            topics = [e for e in stream.history if isinstance(e, m.Topic)]
+            room.topic = topics[-1].text if topics else room.topic
 
     # --- events from the shell -------------------------------------------------
 

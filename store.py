@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS stream_events (
     reason TEXT,
     client_key TEXT,   -- the sender's name key, for message ids
     client_id TEXT,    -- the sender's message id
+    room TEXT,         -- a room's event: the room's name as created
+    addressee TEXT,    -- a direct message: whom it was to
     PRIMARY KEY (stream, seq)
 ) WITHOUT ROWID;
 """
@@ -41,12 +43,13 @@ CREATE TABLE IF NOT EXISTS stream_events (
 # A file from before streams had names: one table of the main stream's events.
 LEGACY_MIGRATION = f"""
 INSERT INTO stream_events
-    SELECT '{m.MAIN_STREAM}', seq, type, time, name, text, reason, client_key, client_id
+    SELECT '{m.GENERAL_ROOM}', seq, type, time, name, text, reason, client_key, client_id,
+           '{m.GENERAL_ROOM}', NULL
     FROM events;
 DROP TABLE events;
 """
 
-_COLUMNS = "seq, type, time, name, text, reason"
+_COLUMNS = "seq, type, time, name, text, reason, room, addressee"
 
 
 class StoreError(Exception):
@@ -57,18 +60,22 @@ def _row(stream: str, event: Any, sender_id: tuple[str, str] | None) -> tuple:
     client_key, client_id = sender_id or (None, None)
     if isinstance(event, m.Message):
         return (stream, event.seq, event.TYPE, event.time, event.sender, event.text, None,
-                client_key, client_id)
+                client_key, client_id, event.room, event.to)
+    text = event.text if isinstance(event, m.Topic) else None
     reason = event.reason if isinstance(event, m.Leave) else None
-    return (stream, event.seq, event.TYPE, event.time, event.name, None, reason, None, None)
+    return (stream, event.seq, event.TYPE, event.time, event.name, text, reason, None, None,
+            event.room, None)
 
 
 def _event(row: tuple) -> Any:
-    seq, kind, time, name, text, reason = row
+    seq, kind, time, name, text, reason, room, addressee = row
     if kind == m.Message.TYPE:
-        return m.Message(seq, time, name, text)
+        return m.Message(seq, time, name, text, room, addressee)
     if kind == m.Join.TYPE:
-        return m.Join(seq, time, name)
-    return m.Leave(seq, time, name, reason)
+        return m.Join(seq, time, name, room)
+    if kind == m.Topic.TYPE:
+        return m.Topic(seq, time, name, text, room)
+    return m.Leave(seq, time, name, reason, room)
 
 
 class EventStore:
@@ -106,9 +113,9 @@ class EventStore:
         return self._epoch
 
     def streams(self) -> list[str]:
-        """Every stream that has events, the main stream first when it has."""
+        """Every stream that has events, #general first when it has."""
         rows = self.db.execute("SELECT DISTINCT stream FROM stream_events").fetchall()
-        return sorted((row[0] for row in rows), key=lambda s: (s != m.MAIN_STREAM, s))
+        return sorted((row[0] for row in rows), key=lambda s: (s != m.GENERAL_ROOM, s))
 
     def recent_events(self, stream: str, count: int) -> list:
         rows = self.db.execute(
@@ -131,7 +138,7 @@ class EventStore:
             return
         with self.db:
             self.db.execute("BEGIN")
-            self.db.executemany("INSERT INTO stream_events VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            self.db.executemany("INSERT INTO stream_events VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
 
     def close(self) -> None:
         self.db.close()

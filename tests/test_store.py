@@ -16,7 +16,10 @@ WALL = 1_700_000_000.0
 
 
 def records(stream: str, first: int, count: int) -> list[Persist]:
-    return [Persist(stream, m.Message(seq, WALL + seq, "bob", f"t{seq}"), ("bob", f"id{seq}"))
+    room = stream if stream.startswith("#") else None
+    to = None if room else stream[1:]
+    return [Persist(stream, m.Message(seq, WALL + seq, "bob", f"t{seq}", room, to),
+                    ("bob", f"id{seq}"))
             for seq in range(first, first + count)]
 
 
@@ -25,15 +28,20 @@ def test_events_round_trip_per_stream_and_survive_a_reopen(tmp_path):
     store = EventStore(path)
     epoch = store.epoch()
     store.append(records(m.MAIN_STREAM, 1, 5))
-    store.append(records("lab", 1, 3) + [Persist("lab", m.Leave(4, WALL, "ann", "quit"))])
+    store.append(records("#lab", 1, 3) + [Persist("#lab", m.Leave(4, WALL, "ann", "quit", "#Lab")),
+                                           Persist("#lab", m.Topic(5, WALL, "ann", "hw", "#Lab"))])
+    store.append(records("@ann", 1, 1))
     store.close()
     again = EventStore(path)
     assert again.epoch() == epoch
-    assert again.streams() == [m.MAIN_STREAM, "lab"]
+    assert again.streams() == [m.MAIN_STREAM, "#lab", "@ann"]
     assert [e.seq for e in again.recent_events(m.MAIN_STREAM, 3)] == [3, 4, 5]
-    assert again.recent_events("lab", 10)[-1] == m.Leave(4, WALL, "ann", "quit")
-    assert again.recent_events("lab", 10)[0] == m.Message(1, WALL + 1, "bob", "t1")
-    assert again.recent_ids("lab", 2) == [(("bob", "id2"), 2), (("bob", "id3"), 3)]
+    lab = again.recent_events("#lab", 10)
+    assert lab[-2:] == [m.Leave(4, WALL, "ann", "quit", "#Lab"), m.Topic(5, WALL, "ann", "hw",
+                                                                          "#Lab")]
+    assert lab[0] == m.Message(1, WALL + 1, "bob", "t1", "#lab")
+    assert again.recent_events("@ann", 1) == [m.Message(1, WALL + 1, "bob", "t1", to="ann")]
+    assert again.recent_ids("#lab", 2) == [(("bob", "id2"), 2), (("bob", "id3"), 3)]
     again.close()
 
 
@@ -52,8 +60,9 @@ def test_a_file_from_before_streams_is_migrated_into_the_main_stream(tmp_path):
     db.close()
     store = EventStore(path)
     assert store.epoch() == "oldepoch"
-    assert store.recent_events(m.MAIN_STREAM, 10) == [m.Join(1, 1.0, "ann"),
-                                                      m.Message(2, 2.0, "ann", "hello")]
+    assert store.recent_events(m.MAIN_STREAM, 10) == [m.Join(1, 1.0, "ann", m.GENERAL_ROOM),
+                                                      m.Message(2, 2.0, "ann", "hello",
+                                                                m.GENERAL_ROOM)]
     assert store.recent_ids(m.MAIN_STREAM, 10) == [(("ann", "m1"), 2)]
     store.close()
 
@@ -86,3 +95,22 @@ def test_the_broker_refuses_a_path_it_cannot_create_in_one_line(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"broker: cannot use database {path}: unable to open database file"]
+
+
+def test_a_restarted_core_continues_every_room_and_direct_messages(tmp_path):
+    """What a broker restarted on its --db gets back: each stream's numbers,
+    a room's name as created and its topic."""
+    from broker_core import BrokerCore
+    path = str(tmp_path / "chat.db")
+    store = EventStore(path)
+    store.append([Persist("#lab", m.Join(1, WALL, "ann", "#Lab")),
+                  Persist("#lab", m.Topic(2, WALL, "ann", "homework", "#Lab")),
+                  *records("@bob", 1, 2)])
+    core = BrokerCore()
+    for stream_id in store.streams():
+        core.restore(stream_id, store.recent_events(stream_id, 100),
+                     store.recent_ids(stream_id, 100))
+    room = core.rooms["#lab"]
+    assert (room.name, room.topic, room.stream.seq) == ("#Lab", "homework", 2)
+    assert core.streams["@bob"].seq == 2 and core.streams["@bob"].accepted_seq(("bob", "id2"))
+    store.close()
