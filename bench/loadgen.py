@@ -60,6 +60,9 @@ import messages as m
 TEXT_MARK = re.compile(rb"bench:(\d+):(\d+):")
 ACK_ID = re.compile(rb'"id":"(\d+)-')
 ERROR_PREFIX = b'{"type":"error"'
+# The baselines' broadcast topic (bench/baselines.py): the C forwarder's
+# topic is the sender's routing id, which starts with it.
+BASELINE_TOPIC = b"all"
 WELCOME_PREFIX = b'{"type":"welcome"'
 # Chat texts are padded to a typical chat line's length.
 TEXT_BYTES = 64
@@ -149,7 +152,7 @@ class Sender:
             sock = self.ctx.socket(zmq.DEALER)
             # "all:" makes the C forwarder's topic (the routing id) match the
             # listeners' subscription; zchat and the Python loop ignore it.
-            sock.setsockopt(zmq.ROUTING_ID, b"all:sender-%d" % i)
+            sock.setsockopt(zmq.ROUTING_ID, BASELINE_TOPIC + b":sender-%d" % i)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(endpoint)
             self.slot_of[sock] = i
@@ -297,7 +300,8 @@ class Listener:
             sock.setsockopt(zmq.LINGER, 0)
             # The generator must not drop what the broker delivered.
             sock.setsockopt(zmq.RCVHWM, 0)
-            sock.setsockopt(zmq.SUBSCRIBE, m.BROADCAST_TOPIC)
+            sock.setsockopt(zmq.SUBSCRIBE, m.BROADCAST_TOPIC)  # zchat's #general
+            sock.setsockopt(zmq.SUBSCRIBE, BASELINE_TOPIC)
             sock.connect(endpoint)
             self.socks.append(sock)
             self.poller.register(sock, zmq.POLLIN)
