@@ -453,6 +453,8 @@ class BrokerCore:
         key = m.room_key(join.room)
         if key in session.rooms:  # already in it: the answer is the same
             return [Reply(peer, session.rooms[key].info())]
+        if (refusal := self._spend(session, now)):
+            return refusal
         if (problem := self._rooms_problem([*session.rooms, key])):
             return self._refuse(peer, m.ErrorCode.TOO_MANY_ROOMS, problem, who=session.name)
         room = self._open_room(join.room)
@@ -465,10 +467,12 @@ class BrokerCore:
                       now: float, wall: float) -> list:
         if session is None:
             return self._not_joined(peer)
-        room = session.rooms.pop(m.room_key(part.room), None)
-        if room is None:
+        if m.room_key(part.room) not in session.rooms:
             return self._refuse(peer, m.ErrorCode.NOT_IN_ROOM, f"you are not in {part.room}",
                                 who=session.name)
+        if (refusal := self._spend(session, now)):
+            return refusal
+        room = session.rooms.pop(m.room_key(part.room))
         return [Reply(peer, m.Parted(room.name)), *self._exit(session, room, m.LeaveReason.PART,
                                                              wall)]
 
@@ -477,6 +481,8 @@ class BrokerCore:
         room = self._room_of(session, topic.room)
         if room is None:
             return self._not_in(peer, session, topic.room)
+        if (refusal := self._spend(session, now)):
+            return refusal
         room.topic = topic.text
         out = self._append(room.stream, lambda seq: m.Topic(seq, wall, session.name, topic.text,
                                                             room.name))
@@ -531,12 +537,19 @@ class BrokerCore:
                 wall: float) -> list:
         if session is None:
             return self._not_joined(peer, say.id)
+        if say.to is not None and say.room is not None:
+            return self._refuse(peer, m.ErrorCode.MALFORMED, "say: a room or a person, not both",
+                                id=say.id, who=session.name)
         if say.to is not None:
             return self._direct(session, say, now, wall)
+        sender_id = (session.user.name_key, say.id)
+        named = self.rooms.get(m.room_key(say.room or m.GENERAL_ROOM))
+        if named is not None and (seq := named.stream.accepted_seq(sender_id)) is not None:
+            # a resend of an accepted message, even after a part: ack it again
+            return [Reply(peer, m.Ack(say.id, seq))]
         room = self._room_of(session, say.room or m.GENERAL_ROOM)
         if room is None:
             return self._not_in(peer, session, say.room or m.GENERAL_ROOM, say.id)
-        sender_id = (session.user.name_key, say.id)
         refusal = self._admit(session, say, room.stream, now, wall)
         if refusal is not None:
             return refusal
@@ -549,12 +562,15 @@ class BrokerCore:
         """A direct message: numbered in the addressee's stream and in the
         sender's, and delivered to both users' sessions alone."""
         peer = session.peer
+        sender = session.user
+        own = self._dm_stream(m.dm_stream(sender.name))
+        if (seq := own.accepted_seq((sender.name_key, say.id))) is not None:
+            # a resend of an accepted message, even if its addressee left since
+            return [Reply(peer, m.Ack(say.id, seq))]
         addressee = self.by_name.get(m.name_key(say.to))
         if addressee is None or not addressee.visible:
             return self._refuse(peer, m.ErrorCode.USER_OFFLINE, f"{say.to} is not online",
                                 id=say.id, who=session.name)
-        sender = session.user
-        own = self._dm_stream(m.dm_stream(sender.name))
         refusal = self._admit(session, say, own, now, wall)
         if refusal is not None:
             return refusal
@@ -591,6 +607,15 @@ class BrokerCore:
         session.refusals = 0
         session.blocked_on = None
         return None
+
+    def _spend(self, session: Session, now: float) -> list | None:
+        """A join, part or topic costs what a message costs: each is an event
+        numbered, broadcast and stored. None if it may go, else the refusal."""
+        wait = session.user.bucket.take(now, self.config.rate, self.config.burst)
+        if not wait:
+            return None
+        return [Reply(session.peer, m.Error(m.ErrorCode.RATE_LIMITED,
+                                            f"too fast: wait {wait:.2f}s", retry_after=wait))]
 
     def _rate_limited(self, session: Session, say: m.Say, wait: float, wall: float) -> list:
         session.refusals += 1
@@ -752,5 +777,4 @@ class BrokerCore:
 
 def _tokens_match(given: str | None, token: str | None) -> bool:
     """Constant-time comparison (decoding made ``given`` ASCII)."""
-    return (given is not None and token is not None
-            and secrets.compare_digest(given.encode(), token.encode()))
+    return bool(given) and bool(token) and secrets.compare_digest(given.encode(), token.encode())

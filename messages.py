@@ -405,6 +405,9 @@ class Heartbeat:
     TYPE: ClassVar[str] = "heartbeat"
     epoch: str
     time: float
+    # Always 0. Protocol 1 required it; sent, it lets a protocol 1 client get
+    # as far as its hello, which is then refused bad_version, a clear error.
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,13 +40,21 @@ CREATE TABLE IF NOT EXISTS stream_events (
 ) WITHOUT ROWID;
 """
 
-# A file from before streams had names: one table of the main stream's events.
+# A file from before streams had names: one table of the chat's events.
 LEGACY_MIGRATION = f"""
 INSERT INTO stream_events
     SELECT '{m.GENERAL_ROOM}', seq, type, time, name, text, reason, client_key, client_id,
            '{m.GENERAL_ROOM}', NULL
     FROM events;
 DROP TABLE events;
+"""
+
+# A file from protocol 1 with one stream named "all": it becomes #general,
+# and events learn which room and addressee they belong to.
+ROOMS_MIGRATION = f"""
+ALTER TABLE stream_events ADD COLUMN room TEXT;
+ALTER TABLE stream_events ADD COLUMN addressee TEXT;
+UPDATE stream_events SET stream = '{m.GENERAL_ROOM}', room = '{m.GENERAL_ROOM}' WHERE stream = 'all';
 """
 
 _COLUMNS = "seq, type, time, name, text, reason, room, addressee"
@@ -88,13 +96,20 @@ class EventStore:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
             if self._has_table("events"):
-                with self.db:
-                    self.db.execute("BEGIN")
-                    for statement in LEGACY_MIGRATION.strip().split(";\n"):
-                        self.db.execute(statement)
+                self._migrate(LEGACY_MIGRATION)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(stream_events)")}
+            if "room" not in columns:
+                self._migrate(ROOMS_MIGRATION)
             self._epoch = self._read_or_create_epoch()
         except sqlite3.Error as e:
             raise StoreError(f"cannot use database {path}: {e}") from None
+
+    def _migrate(self, script: str) -> None:
+        """Bring an older file to this schema, all or nothing."""
+        with self.db:
+            self.db.execute("BEGIN")
+            for statement in script.strip().split(";\n"):
+                self.db.execute(statement)
 
     def _has_table(self, name: str) -> bool:
         return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",

@@ -576,3 +576,45 @@ def test_a_room_named_twice_in_a_hello_is_entered_once(core):
     (welcome, *rest) = join(core, b"A", "alice", rooms=["#lab", "#general", "#LAB"])
     assert [r.room for r in welcome.message.rooms] == ["#lab", "#general"]
     assert core.rooms["#lab"].sessions == 1
+
+
+def test_a_resend_is_acknowledged_again_even_after_a_part_or_the_addressee_left(core):
+    join(core, b"A", "alice", rooms=["#general", "#ci"])
+    join(core, b"B", "bob")
+    say_ci = dict(type="say", id="r1", text="x", room="#ci")
+    (ack,) = replies(core.handle(b"A", signed(core, b"A", **say_ci), *at(T0)))
+    core.handle(b"A", signed(core, b"A", type="part", room="#ci"), *at(T0))
+    assert replies(core.handle(b"A", signed(core, b"A", **say_ci), *at(T0))) == [ack]
+    say_dm = dict(type="say", id="d1", text="x", to="bob")
+    dm_ack = [r for r in replies(core.handle(b"A", signed(core, b"A", **say_dm), *at(T0), ),
+                                 b"A") if isinstance(r, m.Ack)]
+    core.handle(b"B", signed(core, b"B", type="bye"), *at(T0))
+    assert replies(core.handle(b"A", signed(core, b"A", **say_dm), *at(T0))) == dm_ack
+
+
+def test_a_message_to_a_room_and_a_person_at_once_is_malformed(core):
+    join(core, b"A", "alice")
+    (error,) = replies(core.handle(b"A", signed(core, b"A", type="say", id="1", text="x",
+                                                room="#general", to="alice"), *at(T0)))
+    assert error.code == m.ErrorCode.MALFORMED and error.id == "1"
+
+
+def test_joins_parts_and_topics_cost_like_messages():
+    core = BrokerCore(BrokerConfig(rate=1, burst=3))
+    join(core, b"A", "alice")
+    for i, body in enumerate([dict(type="join", room="#a"), dict(type="topic", room="#a",
+                              text="t"), dict(type="part", room="#a")]):
+        assert not isinstance(replies(core.handle(b"A", signed(core, b"A", **body),
+                                                  *at(T0)))[0], m.Error)
+    (error,) = replies(core.handle(b"A", signed(core, b"A", type="join", room="#b"), *at(T0)))
+    assert error.code == m.ErrorCode.RATE_LIMITED and error.retry_after > 0
+    assert "#b" not in core.rooms
+
+
+def test_an_empty_secret_proves_nothing(core):
+    join(core, b"A", "alice", secret="")
+    assert replies(join(core, b"B", "alice", secret=""))[0].code == m.ErrorCode.NAME_TAKEN
+
+
+def test_heartbeats_carry_seq_0_so_a_protocol_1_client_reaches_its_hello():
+    assert json.loads(m.encode(m.Heartbeat("e", 1.0)))["seq"] == 0

@@ -114,3 +114,24 @@ def test_a_restarted_core_continues_every_room_and_direct_messages(tmp_path):
     assert (room.name, room.topic, room.stream.seq) == ("#Lab", "homework", 2)
     assert core.streams["@bob"].seq == 2 and core.streams["@bob"].accepted_seq(("bob", "id2"))
     store.close()
+
+
+def test_a_protocol_1_file_with_the_stream_all_becomes_general(tmp_path):
+    path = str(tmp_path / "v1.db")
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE stream_events (stream TEXT NOT NULL, seq INTEGER NOT NULL,
+            type TEXT NOT NULL, time REAL NOT NULL, name TEXT NOT NULL, text TEXT, reason TEXT,
+            client_key TEXT, client_id TEXT, PRIMARY KEY (stream, seq)) WITHOUT ROWID;
+        INSERT INTO meta VALUES ('epoch', 'e1');
+        INSERT INTO stream_events VALUES ('all', 1, 'message', 1.0, 'ann', 'hi', NULL, 'ann', 'm1');
+    """)
+    db.commit()
+    db.close()
+    store = EventStore(path)
+    assert store.streams() == [m.GENERAL_ROOM]
+    assert store.recent_events(m.GENERAL_ROOM, 5) == [m.Message(1, 1.0, "ann", "hi",
+                                                                m.GENERAL_ROOM)]
+    store.append(records(m.GENERAL_ROOM, 2, 1))
+    store.close()
