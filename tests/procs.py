@@ -111,7 +111,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Our environment for a child, less our own CHAT_* settings, with a
     secret file of its own, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-    env.update(PYTHONUNBUFFERED="1", ZCHAT_SECRET_FILE=new_secret_file(), **(extra or {}))
+    env.update({"PYTHONUNBUFFERED": "1", "ZCHAT_SECRET_FILE": new_secret_file(), **(extra or {})})
     return env
 
 
