@@ -19,10 +19,9 @@ Theory of operation
   before that, so connections that never join hold no memory. A second
   connection may use a name in use only with the same secret as the first
   (or, with ``--allow``, the key that owns the name).
-* A quiet session (a script's ``send``, ``listen --quiet``) is never
-  announced or listed, but receives its rooms and its user's direct
-  messages like any other. A user is online while any session that is not
-  quiet is; in a room, while any such session of the user is in it.
+* A quiet session (a script's ``send``) is never announced or listed. A
+  user is online while any session that is not quiet is; in a room, while
+  any such session of the user is in it.
 * Every room, and every user's direct messages, is a stream
   (broker_stream.Stream) that numbers its events and keeps a bounded
   history from which clients repair gaps (``fetch``). Room events go out on
@@ -556,7 +555,7 @@ class BrokerCore:
             event = self._number(stream, lambda seq: m.Message(seq, wall, sender.name, say.text,
                                                                to=addressee.name), remembered)
             out.append(Persist(stream.id, event, remembered))
-            out += [Reply(s.peer, event) for s in user.sessions]
+            out += [Reply(s.peer, event) for s in user.sessions if not s.quiet]
         return [*out, Reply(peer, m.Ack(say.id, own.seq))]
 
     def _admit(self, session: Session, say: m.Say, stream: Stream, now: float,
@@ -676,7 +675,7 @@ class BrokerCore:
             stream = self.streams[stream_id]
             position = m.Position(stream_id, stream.seq)
             if (user := self.by_name.get(stream_id[1:])) is not None:
-                out += [Reply(s.peer, position) for s in user.sessions]
+                out += [Reply(s.peer, position) for s in user.sessions if not s.quiet]
             if left > 1:
                 self.to_announce[stream_id] = left - 1
             else:

@@ -389,19 +389,3 @@ def test_a_wall_clock_jump_times_nobody_out_and_trips_no_rate_limit(jump):
         assert isinstance(replies(out)[0], m.Ack)
     (message,) = [e for e in published(out) if isinstance(e, m.Message)]
     assert message.time == jumped - 0.2 * 9  # people see the wall clock
-
-
-def test_a_quiet_connection_gets_its_users_direct_messages_and_their_position(core):
-    """A quiet listener is silent, not deaf: like every connection of the
-    user, it receives their direct messages (sent and received)."""
-    join(core, b"B", "bob", secret="s")
-    join(core, b"Q", "bob", secret="s", quiet=True, rooms=[])
-    join(core, b"A", "alice")
-    out = core.handle(b"A", signed(core, b"A", type="say", id="1", text="psst", to="bob"),
-                      *at(T0 + 0.1))
-    assert [r.text for r in replies(out, b"Q") if isinstance(r, m.Message)] == ["psst"]
-    out = core.handle(b"Q", signed(core, b"Q", type="say", id="2", text="back", to="alice"),
-                      *at(T0 + 0.2))
-    assert [r.text for r in replies(out, b"Q") if isinstance(r, m.Message)] == ["back"]
-    positions = replies(core.tick(*at(T0 + 1.5)), b"Q")
-    assert m.Position(m.dm_stream("bob"), 2) in positions
