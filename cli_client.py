@@ -175,7 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     listen.add_argument("--dm", action="store_true",
                         help="your direct messages only (they are printed with rooms too)")
     listen.add_argument("--quiet", action="store_true",
-                        help="do not show as online or joining and leaving")
+                        help="do not show as online or joining and leaving (then the broker "
+                             "sends you no direct messages)")
     listen.add_argument("--json", action="store_true", help="one JSON object per line")
     listen.add_argument("--count", type=int, metavar="N", help="exit after N chat messages")
     listen.add_argument("--history", type=int, default=0, metavar="N",
@@ -196,6 +197,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("no command given (use send, listen or users; chat needs a terminal)")
     if args.timeout <= 0:
         p.error("--timeout must be positive")
+    if getattr(args, "quiet", False) and args.dm:
+        # The broker gives direct messages only to connections others can see.
+        p.error("--dm and --quiet: a quiet connection receives no direct messages")
     if getattr(args, "count", None) is not None and args.count < 1:
         p.error("--count must be at least 1")
     if not 0 <= getattr(args, "history", 0) <= m.MAX_FETCH_EVENTS:
@@ -463,7 +467,8 @@ def report_status(event, as_json: bool) -> None:
 
 
 def listened_rooms(args: argparse.Namespace) -> tuple[str, ...]:
-    """The rooms ``listen`` follows: those named, else #general (none with --dm)."""
+    """The rooms ``listen`` follows: those named, else #general (none with --dm).
+    Direct messages come besides, unless --quiet."""
     if args.rooms:
         return tuple(args.rooms)
     return () if args.dm else (m.GENERAL_ROOM,)
