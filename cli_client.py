@@ -1,14 +1,19 @@
-"""zchat from the command line: send, listen, list users, or chat in a terminal.
+"""zchat from the command line: send, listen, list users and rooms, or chat in a terminal.
 
-    python cli_client.py [OPTIONS] send [TEXT ...]   (no TEXT: one message per stdin line)
-    python cli_client.py [OPTIONS] listen [--json] [--count N] [--history N]
-    python cli_client.py [OPTIONS] users [--json]
+    python cli_client.py [OPTIONS] send [--room ROOM | --to NAME] [--announce] [TEXT ...]
+    python cli_client.py [OPTIONS] listen [--room ROOM ...] [--dm] [--quiet] [--json] ...
+    python cli_client.py [OPTIONS] users [--room ROOM] [--json]
+    python cli_client.py [OPTIONS] rooms [--json]
+    python cli_client.py [OPTIONS] topic ROOM [TEXT ...]
     python cli_client.py [OPTIONS]                   (a terminal on stdin: interactive chat)
 
 Options mean the same before or after the command. Data goes to stdout, one
 flushed line per record; diagnostics go to stderr. SIGINT and SIGTERM are a
-goodbye: the broker is told at once (others see ``left (quit)``). The
-connection logic lives in client_session.py, shared with the window.
+goodbye: the broker is told at once (others see ``left (quit)``). ``send``
+and ``topic`` connect quietly (never announced or listed); ``listen`` and
+the chat are members others see. Every connection presents the user's
+secret (identity.py), so one person may run several at once under one name.
+The connection logic lives in client_session.py, shared with the window.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import sys
 import threading
 import time
 
+import identity
 import keys
 import messages as m
-from client_session import (Acked, ClientSession, Earlier, Joined, JoinRefused, Missed, Refused,
-                            State, StateChanged, add_connection_arguments, encryption_from_args,
+from client_session import (Acked, BrokerRefused, ClientSession, Earlier, Joined, JoinRefused,
+                            Missed, Refused, RoomJoined, RoomParted, State, StateChanged,
+                            add_connection_arguments, ask_broker, encryption_from_args,
                             list_users, login_name)
 from display import event_json, event_line, visible
 
@@ -40,7 +47,7 @@ class Exit:
     USAGE = 2
     UNREACHABLE = 3  # broker unreachable, or messages not accepted within --timeout
     NAME_REFUSED = 4  # name taken, invalid, or broker full
-    MESSAGE_REFUSED = 5  # the broker refused at least one message
+    MESSAGE_REFUSED = 5  # the broker refused a message or a request (a room, a topic)
     INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2, as shells report it
     TERMINATED = 143  # SIGTERM (kill, timeout, systemd): 128 + 15, as shells report it
 
@@ -49,19 +56,27 @@ EXIT_HELP = """exit status:
   0    success (send: the broker accepted every message)
   2    bad usage (also a port outside 1..65535 or a host that does not resolve)
   3    broker unreachable, or messages not accepted within --timeout
-  4    name taken or invalid, or the broker is full
-  5    the broker refused a message (the line and reason are on stderr)
+  4    name taken (by someone with another secret) or invalid, or the broker is full
+  5    the broker refused a message or request (user not online, a room it will not
+       let you in, a topic too long...); the line and reason are on stderr
   130  interrupted (Ctrl-C, SIGINT); the broker is told you left
   143  terminated (SIGTERM); the broker is told you left
 send, interrupted or timed out while reading stdin, says on stderr how many lines
 were accepted and the first line that was not, so a script can resume there.
+A room name that is not valid ('#' and 1 to 32 of letters, digits, _ - .) is bad
+usage (2), checked before connecting.
 environment: CHAT_HOST, CHAT_PORT, CHAT_PUB_PORT, CHAT_NAME give the defaults of
---host, --port, --pub-port, --name."""
+--host, --port, --pub-port, --name. Your secret, which lets several connections
+use your name at once, is kept in $XDG_CONFIG_HOME/zchat/secret (default
+~/.config/zchat/secret), or the file ZCHAT_SECRET_FILE names."""
 
 USAGE = """%(prog)s [OPTIONS]                  chat interactively (needs a terminal on stdin)
-       %(prog)s [OPTIONS] send [TEXT ...]  send TEXT, or each line of stdin
-       %(prog)s [OPTIONS] listen [--json] [--count N] [--history N]
-       %(prog)s [OPTIONS] users [--json]
+       %(prog)s [OPTIONS] send [--room ROOM | --to NAME] [--announce] [TEXT ...]
+       %(prog)s [OPTIONS] listen [--room ROOM ...] [--dm] [--quiet] [--json] [--count N]
+                                 [--history N]
+       %(prog)s [OPTIONS] users [--room ROOM] [--json]
+       %(prog)s [OPTIONS] rooms [--json]
+       %(prog)s [OPTIONS] topic ROOM [TEXT ...]
        (OPTIONS may stand before or after the command)"""
 
 DESCRIPTION = """zchat command-line client. With no command and a terminal on stdin it is
@@ -144,16 +159,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         return sub.add_parser(name, parents=[after], help=help, epilog=EXIT_HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    send = command("send", "send TEXT, or each line of stdin")
+    send = command("send", "send TEXT, or each line of stdin (quietly: no join or leave shown)")
+    target = send.add_mutually_exclusive_group()
+    target.add_argument("--room", type=room_name, default=m.GENERAL_ROOM,
+                        help=f"the room to send to (default {m.GENERAL_ROOM})")
+    target.add_argument("--to", metavar="NAME", type=user_name,
+                        help="send a direct message to NAME, who must be online")
+    send.add_argument("--announce", action="store_true",
+                      help="show as joining and leaving, and as online meanwhile")
     send.add_argument("text", nargs="*", help="words sent as one message")
     listen = command("listen", "print messages as they arrive")
+    listen.add_argument("--room", type=room_name, action="append", dest="rooms",
+                        metavar="ROOM", help=f"a room to follow; repeat for several (default "
+                                             f"{m.GENERAL_ROOM}, or none with --dm)")
+    listen.add_argument("--dm", action="store_true",
+                        help="your direct messages only (they are printed with rooms too)")
+    listen.add_argument("--quiet", action="store_true",
+                        help="do not show as online or joining and leaving (then the broker "
+                             "sends you no direct messages)")
     listen.add_argument("--json", action="store_true", help="one JSON object per line")
     listen.add_argument("--count", type=int, metavar="N", help="exit after N chat messages")
     listen.add_argument("--history", type=int, default=0, metavar="N",
-                        help=f"first print the last N earlier messages (at most {m.MAX_FETCH_EVENTS};"
-                             ' --json marks them "history": true)')
+                        help=f"first print the last N earlier messages of each room (at most "
+                             f'{m.MAX_FETCH_EVENTS}; --json marks them "history": true)')
     users = command("users", "print who is online")
+    users.add_argument("--room", type=room_name, help="who is in ROOM")
     users.add_argument("--json", action="store_true", help="a JSON array of names")
+    rooms = command("rooms", "print the rooms, with how many are in each and its topic")
+    rooms.add_argument("--json", action="store_true", help="a JSON array of rooms")
+    topic = command("topic", "set a room's topic (quietly)")
+    topic.add_argument("room", type=room_name, help="the room")
+    topic.add_argument("text", nargs="*", help="the new topic (none: clear it)")
     args = p.parse_args(argv)
     if args.name is None:
         args.name = login_name()
@@ -161,6 +197,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("no command given (use send, listen or users; chat needs a terminal)")
     if args.timeout <= 0:
         p.error("--timeout must be positive")
+    if getattr(args, "quiet", False) and args.dm:
+        # The broker gives direct messages only to connections others can see.
+        p.error("--dm and --quiet: a quiet connection receives no direct messages")
     if getattr(args, "count", None) is not None and args.count < 1:
         p.error("--count must be at least 1")
     if not 0 <= getattr(args, "history", 0) <= m.MAX_FETCH_EVENTS:
@@ -170,6 +209,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except (socket.gaierror, UnicodeError) as e:
         p.error(f"--host {args.host!r} does not resolve: {getattr(e, 'strerror', e)}")
     return args
+
+
+def room_name(text: str) -> str:
+    """An argparse type: a valid room name (checked here, not by the broker)."""
+    problem = m.room_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a room name: {problem}")
+    return text
+
+
+def user_name(text: str) -> str:
+    """An argparse type: a valid user name."""
+    problem = m.name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a user name: {problem}")
+    return text
 
 
 def out(line: str) -> None:
@@ -197,10 +252,30 @@ def join(session: ClientSession, timeout: float) -> Joined:
         if isinstance(event, Joined):
             return event
         if isinstance(event, JoinRefused):
-            raise CliError(Exit.NAME_REFUSED, f"cannot join as {session.name}: {event.reason}")
+            raise CliError(join_refused_status(event), f"cannot join as {session.name}: "
+                                                       f"{event.reason}")
     hint = " or wrong --server-key" if session.encryption else ""
     raise CliError(Exit.UNREACHABLE, f"broker at {session.address} unreachable{hint} "
                                      f"(no answer within {timeout:g}s)")
+
+
+# Refusals of a hello that are about its rooms, not about the name.
+ROOM_REFUSALS = {m.ErrorCode.ROOM_INVALID, m.ErrorCode.TOO_MANY_ROOMS}
+
+
+def join_refused_status(event: JoinRefused) -> int:
+    return Exit.MESSAGE_REFUSED if event.code in ROOM_REFUSALS else Exit.NAME_REFUSED
+
+
+def await_answer(session: ClientSession, timeout: float, answers: tuple[type, ...]):
+    """The first event of one of these types; silence for ``timeout`` is a CliError."""
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        event = next_event(session, remaining)
+        if isinstance(event, answers):
+            return event
+    raise CliError(Exit.UNREACHABLE, f"no answer from the broker at {session.address} "
+                                     f"within {timeout:g}s")
 
 
 # --- send -------------------------------------------------------------------------
@@ -225,8 +300,9 @@ class SendTally:
     """What became of each line sent: the figures for progress and resuming."""
 
     def __init__(self, session: ClientSession, timeout: float, from_stdin: bool,
-                 show_progress: bool):
+                 show_progress: bool, room: str | None = None, to: str | None = None):
         self.session = session
+        self.target = {"room": room, "to": to}  # where every line goes
         self.timeout = timeout
         self.from_stdin = from_stdin
         self.show_progress = show_progress
@@ -243,7 +319,7 @@ class SendTally:
         self.await_answers(lambda: len(self.pending) < SEND_AHEAD)
         with stop_deferred():  # the session has it if and only if we know so
             if text.strip():
-                self.pending[self.session.send(text)] = number
+                self.pending[self.session.send(text, **self.target)] = number
             self.handed = number
 
     def await_answers(self, enough, patient: bool = False) -> None:
@@ -328,7 +404,8 @@ def run_send(session: ClientSession, args: argparse.Namespace) -> int:
     if from_stdin and sys.stdin.isatty():
         err("reading messages from the terminal, one per line; end with Ctrl-D")
     tally = SendTally(session, args.timeout, from_stdin,
-                      show_progress=from_stdin and sys.stderr.isatty())
+                      show_progress=from_stdin and sys.stderr.isatty(),
+                      room=None if args.to else args.room, to=args.to)
     lines = stdin_lines() if from_stdin else [" ".join(args.text)]
     try:
         for number, text in enumerate(lines, 1):
@@ -353,14 +430,24 @@ def run_send(session: ClientSession, args: argparse.Namespace) -> int:
 # --- listen -------------------------------------------------------------------------
 
 
-def print_event(event, as_json: bool, earlier: bool = False) -> None:
+# What listen and the chat print as it happens.
+SHOWN_EVENTS = (m.Message, m.Join, m.Leave, m.Topic)
+
+
+def print_event(event, as_json: bool, earlier: bool = False,
+                unmarked_room: str | None = None) -> None:
     if as_json:
         record = event_json(event)
         if earlier:
             record["history"] = True
         out(json.dumps(record))
     else:
-        out(event_line(event))
+        out(event_line(event, unmarked_room))
+
+
+def stream_name(stream: str) -> str:
+    """A stream as people call it: a room, or their direct messages."""
+    return "your direct messages" if stream.startswith(m.DM_STREAM_PREFIX) else stream
 
 
 def report_status(event, as_json: bool) -> None:
@@ -371,24 +458,39 @@ def report_status(event, as_json: bool) -> None:
         err("reconnected" + (" (the broker restarted)" if event.broker_restarted else ""))
     elif isinstance(event, Missed):
         if as_json:
-            out(json.dumps({"type": "gap", "first": event.first, "last": event.last}))
-        err(f"{event.count} message(s) were lost: no longer in the broker's history")
+            out(json.dumps({"type": "gap", "first": event.first, "last": event.last,
+                            "stream": event.stream}))
+        err(f"{event.count} message(s) of {stream_name(event.stream)} were lost: no longer in "
+            "the broker's history")
+    elif isinstance(event, BrokerRefused):
+        err(f"refused by the broker: {event.reason} ({event.code})")
+
+
+def listened_rooms(args: argparse.Namespace) -> tuple[str, ...]:
+    """The rooms ``listen`` follows: those named, else #general (none with --dm).
+    Direct messages come besides, unless --quiet."""
+    if args.rooms:
+        return tuple(args.rooms)
+    return () if args.dm else (m.GENERAL_ROOM,)
 
 
 def run_listen(session: ClientSession, args: argparse.Namespace) -> int:
     join(session, args.timeout)
+    rooms = listened_rooms(args)
+    unmarked = rooms[0] if len(rooms) == 1 else None  # one room: no need to name it
     seen = 0
     while args.count is None or seen < args.count:
         event = next_event(session, None)
-        if isinstance(event, (m.Message, m.Join, m.Leave)):
-            print_event(event, args.json)
+        if isinstance(event, SHOWN_EVENTS):
+            print_event(event, args.json, unmarked_room=unmarked)
             seen += isinstance(event, m.Message)
         elif isinstance(event, Earlier):
             for message in event.messages:
-                print_event(message, args.json, earlier=True)
+                print_event(message, args.json, earlier=True, unmarked_room=unmarked)
         elif isinstance(event, JoinRefused):
             # Our name was taken while we were away: nothing sensible to do.
-            raise CliError(Exit.NAME_REFUSED, f"cannot rejoin as {session.name}: {event.reason}")
+            raise CliError(join_refused_status(event), f"cannot rejoin as {session.name}: "
+                                                       f"{event.reason}")
         else:
             report_status(event, args.json)
     return Exit.OK
@@ -397,11 +499,15 @@ def run_listen(session: ClientSession, args: argparse.Namespace) -> int:
 # --- users ---------------------------------------------------------------------------
 
 
+def unreachable(args: argparse.Namespace) -> CliError:
+    return CliError(Exit.UNREACHABLE, f"broker at {args.host}:{args.port} unreachable "
+                                      f"(no answer within {args.timeout:g}s)")
+
+
 def run_users(args: argparse.Namespace) -> int:
-    users = list_users(args.host, args.port, args.timeout, args.encryption)
+    users = list_users(args.host, args.port, args.timeout, args.encryption, room=args.room)
     if users is None:
-        raise CliError(Exit.UNREACHABLE, f"broker at {args.host}:{args.port} unreachable "
-                                         f"(no answer within {args.timeout:g}s)")
+        raise unreachable(args)
     if args.json:
         out(json.dumps(users))
     else:
@@ -410,16 +516,81 @@ def run_users(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+# --- rooms and topics -------------------------------------------------------------------
+
+
+def room_line(room: m.Room) -> str:
+    """A room for people: name, how many are in it, topic; tab-separated."""
+    return f"{room.room}\t{room.members}\t{visible(room.topic)}"
+
+
+def run_rooms(args: argparse.Namespace) -> int:
+    reply = ask_broker(args.host, args.port, m.ListRooms(), m.RoomList, args.timeout,
+                       args.encryption)
+    if reply is None:
+        raise unreachable(args)
+    if args.json:
+        out(json.dumps([{"room": r.room, "members": r.members, "topic": r.topic}
+                        for r in reply.rooms]))
+    else:
+        for room in reply.rooms:
+            out(room_line(room))
+    return Exit.OK
+
+
+def run_topic(session: ClientSession, args: argparse.Namespace) -> int:
+    join(session, args.timeout)
+    session.set_topic(args.room, " ".join(args.text))
+    answer = await_answer(session, args.timeout, (RoomJoined, BrokerRefused))
+    if isinstance(answer, BrokerRefused):
+        raise CliError(Exit.MESSAGE_REFUSED, f"topic not set: {answer.reason} ({answer.code})")
+    return Exit.OK
+
+
 # --- interactive ----------------------------------------------------------------------
 
 CHAT_COMMANDS = {
     "/help": "list these commands",
-    "/users": "list who is online",
+    "/users [ROOM]": "list who is online (who is in ROOM)",
+    "/rooms": "list the rooms, how many are in each, and their topics",
+    "/join ROOM": "enter ROOM (made if new); what you type goes there from now on",
+    "/part [ROOM]": "leave ROOM (default: the room you type to)",
+    "/msg NAME TEXT": "send TEXT to NAME alone",
+    "/topic TEXT": "set the topic of the room you type to",
     "/quit": "leave the chat (Ctrl-D on an empty line too)",
 }
-CHAT_HELP = "\n".join([*(f"  {command:<7} {what}" for command, what in CHAT_COMMANDS.items()),
-                       "  //text  sends /text (a message that starts with /)",
+CHAT_HELP = "\n".join([*(f"  {command:<15} {what}" for command, what in CHAT_COMMANDS.items()),
+                       f"  {'//text':<15} sends /text (a message that starts with /)",
                        "  Ctrl-C leaves too; up/down recall earlier lines."])
+
+
+class ChatRooms:
+    """The rooms the terminal chat is in, in the order entered; typed lines
+    go to the last one. Changed by the printer thread, read by the prompt."""
+
+    def __init__(self, rooms: tuple[str, ...]):
+        self._lock = threading.Lock()
+        self._joined = list(rooms)
+
+    @property
+    def current(self) -> str | None:
+        with self._lock:
+            return self._joined[-1] if self._joined else None
+
+    def find(self, room: str) -> str | None:
+        """The room as we are in it, or None."""
+        with self._lock:
+            return next((r for r in self._joined if m.room_key(r) == m.room_key(room)), None)
+
+    def entered(self, room: str) -> None:
+        """In ``room`` now (again): it becomes the one typed lines go to."""
+        self.left(room)
+        with self._lock:
+            self._joined.append(room)
+
+    def left(self, room: str) -> None:
+        with self._lock:
+            self._joined = [r for r in self._joined if m.room_key(r) != m.room_key(room)]
 
 
 def run_chat(session: ClientSession, args: argparse.Namespace) -> int:
@@ -428,10 +599,18 @@ def run_chat(session: ClientSession, args: argparse.Namespace) -> int:
     joined = join(session, args.timeout)
     err(f"joined as {joined.name}; online: {', '.join(joined.users)}. "
         "Type a message and Enter; /help lists the commands.")
-    return asyncio.run(chat_loop(session, joined.name))
+    return asyncio.run(chat_loop(session, joined.name, ChatRooms((m.GENERAL_ROOM,))))
 
 
-async def chat_loop(session: ClientSession, name: str) -> int:
+def prompt_text(name: str, rooms: ChatRooms) -> str:
+    """``name> `` in #general; elsewhere the prompt names the room."""
+    current = rooms.current
+    if current is not None and m.room_key(current) == m.GENERAL_ROOM:
+        return f"{name}> "
+    return f"{name} {current or '(no room)'}> "
+
+
+async def chat_loop(session: ClientSession, name: str, rooms: ChatRooms) -> int:
     # Imported here: only the interactive chat needs it, scripts start faster.
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
@@ -448,11 +627,12 @@ async def chat_loop(session: ClientSession, name: str) -> int:
 
     for signum, status in STOP_STATUS.items():
         loop.add_signal_handler(signum, stop, status)
-    prompt = PromptSession(f"{name}> ", erase_when_done=True)  # the broker's echo shows it
+    # erase_when_done: the broker's echo shows the line
+    prompt = PromptSession(lambda: prompt_text(name, rooms), erase_when_done=True)
     sent: dict[str, str] = {}  # message id -> text, until acknowledged
     try:
         with patch_stdout():
-            printer = threading.Thread(target=print_chat_events, args=(session, sent),
+            printer = threading.Thread(target=print_chat_events, args=(session, sent, rooms),
                                        daemon=True)
             printer.start()
             while True:
@@ -462,7 +642,7 @@ async def chat_loop(session: ClientSession, name: str) -> int:
                     return Exit.OK
                 except KeyboardInterrupt:  # Ctrl-C: the terminal sends it as a key
                     return Exit.INTERRUPTED
-                if chat_line(session, line, sent) == "/quit":
+                if chat_line(session, line, sent, rooms) == "/quit":
                     return Exit.OK
     except asyncio.CancelledError:
         if not stopped_by:
@@ -474,7 +654,8 @@ async def chat_loop(session: ClientSession, name: str) -> int:
         install_stop_handlers()
 
 
-def chat_line(session: ClientSession, line: str, sent: dict[str, str]) -> str | None:
+def chat_line(session: ClientSession, line: str, sent: dict[str, str],
+              rooms: ChatRooms) -> str | None:
     """Act on one typed line; returns the command it was, if any. A line
     whose first non-blank character is / is a command, never sent."""
     stripped = line.strip()
@@ -483,26 +664,82 @@ def chat_line(session: ClientSession, line: str, sent: dict[str, str]) -> str | 
     if stripped.startswith("//"):
         line = stripped[1:]
     elif stripped.startswith("/"):
-        command = stripped.split()[0]
-        if command == "/help":
-            out("commands:\n" + CHAT_HELP)
-        elif command == "/users":
-            session.who()
-        elif command != "/quit":
-            err(f"unknown command {visible(command)} (not sent; /help lists the commands, "
-                "//text sends /text)")
+        command, *words = stripped.split(maxsplit=2)
+        chat_command(session, command, words, sent, rooms)
         return command
-    sent[session.send(line)] = line
+    if rooms.current is None:
+        err("you are in no room: /join ROOM, or /msg NAME TEXT (not sent)")
+        return None
+    sent[session.send(line, room=rooms.current)] = line
     return None
 
 
-def print_chat_events(session: ClientSession, sent: dict[str, str]) -> None:
+def chat_command(session: ClientSession, command: str, words: list[str], sent: dict[str, str],
+                 rooms: ChatRooms) -> None:
+    """One /command with its words (at most two: the last holds the rest)."""
+    usage = next((c for c in CHAT_COMMANDS if c.split()[0] == command), None)
+    if usage is None:
+        err(f"unknown command {visible(command)} (not sent; /help lists the commands, "
+            "//text sends /text)")
+        return
+    wanted = usage.count(" ") - usage.count("[")  # words it needs
+    if len(words) < wanted:
+        err(f"usage: {usage}")
+        return
+    rest = " ".join(words)
+    room = words[0] if words and command in ("/users", "/join", "/part") else None
+    if room is not None and (problem := m.room_problem(room)):
+        err(f"{visible(room)} is not a room name: {problem}")
+    elif command == "/help":
+        out("commands:\n" + CHAT_HELP)
+    elif command == "/users":
+        session.who(room)
+    elif command == "/rooms":
+        session.list_rooms()
+    elif command == "/join":
+        if rooms.find(room):  # already in it: typing goes there now
+            rooms.entered(rooms.find(room))
+            out(f"* typing to {rooms.current}")
+        else:
+            session.join_room(room)
+    elif command == "/part":
+        room = room or rooms.current
+        if room is None or not rooms.find(room):
+            err(f"you are not in {visible(room or 'any room')}")
+        else:
+            session.part_room(rooms.find(room))
+    elif command == "/msg":
+        if (problem := m.name_problem(words[0])):
+            err(f"{visible(words[0])} is not a user name: {problem}")
+        else:
+            text = words[1]
+            sent[session.send(text, to=words[0])] = text
+    elif command == "/topic":
+        if rooms.current is None:
+            err("you are in no room")
+        else:
+            session.set_topic(rooms.current, rest)
+
+
+def print_chat_events(session: ClientSession, sent: dict[str, str], rooms: ChatRooms) -> None:
     while True:
         event = session.events.get()
-        if isinstance(event, (m.Message, m.Join, m.Leave)):
-            out(event_line(event))
+        if isinstance(event, SHOWN_EVENTS):
+            out(event_line(event, rooms.current))
         elif isinstance(event, m.Users):
-            out("online: " + ", ".join(visible(u) for u in event.users))
+            where = f"in {event.room}" if event.room else "online"
+            out(f"{where}: " + ", ".join(visible(u) for u in event.users))
+        elif isinstance(event, m.RoomList):
+            out("\n".join(["rooms (people in each):", *(
+                f"  {r.room} ({r.members})" + (f": {visible(r.topic)}" if r.topic else "")
+                for r in event.rooms)]))
+        elif isinstance(event, RoomJoined):
+            rooms.entered(event.room.room)
+            topic = f"; topic: {visible(event.room.topic)}" if event.room.topic else ""
+            out(f"* typing to {event.room.room}{topic}")
+        elif isinstance(event, RoomParted):
+            rooms.left(event.room)
+            out(f"* you left {event.room}; typing to {rooms.current or 'no room'}")
         elif isinstance(event, Acked):
             sent.pop(event.id, None)
         elif isinstance(event, Refused):
@@ -524,11 +761,28 @@ def main(argv: list[str] | None = None) -> int:
         return stop.status
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.command == "users":
-        runner = None
+# Commands that need no join, and those that join (quietly or not).
+ASKING = {"users": run_users, "rooms": run_rooms}
+JOINING = {"send": run_send, "listen": run_listen, "topic": run_topic, None: run_chat}
+
+
+def session_of(args: argparse.Namespace) -> ClientSession:
+    """The connection a joining command needs: its rooms, quiet or not."""
+    if args.command == "send":
+        rooms, quiet = (() if args.to else (args.room,)), not args.announce
+    elif args.command == "topic":
+        rooms, quiet = (args.room,), True
+    elif args.command == "listen":
+        rooms, quiet = listened_rooms(args), args.quiet
     else:
-        runner = {"send": run_send, "listen": run_listen, None: run_chat}[args.command]
+        rooms, quiet = (m.GENERAL_ROOM,), False
+    return ClientSession(args.host, args.port, args.name, pub_port=args.pub_port,
+                         encryption=args.encryption, recent=getattr(args, "history", 0),
+                         rooms=rooms, quiet=quiet, secret=identity.load_secret_or_none(err))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command not in ASKING:
         problem = m.name_problem(args.name)
         if problem:
             err(f"invalid name {args.name!r}: {problem}")
@@ -542,12 +796,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     session = None
     try:
-        if runner is None:
-            return run_users(args)
-        session = ClientSession(args.host, args.port, args.name, pub_port=args.pub_port,
-                                encryption=args.encryption,
-                                recent=getattr(args, "history", 0)).start()
-        return runner(session, args)
+        if args.command in ASKING:
+            return ASKING[args.command](args)
+        session = session_of(args).start()
+        return JOINING[args.command](session, args)
     except CliError as e:
         if str(e):  # empty when the cause is already said
             err(str(e))

@@ -59,27 +59,55 @@ def iso_utc(timestamp: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def presence_text(event: m.Join | m.Leave) -> str:
-    """``* name joined`` / ``* name left (reason)``."""
+def presence_text(event: m.Join | m.Leave | m.Topic) -> str:
+    """``* name joined`` / ``* name left (reason)`` / ``* name set the topic: text``."""
     if isinstance(event, m.Join):
         return f"* {event.name} joined"
+    if isinstance(event, m.Topic):
+        return f"* {event.name} set the topic: {visible(event.text)}"
     return f"* {event.name} left ({event.reason})"
 
 
-def event_line(event: m.Message | m.Join | m.Leave) -> str:
-    """One line of the text output: ``HH:MM:SS name: text`` or a notice."""
+# How a direct message is marked: sender, arrow, addressee.
+DIRECT_ARROW = "→"
+
+
+def event_line(event: m.Message | m.Join | m.Leave | m.Topic,
+               unmarked_room: str | None = m.GENERAL_ROOM) -> str:
+    """One line of the text output: ``HH:MM:SS name: text`` or a notice.
+
+    An event of a room other than ``unmarked_room`` (the only room a reader
+    follows, or None when it follows several) names its room, as in
+    ``HH:MM:SS [#ci] name: text``; a direct message shows both parties, as
+    in ``HH:MM:SS alice → bob: text``. Names of people and rooms are of a
+    safe character set; text is shown through ``visible``.
+    """
+    stamp = clock(event.time)
+    if isinstance(event, m.Message) and event.to is not None:
+        return f"{stamp} {event.sender} {DIRECT_ARROW} {event.to}: {visible(event.text)}"
+    room = getattr(event, "room", None)
+    if room is not None and (unmarked_room is None
+                             or m.room_key(room) != m.room_key(unmarked_room)):
+        stamp += f" [{room}]"
     if isinstance(event, m.Message):
-        return f"{clock(event.time)} {event.sender}: {visible(event.text)}"
-    return f"{clock(event.time)} {presence_text(event)}"
+        return f"{stamp} {event.sender}: {visible(event.text)}"
+    return f"{stamp} {presence_text(event)}"
 
 
-def event_json(event: m.Message | m.Join | m.Leave) -> dict:
-    """The JSON Lines record of an event (text left as it is: JSON escapes it)."""
+def event_json(event: m.Message | m.Join | m.Leave | m.Topic) -> dict:
+    """The JSON Lines record of an event (text left as it is: JSON escapes it).
+    A room's event names its ``room``, a direct message its addressee ``to``."""
     record = {"type": event.TYPE, "seq": event.seq, "time": iso_utc(event.time)}
     if isinstance(event, m.Message):
         record.update({"from": event.sender, "text": event.text})
+        if event.to is not None:
+            record["to"] = event.to
     else:
         record["name"] = event.name
         if isinstance(event, m.Leave):
             record["reason"] = event.reason
+        elif isinstance(event, m.Topic):
+            record["text"] = event.text
+    if event.room is not None:
+        record["room"] = event.room
     return record

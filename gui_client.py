@@ -39,6 +39,7 @@ from tkinter import font as tkfont
 from tkinter import ttk
 from tkinter.scrolledtext import ScrolledText
 
+import identity
 import messages as m
 import keys
 from client_session import (Acked, ClientSession, Earlier, Encryption, Joined, JoinRefused,
@@ -375,7 +376,8 @@ class LoginDialog:
             self.session = ClientSession(host, port, name, recent=RECENT_ON_JOIN,
                                          pub_port=self.pub_port_of.get((host, port)),
                                          encryption=self.encryption,
-                                         on_event=self.wakeup.notify).start()
+                                         on_event=self.wakeup.notify,
+                                         secret=identity.load_secret_or_none(warn)).start()
             self.pump = EventPump(self.top, self.wakeup, self.session.events, self._read_events)
         self.refused = False
         self._set_busy(True, f"Joining {host}:{port} as {name}…")
@@ -1002,12 +1004,16 @@ class App:
             self.wakeup.close()
 
 
+def warn(why: str) -> None:
+    print(f"gui_client.py: {why}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         encryption = encryption_from_args(args)
     except keys.KeyFileError as e:
-        print(f"gui_client.py: {e}", file=sys.stderr)
+        warn(str(e))
         return 2
     try:
         root = tk.Tk(className=TITLE)

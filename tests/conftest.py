@@ -1,10 +1,11 @@
 """Fixtures shared by the tests: real brokers and clients, cleaned up after."""
 
+import os
 import signal
 
 import pytest
 
-from procs import Broker
+from procs import Broker, new_secret_file
 
 
 @pytest.fixture
@@ -38,9 +39,13 @@ def clients():
 
 
 def pytest_configure(config):
-    """Children must be able to get Ctrl-C: a SIGINT that was ignored when
-    the test run started (a job started in the background by a shell without
-    job control) is inherited through exec, so the tests' clients would
-    ignore it too. A handler is reset to the default at exec instead."""
+    """Before the run. Children must be able to get Ctrl-C: a SIGINT that
+    was ignored when the test run started (a job started in the background
+    by a shell without job control) is inherited through exec, so the tests'
+    clients would ignore it too. A handler is reset to the default at exec
+    instead."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Sessions made in this process (the window's tests) keep their secret
+    # in a file of the run's, not in the real ~/.config.
+    os.environ["ZCHAT_SECRET_FILE"] = new_secret_file()

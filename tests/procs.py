@@ -5,19 +5,36 @@ Everything waits on a condition with a deadline, never on a fixed sleep.
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+
+# Each client process is a person of its own: it gets its own secret file
+# (identity.py) unless a test gives ZCHAT_SECRET_FILE, and two processes
+# given the same file are one person. None of them touches the real
+# ~/.config. The files live in a directory removed when the run ends.
+SECRETS_DIR = Path(tempfile.mkdtemp(prefix="zchat-secrets-"))
+atexit.register(shutil.rmtree, SECRETS_DIR, True)
+_secret_numbers = itertools.count(1)
+
+
+def new_secret_file() -> str:
+    """The path of a secret file nobody uses yet (made by the first client given it)."""
+    return str(SECRETS_DIR / f"secret-{next(_secret_numbers)}")
 
 
 def free_port() -> int:
@@ -91,9 +108,10 @@ class LineReader:
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Our environment for a child, less our own CHAT_* settings, plus ``extra``."""
+    """Our environment for a child, less our own CHAT_* settings, with a
+    secret file of its own, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-    env.update(PYTHONUNBUFFERED="1", **(extra or {}))
+    env.update({"PYTHONUNBUFFERED": "1", "ZCHAT_SECRET_FILE": new_secret_file(), **(extra or {})})
     return env
 
 
@@ -165,11 +183,12 @@ class Client:
     """
 
     def __init__(self, broker, *args: str, name: str | None = None,
-                 stdin=subprocess.DEVNULL):
+                 stdin=subprocess.DEVNULL, env: dict[str, str] | None = None):
         cmd = ["cli_client.py", *args, *broker.client_args]
         if name:
             cmd += ["--name", name]
-        self.proc = _spawn(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = _spawn(cmd, env=env, stdin=stdin, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
         self.out = LineReader(self.proc.stdout)
         self.err = LineReader(self.proc.stderr)
 
@@ -188,9 +207,10 @@ class Client:
             self.proc.wait()
 
 
-def listen(broker, name: str, *args: str, timeout: float = 10) -> Client:
-    """A `listen --json` client, returned once it has joined."""
-    client = Client(broker, "listen", "--json", *args, name=name)
+def listen(broker, name: str, *args: str, timeout: float = 10,
+           env: dict[str, str] | None = None) -> Client:
+    """A `listen --json` client, returned once it has joined (a room)."""
+    client = Client(broker, "listen", "--json", *args, name=name, env=env)
     def own_join(line: str) -> bool:
         record = json.loads(line)
         return record["type"] == "join" and record["name"] == name
@@ -204,12 +224,13 @@ def listen(broker, name: str, *args: str, timeout: float = 10) -> Client:
 
 
 def run_cli(broker: Broker, *args: str, name: str | None = None, input: str | None = None,
-            timeout: float = 30) -> subprocess.CompletedProcess:
+            timeout: float = 30, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
     """cli_client.py with ``args``, then the broker's address and ``name``."""
     cmd = [*args, *broker.client_args]
     if name:
         cmd += ["--name", name]
-    return run_cli_exactly(*cmd, input=input, timeout=timeout)
+    return run_cli_exactly(*cmd, env=env, input=input, timeout=timeout)
 
 
 def run_cli_exactly(*args: str, env: dict[str, str] | None = None, input: str | None = None,

@@ -47,6 +47,31 @@ def raw_dealer(port: int, routing_id: bytes | None = None, ctx: zmq.Context | No
         sock.close(linger=0)
 
 
+@contextlib.contextmanager
+def raw_sub(pub_port: int, *topics: bytes, timeout: float = 10.0):
+    """A SUB on the broker's broadcasts, subscribed to ``topics`` (b"": all),
+    given once the broker proved its subscriptions live: every frame
+    published from then on reaches it. Closed on exit."""
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        for topic in topics:
+            sock.setsockopt(zmq.SUBSCRIBE, topic)
+        # Subscriptions of one connection are taken in order: an answer on
+        # this last one proves the others are in place (the clients' probe).
+        ready = m.READY_TOPIC_PREFIX + uuid.uuid4().hex.encode()
+        sock.setsockopt(zmq.SUBSCRIBE, ready)
+        sock.connect(f"tcp://127.0.0.1:{pub_port}")
+        while True:
+            assert sock.poll(int(timeout * 1000)), "the broker never answered the ready probe"
+            if sock.recv_multipart()[0] == ready:
+                break
+        sock.setsockopt(zmq.UNSUBSCRIBE, ready)
+        yield sock
+    finally:
+        sock.close(linger=0)
+
+
 def frame_of(body: dict) -> bytes:
     return json.dumps(body).encode()
 

@@ -191,6 +191,37 @@ def test_event_json_is_the_whole_event_with_utc_time(india_time, event, record):
     assert event_json(event) == record
 
 
+@pytest.mark.parametrize("event,unmarked,line", [
+    (m.Message(1, WHEN, "alice", "hi", "#general"), m.GENERAL_ROOM, "18:04:56 alice: hi"),
+    (m.Message(2, WHEN, "alice", "hi", "#ci"), m.GENERAL_ROOM, "18:04:56 [#ci] alice: hi"),
+    (m.Message(3, WHEN, "alice", "hi", "#CI"), "#ci", "18:04:56 alice: hi"),
+    (m.Message(4, WHEN, "alice", "hi", "#general"), None, "18:04:56 [#general] alice: hi"),
+    (m.Join(5, WHEN, "bob", "#ci"), None, "18:04:56 [#ci] * bob joined"),
+    (m.Leave(6, WHEN, "bob", m.LeaveReason.PART, "#ci"), "#ci", "18:04:56 * bob left (part)"),
+    (m.Topic(7, WHEN, "bob", "green \x1b[2J\u202e", "#ci"), None,
+     r"18:04:56 [#ci] * bob set the topic: green \x1b[2J\u202e"),
+    (m.Message(8, WHEN, "alice", "psst\x07", to="bob"), None, r"18:04:56 alice → bob: psst\x07"),
+    (m.Message(9, WHEN, "alice", "note", to="alice"), "#ci", "18:04:56 alice → alice: note"),
+], ids=["the unmarked room", "another room", "rooms compare ignoring case",
+        "several rooms: each named", "join", "part", "hostile topic", "direct message",
+        "a note to oneself"])
+def test_event_line_names_the_room_unless_it_is_the_only_one_and_marks_direct_messages(
+        india_time, event, unmarked, line):
+    assert event_line(event, unmarked) == line
+
+
+@pytest.mark.parametrize("event,extra", [
+    (m.Message(1, WHEN, "alice", "hi", "#ci"), {"from": "alice", "text": "hi", "room": "#ci"}),
+    (m.Message(2, WHEN, "alice", "hi", to="bob"), {"from": "alice", "text": "hi", "to": "bob"}),
+    (m.Join(3, WHEN, "bob", "#ci"), {"name": "bob", "room": "#ci"}),
+    (m.Leave(4, WHEN, "bob", "part", "#ci"), {"name": "bob", "reason": "part", "room": "#ci"}),
+    (m.Topic(5, WHEN, "bob", "a\x1bb", "#ci"), {"name": "bob", "text": "a\x1bb", "room": "#ci"}),
+], ids=["room message", "direct message", "join", "part", "topic"])
+def test_event_json_names_the_room_or_the_addressee(india_time, event, extra):
+    assert event_json(event) == {"type": event.TYPE, "seq": event.seq,
+                                 "time": "2024-03-01T12:34:56.789Z", **extra}
+
+
 def test_event_json_text_is_raw_and_left_to_json_to_escape():
     encoded = json.dumps(event_json(m.Message(1, WHEN, "eve", "a\x1b]0;x\x07\u202eb")))
     assert "\x1b" not in encoded and "\x07" not in encoded

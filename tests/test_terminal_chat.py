@@ -109,3 +109,30 @@ def test_sigterm_leaves_at_once_and_restores_the_terminal(chat):
     assert json.loads(leave)["reason"] == "quit"
     assert term.local_modes() & termios.ECHO and term.local_modes() & termios.ICANON
     assert sent_by_typist(ears) == []
+
+
+def test_rooms_and_direct_messages_in_the_chat(broker, chat, clients):
+    term, ears = chat
+    ci_ears = listen(broker, "ci-ears", "--room", "#ci")
+    clients.append(ci_ears)
+    term.type("/join #ci" + ENTER)
+    term.wait_for("* typing to #ci", 10, "the room entered")
+    term.wait_for("typist #ci>", 10, "the prompt naming the room")
+    term.type("to the room" + ENTER)
+    line = ci_ears.out.wait_for(lambda l: '"message"' in l, 10, "the line in #ci")
+    assert (json.loads(line)["room"], json.loads(line)["text"]) == ("#ci", "to the room")
+    term.type("/msg ears just for you" + ENTER)
+    line = ears.out.wait_for(lambda l: '"to"' in l, 10, "the direct message")
+    assert (json.loads(line)["from"], json.loads(line)["text"]) == ("typist", "just for you")
+    term.wait_for("typist → ears: just for you", 10, "the direct message, on the sender's side")
+    term.type("/rooms" + ENTER)
+    term.wait_for("rooms (people in each):\r\n  #ci (2)\r\n  #general (2)", 10, "the rooms")
+    term.type("/part" + ENTER)
+    term.wait_for("* you left #ci; typing to #general", 10, "the room left")
+    left = ci_ears.out.wait_for(lambda l: '"leave"' in l, 10, "typist leaves #ci")
+    assert (json.loads(left)["name"], json.loads(left)["reason"]) == ("typist", "part")
+    term.type("back home" + ENTER)
+    wait_until(lambda: sent_by_typist(ears) == ["just for you", "back home"], 10,
+               "the line in #general")
+    assert [r.get("room") for r in ears.messages()] == [None, "#general"]
+    assert [r["text"] for r in ci_ears.messages()] == ["to the room"]
