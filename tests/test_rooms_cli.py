@@ -209,3 +209,29 @@ def test_send_announce_shows_the_sender_as_any_member(broker, clients):
     ears.out.wait_for(lambda l: '"leave"' in l, 10, "w to leave")
     assert [(r["type"], r.get("name") or r.get("from")) for r in ears.json_records()] == [
         ("join", "ears"), ("join", "w"), ("message", "w"), ("leave", "w")]
+
+
+def test_every_room_and_direct_messages_survive_a_broker_restart_on_its_db(make_broker, clients,
+                                                                           tmp_path):
+    db = str(tmp_path / "chat.db")
+    broker = make_broker("--db", db)
+    ears = listen(broker, "ears", "--room", "#Lab", "--room", "#general")
+    clients.append(ears)
+    assert run_cli(broker, "topic", "#lab", "soldering", name="amy").returncode == 0
+    for text in ["lab one", "lab two"]:
+        assert run_cli(broker, "send", "--room", "#lab", text, name="amy").returncode == 0
+    assert run_cli(broker, "send", "--to", "ears", "a secret", name="amy").returncode == 0
+    wait_until(lambda: len(ears.messages()) == 3, 10, "three messages")
+    broker.kill()  # SIGKILL: nothing gets to be tidied
+    make_broker("--db", db, port=broker.port)
+    assert run_cli(broker, "send", "--room", "#lab", "lab three", name="amy").returncode == 0
+    wait_until(lambda: "ears" in online(broker), 20, "the listener to be back")
+    assert run_cli(broker, "send", "--to", "ears", "another", name="amy").returncode == 0
+    wait_until(lambda: len(ears.messages()) == 5, 20, "the messages after the restart")
+    lab = [(r["seq"], r["text"]) for r in ears.messages() if r.get("room") == "#Lab"]
+    dms = [(r["seq"], r["text"]) for r in ears.messages() if r.get("to") == "ears"]
+    assert [t for _, t in lab] == ["lab one", "lab two", "lab three"]
+    assert [s for s, _ in lab] == sorted(set(s for s, _ in lab))  # numbers go on, once each
+    assert [t for _, t in dms] == ["a secret", "another"] and dms[1][0] == dms[0][0] + 1
+    rooms = json.loads(run_cli(broker, "rooms", "--json").stdout)
+    assert {"room": "#Lab", "members": 1, "topic": "soldering"} in rooms
