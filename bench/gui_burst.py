@@ -59,7 +59,10 @@ def open_window(root: tk.Tk, broker: Broker):
 
 
 def start_burst(broker: Broker, count: int, sender: str) -> Client:
-    client = Client(broker, "send", "--timeout", "120", name=sender, stdin=subprocess.PIPE)
+    # --announce: the sender joins and leaves visibly, which the scenarios
+    # below wait for (a plain send is quiet)
+    client = Client(broker, "send", "--announce", "--timeout", "120", name=sender,
+                    stdin=subprocess.PIPE)
     client.proc.stdin.write("".join(f"{sender} line {i} of a burst\n" for i in range(count)))
     client.proc.stdin.close()
     return client
