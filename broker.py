@@ -130,6 +130,7 @@ class BrokerShell:
                  allow_dir: str | None = None, coalesce: float = COALESCE_S):
         self.core = core
         self.store = store
+        self.store_failing = False  # the last write failed
         # outputs held to share PUB frames, and when they must go
         self.coalesce = coalesce
         self.held: list = []
@@ -262,20 +263,20 @@ class BrokerShell:
         """Carry out the core's outputs in the order that keeps its promises:
         persist new events (one transaction), then publish (each stream's
         events batched into few frames), then reply: whatever a client is
-        told of is stored, and whatever is acknowledged is published."""
+        told of is stored, and whatever is acknowledged is published. When
+        the write fails, the core undoes those events and says what to
+        carry out instead (refusals, and nothing of the undone events)."""
         while outputs:
-            to_persist: list[Persist] = []
+            to_persist = [item for item in outputs if isinstance(item, Persist)]
+            if to_persist and not self._stored(to_persist):
+                outputs = self.core.persist_failed(outputs)
             by_topic: dict[bytes, list[bytes]] = {}
             replies: list[Reply] = []
             for item in outputs:
-                if isinstance(item, Persist):
-                    to_persist.append(item)
-                elif isinstance(item, Publish):
+                if isinstance(item, Publish):
                     by_topic.setdefault(item.topic, []).append(m.encode(item.event))
-                else:
+                elif isinstance(item, Reply):
                     replies.append(item)
-            if self.store is not None:
-                self.store.append(to_persist)
             for topic, encoded in by_topic.items():
                 for frame in frames_of(encoded):
                     self.pub.send_multipart([topic, frame])
@@ -285,6 +286,24 @@ class BrokerShell:
             outputs = []
             for reply in replies:
                 outputs += self._send_reply(reply)
+
+    def _stored(self, records: list[Persist]) -> bool:
+        """Write the records in one transaction; False if the store failed
+        (said once when it starts failing, and once when it works again)."""
+        if self.store is None:
+            return True
+        try:
+            self.store.append(records)
+        except StoreError as e:
+            if not self.store_failing:
+                log.error("cannot store events, refusing messages, joins and topics until it "
+                          "can (retried with every message and heartbeat): %s", e)
+            self.store_failing = True
+            return False
+        if self.store_failing:
+            log.warning("storing events again")
+            self.store_failing = False
+        return True
 
     def _send_reply(self, reply: Reply) -> list:
         try:

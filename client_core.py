@@ -300,6 +300,10 @@ TRANSITIONS: dict[Phase, dict[Any, str]] = {
 class ClientCore:
     """One user's session with a broker, as a state machine."""
 
+    # A message refused with these goes again after retry_after: too fast,
+    # or the broker cannot store it now (its disk is full).
+    TEMPORARY_REFUSALS = (m.ErrorCode.RATE_LIMITED, m.ErrorCode.UNAVAILABLE)
+
     def __init__(self, name: str, recent: int = 0, address: str = "the broker",
                  rooms: tuple[str, ...] = (m.GENERAL_ROOM,), quiet: bool = False,
                  secret: str | None = None):
@@ -641,9 +645,10 @@ class ClientCore:
         if err.code == m.ErrorCode.NAME_TAKEN and now < self.ghost_until:
             # Perhaps by the session of our own hello whose welcome was lost.
             log.info("%s; perhaps by our own unanswered hello: trying again", err.reason)
-            self.hello_sent_at = None
-            self.hello_retry_at = min(now + self.interval, self.ghost_until)
-            return []
+            return self._hello_later(min(now + self.interval, self.ghost_until))
+        if err.code == m.ErrorCode.UNAVAILABLE:  # the broker cannot store our join yet
+            return [StateChanged(self.state, err.reason),
+                    *self._hello_later(now + (err.retry_after or self.interval))]
         self.phase = Phase.REFUSED
         return [JoinRefused(err.code, err.reason)]
 
@@ -652,12 +657,22 @@ class ClientCore:
             # The broker lost our session (restart, timeout): join again.
             log.info("broker forgot this session; joining again")
             return self._say_hello(now)
-        if err.code == m.ErrorCode.RATE_LIMITED and err.id in self.outbox.pending:
+        if err.code in self.TEMPORARY_REFUSALS and err.id in self.outbox.pending:
+            # Not final: hold everything back, then send again from this one.
+            paused = now < self.outbox.paused_until
             self.outbox.pause(now + (err.retry_after or self.interval))
+            if err.code == m.ErrorCode.UNAVAILABLE and not paused:
+                return [StateChanged(self.state, err.reason)]
             return []
         if err.id is not None and self.outbox.settle(err.id):
             return [Refused(err.id, err.code, err.reason)]
         return [BrokerRefused(err.code, err.reason)]
+
+    def _hello_later(self, when: float) -> list:
+        """Say hello again at ``when`` (tick sends it)."""
+        self.hello_sent_at = None
+        self.hello_retry_at = when
+        return []
 
     def _on_ack(self, ack: m.Ack, now: float) -> list:
         if not self.outbox.settle(ack.id):

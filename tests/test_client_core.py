@@ -264,6 +264,25 @@ def test_a_rate_limit_pauses_and_resends_from_the_refused_message_in_order():
     assert [s.id for s in requests(core.tick(T0 + 0.5)) if isinstance(s, m.Say)] == ["id1", "id2"]
 
 
+def test_a_message_the_broker_cannot_store_now_goes_again_later_in_order():
+    core = joined()
+    core.send("a", "one", T0)
+    core.send("b", "two", T0)
+    out = core.receive_reply(reply(m.Error(m.ErrorCode.UNAVAILABLE, "disk full", "a", 1.0)), T0)
+    assert [type(e) for e in events(out)] == [StateChanged]  # said once, not Refused
+    assert not [r for r in requests(core.tick(T0 + 0.9)) if isinstance(r, m.Say)]
+    assert [r.id for r in requests(core.tick(T0 + 1.0)) if isinstance(r, m.Say)] == ["a", "b"]
+
+
+def test_a_join_the_broker_cannot_store_now_is_tried_again_later():
+    core = ClientCore("ann")
+    topic = ready_topic(core.start(T0))
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], topic), T0)
+    out = core.receive_reply(reply(m.Error(m.ErrorCode.UNAVAILABLE, "disk full", None, 0.5)), T0)
+    assert not [e for e in events(out) if isinstance(e, JoinRefused)]
+    assert core.tick(T0 + 0.4) == [] and requests(core.tick(T0 + 0.5)) == [hello()]
+
+
 def test_a_refused_message_is_reported_and_forgotten():
     core = joined()
     core.send("id0", "hi", T0)
