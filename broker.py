@@ -28,6 +28,7 @@ import keys
 import messages as m
 from broker_core import BrokerConfig, BrokerCore, Persist, Publish, Reply
 from broker_stream import ACCEPTED_IDS_REMEMBERED
+from log_limit import Cause
 from store import EventStore, StoreError
 
 log = logging.getLogger("zchat.broker")
@@ -56,6 +57,9 @@ COALESCE_S = 0.002
 # Largest message accepted on the XPUB: subscriptions are ~30 bytes, but the
 # CurveZMQ handshake's commands count too (INITIATE is several hundred).
 SUBSCRIPTION_BYTES = 4096
+# A client that never reads would get a log line for every reply dropped.
+REPLY_DROPPED = Cause("reply to {peer} dropped: {detail}",
+                      "dropped {count} more replies to {peer} in the last {seconds} s")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -309,7 +313,8 @@ class BrokerShell:
         try:
             self.router.send_multipart([reply.peer, m.encode(reply.message)], zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("reply to %s dropped: its queue is full", reply.peer.hex())
+            self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(), "its queue is full",
+                                    time.monotonic())
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise

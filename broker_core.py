@@ -53,11 +53,25 @@ from typing import Any
 
 import messages as m
 from broker_stream import Stream
+from log_limit import Cause, LogLimiter
 
 log = logging.getLogger("zchat.broker")
 
 # Longest string from a peer quoted in a log line.
 LOG_QUOTE_CHARS = 80
+# Warnings a peer can repeat at will: each is logged once per peer and
+# interval, then summed up (log_limit.py), so that no flood floods the log.
+REFUSED = Cause("refused from {peer}: {detail}",
+                "refused {count} more requests from {peer} in the last {seconds} s")
+NO_TOKEN = Cause("request for {detail} without its session token from {peer}",
+                 "{count} more requests without their session token from {peer} "
+                 "in the last {seconds} s")
+RATE_LIMITED = Cause("rate limited {peer} for {detail}",
+                     "rate limited {peer} {count} more times in the last {seconds} s")
+KICKED = Cause("disconnecting {peer}: {detail}",
+               "disconnected {peer} {count} more times for flooding in the last {seconds} s")
+NOT_STORED = Cause("could not store {detail}: messages, joins and topics refused",
+                   "could not store the events of {count} more passes in the last {seconds} s")
 # Shortest wait asked of a rate-limited client, so it does not spin.
 MIN_RETRY_AFTER = 0.1
 # Refusals in a row (no message accepted in between) that mark a flood. A
@@ -240,6 +254,9 @@ class BrokerCore:
     online: list[tuple[str, str]] = field(default_factory=list)
     # (room key, name, reason, wall time) of leaves whose write failed, oldest first
     unrecorded_leaves: list[tuple[str, str, str, float]] = field(default_factory=list)
+    warnings: LogLimiter = field(default_factory=lambda: LogLimiter(log))
+    # the monotonic time of the latest input, for the warnings' intervals
+    last_now: float = 0.0
 
     def __post_init__(self) -> None:
         self.general = self._open_room(m.GENERAL_ROOM)
@@ -287,13 +304,12 @@ class BrokerCore:
         """A request from ``peer`` (the frames after its routing id) at
         monotonic time ``now`` and wall time ``wall``; ``client_key`` is the
         client's public key when the broker checks keys."""
+        self.last_now = now
         session = self.sessions.get(peer)
         try:
             request = m.decode_request(frames)
         except m.ProtocolError as e:
-            who = session.name if session else peer.hex()
-            log.warning("refused from %s: %s (%s)", who, e.reason, e.code)
-            return [Reply(peer, m.Error(e.code, e.reason))]
+            return self._refuse(peer, e.code, e.reason, who=session.name if session else None)
         if isinstance(request, m.Hello):
             return self._on_hello(peer, session, request, now, wall, client_key)
         if session is not None and not isinstance(request, (m.Who, m.ListRooms)):
@@ -301,8 +317,7 @@ class BrokerCore:
             # such as that of a connection which dropped. The session token
             # (from the welcome) proves the request comes from its owner.
             if not _tokens_match(request.session, session.secret):
-                log.warning("request for %s without its session token from %s",
-                            session.name, peer.hex())
+                self.warnings.warn(NO_TOKEN, peer.hex(), session.name, now)
                 session = None
             else:  # any request from the owner counts as a heartbeat
                 self._touch(session, now)
@@ -316,6 +331,8 @@ class BrokerCore:
         out: their pings may be in that backlog, and an overloaded broker
         must not announce live users as gone.
         """
+        self.last_now = now
+        self.warnings.flush(now)
         out: list = []
         if now >= self.next_heartbeat:
             out += self._record_leaves()  # a write that failed is tried again
@@ -382,8 +399,7 @@ class BrokerCore:
         refused_rooms = self._memberships_as_stored(unwritten)
         refused_acks = {(r.sender_id[1], r.event.seq) for r in unwritten if r.sender_id}
         undone = {id(r.event) for r in unwritten}
-        log.warning("could not store %d event(s): messages, joins and topics refused",
-                    len(unwritten))
+        self.warnings.warn(NOT_STORED, "the store", f"{len(unwritten)} event(s)", self.last_now)
         retry = self.config.heartbeat_interval
         blocked: set[bytes] = set()
         out: list = []
@@ -787,11 +803,11 @@ class BrokerCore:
     def _rate_limited(self, session: Session, say: m.Say, wait: float, wall: float) -> list:
         session.refusals += 1
         if session.refusals == 1:
-            log.warning("rate limited %s for %.2fs", session.name, wait)
+            self.warnings.warn(RATE_LIMITED, session.name, f"{wait:.2f}s", self.last_now)
         if session.refusals < FLOOD_REFUSALS:
             return [Reply(session.peer, m.Error(m.ErrorCode.RATE_LIMITED,
                                                 f"too fast: wait {wait:.2f}s", say.id, wait))]
-        log.warning("disconnecting %s: kept flooding", session.name)
+        self.warnings.warn(KICKED, session.name, "kept flooding", self.last_now)
         kick = Reply(session.peer, m.Error(m.ErrorCode.FLOODING,
                                            "disconnected for sending too fast", say.id))
         return [kick, *self._end_session(session, m.LeaveReason.KICKED, wall)]
@@ -962,7 +978,8 @@ class BrokerCore:
 
     def _refuse(self, peer: bytes, code: str, reason: str, id: str | None = None,
                 who: str | None = None) -> list:
-        log.warning("refused from %s: %s (%s)", who or peer.hex(), reason[:LOG_QUOTE_CHARS], code)
+        self.warnings.warn(REFUSED, who or peer.hex(), f"{reason[:LOG_QUOTE_CHARS]} ({code})",
+                           self.last_now)
         return [Reply(peer, m.Error(code, reason, id))]
 
 
