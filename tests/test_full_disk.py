@@ -15,7 +15,9 @@ import subprocess
 
 import pytest
 
+import messages as m
 from procs import Client, listen, run_cli, wait_until
+from raw_peer import join, raw_dealer, request
 
 pytestmark = pytest.mark.slow
 
@@ -47,33 +49,43 @@ def fill(path) -> None:
     assert os.statvfs(os.path.dirname(path)).f_bfree == 0
 
 
-def refused_writes(broker) -> int:
-    return sum("could not store" in line for line in broker.log.lines)
+def assert_refused_unavailable(sock, body: dict, times: int = 3) -> None:
+    """Each of ``times`` tries (each a write the broker attempts) is refused
+    ``unavailable``, with a time to wait, by a broker that keeps answering."""
+    for _ in range(times):
+        reply = request(sock, body)
+        assert isinstance(reply, m.Error) and reply.code == m.ErrorCode.UNAVAILABLE, reply
+        assert reply.retry_after and reply.retry_after > 0
 
 
 def test_a_full_disk_refuses_messages_keeps_serving_and_resumes_losing_nothing(
         small_disk, make_broker, clients):
     db, filler = str(small_disk / "chat.db"), str(small_disk / "filler")
     broker = make_broker("--db", db, "--heartbeat-interval", "0.5")
-    listener = listen(broker, "reader")
-    clients.append(listener)
-    sender = Client(broker, "send", "--timeout", "60", name="writer", stdin=subprocess.PIPE)
-    clients.append(sender)
-    lines = [f"line {i} " + "x" * 1000 for i in range(30)]
-    sender.proc.stdin.write("".join(line + "\n" for line in lines[:5]))
-    sender.proc.stdin.flush()
-    wait_until(lambda: len(listener.messages()) == 5, 10, "the first 5 lines, stored")
+    with raw_dealer(broker.port) as probe:  # a client the test drives by hand
+        listener = listen(broker, "reader")
+        clients.append(listener)
+        sender = Client(broker, "send", "--timeout", "60", name="writer", stdin=subprocess.PIPE)
+        clients.append(sender)
+        lines = [f"line {i} " + "x" * 1000 for i in range(30)]
+        sender.proc.stdin.write("".join(line + "\n" for line in lines[:5]))
+        sender.proc.stdin.flush()
+        wait_until(lambda: len(listener.messages()) == 5, 10, "the first 5 lines, stored")
 
-    fill(filler)
-    sender.proc.stdin.write("".join(line + "\n" for line in lines[5:20]))
-    sender.proc.stdin.flush()
-    broker.wait_log(lambda line: "cannot store events" in line, 10, "the failed write")
-    # The sender is refused, waits and tries again: more refused writes.
-    wait_until(lambda: refused_writes(broker) >= 3, 10, "the sender to try again")
-    users = run_cli(broker, "users")  # the broker still serves what needs no disk
-    assert broker.proc.poll() is None and users.returncode == 0, broker.log.lines[-10:]
-    assert "reader" in users.stdout.split()
-    assert len(listener.messages()) == 5 and sender.proc.poll() is None
+        join(probe, "prober")  # just now: its session lasts 1.5 s without a request
+        fill(filler)
+        sender.proc.stdin.write("".join(line + "\n" for line in lines[5:20]))
+        sender.proc.stdin.flush()
+        broker.wait_log(lambda line: "cannot store events" in line, 10, "the failed write")
+        # a room message is the sender's; a direct message reaches nobody,
+        # and entering a room is refused: it would be a join to store
+        assert_refused_unavailable(probe, {"type": "say", "id": "p1", "text": "psst",
+                                           "to": "reader"})
+        assert_refused_unavailable(probe, {"type": "join", "room": "#full"})
+        users = run_cli(broker, "users")  # the broker still serves what needs no disk
+        assert broker.proc.poll() is None and users.returncode == 0, broker.log.lines[-10:]
+        assert "reader" in users.stdout.split()
+        assert len(listener.messages()) == 5 and sender.proc.poll() is None
 
     # Restarted on the full disk: it starts, and joins wait instead of crashing it.
     broker.stop()
@@ -81,7 +93,9 @@ def test_a_full_disk_refuses_messages_keeps_serving_and_resumes_losing_nothing(
     sender.proc.stdin.write("".join(line + "\n" for line in lines[20:]))
     sender.proc.stdin.close()
     broker.wait_log(lambda line: "cannot store events" in line, 10, "a join refused")
-    wait_until(lambda: refused_writes(broker) >= 3, 10, "the clients to try joining again")
+    with raw_dealer(broker.port) as probe:
+        assert_refused_unavailable(probe, {"type": "hello", "name": "prober2",
+                                           "v": m.PROTOCOL_VERSION})
     assert broker.proc.poll() is None and run_cli(broker, "users").returncode == 0
 
     os.remove(filler)
