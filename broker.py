@@ -28,6 +28,7 @@ import keys
 import messages as m
 from broker_core import BrokerConfig, BrokerCore, Persist, Publish, Reply
 from broker_stream import ACCEPTED_IDS_REMEMBERED
+from log_limit import Cause
 from store import EventStore, StoreError
 
 log = logging.getLogger("zchat.broker")
@@ -56,6 +57,9 @@ COALESCE_S = 0.002
 # Largest message accepted on the XPUB: subscriptions are ~30 bytes, but the
 # CurveZMQ handshake's commands count too (INITIATE is several hundred).
 SUBSCRIPTION_BYTES = 4096
+# A client that never reads would get a log line for every reply dropped.
+REPLY_DROPPED = Cause("reply to {peer} dropped: {detail}",
+                      "dropped {count} more replies to {peer} in the last {seconds} s")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -130,6 +134,7 @@ class BrokerShell:
                  allow_dir: str | None = None, coalesce: float = COALESCE_S):
         self.core = core
         self.store = store
+        self.store_failing = False  # the last write failed
         # outputs held to share PUB frames, and when they must go
         self.coalesce = coalesce
         self.held: list = []
@@ -262,20 +267,20 @@ class BrokerShell:
         """Carry out the core's outputs in the order that keeps its promises:
         persist new events (one transaction), then publish (each stream's
         events batched into few frames), then reply: whatever a client is
-        told of is stored, and whatever is acknowledged is published."""
+        told of is stored, and whatever is acknowledged is published. When
+        the write fails, the core undoes those events and says what to
+        carry out instead (refusals, and nothing of the undone events)."""
         while outputs:
-            to_persist: list[Persist] = []
+            to_persist = [item for item in outputs if isinstance(item, Persist)]
+            if to_persist and not self._stored(to_persist):
+                outputs = self.core.persist_failed(outputs)
             by_topic: dict[bytes, list[bytes]] = {}
             replies: list[Reply] = []
             for item in outputs:
-                if isinstance(item, Persist):
-                    to_persist.append(item)
-                elif isinstance(item, Publish):
+                if isinstance(item, Publish):
                     by_topic.setdefault(item.topic, []).append(m.encode(item.event))
-                else:
+                elif isinstance(item, Reply):
                     replies.append(item)
-            if self.store is not None:
-                self.store.append(to_persist)
             for topic, encoded in by_topic.items():
                 for frame in frames_of(encoded):
                     self.pub.send_multipart([topic, frame])
@@ -286,11 +291,30 @@ class BrokerShell:
             for reply in replies:
                 outputs += self._send_reply(reply)
 
+    def _stored(self, records: list[Persist]) -> bool:
+        """Write the records in one transaction; False if the store failed
+        (said once when it starts failing, and once when it works again)."""
+        if self.store is None:
+            return True
+        try:
+            self.store.append(records)
+        except StoreError as e:
+            if not self.store_failing:
+                log.error("cannot store events, refusing messages, joins and topics until it "
+                          "can (retried with every message and heartbeat): %s", e)
+            self.store_failing = True
+            return False
+        if self.store_failing:
+            log.warning("storing events again")
+            self.store_failing = False
+        return True
+
     def _send_reply(self, reply: Reply) -> list:
         try:
             self.router.send_multipart([reply.peer, m.encode(reply.message)], zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("reply to %s dropped: its queue is full", reply.peer.hex())
+            self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(), "its queue is full",
+                                    time.monotonic())
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise

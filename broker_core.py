@@ -33,6 +33,13 @@ Theory of operation
 * A resume token from the welcome lets a client that lost its connection
   take its session back from a new routing id before it times out, without
   a leave/join pair.
+* When the shell cannot write a pass's events (``--db`` on a full disk),
+  ``persist_failed`` puts the core back to what is stored: every stream
+  touched is rewound, messages (to rooms and people) are refused
+  ``unavailable`` and delivered to nobody, the pass's hellos, room joins and
+  topics are refused and undone, and leaves (the person is gone either way)
+  wait in ``unrecorded_leaves`` until the room's next event or the next
+  heartbeat records them.
 """
 
 from __future__ import annotations
@@ -41,16 +48,30 @@ import bisect
 import logging
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import messages as m
 from broker_stream import Stream
+from log_limit import Cause, LogLimiter
 
 log = logging.getLogger("zchat.broker")
 
 # Longest string from a peer quoted in a log line.
 LOG_QUOTE_CHARS = 80
+# Warnings a peer can repeat at will: each is logged once per peer and
+# interval, then summed up (log_limit.py), so that no flood floods the log.
+REFUSED = Cause("refused from {peer}: {detail}",
+                "refused {count} more requests from {peer} in the last {seconds} s")
+NO_TOKEN = Cause("request for {detail} without its session token from {peer}",
+                 "{count} more requests without their session token from {peer} "
+                 "in the last {seconds} s")
+RATE_LIMITED = Cause("rate limited {peer} for {detail}",
+                     "rate limited {peer} {count} more times in the last {seconds} s")
+KICKED = Cause("disconnecting {peer}: {detail}",
+               "disconnected {peer} {count} more times for flooding in the last {seconds} s")
+NOT_STORED = Cause("could not store {detail}: messages, joins and topics refused",
+                   "could not store the events of {count} more passes in the last {seconds} s")
 # Shortest wait asked of a rate-limited client, so it does not spin.
 MIN_RETRY_AFTER = 0.1
 # Refusals in a row (no message accepted in between) that mark a flood. A
@@ -125,12 +146,14 @@ class Persist:
     event: the shell writes everything to persist before it sends anything,
     so no client hears of an event that a crash could still lose.
     ``sender_id`` is the sender's (name key, message id) of a chat message,
-    so a restarted broker still recognises a resend.
+    so a restarted broker still recognises a resend; ``previous_topic``, of
+    a Topic event, is the topic it replaced, restored if the write fails.
     """
 
     stream: str
     event: Any
     sender_id: tuple[str, str] | None = None
+    previous_topic: str | None = None
 
 
 @dataclass(slots=True)
@@ -229,6 +252,11 @@ class BrokerCore:
     # (name key, name) of everyone online, kept sorted: a join storm must not
     # sort the whole list again for every welcome
     online: list[tuple[str, str]] = field(default_factory=list)
+    # (room key, name, reason, wall time) of leaves whose write failed, oldest first
+    unrecorded_leaves: list[tuple[str, str, str, float]] = field(default_factory=list)
+    warnings: LogLimiter = field(default_factory=lambda: LogLimiter(log))
+    # the monotonic time of the latest input, for the warnings' intervals
+    last_now: float = 0.0
 
     def __post_init__(self) -> None:
         self.general = self._open_room(m.GENERAL_ROOM)
@@ -276,13 +304,12 @@ class BrokerCore:
         """A request from ``peer`` (the frames after its routing id) at
         monotonic time ``now`` and wall time ``wall``; ``client_key`` is the
         client's public key when the broker checks keys."""
+        self.last_now = now
         session = self.sessions.get(peer)
         try:
             request = m.decode_request(frames)
         except m.ProtocolError as e:
-            who = session.name if session else peer.hex()
-            log.warning("refused from %s: %s (%s)", who, e.reason, e.code)
-            return [Reply(peer, m.Error(e.code, e.reason))]
+            return self._refuse(peer, e.code, e.reason, who=session.name if session else None)
         if isinstance(request, m.Hello):
             return self._on_hello(peer, session, request, now, wall, client_key)
         if session is not None and not isinstance(request, (m.Who, m.ListRooms)):
@@ -290,8 +317,7 @@ class BrokerCore:
             # such as that of a connection which dropped. The session token
             # (from the welcome) proves the request comes from its owner.
             if not _tokens_match(request.session, session.secret):
-                log.warning("request for %s without its session token from %s",
-                            session.name, peer.hex())
+                self.warnings.warn(NO_TOKEN, peer.hex(), session.name, now)
                 session = None
             else:  # any request from the owner counts as a heartbeat
                 self._touch(session, now)
@@ -305,8 +331,11 @@ class BrokerCore:
         out: their pings may be in that backlog, and an overloaded broker
         must not announce live users as gone.
         """
+        self.last_now = now
+        self.warnings.flush(now)
         out: list = []
         if now >= self.next_heartbeat:
+            out += self._record_leaves()  # a write that failed is tried again
             out.append(Publish(self._heartbeat(wall), m.HEARTBEAT_TOPIC))
             out += self._announce_positions()
             self.next_heartbeat = now + self.config.heartbeat_interval
@@ -343,6 +372,149 @@ class BrokerCore:
         if not topic.startswith(m.READY_TOPIC_PREFIX) or not 0 < len(nonce) <= m.MAX_TOKEN_CHARS:
             return []
         return [Publish(self._heartbeat(wall), topic)]
+
+    def persist_failed(self, outputs: list) -> list:
+        """The shell could not write the Persist outputs among ``outputs``
+        (a full disk, a read-only file, an I/O error), so none of their
+        events may be told of, and the core goes back to what is stored.
+        Returns what to carry out instead of ``outputs``:
+
+        * every stream touched goes back to before its first unwritten event;
+        * a message (to a room or a person) is refused ``unavailable``
+          instead of acknowledged, and delivered to nobody;
+        * the pass's hellos are refused and their connections forgotten;
+        * a user who entered a room in the pass (its join unwritten) is
+          taken out of it again, and those connections' answers become the
+          refusal; a topic set in the pass is refused and the old one back;
+        * a leave waits in ``unrecorded_leaves`` (the person is gone);
+        * positions in welcomes, room answers, histories and announcements
+          are cut back to what is stored.
+        """
+        unwritten = [o for o in outputs if isinstance(o, Persist)]
+        if not unwritten:
+            return outputs
+        stored = self._rewind(unwritten)
+        refused = {id(item.message) for item in outputs if isinstance(item, Reply)
+                   and self._undo_hello(item.peer, item.message)}
+        refused_rooms = self._memberships_as_stored(unwritten)
+        refused_acks = {(r.sender_id[1], r.event.seq) for r in unwritten if r.sender_id}
+        undone = {id(r.event) for r in unwritten}
+        self.warnings.warn(NOT_STORED, "the store", f"{len(unwritten)} event(s)", self.last_now)
+        retry = self.config.heartbeat_interval
+        blocked: set[bytes] = set()
+        out: list = []
+        for item in outputs:
+            if isinstance(item, Persist):
+                continue
+            message = item.message if isinstance(item, Reply) else item.event
+            if id(message) in undone:  # published, or a direct message's delivery
+                continue
+            if isinstance(message, m.Ack) and (message.id, message.seq) in refused_acks:
+                message = _unavailable(message.id, retry)
+                session = self.sessions.get(item.peer)
+                if session is not None and item.peer not in blocked:
+                    # the order is kept, as after a rate refusal: its first
+                    # refused message goes before any later one
+                    session.blocked_on = message.id
+                    blocked.add(item.peer)
+            elif id(message) in refused or (isinstance(message, m.Room) and (
+                    item.peer, m.room_key(message.room)) in refused_rooms):
+                message = _unavailable(None, retry)
+            else:
+                message = self._as_stored(message, stored)
+            out.append(replace(item, message=message) if isinstance(item, Reply)
+                       else replace(item, event=message))
+        return out
+
+    def _rewind(self, unwritten: list[Persist]) -> dict[str, int]:
+        """Each stream back to before its first unwritten event, and each
+        room's topic back to before its first unwritten change; the last
+        stored seq of each stream rewound."""
+        stored: dict[str, int] = {}
+        for record in unwritten:
+            stored.setdefault(record.stream, record.event.seq - 1)
+        for stream_id, seq in stored.items():
+            forgotten = [r.sender_id for r in unwritten if r.stream == stream_id and r.sender_id]
+            self.history_bytes -= self.streams[stream_id].truncate(seq, forgotten)
+        for record in reversed(unwritten):  # the first change's previous topic wins
+            if isinstance(record.event, m.Topic):
+                self.rooms[record.stream].topic = record.previous_topic or ""
+        for stream_id in stored:
+            if (room := self.rooms.get(stream_id)) is not None:
+                self._forget_if_unused(room)  # entered and left in the pass
+        return stored
+
+    def _undo_hello(self, peer: bytes, message: Any) -> bool:
+        """If ``message`` welcomes a new connection, forget that connection,
+        as if it had never said hello (nothing of it is stored)."""
+        if not isinstance(message, m.Welcome) or message.resumed:
+            return False
+        session = self.sessions.get(peer)
+        if session is None or session.secret != message.resume:
+            return False
+        for room in session.rooms.values():
+            self._leave_room(session, room)
+        session.rooms.clear()
+        self._detach(session)
+        return True
+
+    def _memberships_as_stored(self, unwritten: list[Persist]) -> set[tuple[bytes, str]]:
+        """Who is in each room as the stored events say. A user whose leave
+        was not written left all the same: the leave is kept to be written.
+        A user whose join was not written is taken out again. Returns the
+        (peer, room key) of the connections whose entering is refused, and
+        of those whose topic is."""
+        was_in: dict[tuple[str, str], bool] = {}  # (room key, name key): as stored
+        last_leave: dict[tuple[str, str], m.Leave] = {}
+        refused: set[tuple[bytes, str]] = set()
+        for record in unwritten:
+            event = record.event
+            if isinstance(event, (m.Join, m.Leave)):
+                pair = (record.stream, m.name_key(event.name))
+                was_in.setdefault(pair, isinstance(event, m.Leave))
+                if isinstance(event, m.Leave):
+                    last_leave[pair] = event
+            elif isinstance(event, m.Topic) and (user := self.by_name.get(
+                    m.name_key(event.name))) is not None:
+                refused.update((s.peer, record.stream) for s in user.sessions)
+        for (key, name_key), stored_in in was_in.items():
+            room = self.rooms.get(key)
+            inside = room is not None and name_key in room.members
+            if stored_in and not inside:
+                leave = last_leave[(key, name_key)]
+                self.unrecorded_leaves.append((key, leave.name, leave.reason, leave.time))
+            elif inside and not stored_in:
+                for session in self.by_name[name_key].sessions:
+                    if not session.quiet and key in session.rooms:
+                        self._leave_room(session, session.rooms.pop(key))
+                        refused.add((session.peer, key))
+        return refused
+
+    def _as_stored(self, message: Any, stored: dict[str, int]) -> Any:
+        """``message`` with every position in it cut back to the last stored
+        event of its stream (``stored``: the streams rewound)."""
+        if isinstance(message, m.Room):
+            key = m.room_key(message.room)
+            if key not in stored:
+                return message
+            room = self.rooms.get(key)
+            if room is None:  # gone: nothing of it was stored
+                return replace(message, seq=0, topic="", members=0)
+            return replace(message, seq=min(message.seq, stored[key]), topic=room.topic,
+                           members=len(room.members))
+        if isinstance(message, m.Position) and message.stream in stored:
+            return replace(message, seq=min(message.seq, stored[message.stream]))
+        if isinstance(message, m.RoomList):
+            return replace(message, rooms=[self._as_stored(r, stored) for r in message.rooms])
+        if isinstance(message, m.Welcome):
+            dm_seq = stored.get(m.dm_stream(message.name), message.dm_seq)
+            return replace(message, rooms=[self._as_stored(r, stored) for r in message.rooms],
+                           dm_seq=min(message.dm_seq, dm_seq))
+        if isinstance(message, m.History) and message.stream in stored:
+            until = min(message.until, stored[message.stream])
+            return replace(message, events=[e for e in message.events if e.seq <= until],
+                           first=min(message.first, until + 1), until=until)
+        return message
 
     def shutdown(self, wall: float) -> list:
         """The broker is going away: tell everyone."""
@@ -483,9 +655,9 @@ class BrokerCore:
             return self._not_in(peer, session, topic.room)
         if (refusal := self._spend(session, now)):
             return refusal
-        room.topic = topic.text
+        previous, room.topic = room.topic, topic.text
         out = self._append(room.stream, lambda seq: m.Topic(seq, wall, session.name, topic.text,
-                                                            room.name))
+                                                            room.name), previous_topic=previous)
         return [*out, Reply(peer, room.info())]
 
     def _on_list_rooms(self, peer: bytes, session: Session | None, rooms: m.ListRooms,
@@ -515,21 +687,32 @@ class BrokerCore:
 
     def _exit(self, session: Session, room: Room, reason: str, wall: float) -> list:
         """``session`` left ``room``: a leave when its user is no longer in it."""
+        if not self._leave_room(session, room):
+            return []
+        name = session.name
+        return self._append(room.stream, lambda seq: m.Leave(seq, wall, name, reason, room.name))
+
+    def _leave_room(self, session: Session, room: Room) -> bool:
+        """Take ``session`` out of ``room``; True if its user is no longer in
+        it (a leave is due). An empty room in which nothing happened goes."""
         room.sessions -= 1
-        out: list = []
+        gone = False
         if not session.quiet:
-            user = session.user
-            name, count = room.members[user.name_key]
+            name_key = session.user.name_key
+            name, count = room.members[name_key]
             if count > 1:
-                room.members[user.name_key] = (name, count - 1)
+                room.members[name_key] = (name, count - 1)
             else:
-                del room.members[user.name_key]
-                out = self._append(room.stream,
-                                   lambda seq: m.Leave(seq, wall, user.name, reason, room.name))
+                del room.members[name_key]
+                gone = True
+        self._forget_if_unused(room)
+        return gone
+
+    def _forget_if_unused(self, room: Room) -> None:
+        """A room nobody is in and nothing was said in goes."""
         key = m.room_key(room.name)
         if room.sessions == 0 and room.stream.seq == 0 and key != m.GENERAL_ROOM:
-            del self.rooms[key], self.streams[key]  # nobody in it and nothing said
-        return out
+            del self.rooms[key], self.streams[key]
 
     # --- messages -----------------------------------------------------------------
 
@@ -620,11 +803,11 @@ class BrokerCore:
     def _rate_limited(self, session: Session, say: m.Say, wait: float, wall: float) -> list:
         session.refusals += 1
         if session.refusals == 1:
-            log.warning("rate limited %s for %.2fs", session.name, wait)
+            self.warnings.warn(RATE_LIMITED, session.name, f"{wait:.2f}s", self.last_now)
         if session.refusals < FLOOD_REFUSALS:
             return [Reply(session.peer, m.Error(m.ErrorCode.RATE_LIMITED,
                                                 f"too fast: wait {wait:.2f}s", say.id, wait))]
-        log.warning("disconnecting %s: kept flooding", session.name)
+        self.warnings.warn(KICKED, session.name, "kept flooding", self.last_now)
         kick = Reply(session.peer, m.Error(m.ErrorCode.FLOODING,
                                            "disconnected for sending too fast", say.id))
         return [kick, *self._end_session(session, m.LeaveReason.KICKED, wall)]
@@ -720,26 +903,50 @@ class BrokerCore:
         return out
 
     def _end_session(self, session: Session, reason: str, wall: float) -> list:
-        user = session.user
-        del self.sessions[session.peer]
-        user.sessions.remove(session)
         out: list = []
         for room in list(session.rooms.values()):
             out += self._exit(session, room, reason, wall)
         session.rooms.clear()
+        self._detach(session)
+        log.info("leave %s (%s)", session.name, reason)
+        return out
+
+    def _detach(self, session: Session) -> None:
+        """Forget a connection that is in no room any more."""
+        user = session.user
+        del self.sessions[session.peer]
+        user.sessions.remove(session)
         if not session.quiet:
             user.visible -= 1
             if user.visible == 0:
                 del self.online[bisect.bisect_left(self.online, (user.name_key, user.name))]
         if not user.sessions:
             del self.by_name[user.name_key]  # the name is free again
-        log.info("leave %s (%s)", user.name, reason)
-        return out
 
-    def _append(self, stream: Stream, make_event, sender_id: tuple[str, str] | None = None) -> list:
-        """Number a new event in a room's stream: persist it, then publish it."""
+    def _append(self, stream: Stream, make_event, sender_id: tuple[str, str] | None = None,
+                previous_topic: str | None = None) -> list:
+        """Number a new event in a room's stream: persist it, then publish it.
+        The room's leaves whose write failed come first, so that the order
+        stays true (a name that left is not seen to join before it left)."""
+        out = self._record_leaves(stream.id)
         event = self._number(stream, make_event, sender_id)
-        return [Persist(stream.id, event, sender_id), Publish(event, stream.topic)]
+        return [*out, Persist(stream.id, event, sender_id, previous_topic),
+                Publish(event, stream.topic)]
+
+    def _record_leaves(self, room_key: str | None = None) -> list:
+        """Append the leaves whose write failed (of one room, or of all), to
+        be written again."""
+        if not self.unrecorded_leaves:
+            return []
+        due = [leave for leave in self.unrecorded_leaves if room_key in (None, leave[0])]
+        self.unrecorded_leaves = [leave for leave in self.unrecorded_leaves if leave not in due]
+        out: list = []
+        for key, name, reason, wall in due:
+            room = self.rooms[key]  # kept: a room with a stored join has events
+            event = self._number(room.stream, lambda seq: m.Leave(seq, wall, name, reason,
+                                                                  room.name), None)
+            out += [Persist(key, event), Publish(event, room.stream.topic)]
+        return out
 
     def _number(self, stream: Stream, make_event, sender_id: tuple[str, str] | None) -> Any:
         """Append a new event to ``stream``, within the history budget."""
@@ -771,8 +978,14 @@ class BrokerCore:
 
     def _refuse(self, peer: bytes, code: str, reason: str, id: str | None = None,
                 who: str | None = None) -> list:
-        log.warning("refused from %s: %s (%s)", who or peer.hex(), reason[:LOG_QUOTE_CHARS], code)
+        self.warnings.warn(REFUSED, who or peer.hex(), f"{reason[:LOG_QUOTE_CHARS]} ({code})",
+                           self.last_now)
         return [Reply(peer, m.Error(code, reason, id))]
+
+
+def _unavailable(id: str | None, retry_after: float) -> m.Error:
+    return m.Error(m.ErrorCode.UNAVAILABLE, "the broker cannot store this now; try again later",
+                   id, retry_after)
 
 
 def _tokens_match(given: str | None, token: str | None) -> bool:

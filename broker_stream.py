@@ -85,6 +85,19 @@ class Stream:
         self.bytes -= freed
         return freed
 
+    def truncate(self, seq: int, sender_ids: Iterable[SenderId]) -> int:
+        """Undo every event after ``seq`` (none was told of: their write
+        failed), and forget ``sender_ids``, the messages among them; what
+        the history freed."""
+        freed = 0
+        while self.history and self.history[-1].seq > seq:
+            freed += event_bytes(self.history.pop())
+        self.bytes -= freed
+        self.seq = min(self.seq, seq)
+        for sender_id in sender_ids:
+            self.accepted_ids.pop(sender_id, None)
+        return freed
+
     def accepted_seq(self, sender_id: SenderId) -> int | None:
         """The seq a message was accepted as, if it was (a resend)."""
         return self.accepted_ids.get(sender_id)

@@ -16,6 +16,7 @@ The phases and which input each acts on are one table, TRANSITIONS:
                                                       |--refusal--> REFUSED --join(name)--> HELLO
     any phase with sockets --silence, shutdown--> WAITING (backoff)
     JOINED --not_joined, heartbeat of a new epoch--> HELLO (same sockets)
+    HELLO --no welcome within patience--> WAITING (new sockets, hello again)
 
 1. Connect: open both sockets, subscribe to the streams and to a private
    ready topic; the broker answers the ready topic with a heartbeat, which
@@ -28,7 +29,19 @@ The phases and which input each acts on are one table, TRANSITIONS:
    again after a reconnect and the broker drops the repeats by message id.
 4. Liveness (Paranoid Pirate): ping when quiet for an interval; when the
    broker has been silent for liveness x interval, drop both sockets and
-   start again with a doubling backoff, resuming the name.
+   start again with a doubling backoff, resuming the name. Only the broker
+   run that welcomed us proves itself alive: a heartbeat of another epoch
+   (a new broker on the port) is a reason to join it, not a sign of life.
+5. A hello with no welcome within that patience (the broker died after
+   reading it, or its welcome was lost) is given up like silence: new
+   sockets, and hello again. Should the broker have joined us before the
+   welcome was lost, that session now holds our name until it times out,
+   so for a while ``name_taken`` may be our own ghost: the hello is tried
+   again until GHOST_PATIENCES patiences after the lost one, and only then
+   is the name refused. (Answering a second token-less hello from the same
+   routing id with the welcome again would avoid the wait, but would hand
+   the session token to whoever takes over a dropped connection's routing
+   id; new sockets never meet the ghost's routing id.)
 
 The shell sends each Request without blocking; what cannot go now (the
 DEALER is not connected yet, or its queue is full) it hands back through
@@ -61,6 +74,10 @@ SEND_WINDOW = 200
 # A request that could not go out (DEALER not connected yet, queue full) is
 # tried again after this long.
 SEND_RETRY_S = 0.05
+# A session that our unanswered hello may have created holds the name until
+# the broker times it out: liveness x interval (our patience, as far as we
+# know the broker's values) plus its sweep. Twice that is a safe wait.
+GHOST_PATIENCES = 2.0
 
 
 class Phase(enum.Enum):
@@ -283,6 +300,10 @@ TRANSITIONS: dict[Phase, dict[Any, str]] = {
 class ClientCore:
     """One user's session with a broker, as a state machine."""
 
+    # A message refused with these goes again after retry_after: too fast,
+    # or the broker cannot store it now (its disk is full).
+    TEMPORARY_REFUSALS = (m.ErrorCode.RATE_LIMITED, m.ErrorCode.UNAVAILABLE)
+
     def __init__(self, name: str, recent: int = 0, address: str = "the broker",
                  rooms: tuple[str, ...] = (m.GENERAL_ROOM,), quiet: bool = False,
                  secret: str | None = None):
@@ -307,6 +328,8 @@ class ClientCore:
         self.last_request = 0.0
         self.hello_sent_at: float | None = None  # in HELLO: None until it went out
         self.hello_retry_at = 0.0  # in HELLO: when to try a hello that did not go out
+        # Until then, name_taken may answer a session our unanswered hello made.
+        self.ghost_until = float("-inf")
         self.ready_topic = b""
         self.epoch: str | None = None
         self.token: str | None = None
@@ -415,8 +438,9 @@ class ClientCore:
     # --- inputs from the sockets --------------------------------------------------------
 
     def receive_reply(self, frames: list[bytes], now: float) -> list:
-        """Frames from the DEALER."""
-        reply = self._heard(m.decode_reply, frames, now)
+        """Frames from the DEALER: any reply proves the broker alive."""
+        self.broker_seen = now
+        reply = self._decoded(m.decode_reply, frames)
         if reply is None:
             return []
         if isinstance(reply, m.Message):  # a direct message, ours alone
@@ -425,10 +449,15 @@ class ClientCore:
 
     def receive_broadcast(self, frames: list[bytes], now: float) -> list:
         """Frames from the SUB: ``[topic, events]``."""
-        events = self._heard(m.decode_broadcast, frames, now)
+        events = self._decoded(m.decode_broadcast, frames)
+        topic = frames[0] if frames else b""
+        # Our broker is alive; a heartbeat of a run that has not welcomed us
+        # is not it (the ready topic's answer is the probe's own proof).
+        if topic == self.ready_topic or not any(
+                isinstance(e, m.Heartbeat) and e.epoch != self.epoch for e in events or ()):
+            self.broker_seen = now
         if events is None:
             return []
-        topic = frames[0]
         out: list = []
         for event in events:
             if isinstance(event, m.SEQUENCED_EVENTS):
@@ -462,10 +491,9 @@ class ClientCore:
             self.outbox.not_sent(unsent_says, now)
         return out
 
-    def _heard(self, decode, frames: list[bytes], now: float):
-        """Any frame proves the broker alive; what does not decode is logged
-        and dropped (None)."""
-        self.broker_seen = now
+    @staticmethod
+    def _decoded(decode, frames: list[bytes]):
+        """What the frames say, or None (logged) if they do not decode."""
         try:
             return decode(frames)
         except m.ProtocolError as e:
@@ -489,6 +517,8 @@ class ClientCore:
                 return []
             self.hello_sent_at = now
             return [self._hello(now)]
+        if self.phase is Phase.HELLO and now - self.hello_sent_at > self.patience:
+            return self._reconnect(now, "no welcome from the broker")
         if self.phase is not Phase.JOINED:
             return []
         out: list = []
@@ -511,8 +541,9 @@ class ClientCore:
         if self.phase is Phase.WAITING:
             return self.reconnect_at
         deadlines = [self.broker_seen + self.patience]
-        if self.phase is Phase.HELLO and self.hello_sent_at is None:
-            deadlines.append(self.hello_retry_at)
+        if self.phase is Phase.HELLO:
+            deadlines.append(self.hello_retry_at if self.hello_sent_at is None
+                             else self.hello_sent_at + self.patience)
         if self.phase is Phase.JOINED:
             deadlines.append(self.last_request + self.interval)
             deadlines += [t for r in self.streams.values()
@@ -611,6 +642,13 @@ class ClientCore:
         lost a session we were resuming)."""
         if err.code == m.ErrorCode.NOT_JOINED or err.id is not None:
             return []  # an answer to a request of our previous session
+        if err.code == m.ErrorCode.NAME_TAKEN and now < self.ghost_until:
+            # Perhaps by the session of our own hello whose welcome was lost.
+            log.info("%s; perhaps by our own unanswered hello: trying again", err.reason)
+            return self._hello_later(min(now + self.interval, self.ghost_until))
+        if err.code == m.ErrorCode.UNAVAILABLE:  # the broker cannot store our join yet
+            return [StateChanged(self.state, err.reason),
+                    *self._hello_later(now + (err.retry_after or self.interval))]
         self.phase = Phase.REFUSED
         return [JoinRefused(err.code, err.reason)]
 
@@ -619,12 +657,22 @@ class ClientCore:
             # The broker lost our session (restart, timeout): join again.
             log.info("broker forgot this session; joining again")
             return self._say_hello(now)
-        if err.code == m.ErrorCode.RATE_LIMITED and err.id in self.outbox.pending:
+        if err.code in self.TEMPORARY_REFUSALS and err.id in self.outbox.pending:
+            # Not final: hold everything back, then send again from this one.
+            paused = now < self.outbox.paused_until
             self.outbox.pause(now + (err.retry_after or self.interval))
+            if err.code == m.ErrorCode.UNAVAILABLE and not paused:
+                return [StateChanged(self.state, err.reason)]
             return []
         if err.id is not None and self.outbox.settle(err.id):
             return [Refused(err.id, err.code, err.reason)]
         return [BrokerRefused(err.code, err.reason)]
+
+    def _hello_later(self, when: float) -> list:
+        """Say hello again at ``when`` (tick sends it)."""
+        self.hello_sent_at = None
+        self.hello_retry_at = when
+        return []
 
     def _on_ack(self, ack: m.Ack, now: float) -> list:
         if not self.outbox.settle(ack.id):
@@ -678,6 +726,8 @@ class ClientCore:
         delay = self.backoff
         self.backoff = min(self.backoff * 2, RECONNECT_DELAY_MAX)
         self.reconnect_at = now + delay
+        if self.phase is Phase.HELLO and self.hello_sent_at is not None:
+            self.ghost_until = self.hello_sent_at + GHOST_PATIENCES * self.patience
         self.phase, self.state = Phase.WAITING, State.RECONNECTING
         self.hello_sent_at = None
         for reader in self.streams.values():

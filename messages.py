@@ -133,6 +133,7 @@ class ErrorCode:
     NOT_IN_ROOM = "not_in_room"  # say, topic, fetch or part in a room not joined
     TOO_MANY_ROOMS = "too_many_rooms"  # a limit on rooms per connection or in all
     USER_OFFLINE = "user_offline"  # a direct message to a name not online
+    UNAVAILABLE = "unavailable"  # the broker cannot store events now (disk full): try later
 
 
 class ProtocolError(Exception):

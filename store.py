@@ -16,6 +16,7 @@ acknowledged, not doubled).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sqlite3
 from typing import Any, Iterable
@@ -147,13 +148,23 @@ class EventStore:
         return [((key, msg_id), seq) for key, msg_id, seq in reversed(rows)]
 
     def append(self, records: Iterable) -> None:
-        """Write the events of Persist outputs in one transaction."""
+        """Write the events of Persist outputs in one transaction, or none
+        of them (StoreError); the caller may try again later."""
         rows = [_row(r.stream, r.event, r.sender_id) for r in records]
         if not rows:
             return
-        with self.db:
+        try:
             self.db.execute("BEGIN")
             self.db.executemany("INSERT INTO stream_events VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:  # a full disk, a read-only file, an I/O error
+            # All or nothing; a COMMIT that failed leaves the transaction
+            # open, and the next BEGIN would fail for that alone. (Should
+            # the rollback fail too, the next write says so.)
+            with contextlib.suppress(sqlite3.Error):
+                if self.db.in_transaction:
+                    self.db.rollback()
+            raise StoreError(f"cannot write to the database: {e}") from None
 
     def close(self) -> None:
         self.db.close()

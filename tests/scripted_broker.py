@@ -34,6 +34,11 @@ class ScriptedBroker:
         self.seq = 0
         self.next_beat = 0.0
 
+    @property
+    def client_args(self) -> list[str]:
+        """Where a command-line client finds this broker (procs.Client)."""
+        return ["--port", str(self.port)]
+
     def close(self) -> None:
         self.router.close(linger=0)
         self.pub.close(linger=0)

@@ -618,3 +618,133 @@ def test_an_empty_secret_proves_nothing(core):
 
 def test_heartbeats_carry_seq_0_so_a_protocol_1_client_reaches_its_hello():
     assert json.loads(m.encode(m.Heartbeat("e", 1.0)))["seq"] == 0
+
+
+# --- a write that fails (--db on a full disk) ------------------------------------
+
+
+def consistent(core) -> None:
+    """Every history's bytes are counted, and each room's members are its
+    loud connections' users."""
+    assert core.history_bytes == sum(s.bytes for s in core.streams.values())
+    for key, room in core.rooms.items():
+        inside = [s for s in core.sessions.values() if key in s.rooms]
+        assert room.sessions == len(inside)
+        assert set(room.members) == {s.user.name_key for s in inside if not s.quiet}
+
+
+def test_a_failed_write_refuses_the_messages_and_rewinds_the_stream(core):
+    join(core, b"A", "alice")  # seq 1, written
+    say = lambda msg_id, now: core.handle(  # noqa: E731
+        b"A", signed(core, b"A", type="say", id=msg_id, text=msg_id), *at(now))
+    failed = say("m1", T0 + 1) + say("m2", T0 + 1)
+    failed += core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=3), *at(T0 + 1))
+    failed += core.tick(*at(T0 + 1))  # a heartbeat, and #general's position: seq 3
+    instead = core.persist_failed(failed)
+    assert [type(e) for e in published(instead)] == [m.Heartbeat, m.Position]
+    assert published(instead)[1] == m.Position(G, 1)
+    refusals, history = replies(instead, b"A")[:2], replies(instead, b"A")[2]
+    assert [(r.code, r.id) for r in refusals] == [(m.ErrorCode.UNAVAILABLE, "m1"),
+                                                   (m.ErrorCode.UNAVAILABLE, "m2")]
+    assert refusals[0].retry_after == 1.0
+    assert [e.seq for e in history.events] == [1] and history.until == 1
+    assert core.main.seq == 1 and [e.seq for e in core.main.history] == [1]
+    consistent(core)
+    # a later message waits for the refused one, so the order is kept
+    assert replies(say("m2", T0 + 2))[0].code == m.ErrorCode.RATE_LIMITED
+    out = say("m1", T0 + 2)
+    assert replies(out) == [m.Ack("m1", 2)]
+    assert published(out) == [m.Message(2, wall(T0 + 2), "alice", "m1", G)]
+
+
+def test_a_direct_message_that_could_not_be_written_reaches_nobody(core):
+    join(core, b"A", "alice")
+    join(core, b"B", "bob")
+    failed = core.handle(b"A", signed(core, b"A", type="say", id="d1", text="psst", to="bob"),
+                         *at(T0))
+    instead = core.persist_failed(failed)
+    assert [(o.peer, o.message.code, o.message.id) for o in instead] == [
+        (b"A", m.ErrorCode.UNAVAILABLE, "d1")]  # no delivery to bob, nor to alice's own
+    assert core.streams["@alice"].seq == core.streams["@bob"].seq == 0
+    consistent(core)
+    core.handle(b"A", signed(core, b"A", type="ping"), *at(T0 + 2))  # later: written
+    out = core.handle(b"A", signed(core, b"A", type="say", id="d1", text="psst", to="bob"),
+                      *at(T0 + 2))
+    assert m.Message(1, wall(T0 + 2), "alice", "psst", to="bob") in replies(out, b"B")
+
+
+def test_a_failed_write_undoes_a_hello_and_keeps_a_leave_for_the_next_event(core):
+    join(core, b"A", "alice", rooms=[G, "#lab"])
+    failed = join(core, b"B", "bob", now=T0 + 1, rooms=[G, "#new"])
+    failed += core.handle(b"A", signed(core, b"A", type="bye"), *at(T0 + 1))
+    instead = core.persist_failed(failed)
+    assert replies(instead, b"B")[0].code == m.ErrorCode.UNAVAILABLE
+    assert not published(instead) and core.user_names() == [] and not core.sessions
+    assert core.main.seq == 1 and "#new" not in core.rooms and not core.by_name
+    consistent(core)
+    # the leave is recorded before the room's next event (here, bob's join)
+    out = join(core, b"B", "bob", now=T0 + 2)
+    assert published(out) == [m.Leave(2, wall(T0 + 1), "alice", m.LeaveReason.QUIT, G),
+                              m.Join(3, wall(T0 + 2), "bob", G)]
+    assert replies(out, b"B")[0].rooms == [m.Room(G, 1, "", 1)]  # alice's leave is his to see
+    # and #lab's with the heartbeat
+    assert published(core.tick(*at(T0 + 2)))[:1] == [
+        m.Leave(2, wall(T0 + 1), "alice", m.LeaveReason.QUIT, "#lab")]
+
+
+def test_a_second_connection_whose_hello_fails_leaves_the_first_as_it_was(core):
+    join(core, b"A", "alice", secret="s")
+    instead = core.persist_failed(join(core, b"A2", "alice", secret="s", rooms=[G, "#lab"]))
+    assert [r.code for r in replies(instead)] == [m.ErrorCode.UNAVAILABLE]
+    assert list(core.sessions) == [b"A"] and core.user_names() == ["alice"]
+    assert "#lab" not in core.rooms and core.rooms[G].members == {"alice": ("alice", 1)}
+    consistent(core)
+
+
+def test_a_room_join_and_a_topic_that_could_not_be_written_are_refused_and_undone(core):
+    join(core, b"A", "alice", rooms=[G, "#ci"])
+    core.handle(b"A", signed(core, b"A", type="topic", room="#ci", text="old"), *at(T0))
+    join(core, b"B", "bob", secret="s")
+    join(core, b"B2", "bob", secret="s")
+    failed = core.handle(b"B", signed(core, b"B", type="join", room="#ci"), *at(T0 + 1))
+    failed += core.handle(b"B2", signed(core, b"B2", type="join", room="#ci"), *at(T0 + 1))
+    failed += core.handle(b"A", signed(core, b"A", type="topic", room="#ci", text="new"),
+                          *at(T0 + 1))
+    failed += core.handle(b"X", frame(type="rooms"), *at(T0 + 1))
+    instead = core.persist_failed(failed)
+    for peer in (b"B", b"B2", b"A"):  # both of bob's connections entered with the one join
+        assert [r.code for r in replies(instead, peer)] == [m.ErrorCode.UNAVAILABLE]
+    (listing,) = replies(instead, b"X")
+    assert m.Room("#ci", 2, "old", 1) in listing.rooms  # what is stored, not what was undone
+    assert core.rooms["#ci"].topic == "old" and set(core.rooms["#ci"].members) == {"alice"}
+    assert not any("#ci" in s.rooms for s in core.by_name["bob"].sessions)
+    consistent(core)
+
+
+def test_a_part_whose_leave_could_not_be_written_stays_parted(core):
+    join(core, b"A", "alice", rooms=[G, "#ci"])
+    out = core.persist_failed(core.handle(b"A", signed(core, b"A", type="part", room="#ci"),
+                                          *at(T0 + 1)))
+    assert replies(out) == [m.Parted("#ci")] and not published(out)
+    assert "#ci" not in core.sessions[b"A"].rooms and not core.rooms["#ci"].members
+    out = core.handle(b"A", signed(core, b"A", type="join", room="#ci"), *at(T0 + 2))
+    assert published(out) == [m.Leave(2, wall(T0 + 1), "alice", m.LeaveReason.PART, "#ci"),
+                              m.Join(3, wall(T0 + 2), "alice", "#ci")]
+
+
+def test_a_join_and_leave_both_unwritten_leave_nothing_to_record(core):
+    join(core, b"A", "alice")
+    failed = core.handle(b"A", signed(core, b"A", type="join", room="#x"), *at(T0))
+    failed += core.handle(b"A", signed(core, b"A", type="part", room="#x"), *at(T0))
+    core.persist_failed(failed)
+    assert not core.unrecorded_leaves and "#x" not in core.rooms
+    consistent(core)
+
+
+def test_a_leave_that_could_not_be_written_is_tried_again_with_the_heartbeat(core):
+    join(core, b"A", "alice")
+    core.tick(*at(T0))
+    core.persist_failed(core.handle(b"A", signed(core, b"A", type="bye"), *at(T0 + 0.5)))
+    assert not published(core.tick(*at(T0 + 0.9)))
+    assert published(core.tick(*at(T0 + 1.0)))[:1] == [
+        m.Leave(2, wall(T0 + 0.5), "alice", m.LeaveReason.QUIT, G)]

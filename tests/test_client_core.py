@@ -12,8 +12,8 @@ import pytest
 
 import messages as m
 from broker_core import BrokerConfig, BrokerCore, Publish, Reply
-from client_core import (RECONNECT_DELAY_FIRST, RECONNECT_DELAY_MAX, SEND_RETRY_S, SEND_WINDOW,
-                         RoomJoined,
+from client_core import (GHOST_PATIENCES, RECONNECT_DELAY_FIRST, RECONNECT_DELAY_MAX,
+                         SEND_RETRY_S, SEND_WINDOW, RoomJoined,
                          TRANSITIONS, READY, SEQUENCED, Acked, Action, ClientCore, Connect,
                          Disconnect, Joined, JoinRefused, Phase, Refused, Request, State,
                          StateChanged, Subscribe, Unsubscribe)
@@ -264,6 +264,25 @@ def test_a_rate_limit_pauses_and_resends_from_the_refused_message_in_order():
     assert [s.id for s in requests(core.tick(T0 + 0.5)) if isinstance(s, m.Say)] == ["id1", "id2"]
 
 
+def test_a_message_the_broker_cannot_store_now_goes_again_later_in_order():
+    core = joined()
+    core.send("a", "one", T0)
+    core.send("b", "two", T0)
+    out = core.receive_reply(reply(m.Error(m.ErrorCode.UNAVAILABLE, "disk full", "a", 1.0)), T0)
+    assert [type(e) for e in events(out)] == [StateChanged]  # said once, not Refused
+    assert not [r for r in requests(core.tick(T0 + 0.9)) if isinstance(r, m.Say)]
+    assert [r.id for r in requests(core.tick(T0 + 1.0)) if isinstance(r, m.Say)] == ["a", "b"]
+
+
+def test_a_join_the_broker_cannot_store_now_is_tried_again_later():
+    core = ClientCore("ann")
+    topic = ready_topic(core.start(T0))
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], topic), T0)
+    out = core.receive_reply(reply(m.Error(m.ErrorCode.UNAVAILABLE, "disk full", None, 0.5)), T0)
+    assert not [e for e in events(out) if isinstance(e, JoinRefused)]
+    assert core.tick(T0 + 0.4) == [] and requests(core.tick(T0 + 0.5)) == [hello()]
+
+
 def test_a_refused_message_is_reported_and_forgotten():
     core = joined()
     core.send("id0", "hi", T0)
@@ -333,6 +352,76 @@ def test_a_heartbeat_of_a_new_epoch_rejoins_and_the_new_run_starts_afresh():
     assert events(core.receive_broadcast(broadcast([msg(3)]), T0)) == [msg(3)]
 
 
+def test_a_hello_never_answered_is_said_again_on_new_sockets_though_a_new_run_heartbeats():
+    """The broker read our hello and died; a new one took the port, and its
+    heartbeats reach our SUB: they are not our broker's, and prove nothing."""
+    core = ClientCore("ann")
+    topic = ready_topic(core.start(T0))
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], topic), T0)
+    assert core.phase is Phase.HELLO
+    now, out = T0, []
+    while Disconnect() not in out:
+        now += 0.1
+        assert now < T0 + 3.2, "the unanswered hello was never given up"
+        core.receive_broadcast(broadcast([m.Heartbeat("e2", WALL)]), now)
+        out = core.tick(now)
+    assert now > T0 + 3.0  # after the patience, not before
+    out = core.tick(core.reconnect_at)
+    out = core.receive_broadcast(broadcast([m.Heartbeat("e2", WALL)], ready_topic(out)),
+                                 core.reconnect_at)
+    assert requests(out) == [hello()]
+    out = core.receive_reply(reply(welcome(epoch="e2")), core.reconnect_at)
+    assert Joined("ann", ["ann"], False, False) in events(out)
+
+
+def test_a_heartbeat_of_a_run_that_did_not_welcome_us_is_no_sign_of_life():
+    core = joined()
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)]), T0 + 2.0)
+    assert Disconnect() not in core.tick(T0 + 4.9)  # ours: alive until T0 + 5
+    core = joined()
+    core.receive_broadcast(broadcast([m.Heartbeat("e2", WALL)]), T0 + 2.0)  # hello to e2
+    assert Disconnect() in core.tick(T0 + 3.1)
+
+
+def test_a_lost_welcome_waits_for_its_own_session_to_time_out_then_joins():
+    """The broker joined us, but its welcome was lost: that session holds the
+    name until it times out, so name_taken is not final meanwhile."""
+    broker = BrokerCore(BrokerConfig())
+    net = Loopback(broker)
+    net.lose = [m.Welcome]
+    client = net.add(b"A", ClientCore("ann"))
+    assert client.phase is Phase.HELLO and "ann" in broker.user_names()
+    now = T0
+    while client.phase is not Phase.JOINED:
+        now += 0.05
+        assert now < T0 + 10, f"not joined; phase {client.phase}"
+        net.tick(now)
+    assert not [e for e in net.delivered[b"A"] if isinstance(e, JoinRefused)]
+    assert net.connections == 2
+    # the lost session joined, timed out, and ours joined afresh
+    assert [(e.TYPE, getattr(e, "reason", None)) for e in broker.main.history] == [
+        ("join", None), ("leave", "timeout"), ("join", None)]
+    assert now < T0 + 3.0 + 0.25 + 1.0 + 0.5  # patience, backoff, one retry, a sweep
+
+
+def test_name_taken_after_a_lost_hello_is_final_once_its_session_would_have_timed_out():
+    core = ClientCore("ann")
+    topic = ready_topic(core.start(T0))
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], topic), T0)
+    core.tick(T0 + 3.01)  # no welcome: new sockets
+    now = core.reconnect_at
+    out = core.tick(now)
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], ready_topic(out)), now)
+    taken = reply(m.Error(m.ErrorCode.NAME_TAKEN, "the name ann is taken"))
+    assert core.receive_reply(taken, now) == []
+    ghost_gone = T0 + GHOST_PATIENCES * 3.0
+    while now < ghost_gone:
+        now = core.next_deadline()
+        assert requests(core.tick(now)) == [hello()]
+        out = core.receive_reply(taken, now)
+    assert events(out) == [JoinRefused(m.ErrorCode.NAME_TAKEN, "the name ann is taken")]
+
+
 def test_shutdown_reconnects_and_close_says_bye_with_a_linger():
     core = joined()
     out = core.receive_broadcast(broadcast([m.Shutdown(WALL)]), T0)
@@ -348,55 +437,80 @@ def test_shutdown_reconnects_and_close_says_bye_with_a_linger():
 
 class Loopback:
     """A BrokerCore and ClientCores joined in memory as the sockets join them:
-    replies go to their peer, broadcasts to the clients subscribed to them."""
+    replies go to their peer, broadcasts to the clients subscribed to them.
+
+    A client is known by a label; each of its Connects is a new connection,
+    with a routing id of its own. A reply of a type listed in ``lose`` is
+    lost on the way, once per listing. ``now`` is both cores' clock.
+    """
 
     def __init__(self, broker: BrokerCore):
         self.broker = broker
+        self.now = T0
         self.clients: dict[bytes, ClientCore] = {}
+        self.peers: dict[bytes, bytes] = {}  # label -> routing id of its connection
         self.topics: dict[bytes, set[bytes]] = {}
         self.delivered: dict[bytes, list] = {}
+        self.lose: list[type] = []
+        self.connections = 0
 
-    def add(self, peer: bytes, client: ClientCore) -> ClientCore:
-        self.clients[peer], self.topics[peer], self.delivered[peer] = client, set(), []
-        self.run(peer, client.start(T0))
+    def add(self, label: bytes, client: ClientCore) -> ClientCore:
+        self.clients[label], self.topics[label], self.delivered[label] = client, set(), []
+        self.run(label, client.start(self.now))
         return client
 
-    def run(self, peer: bytes, outputs: list) -> None:
+    def tick(self, now: float) -> None:
+        """Time passes for the broker and every client."""
+        self.now = now
+        pending = self._from_broker(self.broker.tick(now, WALL), only=None)
+        for label, client in self.clients.items():
+            pending += [(label, o) for o in client.tick(now)]
+        self._carry_out(pending)
+
+    def run(self, label: bytes, outputs: list) -> None:
         """Carry out a client's outputs, and all that follows, until quiet."""
-        pending = [(peer, o) for o in outputs]
+        self._carry_out([(label, o) for o in outputs])
+
+    def _carry_out(self, pending: list) -> None:
         while pending:
-            peer, out = pending.pop(0)
-            client = self.clients[peer]
+            label, out = pending.pop(0)
             if isinstance(out, Connect):
-                self.topics[peer] = set(out.topics)
+                self.connections += 1
+                self.peers[label] = label + b"%d" % self.connections
+                self.topics[label] = set(out.topics)
                 broker_out = [o for t in out.topics for o in self.broker.ready_probe(t, WALL)]
             elif isinstance(out, Subscribe):
-                self.topics[peer].add(out.topic)
+                self.topics[label].add(out.topic)
                 broker_out = self.broker.ready_probe(out.topic, WALL)
             elif isinstance(out, Unsubscribe):
-                self.topics[peer].discard(out.topic)
+                self.topics[label].discard(out.topic)
                 continue
             elif isinstance(out, Request):
-                broker_out = self.broker.handle(peer, [m.encode(out.message)], T0, WALL)
+                broker_out = self.broker.handle(self.peers[label], [m.encode(out.message)],
+                                                self.now, WALL)
             else:
                 if not isinstance(out, Action):
-                    self.delivered[peer].append(out)
+                    self.delivered[label].append(out)
                 continue
-            pending += self._from_broker(broker_out, only=peer if not isinstance(
+            pending += self._from_broker(broker_out, only=label if not isinstance(
                 out, Request) else None)
 
     def _from_broker(self, outputs: list, only: bytes | None) -> list:
+        labels = {peer: label for label, peer in self.peers.items()}
         back: list = []
         for o in outputs:
-            if isinstance(o, Reply) and o.peer in self.clients:
-                back += [(o.peer, x) for x in self.clients[o.peer].receive_reply(
-                    [m.encode(o.message)], T0)]
+            if isinstance(o, Reply) and type(o.message) in self.lose:
+                self.lose.remove(type(o.message))
+            elif isinstance(o, Reply) and o.peer in labels:
+                label = labels[o.peer]
+                back += [(label, x) for x in self.clients[label].receive_reply(
+                    [m.encode(o.message)], self.now)]
             elif isinstance(o, Publish):
-                for peer, client in self.clients.items():
-                    if (only in (None, peer)) and any(o.topic.startswith(t)
-                                                       for t in self.topics[peer]):
+                for label, client in self.clients.items():
+                    if (only in (None, label)) and any(o.topic.startswith(t)
+                                                        for t in self.topics[label]):
                         frames = [o.topic, m.join_events([m.encode(o.event)])]
-                        back += [(peer, x) for x in client.receive_broadcast(frames, T0)]
+                        back += [(label, x) for x in client.receive_broadcast(frames, self.now)]
         return back
 
     def texts(self, peer: bytes) -> list:

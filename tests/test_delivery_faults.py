@@ -7,10 +7,13 @@ accepted message once, in one order, whatever happened on the way.
 import json
 import signal
 import subprocess
+import time
 
 import pytest
+import zmq
 
 from procs import Client, listen, run_cli, wait_until
+from scripted_broker import ScriptedBroker
 from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
@@ -157,3 +160,25 @@ def test_listen_history_prints_earlier_messages_first_marked(broker, clients):
     records = late.messages()
     assert [(r["text"], r.get("history", False)) for r in records] == [
         ("two", True), ("three", True), ("four", False)]
+
+
+def test_a_broker_that_dies_after_reading_hello_is_replaced_and_send_still_succeeds(
+        make_broker, clients):
+    """The hello is read and never answered; a new broker takes the ports
+    0.5 s later, and its heartbeats reach the client's reconnected SUB. The
+    client must give the hello up and say it again, not wait forever."""
+    ctx = zmq.Context()
+    doomed = ScriptedBroker(ctx)
+    port = doomed.port
+    sender = Client(doomed, "send", "--timeout", "20", "made it", name="ann")
+    clients.append(sender)
+    try:
+        doomed.answer_probe("e-dead", 0, timeout=10)
+        doomed.expect("hello", timeout=10)
+    finally:
+        doomed.close()
+        ctx.term()
+    time.sleep(0.5)  # the scenario's gap before the new broker is up
+    broker = make_broker(port=port, pub_port=port + 1)
+    assert sender.wait(25) == 0, sender.err.lines
+    broker.wait_log(lambda line: "join ann" in line, 5, "ann to join the new broker")

@@ -49,21 +49,60 @@ BIDI_AND_INVISIBLE = {
     "\u2069": "POP DIRECTIONAL ISOLATE",
     "\ufeff": "ZERO WIDTH NO-BREAK SPACE (BOM)",
 }
-ESCAPED = [*SHORT_ESCAPES, *C0, *DEL, *C1, *BIDI_AND_INVISIBLE]
+# Default-ignorable code points: they draw nothing, so a text holding them
+# looks like another (a name, a link) or carries words nobody sees.
+DEFAULT_IGNORABLE = {
+    "\u00ad": "SOFT HYPHEN",
+    "\u034f": "COMBINING GRAPHEME JOINER",
+    "\u115f": "HANGUL CHOSEONG FILLER",
+    "\u1160": "HANGUL JUNGSEONG FILLER",
+    "\u17b4": "KHMER VOWEL INHERENT AQ",
+    "\u17b5": "KHMER VOWEL INHERENT AA",
+    "\u180e": "MONGOLIAN VOWEL SEPARATOR",
+    "\u2060": "WORD JOINER",
+    "\u2061": "FUNCTION APPLICATION",
+    "\u2062": "INVISIBLE TIMES",
+    "\u2063": "INVISIBLE SEPARATOR",
+    "\u2064": "INVISIBLE PLUS",
+    "\u206a": "INHIBIT SYMMETRIC SWAPPING",
+    "\u3164": "HANGUL FILLER",
+    "\ufe00": "VARIATION SELECTOR-1",
+    "\ufe0d": "VARIATION SELECTOR-14",
+    "\uffa0": "HALFWIDTH HANGUL FILLER",
+    "\U0001bca0": "SHORTHAND FORMAT LETTER OVERLAP",
+    "\U0001d173": "MUSICAL SYMBOL BEGIN BEAM",
+    "\U000e0000": "TAG BLOCK START (unassigned)",
+    "\U000e0001": "LANGUAGE TAG",
+    "\U000e0fff": "TAG BLOCK END (unassigned)",
+}
+ESCAPED = [*SHORT_ESCAPES, *C0, *DEL, *C1, *BIDI_AND_INVISIBLE, *DEFAULT_IGNORABLE]
+# Invisible, yet part of writing in the right place (joined emoji, Persian,
+# Devanagari, emoji presentation, subdivision flags): escaped everywhere else.
+IN_CONTEXT_ONLY = {
+    "\u200c": "ZERO WIDTH NON-JOINER",
+    "\u200d": "ZERO WIDTH JOINER",
+    "\ufe0e": "VARIATION SELECTOR-15 (text)",
+    "\ufe0f": "VARIATION SELECTOR-16 (emoji)",
+    "\U000e0041": "TAG LATIN CAPITAL LETTER A",
+    "\U000e0067": "TAG LATIN SMALL LETTER G",
+    "\U000e007f": "CANCEL TAG",
+    "\U000e0100": "VARIATION SELECTOR-17",
+}
+NAMES = {**BIDI_AND_INVISIBLE, **DEFAULT_IGNORABLE, **IN_CONTEXT_ONLY}
 
 
 def char_id(char: str) -> str:
-    return BIDI_AND_INVISIBLE.get(char, f"U+{ord(char):04X}")
+    return NAMES.get(char, f"U+{ord(char):04X}")
 
 
 # An escape as shown, read back: the inverse a reader of the output applies.
-ESCAPE = re.compile(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|[nrt\\])")
+ESCAPE = re.compile(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|[nrt\\])")
 
 
 def unescape(shown: str) -> str:
     def one(match: re.Match) -> str:
         code = match.group(1)
-        if code[0] in "xu":
+        if code[0] in "xuU":
             return chr(int(code[1:], 16))
         return {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}[code]
     return ESCAPE.sub(one, shown)
@@ -79,7 +118,7 @@ def test_an_unsafe_character_is_shown_as_its_escape(char, shown):
     assert visible(f"a{char}b") == f"a{shown}b"
 
 
-@pytest.mark.parametrize("char", ESCAPED, ids=char_id)
+@pytest.mark.parametrize("char", [*ESCAPED, *IN_CONTEXT_ONLY], ids=char_id)
 def test_every_character_of_every_unsafe_class_is_escaped(char):
     shown = visible(char)
     assert shown.startswith("\\") and len(shown) > 1
@@ -104,6 +143,33 @@ def test_what_is_shown_reads_back_as_exactly_what_was_sent(text):
     assert unescape(shown) == text
 
 
+# Text of emoji, joiners, selectors and tags, mixed with letters, so that
+# the contextual rules meet every neighbour.
+NEAR_EMOJI = st.text(st.sampled_from([*IN_CONTEXT_ONLY, "\U0001f3f4", "\U0001f468", "\u2764",
+                                      "\u0915", "\u094d", "\u8fbb", "1", "a", "\\"]))
+
+
+SELECTORS = "\ufe0e\ufe0f\U000e0100"
+
+
+@given(NEAR_EMOJI)
+def test_invisible_characters_are_kept_only_beside_what_they_join(text):
+    shown = visible(text)
+    assert unescape(shown) == text
+    for i, char in enumerate(shown):
+        if char not in IN_CONTEXT_ONLY:
+            continue
+        # Never first, never after ASCII (an escape, a letter, a digit with
+        # no keycap), never one selector after another (a hidden message).
+        before = shown[i - 1] if i else ""
+        assert before and not before.isascii(), (text, shown, i)
+        assert not (char in SELECTORS and before in SELECTORS), (text, shown, i)
+        if char in "\u200c\u200d":  # a joiner joins two things that show
+            after = shown[i + 1:i + 2]
+            assert after and not after.isascii() and after not in IN_CONTEXT_ONLY, \
+                (text, shown, i)
+
+
 # --- what is left alone -------------------------------------------------------------
 
 LEFT_ALONE = {
@@ -122,18 +188,59 @@ LEFT_ALONE = {
     "flag and keycap": "\U0001f1eb\U0001f1f7 1\ufe0f\u20e3",
     "subdivision flag (tag characters)":
         "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f",
+    "subdivision flag in a ZWJ sequence": "\U0001f3f4\U000e0067\U000e0062\U000e0077"
+        "\U000e006c\U000e0073\U000e007f\u200d\U0001f525",
+    "rainbow flag (VS16 inside a ZWJ sequence)": "\U0001f3f3\ufe0f\u200d\U0001f308",
+    "person with skin tone in a ZWJ sequence": "\U0001f9d1\U0001f3fd\u200d\U0001f4bb",
+    "text presentation": "\u2764\ufe0e \u263a\ufe0e",
+    "Devanagari half form with a zero width joiner": "\u0915\u094d\u200d\u0937",
+    "CJK ideographic variation sequence": "\u8fbb\U000e0100",
     "typographic punctuation": "\u201cquoted\u201d \u2018it\u2019s\u2019 \u2014 \u2013 \u2026 \u00ab\u00bb",
     "symbols": "\u20ac \u00a3 \u00a9 \u00b0 \u00b1 \u00d7 \u2192 \u2713",
     # the neighbours of the escaped ranges
     "no-break space (after C1)": "\u00a0",
     "narrow no-break space (after the overrides)": "\u202f",
-    "zero width joiner": "\u200d",
+    "Hangul syllables (beside the fillers)": "\ud55c\uae00 \u1100\u1161",
 }
 
 
 @pytest.mark.parametrize("text", LEFT_ALONE.values(), ids=LEFT_ALONE.keys())
 def test_ordinary_text_of_every_script_is_left_alone(text):
     assert visible(text) == text
+
+
+# --- invisible characters that are kept only where they are part of writing -------
+
+OUT_OF_PLACE = {  # text: how it is shown (the emoji stay as they are)
+    "a joiner between Latin letters": ("pay\u200dpal", "pay\\u200dpal"),
+    "a non-joiner between Latin letters": ("pay\u200cpal", "pay\\u200cpal"),
+    "a joiner at the end": ("\U0001f468\u200d", "\U0001f468\\u200d"),
+    "a joiner after an emoji, before a letter": ("\U0001f468\u200dx", "\U0001f468\\u200dx"),
+    "a joiner between two joiners": ("\U0001f468\u200d\u200d\U0001f469",
+                                      "\U0001f468\\u200d\\u200d\U0001f469"),
+    "a non-joiner between emoji": ("\U0001f468\u200c\U0001f469",
+                                   "\U0001f468\\u200c\U0001f469"),
+    "an emoji selector after a letter": ("x\ufe0f", "x\\ufe0f"),
+    "a run of selectors after an emoji (a hidden message)":
+        ("\U0001f600\ufe0f\ufe0e\U000e0100", "\U0001f600\ufe0f\\ufe0e\\U000e0100"),
+    "an ideographic selector after a letter": ("a\U000e0100", "a\\U000e0100"),
+    "tags smuggling ASCII after a letter": ("hi\U000e0068\U000e0069",
+                                            "hi\\U000e0068\\U000e0069"),
+    "capital tags after the black flag": ("\U0001f3f4\U000e0041\U000e0042\U000e007f",
+                                          "\U0001f3f4\\U000e0041\\U000e0042\\U000e007f"),
+    "a tag sequence without its cancel tag": ("\U0001f3f4\U000e0067\U000e0062",
+                                              "\U0001f3f4\\U000e0067\\U000e0062"),
+    "a tag sequence too long for a flag": (
+        "\U0001f3f4" + "".join(chr(0xE0061 + i) for i in range(8)) + "\U000e007f",
+        "\U0001f3f4" + "".join(f"\\U{0xE0061 + i:08x}" for i in range(8)) + "\\U000e007f"),
+    "a lone cancel tag": ("\U000e007f", "\\U000e007f"),
+}
+
+
+@pytest.mark.parametrize("text,shown", OUT_OF_PLACE.values(), ids=OUT_OF_PLACE.keys())
+def test_invisible_characters_out_of_place_are_escaped(text, shown):
+    assert visible(text) == shown
+    assert visible(text, keep="\n") == shown.replace("\\\\", "\\")
 
 
 # --- keep: a window's layout characters ----------------------------------------------

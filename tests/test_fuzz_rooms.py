@@ -7,7 +7,10 @@ the promises of PROTOCOL.md that the core's tables must keep: each room's
 members are exactly the users with a loud connection in it, who is online is
 exactly who has a loud connection, every stream counts up by one, a direct
 message never reaches the PUB socket nor anyone but its two parties, and
-everything is persisted before anyone hears of it.
+everything is persisted before anyone hears of it. At times the disk is
+full: every write fails, and the core must refuse what it could not store,
+tell nobody of it, and keep its rooms, topics and sequence numbers as the
+stored events say.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ class RoomsMachine(RuleBasedStateMachine):
         self.core = BrokerCore(CONFIG)
         self.now = T0
         self.last_seq: dict[str, int] = {}  # stream -> the last seq persisted
+        self.disk_full = False
+        # (room key, name key) -> in the room, as the stored joins and leaves say
+        self.stored_in: dict[tuple[str, str], bool] = {}
+        self.stored_topic: dict[str, str] = {}  # room key -> the last stored topic
 
     # --- driving ------------------------------------------------------------------
 
@@ -52,13 +59,19 @@ class RoomsMachine(RuleBasedStateMachine):
     def send(self, peer: bytes, **body) -> None:
         self.check(self.core.handle(peer, frame(**body, **self.token(peer)), self.now, WALL), peer)
 
-    def check(self, out: list, peer: bytes | None) -> None:
+    def check(self, out: list, peer: bytes | None) -> list:
+        """Check what the core said, as carried out (after a failed write,
+        what it says instead), and return that."""
+        if self.disk_full and any(isinstance(item, Persist) for item in out):
+            out = self.core.persist_failed(out)
+            assert not any(isinstance(item, Persist) for item in out)
         persisted: list = []
         for item in out:
             if isinstance(item, Persist):
                 assert item.event.seq == self.last_seq.get(item.stream, 0) + 1, item
                 self.last_seq[item.stream] = item.event.seq
                 persisted.append(item.event)
+                self.store(item)
             elif isinstance(item, Publish):
                 event = item.event
                 if isinstance(event, m.SEQUENCED_EVENTS):
@@ -74,8 +87,20 @@ class RoomsMachine(RuleBasedStateMachine):
             elif isinstance(item, Reply):
                 assert peer is None or item.peer == peer or isinstance(item.message, m.Position)
                 m.encode(item.message)
+        return out
+
+    def store(self, record: Persist) -> None:
+        event = record.event
+        if isinstance(event, (m.Join, m.Leave)):
+            self.stored_in[(record.stream, m.name_key(event.name))] = isinstance(event, m.Join)
+        elif isinstance(event, m.Topic):
+            self.stored_topic[record.stream] = event.text
 
     # --- rules ----------------------------------------------------------------------
+
+    @rule(full=st.booleans())
+    def disk(self, full):
+        self.disk_full = full
 
     @rule(peer=peers, name=st.sampled_from(NAMES), secret=st.sampled_from([None, "s1", "s2"]),
           quiet=st.booleans(), joined=st.lists(rooms, max_size=4))
@@ -84,7 +109,10 @@ class RoomsMachine(RuleBasedStateMachine):
                 "rooms": joined}
         if secret:
             body["secret"] = secret
-        self.check(self.core.handle(peer, frame(**body), self.now, WALL), peer)
+        out = self.check(self.core.handle(peer, frame(**body), self.now, WALL), peer)
+        if any(isinstance(r, Reply) and isinstance(r.message, m.Error)
+               and r.message.code == m.ErrorCode.UNAVAILABLE for r in out):
+            assert peer not in self.core.sessions  # refused: as if never said
 
     @rule(peer=peers, room=rooms)
     def join(self, peer, room):
@@ -149,12 +177,23 @@ class RoomsMachine(RuleBasedStateMachine):
             assert user.visible == sum(not s.quiet for s in user.sessions)
 
     @invariant()
+    def rooms_and_streams_are_as_stored(self):
+        for stream_id, stream in self.core.streams.items():
+            assert stream.seq == self.last_seq.get(stream_id, 0)
+        leaving = {(key, m.name_key(name)) for key, name, _, _ in self.core.unrecorded_leaves}
+        for key, room in self.core.rooms.items():
+            stored = {name for (k, name), inside in self.stored_in.items() if k == key and inside}
+            assert set(room.members) == stored - {name for k, name in leaving if k == key}
+            assert room.topic == self.stored_topic.get(key, "")
+        assert all(self.stored_in[pair] for pair in leaving)
+
+    @invariant()
     def histories_stay_within_the_budget(self):
         total = sum(s.bytes for s in self.core.streams.values())
         assert self.core.history_bytes == total <= CONFIG.history_bytes
 
 
 RoomsMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None,
+    max_examples=300, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 test_rooms_and_connections_keep_their_invariants = RoomsMachine.TestCase
