@@ -45,10 +45,17 @@ def test_events_round_trip_per_stream_and_survive_a_reopen(tmp_path):
     again.close()
 
 
-def test_a_file_from_before_streams_is_migrated_into_the_main_stream(tmp_path):
-    path = str(tmp_path / "old.db")
+def file_of(path, script: str) -> str:
+    """A database file made by ``script``, as an older zchat left it."""
     db = sqlite3.connect(path)
-    db.executescript("""
+    db.executescript(script)
+    db.commit()
+    db.close()
+    return str(path)
+
+
+def test_a_file_from_before_streams_is_migrated_into_the_main_stream(tmp_path):
+    path = file_of(tmp_path / "old.db", """
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         CREATE TABLE events (seq INTEGER PRIMARY KEY, type TEXT NOT NULL, time REAL NOT NULL,
             name TEXT NOT NULL, text TEXT, reason TEXT, client_key TEXT, client_id TEXT);
@@ -56,8 +63,6 @@ def test_a_file_from_before_streams_is_migrated_into_the_main_stream(tmp_path):
         INSERT INTO events VALUES (1, 'join', 1.0, 'ann', NULL, NULL, NULL, NULL);
         INSERT INTO events VALUES (2, 'message', 2.0, 'ann', 'hello', NULL, 'ann', 'm1');
     """)
-    db.commit()
-    db.close()
     store = EventStore(path)
     assert store.epoch() == "oldepoch"
     assert store.recent_events(m.MAIN_STREAM, 10) == [m.Join(1, 1.0, "ann", m.GENERAL_ROOM),
@@ -117,9 +122,7 @@ def test_a_restarted_core_continues_every_room_and_direct_messages(tmp_path):
 
 
 def test_a_protocol_1_file_with_the_stream_all_becomes_general(tmp_path):
-    path = str(tmp_path / "v1.db")
-    db = sqlite3.connect(path)
-    db.executescript("""
+    path = file_of(tmp_path / "v1.db", """
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         CREATE TABLE stream_events (stream TEXT NOT NULL, seq INTEGER NOT NULL,
             type TEXT NOT NULL, time REAL NOT NULL, name TEXT NOT NULL, text TEXT, reason TEXT,
@@ -127,8 +130,6 @@ def test_a_protocol_1_file_with_the_stream_all_becomes_general(tmp_path):
         INSERT INTO meta VALUES ('epoch', 'e1');
         INSERT INTO stream_events VALUES ('all', 1, 'message', 1.0, 'ann', 'hi', NULL, 'ann', 'm1');
     """)
-    db.commit()
-    db.close()
     store = EventStore(path)
     assert store.streams() == [m.GENERAL_ROOM]
     assert store.recent_events(m.GENERAL_ROOM, 5) == [m.Message(1, 1.0, "ann", "hi",
