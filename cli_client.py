@@ -215,7 +215,10 @@ def room_name(text: str) -> str:
     """An argparse type: a valid room name (checked here, not by the broker)."""
     problem = m.room_problem(text)
     if problem:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a room name: {problem}")
+        # an unquoted '#' starts a shell comment, so '#ci' often arrives as 'ci'
+        hint = f" (did you mean '#{text}'? quote it: a bare # starts a shell comment)" \
+            if m.room_problem("#" + text) is None else ""
+        raise argparse.ArgumentTypeError(f"{text!r} is not a room name: {problem}{hint}")
     return text
 
 
@@ -253,10 +256,20 @@ def join(session: ClientSession, timeout: float) -> Joined:
             return event
         if isinstance(event, JoinRefused):
             raise CliError(join_refused_status(event), f"cannot join as {session.name}: "
-                                                       f"{event.reason}")
+                                                       f"{event.reason}{refusal_hint(event)}")
     hint = " or wrong --server-key" if session.encryption else ""
     raise CliError(Exit.UNREACHABLE, f"broker at {session.address} unreachable{hint} "
-                                     f"(no answer within {timeout:g}s)")
+                                     f"(no answer within {timeout:g}s; is broker.py running "
+                                     "there, and is that its --port?)")
+
+
+def refusal_hint(event: JoinRefused) -> str:
+    """What to do about a refused name, where there is something to do."""
+    if event.code == m.ErrorCode.NAME_TAKEN:
+        return (" by someone with another secret (to be the same person on another machine, "
+                "copy your ~/.config/zchat/secret there, or set ZCHAT_SECRET_FILE; "
+                "otherwise choose another --name)")
+    return ""
 
 
 # Refusals of a hello that are about its rooms, not about the name.
