@@ -1151,10 +1151,10 @@ class ChatWindow:
             self._refresh_sidebar()
             return
         del self.conversations[conversation.key]
+        self._layout_sidebar()
         if conversation is self.current:
             self.show(next(iter(self.conversations.values())))
         conversation.destroy()
-        self._layout_sidebar()
 
     # --- sending and commands ---------------------------------------------------
 
@@ -1198,6 +1198,7 @@ class ChatWindow:
     def _run_command(self, command: chat_commands.Command) -> None:
         """A /command typed into the field, as the terminal chat has them."""
         here = self.current
+        lines_before = here.lines_added
         first = command.word(0)
         if command.name == "/help":
             here.show_notice("commands:\n" + chat_commands.HELP, "presence")
@@ -1236,9 +1237,8 @@ class ChatWindow:
         elif command.name == "/quit":
             self.close()
             return
-        if not self.root.winfo_exists():
-            return
-        self.current.scroll_to_newest()
+        if here.lines_added != lines_before:  # a local answer: shown
+            here.scroll_to_newest()
 
     def _part(self, here: Conversation, room: str | None) -> None:
         if room is None and here.peer:  # closes a direct conversation (it comes back
