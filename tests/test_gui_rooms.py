@@ -149,3 +149,41 @@ def test_commands_typed_into_the_field(broker, clients, root):
     said = [(r.get("room"), r.get("to"), r["text"]) for r in records if r["type"] == "message"]
     assert said == [("#lab", None, "/me waves"), (None, "ears", "hello ears")]
     assert not any("nonsense" in line for line in ears.out.lines)
+
+
+def test_mentions_are_highlighted_counted_apart_and_notify_once_per_burst(broker, root,
+                                                                          monkeypatch):
+    notified = []
+    monkeypatch.setattr(gui_client, "notify_desktop", lambda *what: notified.append(what))
+    window = open_chat(root, broker, "alice")
+    join_room(root, window, "#lab")
+    lose_focus(root, window)
+    said = ["plain talk", "ALICE, look", "and @room too", "malice is no mention",
+            "alice.", "alice_2 is someone else"]
+    assert run_cli(broker, "send", name="bob", input="\n".join(said)).returncode == 0
+    pump_until(root, lambda: window.sidebar_text("#general") == "#general 6 · @3",
+               what="6 unread, 3 mentions")
+    assert root.title() == "(6 · @3) alice - zchat"
+    assert len(notified) == 1 and notified[0][0] == "bob (#general)"
+    assert notified[0][1] == "ALICE, look"
+    click_sidebar(root, window, "#general")
+    highlighted = {window.chat.get(*window.chat.tag_prevrange("mention", f"{at}+1c")).strip()
+                   for at in map(lambda t: window.chat.search(t, "1.0"), said)
+                   if "mention" in window.chat.tag_names(f"{at}+1c")}
+    assert highlighted == {"ALICE, look", "and @room too", "alice."}
+    # Still away, and still in the same burst: no second notification.
+    assert run_cli(broker, "send", "--to", "alice", "alice?", name="bob").returncode == 0
+    pump_until(root, lambda: "@bob" in window.sidebar_items, what="bob's direct message")
+    assert len(notified) == 1
+
+
+def test_a_direct_message_while_away_notifies_and_without_notify_send_nothing_fails(
+        broker, root, monkeypatch):
+    window = open_chat(root, broker, "alice")
+    lose_focus(root, window)
+    monkeypatch.setenv("PATH", "")  # no notify-send: the real hook does nothing, quietly
+    rung = []
+    monkeypatch.setattr(root, "bell", lambda *a: rung.append(a))
+    assert run_cli(broker, "send", "--to", "alice", "psst", name="bob").returncode == 0
+    pump_until(root, lambda: "@bob" in window.sidebar_items, what="bob's direct message")
+    assert window.sidebar_text("@bob") == "bob 1" and len(rung) == 1
