@@ -187,3 +187,62 @@ def test_a_direct_message_while_away_notifies_and_without_notify_send_nothing_fa
     assert run_cli(broker, "send", "--to", "alice", "psst", name="bob").returncode == 0
     pump_until(root, lambda: "@bob" in window.sidebar_items, what="bob's direct message")
     assert window.sidebar_text("@bob") == "bob 1" and len(rung) == 1
+
+
+def test_shift_enter_and_a_paste_send_one_message_with_its_line_breaks(broker, clients, root):
+    ears = listen(broker, "ears")
+    clients.append(ears)
+    window = open_chat(root, broker, "alice")
+    entry = window.entry
+    entry.focus_force()
+    entry.insert("insert", "first line")
+    entry.event_generate("<Shift-Return>")
+    entry.insert("insert", "second line")
+    root.update()
+    assert int(entry.cget("height")) == 2  # the field grew
+    press_enter(entry)
+    root.clipboard_clear()
+    root.clipboard_append("Traceback:\n    File x, line 1\nValueError: no")
+    entry.event_generate("<<Paste>>")
+    press_enter(entry)
+    wait_until(lambda: len(ears.messages()) == 2, 10, "two messages at the listener")
+    assert [r["text"] for r in ears.messages()] == [
+        "first line\nsecond line", "Traceback:\n    File x, line 1\nValueError: no"]
+    pump_until(root, lambda: chat_text(window).count("✓") == 2, what="both delivered")
+    assert int(entry.cget("height")) == 1
+    code_at = window.chat.search("    File x, line 1", "1.0")
+    assert "code" in window.chat.tag_names(code_at)
+    assert "code" not in window.chat.tag_names(window.chat.search("ValueError", "1.0"))
+    assert shown_line(window, "first line") == "first line"  # lines of their own
+    assert shown_line(window, "second line") == "second line  ✓"
+
+
+def test_fenced_code_is_monospace_and_a_long_message_is_folded(broker, root):
+    window = open_chat(root, broker, "alice")
+    fenced = "look:\n```\nx = 1\n```\nafter"
+    long = "\n".join(f"row {i}" for i in range(40))
+    for text in (fenced, long):
+        command(window, "//" + text if text.startswith("/") else text)
+    pump_until(root, lambda: chat_text(window).count("✓") == 2, what="both delivered")
+    tags = window.chat.tag_names
+    assert "code" in tags(window.chat.search("x = 1", "1.0"))
+    assert "code" not in tags(window.chat.search("after", "1.0"))
+    assert "row 19" in chat_text(window) and "row 20" not in chat_text(window)
+    more = window.chat.search("show more (20 more lines)", "1.0")
+    click_text(window.chat, f"{more}+2c")
+    root.update()
+    assert "row 39" in chat_text(window) and "show more" not in chat_text(window)
+
+
+def test_a_click_on_a_link_opens_it_in_the_browser(broker, root, monkeypatch):
+    opened = []
+    monkeypatch.setattr(gui_client, "open_link", opened.append)
+    window = open_chat(root, broker, "alice")
+    text = "see https://example.org/a?b=1, or http://x.test."
+    assert run_cli(broker, "send", text, name="bob").returncode == 0
+    pump_until(root, lambda: shown_line(window, "bob  see"), what="the link")
+    assert opened == []  # never opened by itself
+    click_text(window.chat, window.chat.search("example.org", "1.0"))
+    click_text(window.chat, window.chat.search("x.test", "1.0"))
+    assert opened == ["https://example.org/a?b=1", "http://x.test"]
+    assert window.chat.tag_cget("url", "underline") in ("1", 1, True)
