@@ -12,7 +12,10 @@ client, which knows what "the conversation on screen" is.
 
 from __future__ import annotations
 
+import re
+import time
 from dataclasses import dataclass
+from functools import lru_cache
 
 import messages as m
 from display import visible
@@ -92,3 +95,41 @@ def action_text(action: str) -> str:
 def as_action(text: str) -> str | None:
     """The action of a ``/me`` text, or None for ordinary text."""
     return text[len(ACTION_PREFIX):] if text.startswith(ACTION_PREFIX) else None
+
+
+# --- mentions and alerts, the same in the terminal and the window -------------------------
+
+ROOM_MENTION = re.compile(r"(?<![\w@])@room(?![\w-])", re.IGNORECASE)
+# Mentions and direct messages that come while the user is away ring the
+# bell (and notify) once per burst: an alert closer than this to the
+# previous one is part of the same burst.
+ALERT_QUIET_S = 10.0
+
+
+@lru_cache(maxsize=8)
+def _name_pattern(name: str) -> re.Pattern:
+    # A name as a word: not part of a longer name (names hold '.', '-', '_').
+    return re.compile(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
+
+
+def mentions(name: str, text: str) -> bool:
+    """True when ``text`` names ``name`` as a word (any case), or says @room."""
+    return bool(_name_pattern(name).search(text) or ROOM_MENTION.search(text))
+
+
+class Alerts:
+    """When to ring for a mention or a direct message: once per burst."""
+
+    def __init__(self, quiet_s: float = ALERT_QUIET_S):
+        self.quiet_s = quiet_s
+        self._last = float("-inf")
+
+    def due(self, now: float | None = None) -> bool:
+        """Called for each alert-worthy event: True for the first of a burst."""
+        now = time.monotonic() if now is None else now
+        first, self._last = now - self._last >= self.quiet_s, now
+        return first
+
+    def reset(self) -> None:
+        """The user is back: the next event starts a burst of its own."""
+        self._last = float("-inf")

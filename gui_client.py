@@ -37,7 +37,6 @@ import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable
 from tkinter import font as tkfont
 from tkinter import ttk
@@ -462,15 +461,10 @@ MAX_INPUT_LINES = 6
 # FOLD_SHOWN_LINES show, with "show more", so one paste does not fill the screen.
 FOLD_OVER_LINES = 30
 FOLD_SHOWN_LINES = 20
-# Mentions and direct messages that come while the window is not focused
-# ring the bell and show a notification once per burst: an alert closer than
-# this to the previous one is part of the same burst.
-ALERT_QUIET_S = 10.0
 NOTIFICATION_TEXT_CHARS = 200
 URL = re.compile(r"https?://[^\s<>\"'`]+[^\s<>\"'`.,;:!?)\]}]")
 CODE_FENCE = "```"
 CODE_INDENT = ("    ", "\t")
-ROOM_MENTION = re.compile(r"(?<![\w@])@room(?![\w-])", re.IGNORECASE)
 
 
 def open_link(url: str) -> None:
@@ -491,17 +485,6 @@ def notify_desktop(title: str, body: str) -> None:
                          start_new_session=True)
     except OSError:
         pass  # a notification is a courtesy: the chat goes on without it
-
-
-@lru_cache(maxsize=8)
-def _name_pattern(name: str) -> re.Pattern:
-    # A name as a word: not part of a longer name (names hold '.', '-', '_').
-    return re.compile(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
-
-
-def mentions(name: str, text: str) -> bool:
-    """True when ``text`` names ``name`` as a word (any case), or says @room."""
-    return bool(_name_pattern(name).search(text) or ROOM_MENTION.search(text))
 
 
 def count_label(title: str, unread: int, mentioned: int) -> str:
@@ -890,7 +873,7 @@ class ChatWindow:
         self._joining: set[str] = set()  # rooms the user asked to join: shown when in
         self._users_asked: set[str] = set()  # rooms whose /users answer is printed
         self.focused = True
-        self._last_alert_at = float("-inf")
+        self.alerts = chat_commands.Alerts()
         self.connection = State.CONNECTED
         self.connection_detail = ""
         self.retry_at: float | None = None
@@ -1335,7 +1318,7 @@ class ChatWindow:
         own = message.sender == self.name
         if own and not earlier and self._take_own_broadcast(message, conversation):
             return
-        mentioned = not own and mentions(self.name, message.text)
+        mentioned = not own and chat_commands.mentions(self.name, message.text)
         style = ("earlier",) if earlier else ("mention",) if mentioned else ()
         conversation.append(conversation.message_parts(message.time, message.sender,
                                                        message.text, style))
@@ -1349,10 +1332,7 @@ class ChatWindow:
 
     def _alert(self, conversation: Conversation, message: m.Message) -> None:
         """The bell and a desktop notification, once for a burst."""
-        now = time.monotonic()
-        quiet_before = now - self._last_alert_at >= ALERT_QUIET_S
-        self._last_alert_at = now
-        if quiet_before:
+        if self.alerts.due():
             self.root.bell()
             where = "a direct message" if conversation.peer else conversation.title
             notify_desktop(f"{message.sender} ({where})",
@@ -1532,7 +1512,7 @@ class ChatWindow:
         self.focused = bool(path) and str(self.root.tk.call("winfo", "toplevel", path)) == "."
         if self.focused:
             self.current.unread = self.current.mentions = 0
-            self._last_alert_at = float("-inf")  # the next burst while away rings again
+            self.alerts.reset()  # the next burst while away rings again
             self._refresh_sidebar()
         self._update_title()
 
