@@ -5,8 +5,16 @@
 Without a name (``--name`` or ``$CHAT_NAME``) a small dialog asks for one
 (the login name filled in), and for the broker's address, before the chat
 opens; the broker's reason for refusing a name is shown there and the user
-asked again. Enter sends; closing the window (or Ctrl+Q) leaves the chat at
-once.
+asked again. Closing the window (or Ctrl+Q) leaves the chat at once.
+
+The chat: a sidebar of conversations (rooms, then direct messages, with
+unread and mention counts), the conversation on screen (each has a Text
+widget of its own: switching only shows another widget), the people in it,
+and a field where Enter sends, Shift+Enter starts a new line, and the
+terminal chat's /commands work (chat_commands.py). Mentions are highlighted;
+while the window is not focused a mention or a direct message rings the
+bell and calls ``notify_desktop`` once per burst. Links open through
+``open_link`` on a click. (The tests patch those two hooks.)
 
 Threads: Tk is touched by the main thread alone. The session's worker thread
 owns the sockets (client_session.py); when it has queued events it writes a
@@ -723,7 +731,9 @@ class Conversation:
         parts = []
         for number, line in enumerate(lines):
             if number:
-                parts += ["\n", ("line",)]
+                # a code line's line break in the code style too: its
+                # background then reaches the right edge, a block
+                parts += ["\n", ("line", "code") if "code" in parts[-1] else ("line",)]
             parts += line
         return parts
 
