@@ -1110,11 +1110,16 @@ class ChatWindow:
             self._layout_sidebar()
         return conversation
 
-    def _conversation_of(self, message: m.Message) -> Conversation:
+    def _conversation_of(self, message: m.Message) -> Conversation | None:
+        """A direct message's conversation (opened if new), or the room's (None:
+        a room we are no longer in)."""
         if message.to is not None:
             own = m.name_key(message.sender) == m.name_key(self.name)
             return self._direct(message.to if own else message.sender)
-        return self._room(message.room or m.GENERAL_ROOM)
+        return self._room_of(message)
+
+    def _room_of(self, event) -> Conversation | None:
+        return self.conversations.get(m.room_key(event.room or m.GENERAL_ROOM))
 
     def show(self, conversation: Conversation) -> None:
         """Puts ``conversation`` on screen (its own widget: instant)."""
@@ -1325,6 +1330,8 @@ class ChatWindow:
 
     def _on_message(self, message: m.Message, earlier: bool = False) -> None:
         conversation = self._conversation_of(message)
+        if conversation is None:
+            return
         own = message.sender == self.name
         if own and not earlier and self._take_own_broadcast(message, conversation):
             return
@@ -1349,9 +1356,9 @@ class ChatWindow:
                            visible(message.text, keep="\n")[:NOTIFICATION_TEXT_CHARS])
 
     def _on_earlier(self, event: Earlier) -> None:
-        if event.messages and not event.stream.startswith(m.DM_STREAM_PREFIX):
-            self._room(event.stream).show_notice(f"{len(event.messages)} earlier message(s)",
-                                                 "presence")
+        room = self.conversations.get(event.stream)  # None: the direct messages
+        if event.messages and room is not None:
+            room.show_notice(f"{len(event.messages)} earlier message(s)", "presence")
         for message in event.messages:
             self._on_message(message, earlier=True)
 
@@ -1360,7 +1367,9 @@ class ChatWindow:
                              self.fonts.drawable(presence_text(event)), ("line", "presence")])
 
     def _on_presence(self, event: m.Join | m.Leave) -> None:
-        conversation = self._room(event.room or m.GENERAL_ROOM)
+        conversation = self._room_of(event)
+        if conversation is None:
+            return
         members = [n for n in conversation.members if m.name_key(n) != m.name_key(event.name)]
         if isinstance(event, m.Join):
             bisect.insort(members, event.name, key=m.name_key)
@@ -1370,7 +1379,9 @@ class ChatWindow:
             self._show_people()
 
     def _on_topic(self, event: m.Topic) -> None:
-        conversation = self._room(event.room or m.GENERAL_ROOM)
+        conversation = self._room_of(event)
+        if conversation is None:
+            return
         conversation.topic = event.text
         self._presence_line(conversation, event)
         if conversation is self.current:
