@@ -111,13 +111,19 @@ def test_sigterm_leaves_at_once_and_restores_the_terminal(chat):
     assert sent_by_typist(ears) == []
 
 
+def enter_room(broker, term, clients, room: str):
+    """A listener in ``room``, then the chat joins it; returns the listener."""
+    ears = listen(broker, f"{room[1:]}-ears", "--room", room)
+    clients.append(ears)
+    term.type(f"/join {room}" + ENTER)
+    term.wait_for(f"* typing to {room}", 10, "the room entered")
+    term.wait_for(f"{room}>", 10, "the prompt naming the room")
+    return ears
+
+
 def test_rooms_and_direct_messages_in_the_chat(broker, chat, clients):
     term, ears = chat
-    ci_ears = listen(broker, "ci-ears", "--room", "#ci")
-    clients.append(ci_ears)
-    term.type("/join #ci" + ENTER)
-    term.wait_for("* typing to #ci", 10, "the room entered")
-    term.wait_for("#ci>", 10, "the prompt naming the room")
+    ci_ears = enter_room(broker, term, clients, "#ci")
     term.type("to the room" + ENTER)
     line = ci_ears.out.wait_for(lambda l: '"message"' in l, 10, "the line in #ci")
     assert (json.loads(line)["room"], json.loads(line)["text"]) == ("#ci", "to the room")
@@ -140,10 +146,7 @@ def test_rooms_and_direct_messages_in_the_chat(broker, chat, clients):
 
 def test_switching_rooms_and_a_mention_while_a_line_is_half_typed(broker, chat, clients):
     term, ears = chat
-    lab_ears = listen(broker, "lab-ears", "--room", "#lab")
-    clients.append(lab_ears)
-    term.type("/join #lab" + ENTER)
-    term.wait_for("#lab>", 10, "the prompt naming #lab")
+    lab_ears = enter_room(broker, term, clients, "#lab")
     term.type("/switch #general" + ENTER)
     term.wait_for(input_line_holds("", after="* typing to #general"), 10, "back in #general")
     term.type("half typed")
