@@ -30,6 +30,7 @@ import argparse
 import bisect
 import ctypes
 import ctypes.util
+import html
 import itertools
 import os
 import queue
@@ -543,7 +544,8 @@ class InputField(tk.Text):
     def fit(self) -> None:
         """As many lines high as the text takes on screen, within bounds."""
         lines = self.count("1.0", "end-1c", "displaylines") or (0,)
-        height = min(MAX_INPUT_LINES, max(1, (lines[0] if isinstance(lines, tuple) else lines) + 1))
+        between = lines[0] if isinstance(lines, tuple) else lines  # line breaks on screen
+        height = min(MAX_INPUT_LINES, max(1, between + 1))
         if int(self.cget("height")) != height:
             self.around_resize(lambda: self.configure(height=height))
 
@@ -1028,7 +1030,8 @@ class ChatWindow:
         header = tk.Frame(self.chat_area, background=COLORS["chat_bg"], padx=12, pady=6)
         header.grid(row=0, column=0, sticky="ew")
         self.header_title = tk.Label(header, background=COLORS["chat_bg"],
-                                     foreground=COLORS["text"], font=(self.font_family, 12, "bold"))
+                                     foreground=COLORS["text"],
+                                     font=(self.font_family, 12, "bold"))
         self.header_title.pack(side="left")
         self.header_topic = tk.Label(header, background=COLORS["chat_bg"], anchor="w",
                                      foreground=COLORS["muted"], font=self.chat_font)
@@ -1052,7 +1055,8 @@ class ChatWindow:
         bar = ttk.Frame(self.root, padding=(10, 8))
         bar.grid(row=1, column=1, columnspan=2, sticky="ew")
         bar.columnconfigure(0, weight=1)
-        self.entry = InputField(bar, self._keeping_the_view, font=self.chat_font, relief="solid", borderwidth=1,
+        self.entry = InputField(bar, self._keeping_the_view, font=self.chat_font,
+                                relief="solid", borderwidth=1,
                                 highlightthickness=0, padx=6, pady=4)
         self.entry.grid(row=0, column=0, sticky="ew")
         self.entry.bind("<Return>", self.send_from_field)
@@ -1352,8 +1356,9 @@ class ChatWindow:
         if self.alerts.due():
             self.root.bell()
             where = "a direct message" if conversation.peer else conversation.title
-            notify_desktop(f"{message.sender} ({where})",
-                           visible(message.text, keep="\n")[:NOTIFICATION_TEXT_CHARS])
+            # escaped: notification servers may take the body as markup
+            text = visible(message.text, keep="\n")[:NOTIFICATION_TEXT_CHARS]
+            notify_desktop(f"{message.sender} ({where})", html.escape(text))
 
     def _on_earlier(self, event: Earlier) -> None:
         room = self.conversations.get(event.stream)  # None: the direct messages

@@ -101,7 +101,8 @@ def test_the_people_list_shows_who_is_in_the_room_on_screen(broker, clients, roo
 def test_a_direct_message_from_the_command_line_gets_its_own_conversation(broker, clients,
                                                                           root):
     window = open_chat(root, broker, "alice")
-    assert run_cli(broker, "send", "--to", "alice", "psst, are you there", name="bob").returncode == 0
+    said = run_cli(broker, "send", "--to", "alice", "psst, are you there", name="bob")
+    assert said.returncode == 0
     pump_until(root, lambda: "@bob" in window.sidebar_items, what="a conversation with bob")
     assert window.sidebar_text("@bob") == "bob 1"
     assert window.current.room == "#general" and "psst" not in chat_text(window)
