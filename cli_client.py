@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 
+import chat_commands
 import identity
 import keys
 import messages as m
@@ -562,48 +563,59 @@ def run_topic(session: ClientSession, args: argparse.Namespace) -> int:
 
 # --- interactive ----------------------------------------------------------------------
 
-CHAT_COMMANDS = {
-    "/help": "list these commands",
-    "/users [ROOM]": "list who is online (who is in ROOM)",
-    "/rooms": "list the rooms, how many are in each, and their topics",
-    "/join ROOM": "enter ROOM (made if new); what you type goes there from now on",
-    "/part [ROOM]": "leave ROOM (default: the room you type to)",
-    "/msg NAME TEXT": "send TEXT to NAME alone",
-    "/topic TEXT": "set the topic of the room you type to",
-    "/quit": "leave the chat (Ctrl-D on an empty line too)",
-}
-CHAT_HELP = "\n".join([*(f"  {command:<15} {what}" for command, what in CHAT_COMMANDS.items()),
-                       f"  {'//text':<15} sends /text (a message that starts with /)",
-                       "  Ctrl-C leaves too; up/down recall earlier lines."])
+CHAT_HELP = "\n".join([chat_commands.HELP,
+                       "  Alt+1..9 switches to the conversation with that number (/rooms "
+                       "lists the rooms);",
+                       "  Ctrl-C and Ctrl-D on an empty line leave too; up/down recall "
+                       "earlier lines."])
+# A mention on a terminal: bold yellow (never in a pipe, where escapes are noise).
+MENTION_STYLE, PLAIN_STYLE = "\x1b[1;33m", "\x1b[0m"
+BELL = "\a"
 
 
 class ChatRooms:
-    """The rooms the terminal chat is in, in the order entered; typed lines
-    go to the last one. Changed by the printer thread, read by the prompt."""
+    """The conversations of the terminal chat: the rooms it is in and the
+    people it talks to (``@name``), in the order opened, and the current one,
+    where typed lines go. Changed by the printer thread, read by the prompt."""
 
     def __init__(self, rooms: tuple[str, ...]):
         self._lock = threading.Lock()
-        self._joined = list(rooms)
+        self._open = list(rooms)
+        self._current = self._open[-1] if self._open else None
 
     @property
     def current(self) -> str | None:
         with self._lock:
-            return self._joined[-1] if self._joined else None
+            return self._current
 
-    def find(self, room: str) -> str | None:
-        """The room as we are in it, or None."""
+    def find(self, conversation: str) -> str | None:
+        """The conversation as opened, or None."""
         with self._lock:
-            return next((r for r in self._joined if m.room_key(r) == m.room_key(room)), None)
+            return next((c for c in self._open if m.room_key(c) == m.room_key(conversation)),
+                        None)
 
-    def entered(self, room: str) -> None:
-        """In ``room`` now (again): it becomes the one typed lines go to."""
-        self.left(room)
+    def nth(self, number: int) -> str | None:
+        """The conversation numbered ``number`` (from 1), or None."""
         with self._lock:
-            self._joined.append(room)
+            return self._open[number - 1] if 0 < number <= len(self._open) else None
 
-    def left(self, room: str) -> None:
+    def entered(self, conversation: str) -> None:
+        """In ``conversation`` now (again): it becomes the current one."""
+        known = self.find(conversation)
         with self._lock:
-            self._joined = [r for r in self._joined if m.room_key(r) != m.room_key(room)]
+            if known is None:
+                self._open.append(conversation)
+            self._current = known or conversation
+
+    def left(self, conversation: str) -> None:
+        with self._lock:
+            self._open = [c for c in self._open if m.room_key(c) != m.room_key(conversation)]
+            if self._current is not None and m.room_key(self._current) == m.room_key(conversation):
+                self._current = self._open[-1] if self._open else None
+
+
+def is_direct(conversation: str | None) -> bool:
+    return conversation is not None and conversation.startswith(m.DM_STREAM_PREFIX)
 
 
 def run_chat(session: ClientSession, args: argparse.Namespace) -> int:
@@ -615,12 +627,23 @@ def run_chat(session: ClientSession, args: argparse.Namespace) -> int:
     return asyncio.run(chat_loop(session, joined.name, ChatRooms((m.GENERAL_ROOM,))))
 
 
-def prompt_text(name: str, rooms: ChatRooms) -> str:
-    """``name> `` in #general; elsewhere the prompt names the room."""
-    current = rooms.current
-    if current is not None and m.room_key(current) == m.GENERAL_ROOM:
-        return f"{name}> "
-    return f"{name} {current or '(no room)'}> "
+def prompt_text(rooms: ChatRooms) -> str:
+    """``#general> ``: the conversation typed lines go to."""
+    return f"{rooms.current or '(no room)'}> "
+
+
+def switch_keys(rooms: ChatRooms):
+    """Alt+1..9: the conversation with that number becomes the current one."""
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+    for number in range(1, 10):
+        @bindings.add("escape", str(number))
+        def _switch(event, number=number) -> None:
+            if (conversation := rooms.nth(number)) is not None:
+                rooms.entered(conversation)
+                event.app.invalidate()  # the prompt names it
+    return bindings
 
 
 async def chat_loop(session: ClientSession, name: str, rooms: ChatRooms) -> int:
@@ -641,12 +664,16 @@ async def chat_loop(session: ClientSession, name: str, rooms: ChatRooms) -> int:
     for signum, status in STOP_STATUS.items():
         loop.add_signal_handler(signum, stop, status)
     # erase_when_done: the broker's echo shows the line
-    prompt = PromptSession(lambda: prompt_text(name, rooms), erase_when_done=True)
+    prompt = PromptSession(lambda: prompt_text(rooms), erase_when_done=True,
+                           key_bindings=switch_keys(rooms))
     sent: dict[str, str] = {}  # message id -> text, until acknowledged
+    # raw: our highlighting reaches the terminal (others' text is made
+    # safe by visible() before it is printed)
+    styled = sys.stdout.isatty()
     try:
-        with patch_stdout():
-            printer = threading.Thread(target=print_chat_events, args=(session, sent, rooms),
-                                       daemon=True)
+        with patch_stdout(raw=styled):
+            printer = threading.Thread(target=print_chat_events,
+                                       args=(session, sent, rooms, name, styled), daemon=True)
             printer.start()
             while True:
                 try:
@@ -671,74 +698,95 @@ def chat_line(session: ClientSession, line: str, sent: dict[str, str],
               rooms: ChatRooms) -> str | None:
     """Act on one typed line; returns the command it was, if any. A line
     whose first non-blank character is / is a command, never sent."""
-    stripped = line.strip()
-    if not stripped:
+    try:
+        what = chat_commands.parse(line)
+    except chat_commands.CommandError as problem:
+        err(str(problem))
         return None
-    if stripped.startswith("//"):
-        line = stripped[1:]
-    elif stripped.startswith("/"):
-        command, *words = stripped.split(maxsplit=2)
-        chat_command(session, command, words, sent, rooms)
-        return command
-    if rooms.current is None:
-        err("you are in no room: /join ROOM, or /msg NAME TEXT (not sent)")
-        return None
-    sent[session.send(line, room=rooms.current)] = line
+    if isinstance(what, chat_commands.Command):
+        chat_command(session, what, sent, rooms)
+        return what.name
+    if what is not None:
+        send_to(session, what, rooms.current, sent)
     return None
 
 
-def chat_command(session: ClientSession, command: str, words: list[str], sent: dict[str, str],
+def send_to(session: ClientSession, text: str, conversation: str | None,
+            sent: dict[str, str]) -> None:
+    """``text`` to a room, or to a person (``@name``)."""
+    if conversation is None:
+        err("you are in no room: /join ROOM, or /msg NAME TEXT (not sent)")
+    elif is_direct(conversation):
+        sent[session.send(text, to=conversation[1:])] = text
+    else:
+        sent[session.send(text, room=conversation)] = text
+
+
+def chat_command(session: ClientSession, command: chat_commands.Command, sent: dict[str, str],
                  rooms: ChatRooms) -> None:
-    """One /command with its words (at most two: the last holds the rest)."""
-    usage = next((c for c in CHAT_COMMANDS if c.split()[0] == command), None)
-    if usage is None:
-        err(f"unknown command {visible(command)} (not sent; /help lists the commands, "
-            "//text sends /text)")
-        return
-    wanted = usage.count(" ") - usage.count("[")  # words it needs
-    if len(words) < wanted:
-        err(f"usage: {usage}")
-        return
-    rest = " ".join(words)
-    room = words[0] if words and command in ("/users", "/join", "/part") else None
-    if room is not None and (problem := m.room_problem(room)):
-        err(f"{visible(room)} is not a room name: {problem}")
-    elif command == "/help":
+    """One /command, its words checked by chat_commands.parse."""
+    name, first, current = command.name, command.word(0), rooms.current
+    if name == "/help":
         out("commands:\n" + CHAT_HELP)
-    elif command == "/users":
-        session.who(room)
-    elif command == "/rooms":
+    elif name == "/users":
+        session.who(first)
+    elif name == "/rooms":
         session.list_rooms()
-    elif command == "/join":
-        if rooms.find(room):  # already in it: typing goes there now
-            rooms.entered(rooms.find(room))
+    elif name in ("/join", "/switch"):
+        if rooms.find(first):  # already in it: typing goes there now
+            rooms.entered(rooms.find(first))
             out(f"* typing to {rooms.current}")
+        elif name == "/join" and not is_direct(first):
+            session.join_room(first)
         else:
-            session.join_room(room)
-    elif command == "/part":
-        room = room or rooms.current
-        if room is None or not rooms.find(room):
-            err(f"you are not in {visible(room or 'any room')}")
+            err(f"you are not in {visible(first)} (/join it, or /msg someone)")
+    elif name == "/part":
+        conversation = rooms.find(first or current or "")
+        if conversation is None:
+            err(f"you are not in {visible(first or 'any room')}")
+        elif is_direct(conversation):  # a conversation with someone: closed here
+            rooms.left(conversation)
+            out(f"* typing to {rooms.current or 'no room'}")
         else:
-            session.part_room(rooms.find(room))
-    elif command == "/msg":
-        if (problem := m.name_problem(words[0])):
-            err(f"{visible(words[0])} is not a user name: {problem}")
+            session.part_room(conversation)
+    elif name == "/msg":
+        if command.word(1):
+            sent[session.send(command.word(1), to=first)] = command.word(1)
+        else:  # a conversation with the person: what is typed goes to them
+            rooms.entered(m.DM_STREAM_PREFIX + first)
+            out(f"* typing to {first} alone")
+    elif name == "/topic":
+        if current is None or is_direct(current):
+            err("not in a room: a topic is a room's")
         else:
-            text = words[1]
-            sent[session.send(text, to=words[0])] = text
-    elif command == "/topic":
-        if rooms.current is None:
-            err("you are in no room")
-        else:
-            session.set_topic(rooms.current, rest)
+            session.set_topic(current, command.rest)
+    elif name == "/me":
+        send_to(session, chat_commands.action_text(command.rest), current, sent)
 
 
-def print_chat_events(session: ClientSession, sent: dict[str, str], rooms: ChatRooms) -> None:
+def chat_event_line(event, name: str, current: str | None, styled: bool,
+                    alerts: chat_commands.Alerts) -> str:
+    """An event as the terminal chat prints it: a room other than the
+    current one named; a mention highlighted, and a mention or a direct
+    message to us ringing the bell once per burst, on a terminal only."""
+    line = event_line(event, None if is_direct(current) else current)
+    if not styled or not isinstance(event, m.Message) or event.sender == name:
+        return line
+    mentioned = chat_commands.mentions(name, event.text)
+    if mentioned:
+        line = MENTION_STYLE + line + PLAIN_STYLE
+    if (mentioned or event.to is not None) and alerts.due():
+        line = BELL + line
+    return line
+
+
+def print_chat_events(session: ClientSession, sent: dict[str, str], rooms: ChatRooms,
+                      name: str, styled: bool) -> None:
+    alerts = chat_commands.Alerts()
     while True:
         event = session.events.get()
         if isinstance(event, SHOWN_EVENTS):
-            out(event_line(event, rooms.current))
+            out(chat_event_line(event, name, rooms.current, styled, alerts))
         elif isinstance(event, m.Users):
             where = f"in {event.room}" if event.room else "online"
             out(f"{where}: " + ", ".join(visible(u) for u in event.users))

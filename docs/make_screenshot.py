@@ -3,10 +3,13 @@
     python docs/make_screenshot.py [--out docs/screenshot.png]
 
 Starts a broker on free loopback ports, its own Xvfb screen, the window
-(gui_client.py) as alice and a few command-line users, lets them talk,
-types alice's reply into the window with xdotool, then captures the window
-with xwd and writes it as PNG (converted here with the standard library:
-no Pillow or ImageMagick needed).
+(gui_client.py) as alice and a few command-line users. Alice enters three
+rooms and sets a topic by typing commands into the window (xdotool); the
+others talk in #general (a multi-line code message, a mention of alice, a
+link) and in the other rooms, and one writes to her directly, so the
+sidebar shows unread and mention counts. Then it captures the window with
+xwd and writes it as PNG (converted here with the standard library: no
+Pillow or ImageMagick needed).
 
 Needs (Debian): xvfb, xdotool, x11-apps (for xwd).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import struct
@@ -28,21 +32,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from procs import Broker, Client, listen, wait_until  # noqa: E402
+from procs import Broker, Client, listen, new_secret_file, run_cli, wait_until  # noqa: E402
 from xvfb import Xvfb  # noqa: E402
 
-WINDOW_TITLE = "alice - zchat"
-# (who, text): alice's lines are typed into the window, the others piped.
-CONVERSATION = [
-    ("bob", "morning all! build 142 is green again"),
-    ("chloe", "nice — was it the flaky cache test?"),
-    ("bob", "yes, fixed the ordering in the fixture"),
-    ("alice", "great, thanks bob! I'll cut the release after lunch"),
-    ("dmitri", "Привет! tests pass on my side too ✓"),
-    ("chloe", "café ☕ first, then the release notes ☺"),
-    ("bob", "release notes draft: https://intranet.example/notes/142 — comments welcome, "
-            "especially on the migration section, which got long"),
+# The title with the unread counts the picture shows (see SCENE).
+WINDOW_TITLE = "(3 · @1) alice - zchat"
+START_TITLE = "alice - zchat"
+CODE = """the flaky one, fixed in the fixture:
+```
+@pytest.fixture
+def cache(tmp_path):
+    store = Cache(tmp_path / "c.db")
+    yield store
+    store.close()  # was missing: the next test saw its lock
+```"""
+# What alice types into the window first: three rooms, #general on screen.
+ALICE_TYPES = ["/join #release", "/join #design", "/switch #general",
+               "/topic build 142 is green, release 1.4 on Thursday"]
+# (who, where, text), in order: a room, or "@alice" for a direct message.
+SCENE = [
+    ("bob", "#general", "morning all! build 142 is green again"),
+    ("chloe", "#general", "nice — was it the flaky cache test?"),
+    ("bob", "#general", CODE),
+    ("alice", "#general", "great, thanks bob! I'll cut the release after lunch"),
+    ("dmitri", "#general", "Привет! tests pass on my side too ✓"),
+    ("chloe", "#general", "alice, can you check the notes before 3? "
+                          "https://intranet.example/notes/142"),
+    ("chloe", "#release", "changelog is in, 14 entries"),
+    ("bob", "#design", "@alice new icons are up for review"),
+    ("dmitri", "@alice", "got a minute for the migration question?"),
 ]
+PEOPLE = ("bob", "chloe", "dmitri")
 
 
 def xwd_to_png(xwd: bytes) -> bytes:
@@ -101,31 +121,49 @@ def settled_capture(display: str, timeout: float = 10) -> bytes:
 
 
 def start_window(broker: Broker, display: str) -> subprocess.Popen:
-    env = dict(os.environ, DISPLAY=display)
+    env = dict(os.environ, DISPLAY=display, ZCHAT_SECRET_FILE=new_secret_file())
     env.pop("CHAT_NAME", None)
     return subprocess.Popen([sys.executable, "gui_client.py", "--port", str(broker.port),
                              "--name", "alice"], cwd=ROOT, env=env)
 
 
+def alice_types(display: str, window_id: str, text: str) -> None:
+    xdotool(display, "windowfocus", "--sync", window_id)
+    xdotool(display, "type", "--delay", "15", text)
+    xdotool(display, "key", "Return")
+
+
+def in_room(broker: Broker, room: str) -> list[str]:
+    answer = run_cli(broker, "users", "--room", room, "--json")
+    return json.loads(answer.stdout) if answer.returncode == 0 else []
+
+
 def chat(broker: Broker, display: str, clients: list) -> None:
-    """Everyone joins and says their lines, in order, each seen by a witness."""
-    witness = listen(broker, "erin")  # a quiet reader who confirms each line
-    clients.append(witness)
-    senders = {}
-    for who in dict.fromkeys(w for w, _ in CONVERSATION if w != "alice"):
-        senders[who] = Client(broker, "send", "--timeout", "60", name=who, stdin=subprocess.PIPE)
-        clients.append(senders[who])
-        witness.out.wait_for(lambda line, w=who: f'"name": "{w}"' in line, 10, f"{who} to join")
-    window_id = xdotool(display, "search", "--name", WINDOW_TITLE).split()[0]
-    for number, (who, text) in enumerate(CONVERSATION, 1):
+    """Everyone joins, alice enters her rooms, then each line is said in order."""
+    secrets = {who: {"ZCHAT_SECRET_FILE": new_secret_file()} for who in PEOPLE}
+    for who in PEOPLE:  # online in every room, and the same person as their sends
+        clients.append(listen(broker, who, "--room", "#general", "--room", "#release",
+                              "--room", "#design", env=secrets[who]))
+    window_id = xdotool(display, "search", "--name", START_TITLE).split()[0]
+    for text in ALICE_TYPES:
+        alice_types(display, window_id, text)
+        if text.startswith("/join"):
+            room = text.split()[1]
+            wait_until(lambda: "alice" in in_room(broker, room), 15, f"alice in {room}")
+    for who, where, text in SCENE:
         if who == "alice":
-            xdotool(display, "windowfocus", "--sync", window_id)
-            xdotool(display, "type", "--delay", "20", text)
-            xdotool(display, "key", "Return")
-        else:
-            senders[who].proc.stdin.write(text + "\n")
-            senders[who].proc.stdin.flush()
-        wait_until(lambda: len(witness.messages()) >= number, 15, f"message {number}")
+            alice_types(display, window_id, text)
+            continue
+        target = ["--to", where[1:]] if where.startswith("@") else ["--room", where]
+        sent = run_cli(broker, "send", *target, text, name=who, env=secrets[who])
+        if sent.returncode != 0:
+            raise RuntimeError(f"{who} could not send: {sent.stderr}")
+    # The window leaves the screen's focus to nobody: a click elsewhere would
+    # not be seen. The unread counts show once its title says so.
+    def titles() -> str:
+        return xdotool(display, "search", "--name", "zchat", "getwindowname", "%@")
+
+    wait_until(lambda: WINDOW_TITLE in titles().splitlines(), 20, "the counts in the title")
 
 
 def main() -> int:
@@ -142,7 +180,7 @@ def main() -> int:
         cleanup.callback(broker.kill)
         window = start_window(broker, xvfb.display)
         cleanup.callback(stop, window)
-        wait_until(lambda: xdotool(xvfb.display, "search", "--name", WINDOW_TITLE), 15,
+        wait_until(lambda: xdotool(xvfb.display, "search", "--name", START_TITLE), 15,
                    "the window")
         clients: list[Client] = []
         cleanup.callback(lambda: [client.stop() for client in clients])

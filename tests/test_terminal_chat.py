@@ -27,18 +27,18 @@ def chat(broker, clients):
     term = Terminal("cli_client.py", "--name", "typist", *broker.client_args)
     try:
         ears.out.wait_for(lambda l: '"typist"' in l and '"join"' in l, 15, "typist to join")
-        term.wait_for("typist>", 15, "the prompt")
+        term.wait_for("#general>", 15, "the prompt")
         yield term, ears
     finally:
         term.close()
 
 
-def input_line_holds(typed: str, after: str = ""):
+def input_line_holds(typed: str, after: str = "", prompt_text: str = "#general>"):
     """A condition: the newest input line (drawn after ``after``) shows ``typed``.
     (A redraw may move the cursor over the prompt's space rather than print it.)"""
     def holds(text: str) -> bool:
         text = text[text.rfind(after):] if after else text
-        prompt = text.rfind("typist>")
+        prompt = text.rfind(prompt_text)
         return prompt >= 0 and typed in text[prompt:]
     return holds
 
@@ -111,13 +111,19 @@ def test_sigterm_leaves_at_once_and_restores_the_terminal(chat):
     assert sent_by_typist(ears) == []
 
 
+def enter_room(broker, term, clients, room: str):
+    """A listener in ``room``, then the chat joins it; returns the listener."""
+    ears = listen(broker, f"{room[1:]}-ears", "--room", room)
+    clients.append(ears)
+    term.type(f"/join {room}" + ENTER)
+    term.wait_for(f"* typing to {room}", 10, "the room entered")
+    term.wait_for(f"{room}>", 10, "the prompt naming the room")
+    return ears
+
+
 def test_rooms_and_direct_messages_in_the_chat(broker, chat, clients):
     term, ears = chat
-    ci_ears = listen(broker, "ci-ears", "--room", "#ci")
-    clients.append(ci_ears)
-    term.type("/join #ci" + ENTER)
-    term.wait_for("* typing to #ci", 10, "the room entered")
-    term.wait_for("typist #ci>", 10, "the prompt naming the room")
+    ci_ears = enter_room(broker, term, clients, "#ci")
     term.type("to the room" + ENTER)
     line = ci_ears.out.wait_for(lambda l: '"message"' in l, 10, "the line in #ci")
     assert (json.loads(line)["room"], json.loads(line)["text"]) == ("#ci", "to the room")
@@ -136,3 +142,30 @@ def test_rooms_and_direct_messages_in_the_chat(broker, chat, clients):
                "the line in #general")
     assert [r.get("room") for r in ears.messages()] == [None, "#general"]
     assert [r["text"] for r in ci_ears.messages()] == ["to the room"]
+
+
+def test_switching_rooms_and_a_mention_while_a_line_is_half_typed(broker, chat, clients):
+    term, ears = chat
+    lab_ears = enter_room(broker, term, clients, "#lab")
+    term.type("/switch #general" + ENTER)
+    term.wait_for(input_line_holds("", after="* typing to #general"), 10, "back in #general")
+    term.type("half typed")
+    term.wait_for(input_line_holds("half typed"), 10, "the typed text on the input line")
+    assert run_cli(broker, "send", "--room", "#lab", "hey TYPIST, look", name="bob"
+                   ).returncode == 0
+    assert run_cli(broker, "send", "--to", "typist", "psst", name="bob").returncode == 0
+    assert run_cli(broker, "send", "a typist's word", name="bob").returncode == 0
+    term.wait_for("bob: a typist's word", 10, "the messages")
+    # The other room is named; the mention is highlighted; one bell for the burst.
+    assert "\x1b[1;33m" in term.raw.split("[#lab] bob: hey TYPIST, look")[0][-30:]
+    assert "bob → typist: psst" in term.text
+    assert term.raw.count("\a") == 1
+    term.wait_for(input_line_holds("half typed", after="a typist's word"), 10,
+                  "the input line redrawn below them")
+    term.type(" rest" + ENTER)
+    wait_until(lambda: sent_by_typist(ears), 10, "the typed line")
+    assert sent_by_typist(ears) == ["half typed rest"]
+    term.type("\x1b2")  # Alt+2: the second conversation, #lab
+    term.wait_for(lambda t: t.rstrip().endswith("#lab>"), 10, "the prompt naming #lab")
+    term.type("in the lab" + ENTER)
+    lab_ears.out.wait_for(lambda l: '"in the lab"' in l, 10, "the line in #lab")
