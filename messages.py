@@ -40,7 +40,6 @@ PROTOCOL_VERSION = 2
 # named by its room key ("#general"); every user's direct messages are one,
 # named "@" + the user's name key, and only that user may read it.
 GENERAL_ROOM = "#general"  # exists always; a client that names no room is in it
-MAIN_STREAM = GENERAL_ROOM
 DM_STREAM_PREFIX = "@"
 # Topics on the PUB socket. Each room has its own, ending in a NUL byte
 # because SUB topics match by prefix ("r:#lab" must not match "r:#lab2").

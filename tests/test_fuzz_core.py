@@ -117,7 +117,7 @@ class BrokerCoreMachine(RuleBasedStateMachine):
         assert persisted == published
         for i, item in enumerate(out):
             if isinstance(item, Publish) and isinstance(item.event, m.SEQUENCED_EVENTS):
-                assert Persist(m.MAIN_STREAM, item.event, ANY_ID) in out[:i]
+                assert Persist(m.GENERAL_ROOM, item.event, ANY_ID) in out[:i]
 
     def check_published(self, item: Publish):
         event = item.event

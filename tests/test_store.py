@@ -27,15 +27,15 @@ def test_events_round_trip_per_stream_and_survive_a_reopen(tmp_path):
     path = str(tmp_path / "chat.db")
     store = EventStore(path)
     epoch = store.epoch()
-    store.append(records(m.MAIN_STREAM, 1, 5))
+    store.append(records(m.GENERAL_ROOM, 1, 5))
     store.append(records("#lab", 1, 3) + [Persist("#lab", m.Leave(4, WALL, "ann", "quit", "#Lab")),
                                            Persist("#lab", m.Topic(5, WALL, "ann", "hw", "#Lab"))])
     store.append(records("@ann", 1, 1))
     store.close()
     again = EventStore(path)
     assert again.epoch() == epoch
-    assert again.streams() == [m.MAIN_STREAM, "#lab", "@ann"]
-    assert [e.seq for e in again.recent_events(m.MAIN_STREAM, 3)] == [3, 4, 5]
+    assert again.streams() == [m.GENERAL_ROOM, "#lab", "@ann"]
+    assert [e.seq for e in again.recent_events(m.GENERAL_ROOM, 3)] == [3, 4, 5]
     lab = again.recent_events("#lab", 10)
     assert lab[-2:] == [m.Leave(4, WALL, "ann", "quit", "#Lab"), m.Topic(5, WALL, "ann", "hw",
                                                                           "#Lab")]
@@ -65,10 +65,10 @@ def test_a_file_from_before_streams_is_migrated_into_the_main_stream(tmp_path):
     """)
     store = EventStore(path)
     assert store.epoch() == "oldepoch"
-    assert store.recent_events(m.MAIN_STREAM, 10) == [m.Join(1, 1.0, "ann", m.GENERAL_ROOM),
+    assert store.recent_events(m.GENERAL_ROOM, 10) == [m.Join(1, 1.0, "ann", m.GENERAL_ROOM),
                                                       m.Message(2, 2.0, "ann", "hello",
                                                                 m.GENERAL_ROOM)]
-    assert store.recent_ids(m.MAIN_STREAM, 10) == [(("ann", "m1"), 2)]
+    assert store.recent_ids(m.GENERAL_ROOM, 10) == [(("ann", "m1"), 2)]
     store.close()
 
 
