@@ -24,6 +24,8 @@ import socket
 import struct
 import time
 
+import pytest
+
 from client_session import Acked, ClientSession, Joined
 from procs import wait_until
 
@@ -136,3 +138,14 @@ def test_near_its_file_limit_the_broker_refuses_new_connections_and_logs_it(make
     wait_until(lambda: broker_files(pid) < 100, 10, "the idle connections to be closed")
     newcomer_chats(broker, "newcomer-two")
     assert broker.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_15000_idle_connections_from_one_address_leave_a_newcomer_room(make_broker):
+    """The issue's figure, at the broker's real file limit: 15,000 idle
+    connections from one address hold at most 64 of its files."""
+    broker = make_broker()
+    with idle_connections(broker.port, 15_000) as conns:
+        wait_until(lambda: still_open(conns) <= 64, 30, "the excess connections to be closed")
+        assert broker_files(broker.proc.pid) < 150
+        newcomer_chats(broker, "newcomer-three")
