@@ -141,6 +141,7 @@ def test_near_its_file_limit_the_broker_refuses_new_connections_and_logs_it(make
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)  # about 60 s on two cores: the broker accepts and refuses one by one
 def test_15000_idle_connections_from_one_address_leave_a_newcomer_room(make_broker):
     """The issue's figure, at the broker's real file limit: 15,000 idle
     connections from one address hold at most 64 of its files."""
