@@ -24,6 +24,7 @@ import time
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+import admission
 import keys
 import messages as m
 from broker_core import BrokerConfig, BrokerCore, Persist, Publish, Reply
@@ -95,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--coalesce-ms", type=float, default=COALESCE_S * 1000, metavar="MS",
                    help="longest wait to share a broadcast frame under a steady stream "
                         f"(default {COALESCE_S * 1000:g}; 0 sends every pass at once)")
+    p.add_argument("--max-per-address", type=int, default=admission.MAX_PER_ADDRESS, metavar="N",
+                   help="live connections from one address on each port; more are closed "
+                        f"at once (default {admission.MAX_PER_ADDRESS})")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     args = p.parse_args(argv)
@@ -103,9 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.heartbeat_interval <= 0 or args.heartbeat_liveness < 1:
         p.error("--heartbeat-interval must be > 0 and --heartbeat-liveness >= 1")
     if min(args.max_text, args.history, args.max_users, args.burst, args.max_rooms,
-           args.history_bytes) < 1:
-        p.error("--max-text, --history, --max-users, --burst, --max-rooms and --history-bytes "
-                "must be at least 1")
+           args.history_bytes, args.max_per_address) < 1:
+        p.error("--max-text, --history, --max-users, --burst, --max-rooms, --history-bytes "
+                "and --max-per-address must be at least 1")
     if args.rate <= 0 or args.coalesce_ms < 0:
         p.error("--rate must be positive and --coalesce-ms not negative")
     if args.allow and not args.curve_secret:
@@ -131,7 +135,8 @@ class BrokerShell:
 
     def __init__(self, core: BrokerCore, host: str, port: int, pub_port: int,
                  store: EventStore | None = None, curve: keys.KeyPair | None = None,
-                 allow_dir: str | None = None, coalesce: float = COALESCE_S):
+                 allow_dir: str | None = None, coalesce: float = COALESCE_S,
+                 max_per_address: int = admission.MAX_PER_ADDRESS):
         self.core = core
         self.store = store
         self.store_failing = False  # the last write failed
@@ -161,6 +166,13 @@ class BrokerShell:
         if curve is not None:
             keys.make_server(self.router, curve)
             keys.make_server(self.pub, curve)
+        for sock in (self.router, self.pub):
+            sock.setsockopt(zmq.HANDSHAKE_IVL, admission.HANDSHAKE_S * 1000)
+        # Counts connections per address and refuses the excess (admission.py);
+        # it watches from before the first connection can arrive.
+        self.admission = admission.Admission({"request": self.router, "broadcast": self.pub},
+                                             max_per_address)
+        self.admission.start()
         # Only a broker that binds names to keys needs each frame's key.
         self.keys_checked = bool(core.config.names_by_key)
         self.router.bind(f"tcp://{host}:{port}")
@@ -226,6 +238,7 @@ class BrokerShell:
         self._deliver(held, now)
 
     def close(self) -> None:
+        self.admission.stop()
         self.router.close(linger=0)
         self.pub.close()
         if self.auth is not None:
@@ -376,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         store = EventStore(args.db) if args.db else None
         core = make_core(args, store)
         shell = BrokerShell(core, args.host, args.port, args.pub_port, store, curve, args.allow,
-                            args.coalesce_ms / 1000)
+                            args.coalesce_ms / 1000, args.max_per_address)
     except keys.KeyFileError as e:
         print(f"broker: {e}", file=sys.stderr)
         return 1

@@ -202,12 +202,18 @@ TARGET_KINDS = (*ZCHAT_OPTIONS, *BASELINE_KINDS)
 UNLIMITED_RATE_ARGS = ["--rate", "1000000000", "--burst", "1000000000"]
 
 
+# Every load client connects from 127.0.0.1: the limit per address is lifted too.
+UNLIMITED_ADDRESS_ARGS = ["--max-per-address", "1000000"]
+
+
 @functools.cache
 def zchat_broker_args() -> tuple[str, ...]:
-    """Options for broker.py: the rate limit lifted, if this version has one."""
+    """Options for broker.py: the rate limit and the limit of connections
+    per address lifted, if this version has them."""
     help_text = subprocess.run([PYTHON, "broker.py", "--help"], cwd=ROOT, capture_output=True,
                                text=True, timeout=30).stdout
-    return tuple(UNLIMITED_RATE_ARGS) if "--burst" in help_text else ()
+    return ((tuple(UNLIMITED_RATE_ARGS) if "--burst" in help_text else ())
+            + (tuple(UNLIMITED_ADDRESS_ARGS) if "--max-per-address" in help_text else ()))
 
 
 class Target:
