@@ -610,7 +610,11 @@ class ClientCore:
         if self.dm is None or self.dm.id != m.dm_stream(w.name):
             self.dm = self._reader(m.dm_stream(w.name))
             fresh.append(self.dm)
-        positions = [(self._reader(m.room_key(r.room)), r.seq) for r in w.rooms]
+        # A room parted while we were away is still ours at the broker: part it
+        # there too, and follow it no more.
+        parted_meanwhile = [r.room for r in w.rooms if m.room_key(r.room) not in self.rooms]
+        positions = [(self._reader(m.room_key(r.room)), r.seq) for r in w.rooms
+                     if m.room_key(r.room) in self.rooms]
         positions.append((self.dm, w.dm_seq))
         out: list = []
         for reader, seq in positions:
@@ -635,6 +639,7 @@ class ClientCore:
         # rooms asked for while the hello was on its way are entered now
         for key in self.rooms.keys() - {m.room_key(r.room) for r in w.rooms}:
             out += self._probe_room(key)
+        out += [self._request(m.PartRoom(room, self.token), now) for room in parted_meanwhile]
         return out + self._flush(now)
 
     def _on_join_error(self, err: m.Error, now: float) -> list:

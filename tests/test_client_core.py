@@ -547,3 +547,22 @@ def test_rooms_and_direct_messages_are_separate_streams_end_to_end_in_memory():
     net.run(b"A", ann.send("m5", "bye bob", T0, room="#lab"))
     assert net.texts(b"B")[-1] == ("#Lab", "after it")
     assert bob.streams.keys() == {G, "@bob"}
+
+
+def test_a_room_parted_while_away_is_parted_at_the_broker_on_resuming():
+    core = ClientCore("ann", rooms=(G, "#lab"))
+    topic = ready_topic(core.start(T0))
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], topic), T0)
+    both = [m.Room(G, 0, "", 1), m.Room("#lab", 0, "", 1)]
+    core.receive_reply(reply(m.Welcome("ann", EPOCH, ["ann"], "tok", 1.0, 3, 100, both, 0)), T0)
+    now = core.broker_seen + 3.01
+    core.tick(now)  # the broker fell silent: we wait to reconnect
+    assert core.phase is Phase.WAITING
+    core.part_room("#lab", now)  # parted while away: only we know of it
+    out = core.tick(core.reconnect_at)
+    assert m.room_topic("#lab") not in out[0].topics
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], ready_topic(out)), now + 1)
+    resumed = m.Welcome("ann", EPOCH, ["ann"], "tok", 1.0, 3, 100, both, 0, resumed=True)
+    out = core.receive_reply(reply(resumed), now + 1)
+    assert m.PartRoom("#lab", "tok") in requests(out)
+    assert "#lab" not in core.streams
