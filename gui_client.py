@@ -602,6 +602,10 @@ class Conversation:
                                  background=COLORS["chat_bg"], foreground=COLORS["text"],
                                  highlightthickness=0, spacing1=2, spacing3=2, cursor="arrow")
         self.chat.configure(yscrollcommand=self._on_chat_scrolled)
+        # Whether the newest line was in view when the view last changed: a
+        # resize must keep it there, as chat windows do (Tk keeps the top line).
+        self.newest_in_view = True
+        self.chat.bind("<Configure>", self._on_chat_resized, add="+")
         self.chat.vbar.configure(width=10, relief="flat", borderwidth=0, elementborderwidth=0,
                                  troughcolor=COLORS["chat_bg"], background="#dadce0",
                                  activebackground="#bdc1c6", highlightthickness=0)
@@ -857,8 +861,15 @@ class Conversation:
 
     def _on_chat_scrolled(self, first: str, last: str) -> None:
         self.chat.vbar.set(first, last)
-        if float(last) >= 1.0:
+        self.newest_in_view = float(last) >= 1.0
+        if self.newest_in_view:
             self.new_marker.place_forget()
+
+    def _on_chat_resized(self, event) -> None:
+        # Runs before Tk redraws at the new size, so newest_in_view still
+        # tells where the view was.
+        if self.newest_in_view:
+            self.chat.see("end")
 
     def show_new_marker(self) -> None:
         self.new_marker.place(relx=1.0, rely=1.0, x=-16, y=-10, anchor="se")
