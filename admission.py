@@ -115,11 +115,18 @@ class Admission(threading.Thread):
                 monitor.close(linger=0)
 
     def stop(self) -> None:
-        """Stop the thread and detach the monitors; the sockets stay open."""
-        self.stopping.set()
-        self.join()
+        """Detach the monitors, then stop the thread; the sockets stay open.
+
+        In this order: libzmq sends each monitor event from its I/O thread
+        with a blocking send, holding the socket's monitor lock. With the
+        thread gone, an event (a peer leaving as the broker stops) would
+        wait for a reader forever, and disable_monitor() for that lock,
+        holding the GIL: the broker could not exit.
+        """
         for sock in self.watched:
             sock.disable_monitor()
+        self.stopping.set()
+        self.join()
 
     def _drain(self, label: str, monitor: zmq.Socket) -> None:
         while True:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import faulthandler
 import logging
 import math
 import secrets
@@ -191,6 +192,9 @@ class BrokerShell:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        # Where is a broker that does not stop? SIGUSR1 prints every thread's
+        # stack on stderr, even while one is stuck in C holding the GIL.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True

@@ -648,13 +648,12 @@ class BrokerCore:
             return self._direct(session, say, now, wall)
         sender_id = (session.user.name_key, say.id)
         named = self.rooms.get(m.room_key(say.room or m.GENERAL_ROOM))
-        if named is not None and (seq := named.stream.accepted_seq(sender_id)) is not None:
-            # a resend of an accepted message, even after a part: ack it again
-            return [Reply(peer, m.Ack(say.id, seq))]
+        if named is not None and (ack := self._ack_again(session, say, named.stream)):
+            return ack  # even after a part
         room = self._room_of(session, say.room or m.GENERAL_ROOM)
         if room is None:
             return self._not_in(peer, session, say.room or m.GENERAL_ROOM, say.id)
-        refusal = self._admit(session, say, room.stream, now, wall)
+        refusal = self._admit(session, say, now, wall)
         if refusal is not None:
             return refusal
         out = self._append(room.stream,
@@ -668,14 +667,13 @@ class BrokerCore:
         peer = session.peer
         sender = session.user
         own = self._dm_stream(m.dm_stream(sender.name))
-        if (seq := own.accepted_seq((sender.name_key, say.id))) is not None:
-            # a resend of an accepted message, even if its addressee left since
-            return [Reply(peer, m.Ack(say.id, seq))]
+        if ack := self._ack_again(session, say, own):
+            return ack  # even if its addressee left since
         addressee = self.by_name.get(m.name_key(say.to))
         if addressee is None or not addressee.visible:
             return self._refuse(peer, m.ErrorCode.USER_OFFLINE, f"{say.to} is not online",
                                 id=say.id, who=session.name)
-        refusal = self._admit(session, say, own, now, wall)
+        refusal = self._admit(session, say, now, wall)
         if refusal is not None:
             return refusal
         sender_id = (sender.name_key, say.id)
@@ -690,13 +688,15 @@ class BrokerCore:
             out += [Reply(s.peer, event) for s in user.sessions if not s.quiet]
         return [*out, Reply(peer, m.Ack(say.id, own.seq))]
 
-    def _admit(self, session: Session, say: m.Say, stream: Stream, now: float,
-               wall: float) -> list | None:
-        """None if ``say`` may be numbered in ``stream``; else the replies
-        that refuse it (an ack again, for a resend of an accepted message)."""
+    def _ack_again(self, session: Session, say: m.Say, stream: Stream) -> list | None:
+        """For a resend of a message ``stream`` accepted already, its ack
+        again (nothing is numbered twice); else None."""
         seq = stream.accepted_seq((session.user.name_key, say.id))
-        if seq is not None:
-            return [Reply(session.peer, m.Ack(say.id, seq))]
+        return None if seq is None else [Reply(session.peer, m.Ack(say.id, seq))]
+
+    def _admit(self, session: Session, say: m.Say, now: float, wall: float) -> list | None:
+        """None if ``say``, not a resend (see _ack_again), may be numbered;
+        else the replies that refuse it."""
         problem = m.text_problem(say.text, self.config.max_text)
         if problem:
             return self._refuse(session.peer, *problem, id=say.id, who=session.name)
