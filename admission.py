@@ -91,8 +91,9 @@ class Admission(threading.Thread):
         self.monitors = {
             label: sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
             for label, sock in sockets.items()}
-        # descriptor -> (port label, peer address as (host, port))
-        self.connections: dict[int, tuple[str, tuple]] = {}
+        # descriptor -> (port label, peer address as (host, port), monotonic
+        # time accepted); the broker's thread reads copies of it (outbound.py)
+        self.connections: dict[int, tuple[str, tuple, float]] = {}
         # (port label, host) -> live connections
         self.per_address: dict[tuple[str, str], int] = {}
         self.refused = 0
@@ -120,6 +121,11 @@ class Admission(threading.Thread):
         self.join()
         for sock in self.watched:
             sock.disable_monitor()
+
+    def live(self) -> dict[int, tuple[str, tuple, float]]:
+        """A copy of ``connections``, safe to read from another thread
+        (copying a dict is one step under the GIL)."""
+        return self.connections.copy()
 
     def _drain(self, label: str, monitor: zmq.Socket) -> None:
         while True:
@@ -152,7 +158,7 @@ class Admission(threading.Thread):
             return  # closed already (or not a TCP socket any more): nothing to count
         finally:
             conn.detach()
-        self.connections[fd] = (label, peer)
+        self.connections[fd] = (label, peer, time.monotonic())
         key = (label, peer[0])
         self.per_address[key] = self.per_address.get(key, 0) + 1
 
@@ -171,7 +177,7 @@ class Admission(threading.Thread):
         record = self.connections.pop(fd, None)
         if record is None:
             return
-        label, peer = record
+        label, peer, _ = record
         key = (label, peer[0])
         self.per_address[key] -= 1
         if not self.per_address[key]:
