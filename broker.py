@@ -388,9 +388,10 @@ class BrokerShell:
                 continue
             self.cut_log.warn(DISCONNECTED, cut.peer[0], cut.reason, now)
             if cut.routing_id is not None:
-                self.outbound.forget(cut.routing_id)
                 out += self.core.peer_unreachable(cut.routing_id, wall)
         self.cut_log.flush(now)
+        log.debug("outbound: %d connections hold %d bytes; %d subscribers",
+                  len(self.outbound.replies), self.outbound.held, len(self.outbound.subscribers))
         return out
 
 

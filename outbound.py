@@ -186,6 +186,8 @@ class ReplyBooks:
     acked: int = 0  # of those, acknowledged at the last reading
     joined: bool = False  # had a session at its last reply
     over_since: float | None = None
+    # Disconnected: no more replies; forgotten once libzmq has closed it.
+    cut: bool = False
 
     @property
     def outstanding(self) -> int:
@@ -227,7 +229,10 @@ class Outbound:
         self.subscribers: dict[int, SubscriberBooks] = {}
         # request descriptor -> monotonic time it was last seen with a session
         self.last_joined: dict[int, float] = {}
-        self.held = 0  # the total at the last sweep
+        # The total: counted at each sweep, and between sweeps kept up to
+        # date with what is sent (and acknowledged, where read). Past the
+        # budget, a peer holding more than NOT_JOINED_BYTES gets no reply.
+        self.held = 0
         self.freed = 0  # bytes cut since the allocator last gave memory back
 
     # --- per message -------------------------------------------------------
@@ -245,13 +250,16 @@ class Outbound:
         books = self.replies.get(routing_id)
         if books is None:
             return True
+        if books.cut:
+            return False  # replies built before it was cut, in the same pass
         books.joined = joined
-        if books.outstanding < books.limit:
+        limit = books.limit if self.held < self.budget else min(books.limit, NOT_JOINED_BYTES)
+        if books.outstanding < limit:
             return True
         acked = _acked(books.fd)
         if acked is not None:
-            books.acked = acked - books.acked_base
-        if books.outstanding < books.limit:
+            self._acked(books, acked)
+        if books.outstanding < limit:
             books.over_since = None
             return True
         if books.over_since is None:
@@ -261,11 +269,21 @@ class Outbound:
     def sent(self, routing_id: bytes, payload: int) -> None:
         books = self.replies.get(routing_id)
         if books is not None:
-            books.sent += wire_bytes(payload, self.curve)
+            size = wire_bytes(payload, self.curve)
+            books.sent += size
+            self.held += size
+
+    def _acked(self, books: ReplyBooks, acked: int) -> None:
+        """The kernel says ``acked`` bytes of ``books`` are acknowledged."""
+        before = books.outstanding
+        books.acked = acked - books.acked_base
+        self.held -= before - books.outstanding
 
     def forget(self, routing_id: bytes) -> None:
         """The ROUTER no longer knows ``routing_id``."""
-        self.replies.pop(routing_id, None)
+        books = self.replies.pop(routing_id, None)
+        if books is not None and not books.cut:
+            self.held -= max(0, books.outstanding)
 
     # --- once per interval ------------------------------------------------------
 
@@ -278,10 +296,14 @@ class Outbound:
         held = self._sweep_replies(now, sessions, cuts)
         held += self._sweep_subscribers(now, connections, cuts)
         self._sweep_unjoined(now, connections, cuts)
-        self.held = held
         if held > self.budget * HIGH_WATER:
             self._cut_largest(held, cuts)
-        self.freed += sum(cut.held for cut in cuts.values())
+        for cut in cuts.values():
+            if cut.routing_id is not None:
+                self.replies[cut.routing_id].cut = True
+        cut_bytes = sum(cut.held for cut in cuts.values())
+        self.held = held - cut_bytes
+        self.freed += cut_bytes
         return list(cuts.values())
 
     def trim_due(self) -> bool:
@@ -297,9 +319,12 @@ class Outbound:
             reading = _reading(books.fd)
             if reading is None or reading[0] != books.peer:
                 del self.replies[routing_id]  # gone; its descriptor may be another's now
-                self.freed += max(0, books.outstanding)
+                if not books.cut:
+                    self.freed += max(0, books.outstanding)
                 continue
-            books.acked = reading[1] - books.acked_base
+            if books.cut:
+                continue  # libzmq has not closed it yet; it is not counted any more
+            self._acked(books, reading[1])
             books.joined = routing_id in sessions
             if books.joined:
                 self.last_joined[books.fd] = now
@@ -366,6 +391,8 @@ class Outbound:
                     for fd, books in self.subscribers.items() if books.stalled_since is not None]
         holders.sort(key=lambda h: h[0], reverse=True)
         for size, fd, peer, rid in holders:
+            if rid is not None and self.replies[rid].cut:
+                continue
             if held <= self.budget * LOW_WATER or size <= 0:
                 break
             if fd in cuts:
