@@ -22,6 +22,7 @@ import pytest
 import zmq
 
 import messages as m
+import outbound
 from procs import listen, run_cli, wait_until
 from raw_peer import (SESSION_TOKENS, frame_of, join, raw_dealer, receive_reply, request,
                       rss_mib, send_body)
@@ -296,3 +297,39 @@ def test_a_connection_that_does_not_join_within_the_deadline_is_closed(make_brok
                           m.Ack)
     assert 0.9 <= waited, waited
     broker.wait_log(lambda line: "has not joined within 1 s" in line, 5, "the reason logged")
+
+
+def test_a_subscriber_that_never_reads_is_disconnected(make_broker, clients):
+    broker = budget_broker(make_broker)
+    normal = NormalClient(broker, clients)
+    ctx = zmq.Context()
+    try:
+        stalled = ctx.socket(zmq.SUB)
+        stalled.setsockopt(zmq.LINGER, 0)
+        stalled.setsockopt(zmq.RCVHWM, 1)
+        stalled.setsockopt(zmq.RCVBUF, 4096)
+        stalled.setsockopt(zmq.SUBSCRIBE, b"")
+        stalled.connect(f"tcp://127.0.0.1:{broker.pub_port}")
+        talker = ctx.socket(zmq.DEALER)
+        talker.setsockopt(zmq.LINGER, 0)
+        talker.connect(f"tcp://127.0.0.1:{broker.port}")
+        join(talker, "broadcaster")
+        sent = 0
+
+        def step():
+            nonlocal sent
+            for _ in range(20):  # 80 KB of broadcasts per step; the acks are not read
+                send_while_possible(talker, {"type": "say", "id": f"b{sent}", "text": "z" * 4000},
+                                    most=1)
+                sent += 1
+            time.sleep(0.01)  # a steady stream, not a flood the rate limit refuses
+
+        cut = lambda line: "subscriber has read nothing" in line  # noqa: E731
+        deadline = time.monotonic() + outbound.STALL_S + 5
+        while not any(cut(line) for line in broker.log.lines):
+            assert time.monotonic() < deadline, "the stalled subscriber was never cut"
+            attack(broker, normal, step, seconds=0.5)
+    finally:
+        ctx.destroy(linger=0)
+    normal.check()
+    normal.close()
