@@ -18,10 +18,12 @@ This module keeps the books, in the broker's thread:
   session) that peer's replies are not built; still over after ``SLOW_S``,
   it is disconnected.
 * **Broadcasts.** The XPUB filters by topic inside libzmq, so the bytes each
-  subscriber is sent are not known here. A subscriber whose kernel send
-  queue is not empty and whose acknowledged bytes have not moved since the
-  previous sweep is *stalled*: it holds at most its full queue
-  (``subscriber_bytes``), and is counted so. Stalled for ``STALL_S``, it is
+  subscriber is sent are not known here; what it can hold is: its queue
+  (``subscriber_bytes``, the XPUB's high-water mark times the largest
+  frame) and its kernel send queue. A subscriber whose kernel queue is
+  backed up (``BACKED_UP_BYTES``), or not empty while its acknowledged
+  bytes have not moved since the previous sweep (*stalled*), is counted at
+  that bound; one that keeps up, at nothing. Stalled for ``STALL_S``, it is
   disconnected, like NATS's slow consumer (its client reconnects and
   repairs from history).
 * **In total.** When the sum passes ``HIGH_WATER`` of the budget, the
@@ -69,6 +71,9 @@ STALL_S = 5.0
 # HIGH_WATER: a margin for what arrives before the next sweep.
 HIGH_WATER = 0.9
 LOW_WATER = 0.7
+# A subscriber whose kernel send queue holds this much is behind: its XPUB
+# queue may be full too, so it counts at its bound in the total.
+BACKED_UP_BYTES = 256 * 1024
 # A connection that has not joined this many seconds after it was accepted
 # (or after its session ended) is disconnected.
 JOIN_DEADLINE_S = 30.0
@@ -203,6 +208,7 @@ class SubscriberBooks:
     peer: tuple
     acked: int
     stalled_since: float | None = None
+    held: int = 0  # counted in the total at the last sweep
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,21 +359,25 @@ class Outbound:
             if books is None or books.peer != peer:
                 self.subscribers[fd] = SubscriberBooks(peer, reading[1])
                 continue
-            stalled = reading[2] > 0 and reading[1] == books.acked
+            queued = reading[2]
+            stalled = queued > 0 and reading[1] == books.acked
             books.acked = reading[1]
+            # Behind (its kernel queue backed up) or stalled, its XPUB queue
+            # may be full: counted at its bound. One that keeps up holds little.
+            books.held = (self.subscriber_bytes + queued
+                          if stalled or queued >= BACKED_UP_BYTES else 0)
+            held += books.held
             if not stalled:
                 books.stalled_since = None
                 continue
             if books.stalled_since is None:
                 books.stalled_since = now
-            held += self.subscriber_bytes + reading[2]
             if now - books.stalled_since >= STALL_S:
                 cuts[fd] = Cut(fd, peer, None, self.subscriber_bytes + reading[2],
                                f"subscriber has read nothing for {now - books.stalled_since:.0f} s")
         for fd in list(self.subscribers):
             if fd not in live:
-                if self.subscribers.pop(fd).stalled_since is not None:
-                    self.freed += self.subscriber_bytes
+                self.freed += self.subscribers.pop(fd).held
         return held
 
     def _sweep_unjoined(self, now: float, connections: dict, cuts: dict[int, Cut]) -> None:
@@ -385,12 +395,13 @@ class Outbound:
     def _cut_largest(self, held: int, cuts: dict[int, Cut]) -> None:
         """Cut the largest holders until the total is under LOW_WATER."""
         held -= sum(cut.held for cut in cuts.values())
-        holders = [(books.outstanding, books.fd, books.peer, rid)
+        # (bytes, stalled, ...): of equal holders, the stalled go first
+        holders = [(books.outstanding, True, books.fd, books.peer, rid)
                    for rid, books in self.replies.items()]
-        holders += [(self.subscriber_bytes, fd, books.peer, None)
-                    for fd, books in self.subscribers.items() if books.stalled_since is not None]
-        holders.sort(key=lambda h: h[0], reverse=True)
-        for size, fd, peer, rid in holders:
+        holders += [(books.held, books.stalled_since is not None, fd, books.peer, None)
+                    for fd, books in self.subscribers.items() if books.held]
+        holders.sort(key=lambda h: h[:2], reverse=True)
+        for size, _, fd, peer, rid in holders:
             if rid is not None and self.replies[rid].cut:
                 continue
             if held <= self.budget * LOW_WATER or size <= 0:
