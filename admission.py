@@ -39,6 +39,7 @@ closed by libzmq after ``HANDSHAKE_S`` (ZMQ_HANDSHAKE_IVL, set by the broker).
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import socket
 import threading
@@ -92,8 +93,10 @@ class Admission(threading.Thread):
             label: sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
             for label, sock in sockets.items()}
         # descriptor -> (port label, peer address as (host, port), monotonic
-        # time accepted); the broker's thread reads copies of it (outbound.py)
-        self.connections: dict[int, tuple[str, tuple, float]] = {}
+        # time accepted, its socket's inode to tell it from a later connection
+        # on the same descriptor); the broker's thread reads copies of it
+        # (outbound.py)
+        self.connections: dict[int, tuple[str, tuple, float, int]] = {}
         # (port label, host) -> live connections
         self.per_address: dict[tuple[str, str], int] = {}
         self.refused = 0
@@ -122,7 +125,7 @@ class Admission(threading.Thread):
         for sock in self.watched:
             sock.disable_monitor()
 
-    def live(self) -> dict[int, tuple[str, tuple, float]]:
+    def live(self) -> dict[int, tuple[str, tuple, float, int]]:
         """A copy of ``connections``, safe to read from another thread
         (copying a dict is one step under the GIL)."""
         return self.connections.copy()
@@ -148,6 +151,7 @@ class Admission(threading.Thread):
             return  # closed already: nothing to count
         try:
             peer = conn.getpeername()
+            ino = os.fstat(fd).st_ino
             refusal = self._refusal(label, peer[0], fd)
             if refusal is not None:
                 conn.shutdown(socket.SHUT_RDWR)
@@ -158,7 +162,7 @@ class Admission(threading.Thread):
             return  # closed already (or not a TCP socket any more): nothing to count
         finally:
             conn.detach()
-        self.connections[fd] = (label, peer, time.monotonic())
+        self.connections[fd] = (label, peer, time.monotonic(), ino)
         key = (label, peer[0])
         self.per_address[key] = self.per_address.get(key, 0) + 1
 
@@ -177,7 +181,7 @@ class Admission(threading.Thread):
         record = self.connections.pop(fd, None)
         if record is None:
             return
-        label, peer, _ = record
+        label, peer = record[:2]
         key = (label, peer[0])
         self.per_address[key] -= 1
         if not self.per_address[key]:

@@ -62,6 +62,9 @@ SUBSCRIPTION_BYTES = 4096
 # A client that never reads would get a log line for every reply dropped.
 REPLY_DROPPED = Cause("reply to {peer} dropped: {detail}",
                       "dropped {count} more replies to {peer} in the last {seconds} s")
+# Requests of a connection over its limit of unread replies (outbound.py).
+NOT_HEARD = Cause("requests from {peer} ignored: {detail}",
+                  "ignored {count} more requests from {peer} in the last {seconds} s")
 # A connection cut for what it holds, or for not joining: one line per peer
 # and interval, whatever the number of connections cut.
 DISCONNECTED = Cause("disconnected {peer}: {detail}",
@@ -295,6 +298,9 @@ class BrokerShell:
                             frames += self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return out, False
+            if peer in self.outbound.over:  # not reading: not listened to either
+                self.core.warnings.warn(NOT_HEARD, peer.hex(), "it has not read its replies", now)
+                continue
             out += self.core.handle(peer, frames, now, wall, key)
         return out, True
 
@@ -384,9 +390,10 @@ class BrokerShell:
             outbound.give_memory_back()
         out: list = []
         for cut in self.outbound.sweep(now, self.core.sessions, self.admission.live()):
-            if not outbound.disconnect(cut.fd, cut.peer):
+            if not outbound.disconnect(cut.fd, cut.ino):
                 continue
-            self.cut_log.warn(DISCONNECTED, cut.peer[0], cut.reason, now)
+            self.cut_log.warn(DISCONNECTED, cut.peer[0] if cut.peer else f"descriptor {cut.fd}",
+                              cut.reason, now)
             if cut.routing_id is not None:
                 out += self.core.peer_unreachable(cut.routing_id, wall)
         self.cut_log.flush(now)

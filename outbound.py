@@ -35,8 +35,8 @@ This module keeps the books, in the broker's thread:
 Disconnecting is ``shutdown(SHUT_RDWR)`` on libzmq's own descriptor, as
 admission.py does: libzmq reads end-of-file, closes the descriptor and
 frees the peer's queue. Descriptors are reused by the kernel, so before
-acting on one the peer address it had when first seen is compared with its
-address now. The sweep runs at most once per heartbeat interval; per reply
+acting on one its socket's inode is compared with the one it had when first
+seen. The sweep runs at most once per heartbeat interval; per reply
 the cost is a dictionary lookup and an addition, and a TCP_INFO reading only
 for a peer that looks over its limit.
 """
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import os
 import socket
 import struct
 import termios
@@ -109,60 +110,58 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def _borrowed(fd: int) -> socket.socket:
-    """A socket object on libzmq's descriptor; the caller must detach() it
-    (closing it would close libzmq's descriptor under it)."""
-    return socket.socket(fileno=fd)
+# libc's getsockopt and shutdown, called on libzmq's descriptors directly:
+# a Python socket object on them costs ~20 us to make and would close the
+# descriptor if it were ever collected undetached.
+_libc = ctypes.CDLL(None, use_errno=True)
+_getsockopt = _libc.getsockopt
+_getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                        ctypes.POINTER(ctypes.c_uint32)]
+_shutdown = _libc.shutdown
+_shutdown.argtypes = [ctypes.c_int, ctypes.c_int]
+_info = ctypes.create_string_buffer(TCP_INFO_LEN)  # one thread (the broker's) uses these
+_info_len = ctypes.c_uint32()
 
 
-def _reading(fd: int) -> tuple[tuple, int, int] | None:
-    """(peer address, bytes acknowledged, bytes in the send queue) of
-    descriptor ``fd``, or None when it is no TCP connection any more."""
+def identity(fd: int) -> int | None:
+    """What tells this connection from a later one on the same descriptor
+    number: its socket's inode (the kernel numbers sockets afresh)."""
     try:
-        sock = _borrowed(fd)
+        return os.fstat(fd).st_ino
     except OSError:
         return None
-    try:
-        peer = sock.getpeername()
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
-        queued = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except OSError:
-        return None
-    finally:
-        sock.detach()
-    return peer, struct.unpack_from("Q", info, BYTES_ACKED_OFFSET)[0], queued
 
 
 def _acked(fd: int) -> int | None:
-    try:
-        sock = _borrowed(fd)
-    except OSError:
+    """tcpi_bytes_acked of descriptor ``fd``, or None when it is no TCP socket."""
+    _info_len.value = TCP_INFO_LEN
+    if _getsockopt(fd, socket.IPPROTO_TCP, socket.TCP_INFO, _info, ctypes.byref(_info_len)):
         return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
-    except OSError:
-        return None
-    finally:
-        sock.detach()
-    return struct.unpack_from("Q", info, BYTES_ACKED_OFFSET)[0]
+    if _info_len.value < BYTES_ACKED_OFFSET + 8:
+        return None  # a kernel older than 4.1
+    return struct.unpack_from("Q", _info, BYTES_ACKED_OFFSET)[0]
 
 
-def disconnect(fd: int, peer: tuple) -> bool:
-    """End the TCP connection on libzmq's descriptor ``fd`` if it still goes
-    to ``peer``; libzmq then closes it and frees its queue."""
+def _reading(fd: int) -> tuple[int, int, int] | None:
+    """(identity, bytes acknowledged, bytes in the send queue) of descriptor
+    ``fd``, or None when it is no TCP connection any more."""
+    ino = identity(fd)
+    acked = None if ino is None else _acked(fd)
+    if acked is None:
+        return None
     try:
-        sock = _borrowed(fd)
+        queued = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     except OSError:
-        return False
-    try:
-        if sock.getpeername() != peer:
-            return False  # the descriptor was reused by another connection
-        sock.shutdown(socket.SHUT_RDWR)
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.detach()
+        return None
+    return ino, acked, queued
+
+
+def disconnect(fd: int, ino: int) -> bool:
+    """End the TCP connection on libzmq's descriptor ``fd`` if it is still
+    the one with identity ``ino``; libzmq then closes it and frees its queue."""
+    if identity(fd) != ino:
+        return False  # closed, or the descriptor was reused by another connection
+    return _shutdown(fd, socket.SHUT_RDWR) == 0
 
 
 _libc_trim = None
@@ -185,7 +184,7 @@ class ReplyBooks:
     """One request connection, as first seen."""
 
     fd: int
-    peer: tuple  # its address then, to recognise a reused descriptor
+    ino: int  # its identity then, to recognise a reused descriptor
     acked_base: int  # tcpi_bytes_acked then (the handshake)
     sent: int = 0  # wire bytes handed to libzmq since
     acked: int = 0  # of those, acknowledged at the last reading
@@ -205,7 +204,7 @@ class ReplyBooks:
 
 @dataclass(slots=True)
 class SubscriberBooks:
-    peer: tuple
+    ino: int
     acked: int
     stalled_since: float | None = None
     held: int = 0  # counted in the total at the last sweep
@@ -216,7 +215,8 @@ class Cut:
     """A connection to disconnect: ``routing_id`` is None for a subscriber."""
 
     fd: int
-    peer: tuple
+    ino: int  # the connection's identity (see identity())
+    peer: tuple | None  # its address, for the log
     routing_id: bytes | None
     held: int  # bytes counted against it
     reason: str
@@ -232,6 +232,10 @@ class Outbound:
         self.curve = curve
         self.join_deadline = join_deadline
         self.replies: dict[bytes, ReplyBooks] = {}
+        # Routing ids over their limit: their requests are not handled at
+        # all (building a history page costs even when it is not sent),
+        # until a sweep finds them under it again, or they are cut.
+        self.over: set[bytes] = set()
         self.subscribers: dict[int, SubscriberBooks] = {}
         # request descriptor -> monotonic time it was last seen with a session
         self.last_joined: dict[int, float] = {}
@@ -270,6 +274,7 @@ class Outbound:
             return True
         if books.over_since is None:
             books.over_since = now
+        self.over.add(routing_id)
         return False
 
     def sent(self, routing_id: bytes, payload: int) -> None:
@@ -288,6 +293,7 @@ class Outbound:
     def forget(self, routing_id: bytes) -> None:
         """The ROUTER no longer knows ``routing_id``."""
         books = self.replies.pop(routing_id, None)
+        self.over.discard(routing_id)
         if books is not None and not books.cut:
             self.held -= max(0, books.outstanding)
 
@@ -296,17 +302,18 @@ class Outbound:
     def sweep(self, now: float, sessions, connections: dict) -> list[Cut]:
         """Read the kernel's counts and decide whom to cut. ``sessions``:
         the routing ids with a session; ``connections``: admission's
-        descriptor -> (port label, peer address, accepted at) of every live
-        connection."""
+        descriptor -> (port label, peer address, accepted at, identity) of
+        every live connection."""
         cuts: dict[int, Cut] = {}
-        held = self._sweep_replies(now, sessions, cuts)
+        held = self._sweep_replies(now, sessions, connections, cuts)
         held += self._sweep_subscribers(now, connections, cuts)
         self._sweep_unjoined(now, connections, cuts)
         if held > self.budget * HIGH_WATER:
-            self._cut_largest(held, cuts)
+            self._cut_largest(held, connections, cuts)
         for cut in cuts.values():
             if cut.routing_id is not None:
                 self.replies[cut.routing_id].cut = True
+                self.over.add(cut.routing_id)  # what it still sent is not heard
         cut_bytes = sum(cut.held for cut in cuts.values())
         self.held = held - cut_bytes
         self.freed += cut_bytes
@@ -319,12 +326,14 @@ class Outbound:
         self.freed = 0
         return True
 
-    def _sweep_replies(self, now: float, sessions, cuts: dict[int, Cut]) -> int:
+    def _sweep_replies(self, now: float, sessions, connections: dict,
+                       cuts: dict[int, Cut]) -> int:
         held = 0
         for routing_id, books in list(self.replies.items()):
             reading = _reading(books.fd)
-            if reading is None or reading[0] != books.peer:
-                del self.replies[routing_id]  # gone; its descriptor may be another's now
+            if reading is None or reading[0] != books.ino:
+                del self.replies[routing_id]
+                self.over.discard(routing_id)  # gone; its descriptor may be another's now
                 if not books.cut:
                     self.freed += max(0, books.outstanding)
                 continue
@@ -336,10 +345,12 @@ class Outbound:
                 self.last_joined[books.fd] = now
             if books.outstanding < books.limit:
                 books.over_since = None
+                self.over.discard(routing_id)
             elif books.over_since is None:
                 books.over_since = now
             elif now - books.over_since >= SLOW_S:
-                cuts[books.fd] = Cut(books.fd, books.peer, routing_id, books.outstanding,
+                cuts[books.fd] = Cut(books.fd, books.ino, _address(connections, books.fd),
+                                     routing_id, books.outstanding,
                                      f"has not read {books.outstanding:,} bytes of replies "
                                      f"for {now - books.over_since:.0f} s")
             held += max(0, books.outstanding)
@@ -348,16 +359,16 @@ class Outbound:
     def _sweep_subscribers(self, now: float, connections: dict, cuts: dict[int, Cut]) -> int:
         held = 0
         live = set()
-        for fd, (label, peer, _) in connections.items():
+        for fd, (label, peer, _, ino) in connections.items():
             if label != "broadcast":
                 continue
             reading = _reading(fd)
-            if reading is None or reading[0] != peer:
+            if reading is None or reading[0] != ino:
                 continue
             live.add(fd)
             books = self.subscribers.get(fd)
-            if books is None or books.peer != peer:
-                self.subscribers[fd] = SubscriberBooks(peer, reading[1])
+            if books is None or books.ino != ino:
+                self.subscribers[fd] = SubscriberBooks(ino, reading[1])
                 continue
             queued = reading[2]
             stalled = queued > 0 and reading[1] == books.acked
@@ -373,7 +384,7 @@ class Outbound:
             if books.stalled_since is None:
                 books.stalled_since = now
             if now - books.stalled_since >= STALL_S:
-                cuts[fd] = Cut(fd, peer, None, self.subscriber_bytes + reading[2],
+                cuts[fd] = Cut(fd, ino, peer, None, books.held,
                                f"subscriber has read nothing for {now - books.stalled_since:.0f} s")
         for fd in list(self.subscribers):
             if fd not in live:
@@ -381,34 +392,39 @@ class Outbound:
         return held
 
     def _sweep_unjoined(self, now: float, connections: dict, cuts: dict[int, Cut]) -> None:
-        for fd, (label, peer, accepted) in connections.items():
+        for fd, (label, peer, accepted, ino) in connections.items():
             if label != "request" or fd in cuts:
                 continue
             since = max(accepted, self.last_joined.get(fd, accepted))
             if now - since >= self.join_deadline:
-                cuts[fd] = Cut(fd, peer, None, 0,
+                cuts[fd] = Cut(fd, ino, peer, None, 0,
                                f"has not joined within {self.join_deadline:g} s")
         for fd in list(self.last_joined):
             if fd not in connections:
                 del self.last_joined[fd]
 
-    def _cut_largest(self, held: int, cuts: dict[int, Cut]) -> None:
+    def _cut_largest(self, held: int, connections: dict, cuts: dict[int, Cut]) -> None:
         """Cut the largest holders until the total is under LOW_WATER."""
         held -= sum(cut.held for cut in cuts.values())
         # (bytes, stalled, ...): of equal holders, the stalled go first
-        holders = [(books.outstanding, True, books.fd, books.peer, rid)
+        holders = [(books.outstanding, True, books.fd, books.ino, rid)
                    for rid, books in self.replies.items()]
-        holders += [(books.held, books.stalled_since is not None, fd, books.peer, None)
+        holders += [(books.held, books.stalled_since is not None, fd, books.ino, None)
                     for fd, books in self.subscribers.items() if books.held]
         holders.sort(key=lambda h: h[:2], reverse=True)
-        for size, _, fd, peer, rid in holders:
+        for size, _, fd, ino, rid in holders:
             if rid is not None and self.replies[rid].cut:
                 continue
             if held <= self.budget * LOW_WATER or size <= 0:
                 break
             if fd in cuts:
                 continue
-            cuts[fd] = Cut(fd, peer, rid, size,
+            cuts[fd] = Cut(fd, ino, _address(connections, fd), rid, size,
                            f"holds {size:,} bytes, the most while all hold {held:,} "
                            f"(--max-memory {self.budget:,})")
             held -= size
+
+
+def _address(connections: dict, fd: int) -> tuple | None:
+    record = connections.get(fd)
+    return record[1] if record else None

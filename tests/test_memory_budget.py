@@ -35,10 +35,11 @@ HISTORY = 1000
 ATTACK_S = 4.0
 HOGS = 16
 NORMAL_LINES = 40
-# A normal request's round trip while the attack runs; the broker answers in
-# a few milliseconds when idle, and one sweep or one burst of encoding may
-# hold a pass up a little.
-NORMAL_LATENCY_S = 1.0
+# A normal request's round trip while the attack runs. The broker answers in
+# a few milliseconds when idle; under the attack a pass of the loop may hold
+# a thousand requests and the replies allowed to them (measured: 0.1-0.9 s
+# at most on two cores shared with other test runs).
+NORMAL_LATENCY_S = 2.0
 # Warnings during an attack: first lines and summaries only.
 LOG_LINES = 20
 # Back within 20% of the level before the attack (issue 14, item 2).
