@@ -164,19 +164,13 @@ def disconnect(fd: int, ino: int) -> bool:
     return _shutdown(fd, socket.SHUT_RDWR) == 0
 
 
-_libc_trim = None
-
-
 def give_memory_back() -> None:
-    """Ask glibc to return freed memory to the system (malloc_trim(0))."""
-    global _libc_trim
-    if _libc_trim is None:
-        try:
-            _libc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _libc_trim = False
-    if _libc_trim:
-        _libc_trim(0)
+    """Ask glibc to return freed memory to the system (malloc_trim(0)):
+    otherwise the memory of a pile of replies stays the process's after
+    they are freed."""
+    trim = getattr(_libc, "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 @dataclass(slots=True)

@@ -152,7 +152,7 @@ def after_the_attack(broker, baseline: float) -> None:
     """Memory back near the baseline and the CPU idle, soon."""
     pid = broker.proc.pid
     wait_until(lambda: rss_mib(pid) <= baseline * RSS_RETURN, 15,
-               f"RSS back within 20% of {baseline:.0f} MiB (now {rss_mib(pid):.0f})",
+               f"RSS back within 20% of {baseline:.0f} MiB",
                interval=0.2)
     wait_until(lambda: idle_for_a_second(pid), 5, "the broker's CPU to be idle", interval=0)
 
