@@ -39,7 +39,6 @@ closed by libzmq after ``HANDSHAKE_S`` (ZMQ_HANDSHAKE_IVL, set by the broker).
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import socket
 import threading
@@ -49,6 +48,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from log_limit import Cause, LogLimiter
+from outbound import identity
 
 log = logging.getLogger("zchat.broker")
 
@@ -119,11 +119,17 @@ class Admission(threading.Thread):
                 monitor.close(linger=0)
 
     def stop(self) -> None:
-        """Stop the thread and detach the monitors; the sockets stay open."""
-        self.stopping.set()
-        self.join()
+        """Detach the monitors, then stop the thread; the sockets stay open.
+
+        In this order: libzmq's I/O thread sends each event to the monitor
+        with a blocking send, holding the lock that disable_monitor() takes.
+        Once the thread has closed its end, the next event (a client leaving
+        as the broker shuts down) blocks the I/O thread for ever, and
+        disable_monitor() with it: the broker hung on SIGTERM."""
         for sock in self.watched:
             sock.disable_monitor()
+        self.stopping.set()
+        self.join()
 
     def live(self) -> dict[int, tuple[str, tuple, float, int]]:
         """A copy of ``connections``, safe to read from another thread
@@ -151,7 +157,9 @@ class Admission(threading.Thread):
             return  # closed already: nothing to count
         try:
             peer = conn.getpeername()
-            ino = os.fstat(fd).st_ino
+            ino = identity(fd)
+            if ino is None:
+                return  # closed already
             refusal = self._refusal(label, peer[0], fd)
             if refusal is not None:
                 conn.shutdown(socket.SHUT_RDWR)

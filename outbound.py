@@ -125,11 +125,13 @@ _info_len = ctypes.c_uint32()
 
 def identity(fd: int) -> int | None:
     """What tells this connection from a later one on the same descriptor
-    number: its socket's inode (the kernel numbers sockets afresh)."""
+    number: its socket's device and inode (the kernel numbers sockets
+    afresh)."""
     try:
-        return os.fstat(fd).st_ino
+        status = os.fstat(fd)
     except OSError:
         return None
+    return hash((status.st_dev, status.st_ino))  # a file elsewhere may share the number
 
 
 def _acked(fd: int) -> int | None:
