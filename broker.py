@@ -341,7 +341,7 @@ class BrokerShell:
             # is delivered on the next turn of this loop.
             outputs = []
             for reply in replies:
-                outputs += self._send_reply(reply)
+                outputs += self._send_reply(reply, now)
 
     def _stored(self, records: list[Persist]) -> bool:
         """Write the records in one transaction; False if the store failed
@@ -361,8 +361,7 @@ class BrokerShell:
             self.store_failing = False
         return True
 
-    def _send_reply(self, reply: Reply) -> list:
-        now = time.monotonic()
+    def _send_reply(self, reply: Reply, now: float) -> list:
         if not self.outbound.may_reply(reply.peer, reply.peer in self.core.sessions, now):
             self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(),
                                     "it has not read its earlier replies", now)
