@@ -28,9 +28,10 @@ from zmq.auth.thread import ThreadAuthenticator
 import admission
 import keys
 import messages as m
+import outbound
 from broker_core import BrokerConfig, BrokerCore, Persist, Publish, Reply
 from broker_stream import ACCEPTED_IDS_REMEMBERED
-from log_limit import Cause
+from log_limit import Cause, LogLimiter
 from store import EventStore, StoreError
 
 log = logging.getLogger("zchat.broker")
@@ -62,6 +63,15 @@ SUBSCRIPTION_BYTES = 4096
 # A client that never reads would get a log line for every reply dropped.
 REPLY_DROPPED = Cause("reply to {peer} dropped: {detail}",
                       "dropped {count} more replies to {peer} in the last {seconds} s")
+# Requests of a connection over its limit of unread replies (outbound.py).
+NOT_HEARD = Cause("requests from {peer} ignored: {detail}",
+                  "ignored {count} more requests from {peer} in the last {seconds} s")
+# A connection cut for what it holds, or for not joining: one line per peer
+# and interval, whatever the number of connections cut.
+DISCONNECTED = Cause("disconnected {peer}: {detail}",
+                     "disconnected {count} more connections of {peer} in the last {seconds} s")
+# Everything queued for clients together, by default: a small machine's share.
+MAX_MEMORY = 512 * 1024 * 1024
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,6 +110,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-per-address", type=int, default=admission.MAX_PER_ADDRESS, metavar="N",
                    help="live connections from one address on each port; more are closed "
                         f"at once (default {admission.MAX_PER_ADDRESS})")
+    p.add_argument("--max-memory", type=outbound.parse_size, default=MAX_MEMORY, metavar="SIZE",
+                   help="everything queued for clients together, as sent on the wire "
+                        "(e.g. 256M, 1G; default 512M); the largest holders are "
+                        "disconnected first")
+    p.add_argument("--join-deadline", type=float, default=outbound.JOIN_DEADLINE_S,
+                   metavar="SECONDS", help="a request connection without a session this "
+                   f"long is disconnected (default {outbound.JOIN_DEADLINE_S:g})")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     args = p.parse_args(argv)
@@ -111,8 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
            args.history_bytes, args.max_per_address) < 1:
         p.error("--max-text, --history, --max-users, --burst, --max-rooms, --history-bytes "
                 "and --max-per-address must be at least 1")
-    if args.rate <= 0 or args.coalesce_ms < 0:
-        p.error("--rate must be positive and --coalesce-ms not negative")
+    if args.rate <= 0 or args.coalesce_ms < 0 or args.join_deadline <= 0:
+        p.error("--rate and --join-deadline must be positive and --coalesce-ms not negative")
     if args.allow and not args.curve_secret:
         p.error("--allow needs --curve-secret")
     return args
@@ -137,7 +154,8 @@ class BrokerShell:
     def __init__(self, core: BrokerCore, host: str, port: int, pub_port: int,
                  store: EventStore | None = None, curve: keys.KeyPair | None = None,
                  allow_dir: str | None = None, coalesce: float = COALESCE_S,
-                 max_per_address: int = admission.MAX_PER_ADDRESS):
+                 max_per_address: int = admission.MAX_PER_ADDRESS,
+                 max_memory: int = MAX_MEMORY, join_deadline: float = outbound.JOIN_DEADLINE_S):
         self.core = core
         self.store = store
         self.store_failing = False  # the last write failed
@@ -174,6 +192,12 @@ class BrokerShell:
         self.admission = admission.Admission({"request": self.router, "broadcast": self.pub},
                                              max_per_address)
         self.admission.start()
+        # The books of what is queued for each client (outbound.py), swept
+        # once per heartbeat interval.
+        self.outbound = outbound.Outbound(max_memory, SUB_QUEUE_FRAMES * FRAME_BYTES,
+                                          curve is not None, join_deadline)
+        self.next_books = 0.0
+        self.cut_log = LogLimiter(log)
         # Only a broker that binds names to keys needs each frame's key.
         self.keys_checked = bool(core.config.names_by_key)
         self.router.bind(f"tcp://{host}:{port}")
@@ -201,7 +225,7 @@ class BrokerShell:
 
     def run(self) -> None:
         while not self.stopping:
-            deadline = self.core.next_deadline()
+            deadline = min(self.core.next_deadline(), self.next_books)
             if self.release_at is not None:
                 deadline = min(deadline, self.release_at)
             # Rounded up: pyzmq truncates to whole milliseconds, and a wait of
@@ -219,6 +243,8 @@ class BrokerShell:
             if self.pub in ready:
                 out += self._read_subscriptions(wall)
             out += self.core.tick(now, wall, backlog)
+            if now >= self.next_books:
+                out += self._keep_books(now, wall)
             self._send_or_hold(out, now)
         self._release(time.monotonic())
         self._deliver(self.core.shutdown(time.time()), time.monotonic())
@@ -261,12 +287,25 @@ class BrokerShell:
                 if self.keys_checked:
                     parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
                     key = parts[0].get("User-Id")
-                    frames = [part.bytes for part in parts]
+                    peer, *frames = [part.bytes for part in parts]
+                    if peer not in self.outbound.replies:
+                        self.outbound.first_seen(peer, source_fd(parts[0]))
                 else:
-                    frames, key = self.router.recv_multipart(zmq.NOBLOCK), None
+                    peer, key = self.router.recv(zmq.NOBLOCK), None
+                    if peer in self.outbound.replies:
+                        frames = self.router.recv_multipart(zmq.NOBLOCK)
+                    else:  # new: the descriptor it came on, once (outbound.py)
+                        first = self.router.recv(zmq.NOBLOCK, copy=False)
+                        self.outbound.first_seen(peer, source_fd(first))
+                        frames = [first.bytes]
+                        if first.more:
+                            frames += self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return out, False
-            out += self.core.handle(frames[0], frames[1:], now, wall, key)
+            if peer in self.outbound.over:  # not reading: not listened to either
+                self.core.warnings.warn(NOT_HEARD, peer.hex(), "it has not read its replies", now)
+                continue
+            out += self.core.handle(peer, frames, now, wall, key)
         return out, True
 
     def _read_subscriptions(self, wall: float) -> list:
@@ -306,7 +345,7 @@ class BrokerShell:
             # is delivered on the next turn of this loop.
             outputs = []
             for reply in replies:
-                outputs += self._send_reply(reply)
+                outputs += self._send_reply(reply, now)
 
     def _stored(self, records: list[Persist]) -> bool:
         """Write the records in one transaction; False if the store failed
@@ -326,17 +365,53 @@ class BrokerShell:
             self.store_failing = False
         return True
 
-    def _send_reply(self, reply: Reply) -> list:
+    def _send_reply(self, reply: Reply, now: float) -> list:
+        if not self.outbound.may_reply(reply.peer, reply.peer in self.core.sessions, now):
+            self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(),
+                                    "it has not read its earlier replies", now)
+            return []
+        body = m.encode(reply.message)
         try:
-            self.router.send_multipart([reply.peer, m.encode(reply.message)], zmq.NOBLOCK)
+            self.router.send_multipart([reply.peer, body], zmq.NOBLOCK)
         except zmq.Again:
-            self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(), "its queue is full",
-                                    time.monotonic())
+            self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(), "its queue is full", now)
+            return []
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
+            self.outbound.forget(reply.peer)
             return self.core.peer_unreachable(reply.peer, time.time())
+        self.outbound.sent(reply.peer, len(body))
         return []
+
+    def _keep_books(self, now: float, wall: float) -> list:
+        """Once per heartbeat interval: disconnect the connections that hold
+        too much, have stopped reading or never joined (outbound.py), end
+        their sessions, and give freed memory back to the system."""
+        self.next_books = now + self.core.config.heartbeat_interval
+        if self.outbound.trim_due():  # what was cut or left by the last sweep is freed by now
+            outbound.give_memory_back()
+        out: list = []
+        for cut in self.outbound.sweep(now, self.core.sessions, self.admission.live()):
+            if not outbound.disconnect(cut.fd, cut.ino):
+                continue
+            self.cut_log.warn(DISCONNECTED, cut.peer[0] if cut.peer else f"descriptor {cut.fd}",
+                              cut.reason, now)
+            if cut.routing_id is not None:
+                out += self.core.peer_unreachable(cut.routing_id, wall)
+        self.cut_log.flush(now)
+        log.debug("outbound: %d connections hold %d bytes; %d subscribers",
+                  len(self.outbound.replies), self.outbound.held, len(self.outbound.subscribers))
+        return out
+
+
+def source_fd(frame: zmq.Frame) -> int | None:
+    """The descriptor a received frame came in on (ZMQ_SRCFD: deprecated in
+    libzmq 4.3 but present), or None when libzmq does not say."""
+    try:
+        return frame.get(zmq.SRCFD)
+    except zmq.ZMQError:
+        return None
 
 
 def frames_of(encoded_events: list[bytes]):
@@ -393,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         store = EventStore(args.db) if args.db else None
         core = make_core(args, store)
         shell = BrokerShell(core, args.host, args.port, args.pub_port, store, curve, args.allow,
-                            args.coalesce_ms / 1000, args.max_per_address)
+                            args.coalesce_ms / 1000, args.max_per_address, args.max_memory,
+                            args.join_deadline)
     except keys.KeyFileError as e:
         print(f"broker: {e}", file=sys.stderr)
         return 1
