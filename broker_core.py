@@ -107,6 +107,11 @@ class BrokerConfig:
     # All histories together, in UTF-8 bytes of text plus a fixed cost per
     # event: rooms x history x max_text could otherwise reach gigabytes.
     history_bytes: int = 64 * 1024 * 1024
+    # Members above which a room stops announcing each join and leave and
+    # publishes its count once per heartbeat instead: every presence event
+    # costs a write per subscriber, and a list of thousands helps nobody
+    # (Twitch's chat does this above 1,000 viewers).
+    presence_threshold: int = 500
 
     @property
     def expiry(self) -> float:
@@ -178,6 +183,12 @@ class BrokerCore:
     warnings: LogLimiter = field(default_factory=lambda: LogLimiter(log))
     # the monotonic time of the latest input, for the warnings' intervals
     last_now: float = 0.0
+    # the wall time of the latest input, stamped on presence events
+    last_wall: float = 0.0
+    # room key -> room with joins or leaves not announced yet (this pass)
+    presence_due: dict[str, Room] = field(default_factory=dict)
+    # room key -> counting room whose count changed since the last heartbeat
+    counts_due: dict[str, Room] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.general = self._open_room(m.GENERAL_ROOM)
@@ -225,7 +236,7 @@ class BrokerCore:
         """A request from ``peer`` (the frames after its routing id) at
         monotonic time ``now`` and wall time ``wall``; ``client_key`` is the
         client's public key when the broker checks keys."""
-        self.last_now = now
+        self.last_now, self.last_wall = now, wall
         session = self.sessions.get(peer)
         try:
             request = m.decode_request(frames)
@@ -252,17 +263,24 @@ class BrokerCore:
         out: their pings may be in that backlog, and an overloaded broker
         must not announce live users as gone.
         """
-        self.last_now = now
+        self.last_now, self.last_wall = now, wall
         self.warnings.flush(now)
         out: list = []
         if now >= self.next_heartbeat:
             out += self._record_leaves()  # a write that failed is tried again
             out.append(Publish(self._heartbeat(wall), m.HEARTBEAT_TOPIC))
             out += self._announce_positions()
+            out += self._publish_counts()
             self.next_heartbeat = now + self.config.heartbeat_interval
-        if backlog or now < self.next_sweep:
-            return out
-        self.next_sweep = now + self.config.sweep_period
+        if not backlog and now >= self.next_sweep:
+            self.next_sweep = now + self.config.sweep_period
+            out += self._sweep(now, wall)
+        return out + self.flush_presence(wall)
+
+    def _sweep(self, now: float, wall: float) -> list:
+        """End the sessions silent for too long: the oldest activity is first
+        in ``sessions``, so only those due are visited."""
+        out: list = []
         deadline = now - self.config.expiry
         while self.sessions:
             oldest = next(iter(self.sessions.values()))
@@ -271,8 +289,19 @@ class BrokerCore:
             out += self._end_session(oldest, m.LeaveReason.TIMEOUT, wall)
         return out
 
+    def flush_presence(self, wall: float) -> list:
+        """Announce the joins and leaves of this pass: one presence event per
+        room (the shell's tick calls it at the end of every pass)."""
+        out: list = []
+        while self.presence_due:
+            key = next(iter(self.presence_due))
+            out += self._announce_presence(self.presence_due.pop(key), wall)
+        return out
+
     def next_deadline(self) -> float:
         """When tick() next has work to do (monotonic)."""
+        if self.presence_due:  # joins or leaves to announce (a peer found gone)
+            return self.last_now
         deadline = self.next_heartbeat
         if self.sessions:
             oldest = next(iter(self.sessions.values()))
@@ -386,15 +415,16 @@ class BrokerCore:
         (peer, room key) of the connections whose entering is refused, and
         of those whose topic is."""
         was_in: dict[tuple[str, str], bool] = {}  # (room key, name key): as stored
-        last_leave: dict[tuple[str, str], m.Leave] = {}
+        last_leave: dict[tuple[str, str], tuple[str, str, float]] = {}  # name, reason, time
         refused: set[tuple[bytes, str]] = set()
         for record in unwritten:
             event = record.event
-            if isinstance(event, (m.Join, m.Leave)):
-                pair = (record.stream, m.name_key(event.name))
-                was_in.setdefault(pair, isinstance(event, m.Leave))
-                if isinstance(event, m.Leave):
-                    last_leave[pair] = event
+            if isinstance(event, m.Presence):
+                for name, reason in event.people():
+                    pair = (record.stream, m.name_key(name))
+                    was_in.setdefault(pair, reason is not None)
+                    if reason is not None:
+                        last_leave[pair] = (name, reason, event.time)
             elif isinstance(event, m.Topic) and (user := self.by_name.get(
                     m.name_key(event.name))) is not None:
                 refused.update((s.peer, record.stream) for s in user.sessions)
@@ -402,8 +432,7 @@ class BrokerCore:
             room = self.rooms.get(key)
             inside = room is not None and name_key in room.members
             if stored_in and not inside:
-                leave = last_leave[(key, name_key)]
-                self.unrecorded_leaves.append((key, leave.name, leave.reason, leave.time))
+                self.unrecorded_leaves.append((key, *last_leave[(key, name_key)]))
             elif inside and not stored_in:
                 for session in self.by_name[name_key].sessions:
                     if not session.quiet and key in session.rooms:
@@ -531,7 +560,7 @@ class BrokerCore:
         dm = self.streams.get(m.dm_stream(session.name))
         rooms = [room.info(positions.get(key) if positions else None)
                  for key, room in session.rooms.items()]
-        return m.Welcome(session.name, self.epoch, self.user_names(), session.secret,
+        return m.Welcome(session.name, self.epoch, len(self.online), session.secret,
                          c.heartbeat_interval, c.heartbeat_liveness, c.max_text, rooms,
                          dm.seq if dm else 0, resumed)
 
@@ -597,37 +626,64 @@ class BrokerCore:
     def _enter(self, session: Session, room: Room, wall: float) -> list:
         """``session`` is now in ``room``: a join when its user was not."""
         room.sessions += 1
-        if session.quiet:
-            return []
-        user = session.user
-        name, count = room.members.get(user.name_key, (user.name, 0))
-        room.members[user.name_key] = (name, count + 1)
-        if count:
-            return []
-        return self._append(room.stream, lambda seq: m.Join(seq, wall, user.name, room.name))
+        if not session.quiet and room.add_member(session.user.name_key, session.user.name):
+            self._presence_changed(room)
+        return []
 
     def _exit(self, session: Session, room: Room, reason: str, wall: float) -> list:
-        """``session`` left ``room``: a leave when its user is no longer in it."""
-        if not self._leave_room(session, room):
-            return []
-        name = session.name
-        return self._append(room.stream, lambda seq: m.Leave(seq, wall, name, reason, room.name))
+        """``session`` left ``room``: a leave (announced at the end of the
+        pass) when its user is no longer in it."""
+        self._leave_room(session, room, reason)
+        return []
 
-    def _leave_room(self, session: Session, room: Room) -> bool:
+    def _leave_room(self, session: Session, room: Room, reason: str | None = None) -> bool:
         """Take ``session`` out of ``room``; True if its user is no longer in
-        it (a leave is due). An empty room in which nothing happened goes."""
+        it. A leave is announced with ``reason``; with None, none is (an
+        entry undone because it could not be stored). An empty room in which
+        nothing happened goes."""
         room.sessions -= 1
-        gone = False
-        if not session.quiet:
-            name_key = session.user.name_key
-            name, count = room.members[name_key]
-            if count > 1:
-                room.members[name_key] = (name, count - 1)
-            else:
-                del room.members[name_key]
-                gone = True
+        gone = not session.quiet and room.remove_member(session.user.name_key, reason)
+        if gone and reason is not None:
+            self._presence_changed(room)
         self._forget_if_unused(room)
         return gone
+
+    def _presence_changed(self, room: Room) -> None:
+        self.presence_due[m.room_key(room.name)] = room
+
+    def _announce_presence(self, room: Room, wall: float) -> list:
+        """One room's joins and leaves of this pass: a presence event, or,
+        for a room above the threshold, its count at the next heartbeat."""
+        key = m.room_key(room.name)
+        if self.rooms.get(key) is not room:
+            return []  # entered and left in this pass, and forgotten
+        joined, left = room.take_changes()
+        count = len(room.members)
+        if count > self.config.presence_threshold:
+            room.counting = True
+            self.counts_due[key] = room
+            return []
+        if room.counting:
+            # Back below the threshold: the count at once (the changes since
+            # the last one were never announced), then each change again.
+            room.counting = False
+            self.counts_due.pop(key, None)
+            room.count_published = count
+            return [Publish(m.Members(room.name, count), room.stream.topic)]
+        if not joined and not left:
+            return []
+        return self._append(room.stream, lambda seq: m.Presence(seq, wall, joined, left, room.name))
+
+    def _publish_counts(self) -> list:
+        """Each counting room whose count changed: its count, on its topic."""
+        out = []
+        for room in self.counts_due.values():
+            count = len(room.members)
+            if room.counting and count != room.count_published:
+                room.count_published = count
+                out.append(Publish(m.Members(room.name, count), room.stream.topic))
+        self.counts_due.clear()
+        return out
 
     def _forget_if_unused(self, room: Room) -> None:
         """A room nobody is in and nothing was said in goes."""
@@ -738,10 +794,10 @@ class BrokerCore:
     def _on_who(self, peer: bytes, session: Session | None, who: m.Who, now: float,
                 wall: float) -> list:
         if who.room is None:
-            return [Reply(peer, m.Users(self.user_names()))]
+            return [Reply(peer, _users_page(self.online, who.after, None))]
         room = self.rooms.get(m.room_key(who.room))
-        names = [] if room is None else [n for _, (n, _) in sorted(room.members.items())]
-        return [Reply(peer, m.Users(names, room.name if room else who.room))]
+        listed = [] if room is None else room.listed
+        return [Reply(peer, _users_page(listed, who.after, room.name if room else who.room))]
 
     def _on_ping(self, peer: bytes, session: Session | None, ping: m.Ping, now: float,
                  wall: float) -> list:
@@ -775,6 +831,7 @@ class BrokerCore:
     # --- helpers ------------------------------------------------------------------
 
     def user_names(self) -> list[str]:
+        """Everyone online, sorted by name key."""
         return [name for _, name in self.online]
 
     def _room_of(self, session: Session | None, room: str) -> Room | None:
@@ -850,6 +907,9 @@ class BrokerCore:
         The room's leaves whose write failed come first, so that the order
         stays true (a name that left is not seen to join before it left)."""
         out = self._record_leaves(stream.id)
+        if (room := self.presence_due.pop(stream.id, None)) is not None:
+            # this pass's joins go before what the people who joined say
+            out += self._announce_presence(room, self.last_wall)
         event = self._number(stream, make_event, sender_id)
         return [*out, Persist(stream.id, event, sender_id, previous_topic),
                 Publish(event, stream.topic)]
@@ -861,11 +921,15 @@ class BrokerCore:
             return []
         due = [leave for leave in self.unrecorded_leaves if room_key in (None, leave[0])]
         self.unrecorded_leaves = [leave for leave in self.unrecorded_leaves if leave not in due]
-        out: list = []
+        by_room: dict[str, list] = {}
         for key, name, reason, wall in due:
+            by_room.setdefault(key, []).append((name, reason, wall))
+        out: list = []
+        for key, leaves in by_room.items():
             room = self.rooms[key]  # kept: a room with a stored join has events
-            event = self._number(room.stream, lambda seq: m.Leave(seq, wall, name, reason,
-                                                                  room.name), None)
+            left, wall = [[name, reason] for name, reason, _ in leaves], leaves[-1][2]
+            event = self._number(room.stream, lambda seq: m.Presence(seq, wall, [], left,
+                                                                     room.name), None)
             out += [Persist(key, event), Publish(event, room.stream.topic)]
         return out
 
@@ -902,6 +966,20 @@ class BrokerCore:
         self.warnings.warn(REFUSED, who or peer.hex(), f"{reason[:LOG_QUOTE_CHARS]} ({code})",
                            self.last_now)
         return [Reply(peer, m.Error(code, reason, id))]
+
+
+def _users_page(listed: list[tuple[str, str]], after: str | None, room: str | None) -> m.Users:
+    """The names of ``listed`` (sorted (name key, name) pairs) after the
+    name key ``after``, as many as fit in WHO_PAGE_BYTES."""
+    start = 0 if after is None else bisect.bisect_right(listed, after, key=lambda e: e[0])
+    end, size = start, 0
+    while end < len(listed):
+        size += len(listed[end][1]) + 3  # names are ASCII: quotes and a comma
+        if end > start and size > m.WHO_PAGE_BYTES:
+            break
+        end += 1
+    cursor = listed[end - 1][0] if end < len(listed) else None
+    return m.Users([name for _, name in listed[start:end]], room, len(listed), cursor)
 
 
 def _unavailable(id: str | None, retry_after: float) -> m.Error:
