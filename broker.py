@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow", metavar="DIR",
                    help="with --curve-secret: admit only the public keys in DIR; "
                         "the key in NAME.key may join only as NAME")
+    p.add_argument("--presence-threshold", type=int, default=500, metavar="N",
+                   help="a room with more members announces no joins and leaves, only its "
+                        "count once per heartbeat (default 500)")
     p.add_argument("--coalesce-ms", type=float, default=COALESCE_S * 1000, metavar="MS",
                    help="longest wait to share a broadcast frame under a steady stream "
                         f"(default {COALESCE_S * 1000:g}; 0 sends every pass at once)")
@@ -110,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
            args.history_bytes, args.max_per_address) < 1:
         p.error("--max-text, --history, --max-users, --burst, --max-rooms, --history-bytes "
                 "and --max-per-address must be at least 1")
+    if args.presence_threshold < 0:
+        p.error("--presence-threshold must not be negative")
     if args.rate <= 0 or args.coalesce_ms < 0:
         p.error("--rate must be positive and --coalesce-ms not negative")
     if args.allow and not args.curve_secret:
@@ -359,6 +364,7 @@ def make_core(args: argparse.Namespace, store: EventStore | None) -> BrokerCore:
         history_bytes=args.history_bytes,
         rate=args.rate,
         burst=args.burst,
+        presence_threshold=args.presence_threshold,
         names_by_key=keys.names_by_key(args.allow) if args.allow else {},
     )
     if store is None:
