@@ -55,6 +55,12 @@ REPLY_QUEUE = 1000
 # went out just before. A lone message goes at once; a steady stream waits
 # at most this long, and pays a system call per subscriber less often.
 COALESCE_S = 0.002
+# Connections waiting for accept() on each port. libzmq's default of 100
+# overflows when thousands connect at once (a school logging in at 8:59):
+# the kernel drops their SYNs and each client retries after 1, 3, 7, 15 s,
+# which stretched a storm of 5,000 joins to half a minute. The kernel caps it
+# at net.core.somaxconn (4096 on current Linux).
+LISTEN_BACKLOG = 4096
 # Largest message accepted on the XPUB: subscriptions are ~30 bytes, but the
 # CurveZMQ handshake's commands count too (INITIATE is several hundred).
 SUBSCRIPTION_BYTES = 4096
@@ -173,6 +179,7 @@ class BrokerShell:
             keys.make_server(self.pub, curve)
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.HANDSHAKE_IVL, admission.HANDSHAKE_S * 1000)
+            sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         # Counts connections per address and refuses the excess (admission.py);
         # it watches from before the first connection can arrive.
         self.admission = admission.Admission({"request": self.router, "broadcast": self.pub},

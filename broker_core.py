@@ -60,6 +60,8 @@ log = logging.getLogger("zchat.broker")
 
 # Longest string from a peer quoted in a log line.
 LOG_QUOTE_CHARS = 80
+# Names one log line of joins or leaves shows before it counts the rest.
+LOG_NAMES = 10
 # Warnings a peer can repeat at will: each is logged once per peer and
 # interval, then summed up (log_limit.py), so that no flood floods the log.
 REFUSED = Cause("refused from {peer}: {detail}",
@@ -189,6 +191,10 @@ class BrokerCore:
     presence_due: dict[str, Room] = field(default_factory=dict)
     # room key -> counting room whose count changed since the last heartbeat
     counts_due: dict[str, Room] = field(default_factory=dict)
+    # who joined, resumed and left in this pass: one log line each per pass,
+    # since a line per person costs more than the join itself in a storm
+    pass_log: dict[str, list[str]] = field(
+        default_factory=lambda: {"join": [], "resume": [], "leave": []})
 
     def __post_init__(self) -> None:
         self.general = self._open_room(m.GENERAL_ROOM)
@@ -238,6 +244,10 @@ class BrokerCore:
         client's public key when the broker checks keys."""
         self.last_now, self.last_wall = now, wall
         session = self.sessions.get(peer)
+        if session is not None and (token := m.ping_token(frames)) is not None \
+                and _tokens_match(token, session.secret):
+            self._touch(session, now)  # a ping of its owner: a heartbeat, and nothing else
+            return []
         try:
             request = m.decode_request(frames)
         except m.ProtocolError as e:
@@ -296,7 +306,17 @@ class BrokerCore:
         while self.presence_due:
             key = next(iter(self.presence_due))
             out += self._announce_presence(self.presence_due.pop(key), wall)
+        self._log_pass()
         return out
+
+    def _log_pass(self) -> None:
+        """``join ann, bob and 998 more``: one line per kind per pass."""
+        for verb, names in self.pass_log.items():
+            if names:
+                more = len(names) - LOG_NAMES
+                log.info("%s %s%s", verb, ", ".join(names[:LOG_NAMES]),
+                         f" and {more} more" if more > 0 else "")
+                names.clear()
 
     def next_deadline(self) -> float:
         """When tick() next has work to do (monotonic)."""
@@ -533,7 +553,7 @@ class BrokerCore:
         for room in entered:
             session.rooms[m.room_key(room.name)] = room
             joins += self._enter(session, room, wall)
-        log.info("join %s%s", user.name, " (quiet)" if session.quiet else "")
+        self.pass_log["join"].append(user.name + (" (quiet)" if session.quiet else ""))
         return [Reply(peer, self._welcome(session, resumed=False, positions=positions)), *joins]
 
     def _rooms_problem(self, rooms: list[str]) -> str | None:
@@ -550,7 +570,7 @@ class BrokerCore:
         session.peer = peer
         session.last_seen = now
         self.sessions[peer] = session
-        log.info("resume %s", session.name)
+        self.pass_log["resume"].append(session.name)
         return [Reply(peer, self._welcome(session, resumed=True))]
 
     def _welcome(self, session: Session, resumed: bool,
@@ -886,7 +906,7 @@ class BrokerCore:
             out += self._exit(session, room, reason, wall)
         session.rooms.clear()
         self._detach(session)
-        log.info("leave %s (%s)", session.name, reason)
+        self.pass_log["leave"].append(f"{session.name} ({reason})")
         return out
 
     def _detach(self, session: Session) -> None:

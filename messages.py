@@ -640,6 +640,27 @@ def decode_request(frames: list[bytes]) -> Any:
     return _check_request(_build(REQUEST_TYPES, _parse_json(frames[0])))
 
 
+# A ping exactly as encode() writes it. Pings are most of what an idle broker
+# reads (every client, every interval), so it takes the token from this form
+# without decoding JSON; any other spelling is decoded as usual.
+_PING_HEAD = b'{"type":"ping","session":"'
+_PING_TAIL = b'"}'
+
+
+def ping_token(frames: list[bytes]) -> str | None:
+    """The session token of a one-frame ping in encode()'s own form (a token
+    of ASCII letters and digits); None for anything else."""
+    if len(frames) != 1:
+        return None
+    frame = frames[0]
+    if not (frame.startswith(_PING_HEAD) and frame.endswith(_PING_TAIL)):
+        return None
+    token = frame[len(_PING_HEAD):-len(_PING_TAIL)]
+    if 0 < len(token) <= MAX_TOKEN_CHARS and token.isalnum() and token.isascii():
+        return token.decode()
+    return None
+
+
 def decode_reply(frames: list[bytes]) -> Any:
     """A broker reply as a DEALER receives it."""
     if len(frames) != 1:

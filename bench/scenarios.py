@@ -412,7 +412,8 @@ def _scale_one(clients: int, opts, profile_dir: Path | None = None) -> dict:
         memory, fds = memory_bytes(target.pid), open_files(target.pid)
         profile = _profile_idle(target.pid, clients, opts.idle_seconds, profile_dir)
         rejoins = _rejoins(workers)
-        leaves = _leave_after_kill(target, workers[-1], f"c{len(groups) - 1}", victims)
+        leaves = _leave_after_kill(target, workers[-1], f"c{len(groups) - 1}", victims,
+                                   storm["joined"])
         joined = storm["joined"]
         fds_per_client = (fds - base_fds) / max(joined, 1)
         limit = open_file_limit(target.pid)
@@ -473,8 +474,11 @@ def _rejoins(workers: list[Worker]) -> int:
     return sum(w.ask(STARTUP_TIMEOUT, "status")["rejoins"] for w in workers)
 
 
-def _leave_after_kill(target: Target, victim: Worker, prefix: str, count: int) -> dict:
-    """Kill a client process; time until the broker announces each leave."""
+def _leave_after_kill(target: Target, victim: Worker, prefix: str, count: int,
+                      joined: int) -> dict:
+    """Kill a client process; time until the broker announces each leave: by
+    name in a presence event, or, in a room too big to announce them, as the
+    member count it publishes drops below the ``joined`` before."""
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -498,10 +502,17 @@ def _leave_after_kill(target: Target, victim: Worker, prefix: str, count: int) -
                 break
             now = time.monotonic()
             for event in m.decode_broadcast(sub.recv_multipart()):
-                if isinstance(event, m.Leave) and event.name in names:
-                    names.discard(event.name)
-                    after.append(now - killed)
-                    reasons[event.reason] += 1
+                if isinstance(event, m.Presence):
+                    for name, reason in event.left:
+                        if name in names:
+                            names.discard(name)
+                            after.append(now - killed)
+                            reasons[reason] += 1
+                elif isinstance(event, m.Members):
+                    for _ in range(min(len(names), joined - event.count - len(after))):
+                        names.pop()
+                        after.append(now - killed)
+                        reasons["counted"] += 1
     finally:
         sub.close()
     return {"leaves_seen": len(after), "leaves_missing": len(names),
