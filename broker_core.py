@@ -79,11 +79,16 @@ NOT_STORED = Cause("could not store {detail}: messages, joins and topics refused
 # client that honours retry_after has at most its send window (200) refused
 # at once, so a polite client never comes near it.
 FLOOD_REFUSALS = 1000
-# Heartbeats after a user's direct messages changed that announce their
-# position: a reader whose copy of the change (or of the first announcement)
-# was dropped still learns of it. (Rooms announce theirs at every heartbeat:
-# a subscriber's queue may drop any number of frames in a row.)
+# Heartbeats after a stream changed that announce its position: a reader
+# whose copy of the change (or of the first announcement) was dropped still
+# learns of it.
 POSITION_REPEATS = 2
+# Every this many heartbeats every room in use announces its position, changed
+# or not: a subscriber's queue may drop any number of frames in a row, and
+# then learns of a lost tail within this many intervals. Announcing each room
+# at every heartbeat cost a frame per member per second: with 5,000 idle
+# clients, two thirds of the broker's I/O thread.
+ROOM_POSITION_REFRESH = 10
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,7 @@ class BrokerCore:
     # a user's "@" stream -> heartbeats that are still to announce its position
     to_announce: dict[str, int] = field(default_factory=dict)
     next_heartbeat: float = 0.0
+    heartbeats: int = 0  # since the start: every ROOM_POSITION_REFRESH-th refreshes all rooms
     next_sweep: float = 0.0
     # (name key, name) of everyone online, kept sorted: a join storm must not
     # sort the whole list again for every welcome
@@ -884,15 +890,23 @@ class BrokerCore:
         return m.Heartbeat(self.epoch, wall)
 
     def _announce_positions(self) -> list:
-        """Streams tell their positions, so a reader notices a lost tail:
-        every room someone is in on its topic, and a user's direct messages,
-        when they changed lately, to that user's sessions."""
+        """Streams tell their positions, so a reader notices a lost tail: a
+        room someone is in on its topic, and a user's direct messages to that
+        user's sessions, when they changed lately; every room in use at every
+        ROOM_POSITION_REFRESH-th heartbeat."""
+        self.heartbeats += 1
+        refresh = self.heartbeats % ROOM_POSITION_REFRESH == 0
         out = [Publish(m.Position(key, room.stream.seq), room.stream.topic)
-               for key, room in self.rooms.items() if room.sessions and room.stream.seq]
+               for key, room in self.rooms.items()
+               if refresh and room.sessions and room.stream.seq]
         for stream_id, left in list(self.to_announce.items()):
-            stream = self.streams[stream_id]
-            position = m.Position(stream_id, stream.seq)
-            if (user := self.by_name.get(stream_id[1:])) is not None:
+            stream = self.streams.get(stream_id)  # a room may be forgotten
+            position = m.Position(stream_id, stream.seq if stream else 0)
+            if stream is None or stream.topic is not None:
+                room = self.rooms.get(stream_id)
+                if not refresh and room is not None and room.sessions:
+                    out.append(Publish(position, stream.topic))
+            elif (user := self.by_name.get(stream_id[1:])) is not None:
                 out += [Reply(s.peer, position) for s in user.sessions if not s.quiet]
             if left > 1:
                 self.to_announce[stream_id] = left - 1
@@ -959,8 +973,7 @@ class BrokerCore:
         event = stream.append(make_event, sender_id)
         self.history_bytes += stream.bytes - before
         self._keep_within_history_budget()
-        if stream.topic is None:
-            self.to_announce[stream.id] = POSITION_REPEATS
+        self.to_announce[stream.id] = POSITION_REPEATS
         return event
 
     def _keep_within_history_budget(self) -> None:

@@ -28,7 +28,8 @@ The phases and which input each acts on are one table, TRANSITIONS:
    order, exactly once, and repairs gaps. Chat text goes out from the Outbox
    with a bounded window and stays there until acknowledged, so it is sent
    again after a reconnect and the broker drops the repeats by message id.
-4. Liveness (Paranoid Pirate): ping when quiet for an interval; when the
+4. Liveness (Paranoid Pirate): ping when quiet for half the broker's
+   patience (messages.ping_period: any request counts); when the
    broker has been silent for liveness x interval, drop both sockets and
    start again with a doubling backoff, resuming the name. Only the broker
    run that welcomed us proves itself alive: a heartbeat of another epoch
@@ -347,6 +348,11 @@ class ClientCore:
                        for phase, row in TRANSITIONS.items()}
 
     @property
+    def ping_period(self) -> float:
+        """How long we may send nothing before we ping (messages.ping_period)."""
+        return m.ping_period(self.interval, self.liveness)
+
+    @property
     def patience(self) -> float:
         """How long silence from the broker (or a missing answer) may last."""
         return self.interval * self.liveness
@@ -534,7 +540,7 @@ class ClientCore:
             # the broker acknowledges a repeat without showing it twice.
             self.outbox.send_again()
         out += self._flush(now)
-        if now - self.last_request >= self.interval:
+        if now - self.last_request >= self.ping_period:
             out.append(self._request(m.Ping(self.token), now))
         return out
 
@@ -549,7 +555,7 @@ class ClientCore:
             deadlines.append(self.hello_retry_at if self.hello_sent_at is None
                              else self.hello_sent_at + self.patience)
         if self.phase is Phase.JOINED:
-            deadlines.append(self.last_request + self.interval)
+            deadlines.append(self.last_request + self.ping_period)
             deadlines += [t for r in self.streams.values()
                           if (t := r.next_deadline(self.patience)) is not None]
             if (oldest := self.outbox.oldest_in_flight()) is not None:

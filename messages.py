@@ -107,6 +107,14 @@ WHO_PAGE_BYTES = 16 * 1024
 MAX_SAFE_INT = 2**53 - 1
 
 
+def ping_period(heartbeat_interval: float, heartbeat_liveness: int) -> float:
+    """How long a client may send nothing before it pings: half of the silence
+    the broker allows (liveness x interval), so one late ping is not fatal,
+    and a broker with thousands idle reads a third fewer pings than at one
+    per interval."""
+    return heartbeat_interval * heartbeat_liveness / 2
+
+
 def max_frame_bytes(max_text_bytes: int) -> int:
     """Largest request frame the broker accepts (ZMQ_MAXMSGSIZE on ROUTER).
 

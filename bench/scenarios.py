@@ -399,7 +399,9 @@ def _scale_one(clients: int, opts, profile_dir: Path | None = None) -> dict:
         for i, count in enumerate(groups):
             workers.append(Worker(f"clients {i}", "clients", "--port", str(target.port),
                                   "--pub-port", str(target.pub_port), "--count", str(count),
-                                  "--prefix", f"c{i}"))
+                                  "--prefix", f"c{i}",
+                                  # each pings as often as PROTOCOL.md asks (default values)
+                                  "--interval", str(m.ping_period(1.0, 3))))
         for w in workers:
             w.reply(STARTUP_TIMEOUT)
         storm = _join_storm(workers, target, clients, opts.storm_timeout)
@@ -441,7 +443,8 @@ def _profile_idle(pid: int, clients: int, seconds: float, work_dir: Path | None)
     if work_dir is None or py_spy is None:
         return None
     spy = PySpy(py_spy, pid, seconds, work_dir / f"profile-idle-{clients}.txt")
-    return spy.result(f"{clients} idle clients pinging every 1 s, {spy.seconds} s")
+    return spy.result(f"{clients} idle clients pinging every {m.ping_period(1.0, 3):g} s, "
+                      f"{spy.seconds} s")
 
 
 def _join_storm(workers: list[Worker], target: Target, clients: int, timeout: float) -> dict:

@@ -567,3 +567,15 @@ def test_a_room_parted_while_away_is_parted_at_the_broker_on_resuming():
     out = core.receive_reply(reply(resumed), now + 1)
     assert m.PartRoom("#lab", "tok") in requests(out)
     assert "#lab" not in core.streams
+
+
+def test_a_quiet_client_pings_after_half_the_brokers_patience_and_any_request_counts():
+    core = joined()  # the welcome: interval 1 s, liveness 3; the hello went at T0
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)]), T0 + 1.4)
+    assert requests(core.tick(T0 + 1.4)) == []
+    assert core.next_deadline() == pytest.approx(T0 + 1.5)
+    assert requests(core.tick(T0 + 1.5)) == [m.Ping("tok")]
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)]), T0 + 2.0)
+    assert requests(core.send("m1", "hi", T0 + 2.0)) == [m.Say("m1", "hi", "tok")]
+    assert requests(core.tick(T0 + 3.4)) == []  # the say was a heartbeat too
+    assert requests(core.tick(T0 + 3.5)) == [m.Ping("tok")]
