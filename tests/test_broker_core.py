@@ -116,11 +116,11 @@ def test_repeated_hello_with_the_token_is_welcomed_again_without_a_second_join(c
 
 def test_requests_without_the_session_token_do_not_speak_for_the_session(core):
     (welcome,) = replies(join(core, b"A", "alice"))
-    out = handle(core, b"A", frame(type="say", id="x", text="hi"), *at(T0))
+    out = core.handle(b"A", frame(type="say", id="x", text="hi"), *at(T0))
     assert replies(out)[0].code == m.ErrorCode.NOT_JOINED and not published(out)
-    out = handle(core, b"A", frame(type="say", id="x", text="hi", session="f" * 32), *at(T0))
+    out = core.handle(b"A", frame(type="say", id="x", text="hi", session="f" * 32), *at(T0))
     assert replies(out)[0].code == m.ErrorCode.NOT_JOINED and not published(out)
-    out = handle(core, b"A", frame(type="say", id="x", text="hi", session=welcome.resume), *at(T0))
+    out = core.handle(b"A", frame(type="say", id="x", text="hi", session=welcome.resume), *at(T0))
     assert replies(out) == [m.Ack("x", 2)]
 
 
@@ -138,20 +138,20 @@ def test_server_full(core):
 
 def test_say_is_stamped_by_the_broker_and_acknowledged(core):
     join(core, b"A", "alice")
-    out = handle(core, b"A", signed(core, b"A", type="say", id="m1", text="hi", **{"from": "bob"}), *at(T0 + 1))
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi", **{"from": "bob"}), *at(T0 + 1))
     assert published(out) == [m.Message(2, wall(T0 + 1), "alice", "hi", G)]
     assert replies(out) == [m.Ack("m1", 2)]
 
 
 def test_repeated_message_id_is_acknowledged_again_but_not_broadcast(core):
     join(core, b"A", "alice")
-    handle(core, b"A", signed(core, b"A", type="say", id="m1", text="hi"), *at(T0))
-    out = handle(core, b"A", signed(core, b"A", type="say", id="m1", text="hi"), *at(T0))
+    core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi"), *at(T0))
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi"), *at(T0))
     assert replies(out) == [m.Ack("m1", 2)] and not published(out)
 
 
 def test_say_before_joining_is_refused(core):
-    out = handle(core, b"A", signed(core, b"A", type="say", id="m1", text="hi"), *at(T0))
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="hi"), *at(T0))
     assert replies(out) == [m.Error(m.ErrorCode.NOT_JOINED, "join first (send hello)", "m1")]
     assert not published(out)
 
@@ -161,14 +161,14 @@ def test_say_before_joining_is_refused(core):
                                        ("   ", m.ErrorCode.TEXT_EMPTY)])
 def test_bad_text_is_refused_naming_the_message(core, text, code):
     join(core, b"A", "alice")
-    out = handle(core, b"A", signed(core, b"A", type="say", id="m1", text=text), *at(T0))
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text=text), *at(T0))
     (error,) = replies(out)
     assert (error.code, error.id) == (code, "m1") and not published(out)
 
 
 def test_text_at_the_limit_is_accepted(core):
     join(core, b"A", "alice")
-    out = handle(core, b"A", signed(core, b"A", type="say", id="m1", text="x" * 100), *at(T0))
+    out = core.handle(b"A", signed(core, b"A", type="say", id="m1", text="x" * 100), *at(T0))
     assert replies(out) == [m.Ack("m1", 2)]
 
 
@@ -176,7 +176,7 @@ def test_text_at_the_limit_is_accepted(core):
                                     [b'{"type":"nope"}'], [b'{"type":"say","id":"","text":"x"}']])
 def test_malformed_requests_get_an_error_and_change_nothing(core, frames):
     join(core, b"A", "alice")
-    out = handle(core, b"B", frames, *at(T0))
+    out = core.handle(b"B", frames, *at(T0))
     (error,) = replies(out, b"B")
     assert error.code in (m.ErrorCode.MALFORMED, m.ErrorCode.UNKNOWN_TYPE)
     assert not published(out) and list(core.sessions) == [b"A"]
@@ -185,7 +185,7 @@ def test_malformed_requests_get_an_error_and_change_nothing(core, frames):
 def test_who_needs_no_join(core):
     join(core, b"A", "bob")
     join(core, b"B", "alice")
-    assert replies(handle(core, b"X", signed(core, b"X", type="who"), *at(T0))) == [m.Users(["alice", "bob"], count=2)]
+    assert replies(core.handle(b"X", signed(core, b"X", type="who"), *at(T0))) == [m.Users(["alice", "bob"], count=2)]
 
 
 def test_bye_announces_quit_and_frees_the_name(core):
@@ -199,7 +199,7 @@ def test_silent_session_times_out_after_liveness_intervals(core):
     core.tick(*at(T0))
     join(core, b"A", "alice", now=T0)
     join(core, b"B", "bob", now=T0)
-    handle(core, b"B", signed(core, b"B", type="ping"), *at(T0 + 2.5))
+    core.handle(b"B", signed(core, b"B", type="ping"), *at(T0 + 2.5))
     assert not [e for e in published(core.tick(*at(T0 + 2.9))) if is_leave(e)]
     # swept at most every interval / 4: alice goes at the next sweep
     assert core.next_deadline() == T0 + 2.9 + 0.25
@@ -212,14 +212,14 @@ def test_silent_session_times_out_after_liveness_intervals(core):
 def test_any_request_of_the_owner_counts_as_a_heartbeat_but_garbage_does_not(core):
     join(core, b"A", "alice", now=T0)
     join(core, b"B", "bob", now=T0)
-    handle(core, b"A", signed(core, b"A", type="fetch", after=0, until=1), *at(T0 + 2.9))
-    handle(core, b"B", [b"garbage"], *at(T0 + 2.9))
+    core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=1), *at(T0 + 2.9))
+    core.handle(b"B", [b"garbage"], *at(T0 + 2.9))
     leaves = [e for e in published(core.tick(*at(T0 + 4))) if is_leave(e)]
     assert [e.left for e in leaves] == [[["bob", m.LeaveReason.TIMEOUT]]]
 
 
 def test_ping_from_unknown_peer_says_not_joined(core):
-    (error,) = replies(handle(core, b"A", signed(core, b"A", type="ping"), *at(T0)))
+    (error,) = replies(core.handle(b"A", signed(core, b"A", type="ping"), *at(T0)))
     assert error.code == m.ErrorCode.NOT_JOINED
 
 
@@ -238,11 +238,11 @@ def test_heartbeat_each_interval_and_the_position_of_each_room_that_changed(core
     beats = {}
     for beat in range(2, 2 + ROOM_POSITION_REFRESH):
         now = T0 + beat
-        handle(core, b"A", signed(core, b"A", type="ping"), *at(now - 0.5))
+        core.handle(b"A", signed(core, b"A", type="ping"), *at(now - 0.5))
         published_now = [(o.event, o.topic) for o in core.tick(*at(now))]
         beats[core.heartbeats] = position in published_now
     assert [n for n, announced in beats.items() if announced] == [3, ROOM_POSITION_REFRESH]
-    handle(core, b"A", signed(core, b"A", type="bye"), *at(T0 + 12.5))
+    core.handle(b"A", signed(core, b"A", type="bye"), *at(T0 + 12.5))
     for beat in range(13, 13 + ROOM_POSITION_REFRESH):  # nobody in it: never
         assert not [o for o in core.tick(*at(T0 + beat)) if isinstance(o.event, m.Position)]
 
@@ -272,7 +272,7 @@ def test_resume_token_rebinds_the_name_to_a_new_connection_silently(core):
     assert again.resumed and not published(out)
     assert core.sessions[b"B"].name == "alice" and b"A" not in core.sessions
     # the old connection no longer speaks for alice
-    assert replies(handle(core, b"A", signed(core, b"A", type="say", id="x", text="hi"), *at(T0)))[0].code == \
+    assert replies(core.handle(b"A", signed(core, b"A", type="say", id="x", text="hi"), *at(T0)))[0].code == \
         m.ErrorCode.NOT_JOINED
 
 
@@ -293,18 +293,18 @@ def test_ready_probe_answers_only_on_the_probe_topic(core):
 def test_fetch_returns_the_missing_range_from_history(core):
     join(core, b"A", "alice")
     for i in range(5):
-        handle(core, b"A", signed(core, b"A", type="say", id=f"m{i}", text=f"t{i}"), *at(T0))
-    (history,) = replies(handle(core, b"A", signed(core, b"A", type="fetch", after=2, until=4), *at(T0)))
+        core.handle(b"A", signed(core, b"A", type="say", id=f"m{i}", text=f"t{i}"), *at(T0))
+    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=2, until=4), *at(T0)))
     assert [e.seq for e in history.events] == [3, 4] and history.first == 1
 
 
 def test_fetch_past_the_history_limit_reports_what_is_gone(core):
     join(core, b"A", "alice")
     for i in range(20):
-        handle(core, b"A", signed(core, b"A", type="say", id=f"m{i}", text=f"t{i}"), *at(T0))
-    (history,) = replies(handle(core, b"A", signed(core, b"A", type="fetch", after=0, until=21), *at(T0)))
+        core.handle(b"A", signed(core, b"A", type="say", id=f"m{i}", text=f"t{i}"), *at(T0))
+    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=21), *at(T0)))
     assert history.first == 12 and [e.seq for e in history.events] == list(range(12, 22))
-    (history,) = replies(handle(core, b"A", signed(core, b"A", type="fetch", after=0, until=5), *at(T0)))
+    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=5), *at(T0)))
     assert history.events == [] and history.first == 12 and history.until == 5
 
 
@@ -315,7 +315,7 @@ def test_shutdown_is_announced(core):
 def say_many(core, peer, count, now, start=0):
     out = []
     for i in range(start, start + count):
-        out += handle(core, peer, signed(core, peer, type="say", id=f"m{i}", text="x"), *at(now))
+        out += core.handle(peer, signed(core, peer, type="say", id=f"m{i}", text="x"), *at(now))
     return out
 
 
@@ -351,7 +351,7 @@ def test_a_client_that_keeps_flooding_is_disconnected():
     core = BrokerCore(BrokerConfig(rate=1, burst=1))
     join(core, b"A", "alice")
     join(core, b"B", "bob")
-    out = say_many(core, b"A", 1001, T0)
+    out = say_many(core, b"A", 1001, T0) + core.flush_presence(wall(T0))
     assert replies(out)[-1].code == m.ErrorCode.FLOODING
     (leave,) = [e for e in published(out) if is_leave(e)]
     assert leave.left == [["alice", m.LeaveReason.KICKED]]
@@ -360,11 +360,11 @@ def test_a_client_that_keeps_flooding_is_disconnected():
 
 def test_a_bound_key_may_join_only_under_its_name():
     core = BrokerCore(BrokerConfig(names_by_key={"KEY-A": "alice"}))
-    out = handle(core, b"A", signed(core, b"A", type="hello", name="bob"), *at(T0), client_key="KEY-A")
+    out = core.handle(b"A", signed(core, b"A", type="hello", name="bob"), *at(T0), client_key="KEY-A")
     assert replies(out)[0].code == m.ErrorCode.NAME_NOT_ALLOWED
-    out = handle(core, b"B", signed(core, b"B", type="hello", name="alice"), *at(T0), client_key="KEY-B")
+    out = core.handle(b"B", signed(core, b"B", type="hello", name="alice"), *at(T0), client_key="KEY-B")
     assert replies(out)[0].code == m.ErrorCode.NAME_NOT_ALLOWED
-    out = handle(core, b"A", signed(core, b"A", type="hello", name="Alice"), *at(T0), client_key="KEY-A")
+    out = core.handle(b"A", signed(core, b"A", type="hello", name="Alice"), *at(T0), client_key="KEY-A")
     assert isinstance(replies(out)[0], m.Welcome)
 
 
@@ -372,10 +372,10 @@ def test_history_replies_are_bounded_in_size_and_still_make_progress():
     core = BrokerCore(BrokerConfig(max_text=100_000, history=100, burst=100))
     join(core, b"A", "alice")
     for i in range(10):
-        handle(core, b"A", signed(core, b"A", type="say", id=f"m{i}", text="x" * 30_000), *at(T0))
-    (history,) = replies(handle(core, b"A", signed(core, b"A", type="fetch", after=1, until=11), *at(T0)))
+        core.handle(b"A", signed(core, b"A", type="say", id=f"m{i}", text="x" * 30_000), *at(T0))
+    (history,) = replies(core.handle(b"A", signed(core, b"A", type="fetch", after=1, until=11), *at(T0)))
     assert [e.seq for e in history.events] == [2, 3] and history.until == 3
-    (recent,) = replies(handle(core, b"A", signed(core, b"A", type="recent", count=10), *at(T0)))
+    (recent,) = replies(core.handle(b"A", signed(core, b"A", type="recent", count=10), *at(T0)))
     assert [e.seq for e in recent.events] == [10, 11]
 
 
@@ -397,14 +397,14 @@ def test_a_wall_clock_jump_times_nobody_out_and_trips_no_rate_limit(jump):
     join(core, b"B", "bob")
     # The wall clock moves an hour; the monotonic clock only a little.
     now, jumped = T0 + 1, wall(T0 + 1) + jump
-    handle(core, b"A", signed(core, b"A", type="ping"), now, jumped)
-    handle(core, b"B", signed(core, b"B", type="ping"), now, jumped)
+    core.handle(b"A", signed(core, b"A", type="ping"), now, jumped)
+    core.handle(b"B", signed(core, b"B", type="ping"), now, jumped)
     out = core.tick(now + 0.5, jumped + 0.5)
     assert not [e for e in published(out) if is_leave(e)]
     # one message per 0.2 s is within 10/s: never refused, whatever the wall says
     for i in range(10):
         t = now + 0.2 * (i + 1)
-        out = handle(core, b"A", signed(core, b"A", type="say", id=f"j{i}", text="x"), t,
+        out = core.handle(b"A", signed(core, b"A", type="say", id=f"j{i}", text="x"), t,
                           jumped - 0.2 * i)  # a wall clock running backwards
         assert isinstance(replies(out)[0], m.Ack)
     (message,) = [e for e in published(out) if isinstance(e, m.Message)]
@@ -432,16 +432,16 @@ def test_joining_a_room_creates_it_and_announces_the_join_there_alone(core):
 @pytest.mark.parametrize("room", ["lab", "#", "#" + "x" * 33, "#a b", "#ü", "#a\u202e"])
 def test_a_bad_room_name_is_refused(core, room):
     join(core, b"A", "alice")
-    (error,) = replies(handle(core, b"A", signed(core, b"A", type="join", room=room), *at(T0)))
+    (error,) = replies(core.handle(b"A", signed(core, b"A", type="join", room=room), *at(T0)))
     assert error.code == m.ErrorCode.ROOM_INVALID
 
 
 def test_rooms_per_connection_and_in_all_are_bounded():
     core = BrokerCore(BrokerConfig(max_rooms=3, rooms_per_session=2))
     join(core, b"A", "alice")  # #general is one room already
-    assert replies(handle(core, b"A", signed(core, b"A", type="join", room="#a"), *at(T0)))[0] \
+    assert replies(core.handle(b"A", signed(core, b"A", type="join", room="#a"), *at(T0)))[0] \
         == m.Room("#a", 0, "", 1)
-    (error,) = replies(handle(core, b"A", signed(core, b"A", type="join", room="#b"), *at(T0)))
+    (error,) = replies(core.handle(b"A", signed(core, b"A", type="join", room="#b"), *at(T0)))
     assert error.code == m.ErrorCode.TOO_MANY_ROOMS and "per connection" in error.reason
     join(core, b"B", "bob", rooms=["#b"])
     (error,) = replies(join(core, b"C", "carol", rooms=["#c"]))
@@ -465,14 +465,14 @@ def test_part_announces_a_leave_in_that_room_and_an_unused_room_is_forgotten(cor
 def test_say_goes_to_the_room_it_names_and_only_to_a_member(core):
     join(core, b"A", "alice", rooms=["#general", "#ci"])
     join(core, b"B", "bob")
-    out = handle(core, b"A", signed(core, b"A", type="say", id="1", text="green", room="#CI"),
+    out = core.handle(b"A", signed(core, b"A", type="say", id="1", text="green", room="#CI"),
                       *at(T0))
     assert topics(out) == [(m.room_topic("#ci"), m.Message(2, wall(T0), "alice", "green", "#ci"))]
     assert replies(out) == [m.Ack("1", 2)]
-    (error,) = replies(handle(core, b"B", signed(core, b"B", type="say", id="2", text="x",
+    (error,) = replies(core.handle(b"B", signed(core, b"B", type="say", id="2", text="x",
                                                 room="#ci"), *at(T0)))
     assert error.code == m.ErrorCode.NOT_IN_ROOM and error.id == "2"
-    (error,) = replies(handle(core, b"B", signed(core, b"B", type="fetch", after=0, until=2,
+    (error,) = replies(core.handle(b"B", signed(core, b"B", type="fetch", after=0, until=2,
                                                 stream="#ci"), *at(T0)))
     assert error.code == m.ErrorCode.NOT_IN_ROOM
 
@@ -480,12 +480,12 @@ def test_say_goes_to_the_room_it_names_and_only_to_a_member(core):
 def test_who_rooms_and_topics(core):
     join(core, b"A", "alice", rooms=["#general", "#ci"])
     join(core, b"B", "Bob", rooms=["#ci"])
-    assert replies(handle(core, b"X", frame(type="who", room="#ci"), *at(T0))) == [
+    assert replies(core.handle(b"X", frame(type="who", room="#ci"), *at(T0))) == [
         m.Users(["alice", "Bob"], "#ci", 2)]
-    out = handle(core, b"B", signed(core, b"B", type="topic", room="#ci", text="builds"), *at(T0))
+    out = core.handle(b"B", signed(core, b"B", type="topic", room="#ci", text="builds"), *at(T0))
     assert topics(out) == [(m.room_topic("#ci"), m.Topic(3, wall(T0), "Bob", "builds", "#ci"))]
     assert replies(out) == [m.Room("#ci", 3, "builds", 2)]
-    (listing,) = replies(handle(core, b"X", frame(type="rooms"), *at(T0)))
+    (listing,) = replies(core.handle(b"X", frame(type="rooms"), *at(T0)))
     assert listing == m.RoomList([m.Room("#ci", 3, "builds", 2), m.Room(G, 1, "", 1)])
 
 
@@ -496,7 +496,7 @@ def test_a_direct_message_reaches_both_parties_sessions_and_never_the_pub_socket
     join(core, b"A", "alice", secret="s-alice")
     join(core, b"A2", "alice", secret="s-alice")  # alice's second device
     join(core, b"B", "bob")
-    out = handle(core, b"A", signed(core, b"A", type="say", id="d1", text="psst", to="BOB"),
+    out = core.handle(b"A", signed(core, b"A", type="say", id="d1", text="psst", to="BOB"),
                       *at(T0))
     assert topics(out) == []  # nothing on the PUB socket
     sent = m.Message(1, wall(T0), "alice", "psst", to="bob")
@@ -504,13 +504,13 @@ def test_a_direct_message_reaches_both_parties_sessions_and_never_the_pub_socket
         repr(r) for r in [(b"A", sent), (b"A2", sent), (b"B", sent), (b"A", m.Ack("d1", 1))])
     assert [o.stream for o in out if isinstance(o, Persist)] == ["@alice", "@bob"]
     # each party's stream numbers its own direct messages
-    handle(core, b"B", signed(core, b"B", type="say", id="d2", text="hi", to="carol-x"), *at(T0))
-    out = handle(core, b"B", signed(core, b"B", type="say", id="d3", text="yes?", to="alice"),
+    core.handle(b"B", signed(core, b"B", type="say", id="d2", text="hi", to="carol-x"), *at(T0))
+    out = core.handle(b"B", signed(core, b"B", type="say", id="d3", text="yes?", to="alice"),
                       *at(T0))
     assert m.Ack("d3", 2) in replies(out, b"B")
     assert m.Message(2, wall(T0), "bob", "yes?", to="alice") in replies(out, b"A")
     # nobody reads another's direct messages
-    (error,) = replies(handle(core, b"B", signed(core, b"B", type="fetch", after=0, until=9,
+    (error,) = replies(core.handle(b"B", signed(core, b"B", type="fetch", after=0, until=9,
                                                 stream="@alice"), *at(T0)))
     assert error.code == m.ErrorCode.NOT_IN_ROOM
 
@@ -519,7 +519,7 @@ def test_a_direct_message_to_someone_not_online_is_refused(core):
     join(core, b"A", "alice")
     join(core, b"Q", "qbot", quiet=True)  # quiet: not online for people
     for to in ["nobody", "qbot"]:
-        (error,) = replies(handle(core, b"A", signed(core, b"A", type="say", id=to, text="x",
+        (error,) = replies(core.handle(b"A", signed(core, b"A", type="say", id=to, text="x",
                                                     to=to), *at(T0)))
         assert error.code == m.ErrorCode.USER_OFFLINE and error.id == to
 
@@ -556,22 +556,22 @@ def test_a_user_is_online_and_in_a_room_while_any_loud_connection_is(core):
 def test_a_quiet_connection_is_never_announced_or_listed_but_may_post(core):
     out = join(core, b"Q", "ci", quiet=True, rooms=["#ci"])
     assert topics(out) == [] and core.user_names() == []
-    out = handle(core, b"Q", signed(core, b"Q", type="say", id="1", text="build 142 passed",
+    out = core.handle(b"Q", signed(core, b"Q", type="say", id="1", text="build 142 passed",
                                    room="#ci"), *at(T0))
     assert [e for _, e in topics(out)] == [m.Message(1, wall(T0), "ci", "build 142 passed",
                                                      "#ci")]
-    assert topics(handle(core, b"Q", signed(core, b"Q", type="bye"), *at(T0))) == []
+    assert topics(core.handle(b"Q", signed(core, b"Q", type="bye"), *at(T0))) == []
 
 
 def test_all_connections_of_a_user_share_one_rate_limit():
     core = BrokerCore(BrokerConfig(rate=1, burst=2))
     join(core, b"A", "alice", secret="s")
     join(core, b"A2", "alice", secret="s")
-    assert isinstance(replies(handle(core, b"A", signed(core, b"A", type="say", id="1", text="x"),
+    assert isinstance(replies(core.handle(b"A", signed(core, b"A", type="say", id="1", text="x"),
                                           *at(T0)))[0], m.Ack)
-    assert isinstance(replies(handle(core, b"A2", signed(core, b"A2", type="say", id="2",
+    assert isinstance(replies(core.handle(b"A2", signed(core, b"A2", type="say", id="2",
                                                         text="x"), *at(T0)))[0], m.Ack)
-    (error,) = replies(handle(core, b"A2", signed(core, b"A2", type="say", id="3", text="x"),
+    (error,) = replies(core.handle(b"A2", signed(core, b"A2", type="say", id="3", text="x"),
                                    *at(T0)))
     assert error.code == m.ErrorCode.RATE_LIMITED
 
@@ -582,7 +582,7 @@ def test_all_histories_together_stay_within_the_byte_budget():
     join(core, b"A", "alice", rooms=["#general", "#a", "#b"])
     for i in range(300):
         for room in ["#general", "#a", "#b"]:
-            handle(core, b"A", signed(core, b"A", type="say", id=f"{room}{i}", text="x" * 1000,
+            core.handle(b"A", signed(core, b"A", type="say", id=f"{room}{i}", text="x" * 1000,
                                      room=room), *at(T0 + i))
     assert core.history_bytes <= budget
     assert core.history_bytes == sum(s.bytes for s in core.streams.values())
@@ -602,19 +602,19 @@ def test_a_resend_is_acknowledged_again_even_after_a_part_or_the_addressee_left(
     join(core, b"A", "alice", rooms=["#general", "#ci"])
     join(core, b"B", "bob")
     say_ci = dict(type="say", id="r1", text="x", room="#ci")
-    (ack,) = replies(handle(core, b"A", signed(core, b"A", **say_ci), *at(T0)))
-    handle(core, b"A", signed(core, b"A", type="part", room="#ci"), *at(T0))
-    assert replies(handle(core, b"A", signed(core, b"A", **say_ci), *at(T0))) == [ack]
+    (ack,) = replies(core.handle(b"A", signed(core, b"A", **say_ci), *at(T0)))
+    core.handle(b"A", signed(core, b"A", type="part", room="#ci"), *at(T0))
+    assert replies(core.handle(b"A", signed(core, b"A", **say_ci), *at(T0))) == [ack]
     say_dm = dict(type="say", id="d1", text="x", to="bob")
-    dm_ack = [r for r in replies(handle(core, b"A", signed(core, b"A", **say_dm), *at(T0), ),
+    dm_ack = [r for r in replies(core.handle(b"A", signed(core, b"A", **say_dm), *at(T0), ),
                                  b"A") if isinstance(r, m.Ack)]
-    handle(core, b"B", signed(core, b"B", type="bye"), *at(T0))
-    assert replies(handle(core, b"A", signed(core, b"A", **say_dm), *at(T0))) == dm_ack
+    core.handle(b"B", signed(core, b"B", type="bye"), *at(T0))
+    assert replies(core.handle(b"A", signed(core, b"A", **say_dm), *at(T0))) == dm_ack
 
 
 def test_a_message_to_a_room_and_a_person_at_once_is_malformed(core):
     join(core, b"A", "alice")
-    (error,) = replies(handle(core, b"A", signed(core, b"A", type="say", id="1", text="x",
+    (error,) = replies(core.handle(b"A", signed(core, b"A", type="say", id="1", text="x",
                                                 room="#general", to="alice"), *at(T0)))
     assert error.code == m.ErrorCode.MALFORMED and error.id == "1"
 
@@ -624,9 +624,9 @@ def test_joins_parts_and_topics_cost_like_messages():
     join(core, b"A", "alice")
     for i, body in enumerate([dict(type="join", room="#a"), dict(type="topic", room="#a",
                               text="t"), dict(type="part", room="#a")]):
-        assert not isinstance(replies(handle(core, b"A", signed(core, b"A", **body),
+        assert not isinstance(replies(core.handle(b"A", signed(core, b"A", **body),
                                                   *at(T0)))[0], m.Error)
-    (error,) = replies(handle(core, b"A", signed(core, b"A", type="join", room="#b"), *at(T0)))
+    (error,) = replies(core.handle(b"A", signed(core, b"A", type="join", room="#b"), *at(T0)))
     assert error.code == m.ErrorCode.RATE_LIMITED and error.retry_after > 0
     assert "#b" not in core.rooms
 
@@ -655,10 +655,10 @@ def consistent(core) -> None:
 
 def test_a_failed_write_refuses_the_messages_and_rewinds_the_stream(core):
     join(core, b"A", "alice")  # seq 1, written
-    say = lambda msg_id, now: handle(core,   # noqa: E731
+    say = lambda msg_id, now: core.handle(  # noqa: E731
         b"A", signed(core, b"A", type="say", id=msg_id, text=msg_id), *at(now))
     failed = say("m1", T0 + 1) + say("m2", T0 + 1)
-    failed += handle(core, b"A", signed(core, b"A", type="fetch", after=0, until=3), *at(T0 + 1))
+    failed += core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=3), *at(T0 + 1))
     failed += core.tick(*at(T0 + 1))  # a heartbeat, and #general's position: seq 3
     instead = core.persist_failed(failed)
     assert [type(e) for e in published(instead)] == [m.Heartbeat, m.Position]
@@ -680,15 +680,15 @@ def test_a_failed_write_refuses_the_messages_and_rewinds_the_stream(core):
 def test_a_direct_message_that_could_not_be_written_reaches_nobody(core):
     join(core, b"A", "alice")
     join(core, b"B", "bob")
-    failed = handle(core, b"A", signed(core, b"A", type="say", id="d1", text="psst", to="bob"),
+    failed = core.handle(b"A", signed(core, b"A", type="say", id="d1", text="psst", to="bob"),
                          *at(T0))
     instead = core.persist_failed(failed)
     assert [(o.peer, o.message.code, o.message.id) for o in instead] == [
         (b"A", m.ErrorCode.UNAVAILABLE, "d1")]  # no delivery to bob, nor to alice's own
     assert core.streams["@alice"].seq == core.streams["@bob"].seq == 0
     consistent(core)
-    handle(core, b"A", signed(core, b"A", type="ping"), *at(T0 + 2))  # later: written
-    out = handle(core, b"A", signed(core, b"A", type="say", id="d1", text="psst", to="bob"),
+    core.handle(b"A", signed(core, b"A", type="ping"), *at(T0 + 2))  # later: written
+    out = core.handle(b"A", signed(core, b"A", type="say", id="d1", text="psst", to="bob"),
                       *at(T0 + 2))
     assert m.Message(1, wall(T0 + 2), "alice", "psst", to="bob") in replies(out, b"B")
 
@@ -723,14 +723,14 @@ def test_a_second_connection_whose_hello_fails_leaves_the_first_as_it_was(core):
 
 def test_a_room_join_and_a_topic_that_could_not_be_written_are_refused_and_undone(core):
     join(core, b"A", "alice", rooms=[G, "#ci"])
-    handle(core, b"A", signed(core, b"A", type="topic", room="#ci", text="old"), *at(T0))
+    core.handle(b"A", signed(core, b"A", type="topic", room="#ci", text="old"), *at(T0))
     join(core, b"B", "bob", secret="s")
     join(core, b"B2", "bob", secret="s")
-    failed = handle(core, b"B", signed(core, b"B", type="join", room="#ci"), *at(T0 + 1))
-    failed += handle(core, b"B2", signed(core, b"B2", type="join", room="#ci"), *at(T0 + 1))
-    failed += handle(core, b"A", signed(core, b"A", type="topic", room="#ci", text="new"),
+    failed = core.handle(b"B", signed(core, b"B", type="join", room="#ci"), *at(T0 + 1))
+    failed += core.handle(b"B2", signed(core, b"B2", type="join", room="#ci"), *at(T0 + 1))
+    failed += core.handle(b"A", signed(core, b"A", type="topic", room="#ci", text="new"),
                           *at(T0 + 1))
-    failed += handle(core, b"X", frame(type="rooms"), *at(T0 + 1))
+    failed += core.handle(b"X", frame(type="rooms"), *at(T0 + 1))
     instead = core.persist_failed(failed)
     for peer in (b"B", b"B2", b"A"):  # both of bob's connections entered with the one join
         assert [r.code for r in replies(instead, peer)] == [m.ErrorCode.UNAVAILABLE]
@@ -754,8 +754,8 @@ def test_a_part_whose_leave_could_not_be_written_stays_parted(core):
 
 def test_a_join_and_leave_both_unwritten_leave_nothing_to_record(core):
     join(core, b"A", "alice")
-    failed = handle(core, b"A", signed(core, b"A", type="join", room="#x"), *at(T0))
-    failed += handle(core, b"A", signed(core, b"A", type="part", room="#x"), *at(T0))
+    failed = core.handle(b"A", signed(core, b"A", type="join", room="#x"), *at(T0))
+    failed += core.handle(b"A", signed(core, b"A", type="part", room="#x"), *at(T0))
     core.persist_failed(failed)
     assert not core.unrecorded_leaves and "#x" not in core.rooms
     consistent(core)
@@ -768,3 +768,123 @@ def test_a_leave_that_could_not_be_written_is_tried_again_with_the_heartbeat(cor
     assert not published(core.tick(*at(T0 + 0.9)))
     assert published(core.tick(*at(T0 + 1.0)))[:1] == [
         m.Presence(2, wall(T0 + 0.5), [], [["alice", m.LeaveReason.QUIT]], G)]
+
+
+# --- presence that scales ----------------------------------------------------------
+
+
+def hello_pass(core, names, now=T0, rooms=None):
+    """Hellos of ``names`` (peer = the name's bytes) in one pass, without its end."""
+    out = []
+    for name in names:
+        extra = {} if rooms is None else {"rooms": rooms}
+        out += core.handle(name.encode(), frame(type="hello", name=name, **extra), *at(now))
+    return out
+
+
+def presence(outputs) -> list:
+    return [e for e in published(outputs) if isinstance(e, (m.Presence, m.Members))]
+
+
+def test_the_joins_and_leaves_of_one_pass_are_one_presence_event_per_room():
+    core = BrokerCore(BrokerConfig(max_users=20))
+    out = hello_pass(core, ["ann", "Bob", "cy"], rooms=[G, "#lab"])
+    assert not presence(out)  # announced when the pass ends
+    assert [w.rooms for w in replies(out)] == [[m.Room(G, 0, "", n), m.Room("#lab", 0, "", n)]
+                                               for n in (1, 2, 3)]
+    out = core.flush_presence(wall(T0))
+    assert presence(out) == [m.Presence(1, wall(T0), ["ann", "Bob", "cy"], [], G),
+                             m.Presence(1, wall(T0), ["ann", "Bob", "cy"], [], "#lab")]
+    assert [type(o) for o in out] == [Persist, Publish, Persist, Publish]
+    # one pass: one leaves, one joins, one comes and goes, one parts a room
+    out = core.handle(b"ann", signed(core, b"ann", type="bye"), *at(T0 + 1))
+    out += hello_pass(core, ["dan", "eve"], T0 + 1)
+    out += core.handle(b"eve", signed(core, b"eve", type="bye"), *at(T0 + 1))
+    out += core.handle(b"cy", signed(core, b"cy", type="part", room="#lab"), *at(T0 + 1))
+    out += core.flush_presence(wall(T0 + 1))
+    assert presence(out) == [m.Presence(2, wall(T0 + 1), ["dan"], [["ann", "quit"]], G),
+                             m.Presence(2, wall(T0 + 1), [], [["ann", "quit"], ["cy", "part"]],
+                                        "#lab")]
+    assert core.flush_presence(wall(T0 + 1)) == []
+
+
+def test_joins_of_a_pass_are_announced_before_what_the_joined_say():
+    core = BrokerCore(BrokerConfig(max_users=20))
+    out = hello_pass(core, ["ann"])
+    out += core.handle(b"ann", signed(core, b"ann", type="say", id="1", text="hi"), *at(T0))
+    assert [e.seq for e in published(out)] == [1, 2]
+    assert isinstance(published(out)[0], m.Presence) and replies(out)[-1] == m.Ack("1", 2)
+    assert core.flush_presence(wall(T0)) == []
+
+
+def test_a_room_above_the_threshold_publishes_its_count_at_most_once_per_interval():
+    core = BrokerCore(BrokerConfig(max_users=20, presence_threshold=3, heartbeat_liveness=100))
+    core.tick(*at(T0))
+    out = hello_pass(core, ["a1", "a2", "a3"]) + core.tick(*at(T0))
+    assert presence(out) == [m.Presence(1, wall(T0), ["a1", "a2", "a3"], [], G)]
+    # a fourth: above the threshold, nothing announced, the count at the heartbeat
+    out = hello_pass(core, ["a4"], T0 + 0.2) + core.tick(*at(T0 + 0.2))
+    out += hello_pass(core, ["a5"], T0 + 0.5) + core.tick(*at(T0 + 0.5))
+    out += core.handle(b"a1", signed(core, b"a1", type="bye"), *at(T0 + 0.7))
+    out += core.tick(*at(T0 + 0.7))
+    assert presence(out) == [] and core.main.seq == 1
+    assert replies(out)[0].rooms == [m.Room(G, 1, "", 4)]  # the welcome counts, as ever
+    out = core.tick(*at(T0 + 1.0))
+    assert presence(out) == [m.Members(G, 4)]
+    assert Publish(m.Members(G, 4), m.room_topic(G)) in out
+    assert presence(core.tick(*at(T0 + 2.0))) == []  # unchanged: not again
+    hello_pass(core, ["a6"], T0 + 2.1)
+    core.tick(*at(T0 + 2.1))
+    core.handle(b"a6", signed(core, b"a6", type="bye"), *at(T0 + 2.2))
+    assert presence(core.tick(*at(T0 + 2.2)) + core.tick(*at(T0 + 3.0))) == []  # back to 4
+    # back at the threshold: the count at once, then each change again
+    out = core.handle(b"a2", signed(core, b"a2", type="bye"), *at(T0 + 3.5))
+    out += core.tick(*at(T0 + 3.5))
+    assert presence(out) == [m.Members(G, 3)]
+    out = core.handle(b"a3", signed(core, b"a3", type="bye"), *at(T0 + 3.6))
+    out += core.tick(*at(T0 + 3.6)) + core.tick(*at(T0 + 4.0))
+    assert presence(out) == [m.Presence(2, wall(T0 + 3.6), [], [["a3", "quit"]], G)]
+
+
+def test_who_pages_through_everyone_in_pages_bounded_in_bytes():
+    core = BrokerCore(BrokerConfig(max_users=2000, presence_threshold=5))
+    names = [f"u{i:04d}-" + "x" * 26 for i in range(1200)]
+    hello_pass(core, names, rooms=["#big"])
+    core.flush_presence(wall(T0))
+    for room in ("#big", None):
+        pages, after = [], None
+        while True:
+            (page,) = replies(core.handle(b"Q", frame(type="who", room=room, after=after),
+                                          *at(T0)))
+            assert page.count == 1200 and page.room == room and page.users
+            assert len(m.encode(page)) <= m.WHO_PAGE_BYTES + 100
+            pages.append(page.users)
+            if page.next is None:
+                break
+            after = page.next
+        assert len(pages) > 1 and sum(pages, []) == names
+    # a cursor past the end lists nobody; an unknown room nobody
+    (page,) = replies(core.handle(b"Q", frame(type="who", room="#big", after="zzz"), *at(T0)))
+    assert (page.users, page.count, page.next) == ([], 1200, None)
+    (page,) = replies(core.handle(b"Q", frame(type="who", room="#none"), *at(T0)))
+    assert (page.users, page.count, page.room) == ([], 0, "#none")
+
+
+def test_the_welcome_costs_the_same_however_many_are_online():
+    core = BrokerCore(BrokerConfig(max_users=600))
+    hello_pass(core, [f"u{i}" for i in range(500)])
+    (welcome,) = replies(hello_pass(core, ["late"]))
+    assert welcome.online == 501 and len(m.encode(welcome)) < 400
+
+
+def test_a_ping_in_its_own_form_is_a_heartbeat_without_decoding_and_others_still_count(core):
+    (welcome,) = replies(join(core, b"A", "alice"))
+    join(core, b"B", "bob", now=T0 + 1)
+    assert list(core.sessions) == [b"A", b"B"]
+    assert core.handle(b"A", [m.encode(m.Ping(welcome.resume))], *at(T0 + 2)) == []
+    assert list(core.sessions) == [b"B", b"A"] and core.sessions[b"A"].last_seen == T0 + 2
+    spaced = json.dumps({"type": "ping", "session": welcome.resume}).encode()  # another form
+    assert core.handle(b"A", [spaced], *at(T0 + 3)) == [] and core.sessions[b"A"].last_seen == T0 + 3
+    # a ping with another token is no heartbeat: not_joined, as before
+    out = core.handle(b"A", [m.encode(m.Ping("f" * 32))], *at(T0 + 4))
+    assert replies(out)[0].code == m.ErrorCode.NOT_JOINED and core.sessions[b"A"].last_seen == T0 + 3
