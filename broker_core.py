@@ -898,15 +898,11 @@ class BrokerCore:
         refresh = self.heartbeats % ROOM_POSITION_REFRESH == 0
         out = [Publish(m.Position(key, room.stream.seq), room.stream.topic)
                for key, room in self.rooms.items()
-               if refresh and room.sessions and room.stream.seq]
+               if room.sessions and room.stream.seq and (refresh or key in self.to_announce)]
         for stream_id, left in list(self.to_announce.items()):
-            stream = self.streams.get(stream_id)  # a room may be forgotten
-            position = m.Position(stream_id, stream.seq if stream else 0)
-            if stream is None or stream.topic is not None:
-                room = self.rooms.get(stream_id)
-                if not refresh and room is not None and room.sessions:
-                    out.append(Publish(position, stream.topic))
-            elif (user := self.by_name.get(stream_id[1:])) is not None:
+            user = self.by_name.get(stream_id[1:]) if stream_id[:1] == m.DM_STREAM_PREFIX else None
+            if user is not None:
+                position = m.Position(stream_id, self.streams[stream_id].seq)
                 out += [Reply(s.peer, position) for s in user.sessions if not s.quiet]
             if left > 1:
                 self.to_announce[stream_id] = left - 1

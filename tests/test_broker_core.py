@@ -129,6 +129,14 @@ def test_wrong_protocol_version_is_refused(core):
     assert error.code == m.ErrorCode.BAD_VERSION
 
 
+def test_a_protocol_2_hello_is_told_clearly_which_protocol_this_is(core):
+    hello_v2 = b'{"type":"hello","name":"alice","v":2,"quiet":false,"rooms":["#general"]}'
+    out = core.handle(b"A", [hello_v2], *at(T0))
+    assert replies(out) == [m.Error(m.ErrorCode.BAD_VERSION,
+                                    "this broker speaks protocol 3, not 2")]
+    assert not core.sessions and not published(out)
+
+
 def test_server_full(core):
     for i in range(3):
         join(core, bytes([i]), f"u{i}")
