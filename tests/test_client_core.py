@@ -579,3 +579,26 @@ def test_a_quiet_client_pings_after_half_the_brokers_patience_and_any_request_co
     assert requests(core.send("m1", "hi", T0 + 2.0)) == [m.Say("m1", "hi", "tok")]
     assert requests(core.tick(T0 + 3.4)) == []  # the say was a heartbeat too
     assert requests(core.tick(T0 + 3.5)) == [m.Ping("tok")]
+
+
+def test_a_big_rooms_count_reaches_the_caller_only_for_a_room_we_are_in():
+    core = joined()
+    counted = m.Members(G, 612)
+    assert events(core.receive_broadcast(broadcast([counted]), T0)) == [counted]
+    other = m.Members("#elsewhere", 9)
+    assert events(core.receive_broadcast(broadcast([other], m.room_topic("#elsewhere")),
+                                         T0)) == []
+
+
+def test_who_asks_one_page_and_the_next_with_its_cursor():
+    core = joined()
+    assert requests(core.who(T0, G)) == [m.Who(G)]
+    assert requests(core.who(T0, G, after="bob")) == [m.Who(G, "bob")]
+    page = m.Users(["carol"], G, 3, None)
+    assert events(core.receive_reply(reply(page), T0)) == [page]
+
+
+def test_the_joins_and_leaves_of_a_pass_arrive_in_order_as_one_event():
+    core = joined(seq=4)
+    event = m.Presence(5, WALL, ["bob", "carol"], [["dave", "timeout"]], G)
+    assert events(core.receive_broadcast(broadcast([event]), T0)) == [event]
