@@ -390,7 +390,9 @@ def _scale_one(clients: int, opts, profile_dir: Path | None = None) -> dict:
     victims = max(1, round(clients * opts.kill_fraction))
     groups = split(clients - victims, math.ceil((clients - victims) / opts.clients_per_proc))
     groups.append(victims)  # the last process is the one killed
-    target = Target("zchat")
+    # every client is a connection: above the default --max-users (5,000) the
+    # broker is told to take them all
+    target = Target("zchat", extra=["--max-users", str(max(clients, 5000))])
     workers: list[Worker] = []
     try:
         target.start()
