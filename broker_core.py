@@ -178,7 +178,7 @@ class BrokerCore:
     # stream id -> stream: every room's, and the direct messages of users
     streams: dict[str, Stream] = field(default_factory=dict)
     history_bytes: int = 0  # what all histories hold together
-    # a user's "@" stream -> heartbeats that are still to announce its position
+    # stream id -> heartbeats that are still to announce its position
     to_announce: dict[str, int] = field(default_factory=dict)
     next_heartbeat: float = 0.0
     heartbeats: int = 0  # since the start: every ROOM_POSITION_REFRESH-th refreshes all rooms
@@ -286,12 +286,11 @@ class BrokerCore:
             out += self._record_leaves()  # a write that failed is tried again
             out.append(Publish(self._heartbeat(wall), m.HEARTBEAT_TOPIC))
             out += self._announce_positions()
-            out += self._publish_counts()
             self.next_heartbeat = now + self.config.heartbeat_interval
         if not backlog and now >= self.next_sweep:
             self.next_sweep = now + self.config.sweep_period
             out += self._sweep(now, wall)
-        return out + self.flush_presence(wall)
+        return out + self.flush_presence(wall) + self._publish_counts(now)
 
     def _sweep(self, now: float, wall: float) -> list:
         """End the sessions silent for too long: the oldest activity is first
@@ -329,6 +328,9 @@ class BrokerCore:
         if self.presence_due:  # joins or leaves to announce (a peer found gone)
             return self.last_now
         deadline = self.next_heartbeat
+        if self.counts_due:
+            deadline = min(deadline, min(r.count_published_at for r in self.counts_due.values())
+                           + self.config.heartbeat_interval)
         if self.sessions:
             oldest = next(iter(self.sessions.values()))
             sweep = max(oldest.last_seen + self.config.expiry, self.next_sweep)
@@ -684,31 +686,32 @@ class BrokerCore:
         if self.rooms.get(key) is not room:
             return []  # entered and left in this pass, and forgotten
         joined, left = room.take_changes()
-        count = len(room.members)
-        if count > self.config.presence_threshold:
+        if room.counting or len(room.members) > self.config.presence_threshold:
+            # Too big: its count is published instead (_publish_counts), and
+            # when it comes back to the threshold, that count first.
             room.counting = True
             self.counts_due[key] = room
             return []
-        if room.counting:
-            # Back below the threshold: the count at once (the changes since
-            # the last one were never announced), then each change again.
-            room.counting = False
-            self.counts_due.pop(key, None)
-            room.count_published = count
-            return [Publish(m.Members(room.name, count), room.stream.topic)]
         if not joined and not left:
             return []
         return self._append(room.stream, lambda seq: m.Presence(seq, wall, joined, left, room.name))
 
-    def _publish_counts(self) -> list:
-        """Each counting room whose count changed: its count, on its topic."""
+    def _publish_counts(self, now: float) -> list:
+        """The count of each counting room that changed, on its topic, at
+        most once per heartbeat interval (at once after a quiet interval, so
+        that those timed out together are counted gone without delay). A
+        room back at the threshold announces each change again after it."""
         out = []
-        for room in self.counts_due.values():
+        for key, room in list(self.counts_due.items()):
+            if now < room.count_published_at + self.config.heartbeat_interval:
+                continue
+            del self.counts_due[key]
             count = len(room.members)
-            if room.counting and count != room.count_published:
-                room.count_published = count
-                out.append(Publish(m.Members(room.name, count), room.stream.topic))
-        self.counts_due.clear()
+            if self.rooms.get(key) is not room or count == room.count_published:
+                continue
+            room.count_published, room.count_published_at = count, now
+            room.counting = count > self.config.presence_threshold
+            out.append(Publish(m.Members(room.name, count), room.stream.topic))
         return out
 
     def _forget_if_unused(self, room: Room) -> None:

@@ -97,6 +97,7 @@ class Room:
     pending: dict = field(default_factory=dict)
     counting: bool = False  # too big: its count is published, not each change
     count_published: int = -1  # the count last published (counting rooms)
+    count_published_at: float = float("-inf")  # and when (monotonic)
 
     def add_member(self, name_key: str, name: str) -> bool:
         """One more visible session of a user; True if the user was not in."""
