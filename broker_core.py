@@ -29,7 +29,15 @@ Theory of operation
   through the ROUTER. All histories together stay within a byte budget.
 * ``sessions`` is kept in order of last activity (any request counts as a
   heartbeat and moves the session to the end), so the liveness sweep only
-  looks at the front of the table, never at every session.
+  looks at the front of the table, never at every session. A ping in the
+  form the reference client writes is recognised without decoding JSON.
+* Presence costs the same however many are online: the welcome counts
+  people (``who`` lists them, a page at a time); the joins and leaves of one
+  pass of the shell's loop are gathered per room (Room.pending) and
+  announced in one Presence event per room when the pass ends
+  (``flush_presence``, called by ``tick``), or before anything else is
+  numbered in that room. A room above ``presence_threshold`` names nobody
+  and publishes its count (Members) at most once per heartbeat interval.
 * A resume token from the welcome lets a client that lost its connection
   take its session back from a new routing id before it times out, without
   a leave/join pair.
