@@ -57,6 +57,12 @@ REPLY_QUEUE = 1000
 # went out just before. A lone message goes at once; a steady stream waits
 # at most this long, and pays a system call per subscriber less often.
 COALESCE_S = 0.002
+# Connections waiting for accept() on each port. libzmq's default of 100
+# overflows when thousands connect at once (a school logging in at 8:59):
+# the kernel drops their SYNs and each client retries after 1, 3, 7, 15 s,
+# which stretched a storm of 5,000 joins to half a minute. The kernel caps it
+# at net.core.somaxconn (4096 on current Linux).
+LISTEN_BACKLOG = 4096
 # Largest message accepted on the XPUB: subscriptions are ~30 bytes, but the
 # CurveZMQ handshake's commands count too (INITIATE is several hundred).
 SUBSCRIPTION_BYTES = 4096
@@ -104,6 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow", metavar="DIR",
                    help="with --curve-secret: admit only the public keys in DIR; "
                         "the key in NAME.key may join only as NAME")
+    p.add_argument("--presence-threshold", type=int, default=500, metavar="N",
+                   help="a room with more members announces no joins and leaves, only its "
+                        "count once per heartbeat (default 500)")
     p.add_argument("--coalesce-ms", type=float, default=COALESCE_S * 1000, metavar="MS",
                    help="longest wait to share a broadcast frame under a steady stream "
                         f"(default {COALESCE_S * 1000:g}; 0 sends every pass at once)")
@@ -128,6 +137,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
            args.history_bytes, args.max_per_address) < 1:
         p.error("--max-text, --history, --max-users, --burst, --max-rooms, --history-bytes "
                 "and --max-per-address must be at least 1")
+    if args.presence_threshold < 0:
+        p.error("--presence-threshold must not be negative")
     if args.rate <= 0 or args.coalesce_ms < 0 or args.join_deadline <= 0:
         p.error("--rate and --join-deadline must be positive and --coalesce-ms not negative")
     if args.allow and not args.curve_secret:
@@ -187,6 +198,7 @@ class BrokerShell:
             keys.make_server(self.pub, curve)
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.HANDSHAKE_IVL, admission.HANDSHAKE_S * 1000)
+            sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         # Counts connections per address and refuses the excess (admission.py);
         # it watches from before the first connection can arrive.
         self.admission = admission.Admission({"request": self.router, "broadcast": self.pub},
@@ -438,6 +450,7 @@ def make_core(args: argparse.Namespace, store: EventStore | None) -> BrokerCore:
         history_bytes=args.history_bytes,
         rate=args.rate,
         burst=args.burst,
+        presence_threshold=args.presence_threshold,
         names_by_key=keys.names_by_key(args.allow) if args.allow else {},
     )
     if store is None:

@@ -187,7 +187,9 @@ def test_long_lines_wrap_and_own_lines_look_different(broker, root):
 
 def test_user_list_follows_join_and_leave(broker, clients, root):
     window = open_chat(root, broker, "alice")
-    assert window.user_list.get(0, "end") == ("alice (you)",)
+    assert window.users_label.cget("text") == "ONLINE · 1"  # the welcome's count, at once
+    pump_until(root, lambda: window.user_list.get(0, "end") == ("alice (you)",),
+               what="the list loaded")
     carol = listen(broker, "carol")
     clients.append(carol)
     pump_until(root, lambda: window.user_list.get(0, "end") == ("alice (you)", "carol"),
