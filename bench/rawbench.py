@@ -330,32 +330,35 @@ def fixed(kind: str, opts) -> list[dict]:
 
 
 def saturation(kind: str, opts) -> dict:
-    """Step the rate up until a trial fails, then bisect once between the last
-    pass and that failure."""
+    """Step the rate up; a rate fails when it fails twice running (the machine may
+    be shared), and the search stops after two failed rates in a row; then bisect
+    once between the highest pass and the failure above it."""
     trials, best, failed = [], None, None
     with Rig(kind, opts.saturation_listeners, opts) as rig:
         def attempt(rate: float) -> dict:
-            rig.settle()
-            t = rig.trial(rate, max(1, round(rate * opts.step_seconds)))
-            say(trial_line(t))
-            trials.append(t)
+            for _ in range(2):
+                rig.settle()
+                t = rig.trial(rate, max(1, round(rate * opts.step_seconds)))
+                say(trial_line(t))
+                trials.append(t)
+                if t["passed"]:
+                    break
             return t
 
+        failed_in_a_row = 0
         for rate in opts.saturation_rates:
             t = attempt(rate)
-            if not t["passed"]:  # a failure counts when it repeats: the machine is shared
-                t = attempt(rate)
             if t["passed"]:
-                best = t
+                best, failed, failed_in_a_row = t, None, 0
             else:
-                failed = t
-                break
+                failed = failed or t
+                failed_in_a_row += 1
+                if failed_in_a_row == 2:
+                    break
         if best is not None and failed is not None:
             mid = round((best["offered_rate"] + failed["offered_rate"]) / 2, -2)
             if best["offered_rate"] < mid < failed["offered_rate"]:
                 t = attempt(mid)
-                if not t["passed"]:
-                    t = attempt(mid)
                 if t["passed"]:
                     best = t
                 else:

@@ -528,6 +528,7 @@ class Proc:
                 self.clients[0].start()
 
         self.loop.at(start_ns, begin)
+        self.loop.at(deadline_ns, lambda: None)  # wake up then, even with no traffic
         self.task = self._join_done
 
     def _join_done(self) -> None:
@@ -547,6 +548,7 @@ class Proc:
             c.scan.tail = b""
         Scan.start_trial(trial)
         self.listen_expect, self.listen_deadline = expect, deadline_ns
+        self.loop.at(deadline_ns, lambda: None)  # wake up then, even with no traffic
         self.task = self._listen_done
 
     def _listen_done(self) -> None:
@@ -572,6 +574,7 @@ class Proc:
         self.errors_before = sum(self.errors.values()) + self.replies.errors
         self.send_drain_ns = int(drain_s * 1e9)
         self.first_write = self.last_write = 0
+        self.drain_timer = False
         self.loop.at(start_ns, self._send_due)
         self.task = self._send_done
 
@@ -594,9 +597,13 @@ class Proc:
         if self.send_next < self.send_count:
             return
         acks = self.acks + self.replies.ok - self.acks_before
-        if self.kind != "forwarder" and acks < self.send_count and \
-                now_ns() < self.last_write + self.send_drain_ns:
-            return
+        if self.kind != "forwarder" and acks < self.send_count:
+            drained = self.last_write + self.send_drain_ns
+            if now_ns() < drained:
+                if not self.drain_timer:  # wake up then, even if no ack comes
+                    self.drain_timer = True
+                    self.loop.at(drained, lambda: None)
+                return
         lags = sorted(self.send_lags)
         self.answer({"sent": self.send_next, "acks": acks if self.kind != "forwarder" else None,
                      "errors": sum(self.errors.values()) + self.replies.errors - self.errors_before,
