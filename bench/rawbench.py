@@ -480,12 +480,19 @@ def ratios(results: dict) -> dict:
             bs = next((s for s in jn.get(base, []) if s["clients"] == zs["clients"]
                        and s["mode"] == zs["mode"]), None)
             if bs:
+                # Per client joined: a step cut at the timeout still compares.
                 key = f"{zs['mode']}_{zs['clients']}"
-                r[f"join_wall_{key}"] = _ratio(zs["wall_s"], bs["wall_s"])
-                r[f"join_cpu_{key}"] = _ratio(zs["server_cpu_s"], bs["server_cpu_s"])
+                r[f"join_wall_per_client_{key}"] = _ratio(_per_join(zs, "wall_s"),
+                                                          _per_join(bs, "wall_s"))
+                r[f"join_cpu_per_client_{key}"] = _ratio(_per_join(zs, "server_cpu_s"),
+                                                         _per_join(bs, "server_cpu_s"))
                 r[f"idle_cpu_{key}"] = _ratio(zs["idle_server_cores"], bs["idle_server_cores"])
         out[f"zchat/{base}"] = r
     return out
+
+
+def _per_join(step: dict, key: str):
+    return step[key] / step["joined"] if step["joined"] and step[key] is not None else None
 
 
 def report(results: dict) -> str:
@@ -522,12 +529,15 @@ def report(results: dict) -> str:
                  fmt(s["wall_s"], ".2f") + ("" if s["complete"] else " (timeout)"),
                  fmt(s["first_1000_per_s"], ".0f"), fmt(s["server_cpu_s"], ".2f"),
                  fmt(s["generator_cpu_s"], ".1f"), fmt(100 * s["idle_server_cores"], ".1f"),
-                 ", ".join(f"{v:.2f}" for v in s["idle_generator_cores"].values())]
+                 ", ".join(f"{v:.2f}" for v in s["idle_generator_cores"].values()),
+                 ", ".join(f"{k} {v}" for k, v in {**s["failures"], **s["errors"]}.items())
+                 or "none"]
                 for steps in results["raw_joins"].values() for s in steps]
         parts.append("### Joining one room (storm: all at once; seq: one after another)\n\n"
                      + table(["server", "mode", "clients", "joined", "wall s",
                               "first 1,000 joins/s", "server CPU s", "generator CPU s",
-                              "idle server % core", "idle generator cores"], rows))
+                              "idle server % core", "idle generator cores",
+                              "errors seen by the clients"], rows))
     if results.get("raw_ratios"):
         keys = sorted({k for r in results["raw_ratios"].values() for k in r})
         rows = [[k, *(fmt(r.get(k), ".2f") for r in results["raw_ratios"].values())]
@@ -567,6 +577,8 @@ def parse_args(argv):
     p.add_argument("--join-timeout", type=float,
                    help="longest a join step may take before it is cut (default 40 s)")
     p.add_argument("--idle-seconds", type=float, help="idle window measured (default 4)")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="run nothing: print the tables and ratios of an earlier run's JSON")
     args = p.parse_args(argv)
     q = args.quick
     for name, full, quick in (("fixed_seconds", 8, 3), ("step_seconds", 3, 2),
@@ -610,6 +622,11 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        results = json.loads(args.report.read_text())
+        results["raw_ratios"] = ratios(results)
+        print(report(results))
+        return 0
     started = time.monotonic()
     try:
         results = run(args)
