@@ -53,7 +53,7 @@ ROOM = "#bench"  # zchat: the one room everybody joins
 CHANNEL = b"bench"  # Redis: the one channel
 FORWARDER_TOPIC = b"all"  # c-forwarder: the PUB topic is the sender's routing id, all:...
 READ_BYTES = 256 * 1024
-MARK_LEN = 33  # ~ + 2 + 9 + 19 digits + ~
+MARK_LEN = 1 + 2 + 9 + 19 + 1  # ~, trial, number, ns, ~ (see marker())
 # Listener scan tail: what a read leaves for the next one, so that a marker or a
 # probe topic split over two reads is found. One byte short of a marker, so that
 # no marker already counted fits in it whole (and a counted marker's closing "~"
