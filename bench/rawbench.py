@@ -1,7 +1,7 @@
 """zchat against Redis pub/sub and libzmq's C forwarder, under one independent generator.
 
     python bench/rawbench.py            # everything, ~12 minutes on 2 cores
-    python bench/rawbench.py --quick    # smoke run, ~4 minutes
+    python bench/rawbench.py --quick    # smoke run, ~5 minutes
     python bench/rawbench.py --scenario fixed --servers zchat,redis
 
 Every server is driven by bench/rawgen.py, which speaks each one's own
