@@ -291,8 +291,9 @@ class Rig:
         out = []
         if r["sent"] < r["count"]:
             out.append(f"sent {r['sent']} of {r['count']}")
-        if r["achieved_rate"] is not None and r["achieved_rate"] < RATE_TOLERANCE * r["offered_rate"]:
-            out.append(f"sender reached {r['achieved_rate']:.0f} msg/s")
+        achieved = r["achieved_rate"]
+        if achieved is not None and achieved < RATE_TOLERANCE * r["offered_rate"]:
+            out.append(f"sender reached {achieved:.0f} msg/s")
         if r["acks"] is not None and r["acks"] < r["sent"]:
             out.append(f"{r['sent'] - r['acks']} not acknowledged")
         if r["errors"]:
@@ -499,7 +500,8 @@ def report(results: dict) -> str:
     parts = []
     if results.get("raw_fixed"):
         rows = [[t["server"], f"{t['offered_rate']:.0f}", str(t["listeners"]),
-                 fmt(t["server_us_per_delivery"], ".2f"), fmt(t["server_user_us_per_delivery"], ".2f"),
+                 fmt(t["server_us_per_delivery"], ".2f"),
+                 fmt(t["server_user_us_per_delivery"], ".2f"),
                  fmt(t["latency"]["p50_ms"], ".2f"), fmt(t["latency"]["p99_ms"], ".2f"),
                  fmt(t["server_cores"], ".2f"),
                  ", ".join(f"{v:.2f}" for v in t["generator_cores"].values()),
@@ -518,8 +520,9 @@ def report(results: dict) -> str:
                  ", ".join(f"{v:.2f}" for v in (s["first_failure"] or s["trials"][-1])
                            ["generator_cores"].values())]
                 for s in results["raw_saturation"].values()]
-        parts.append(f"### Highest rate x {next(iter(results['raw_saturation'].values()))['listeners']}"
-                     f" listeners with p99 < {P99_LIMIT_MS:.0f} ms\n\n" + table(
+        listeners = next(iter(results["raw_saturation"].values()))["listeners"]
+        title = f"Highest rate x {listeners} listeners with p99 < {P99_LIMIT_MS:.0f} ms"
+        parts.append(f"### {title}\n\n" + table(
                          ["server", "highest passing msg/s", "p99 ms there",
                           "saturation: msg/s", "server cores", "user us/delivery",
                           "CPU us/delivery",

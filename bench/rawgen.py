@@ -607,7 +607,8 @@ class Proc:
         lags = sorted(self.send_lags)
         self.answer({"sent": self.send_next, "acks": acks if self.kind != "forwarder" else None,
                      "errors": sum(self.errors.values()) + self.replies.errors - self.errors_before,
-                     "error_codes": dict(self.errors), "first_redis_error": self.replies.first_error,
+                     "error_codes": dict(self.errors),
+                     "first_redis_error": self.replies.first_error,
                      "send_seconds": (self.last_write - self.first_write) / 1e9,
                      "first_write_ns": self.first_write,
                      "lag_p99_ms": lags[int(0.99 * (len(lags) - 1))] / 1e6 if lags else None,

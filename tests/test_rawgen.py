@@ -5,7 +5,6 @@ rather than in a benchmark run."""
 import shutil
 import sys
 import types
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
