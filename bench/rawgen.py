@@ -329,10 +329,21 @@ class ZchatListener(Client):
             if reply["type"] == "welcome":
                 self.session = reply["resume"]
                 self.proc.heartbeat_ns = int(reply["heartbeat_interval"] * 1e9)
+                if not self.joined_ns:
+                    self.proc.schedule_ping(self)
                 self.joined()
-                self.proc.schedule_ping(self)
             elif reply["type"] == "error":
                 self.proc.errors[reply["code"]] += 1
+                if reply["code"] == "not_joined" and self.session:
+                    self._rejoin()
+
+    def _rejoin(self) -> None:
+        """PROTOCOL.md, "Joining again": on sockets that stay open, say hello again at
+        once, with the old token and the same secret; no probe is needed."""
+        self.proc.errors["rejoins"] += 1
+        self.dealer.conn.send(ZchatWire.hello(self.name, [ROOM], False, self.secret,
+                                              resume=self.session))
+        self.session = ""  # no pings until the new welcome
 
     def ping(self) -> None:
         if self.session:
@@ -538,6 +549,12 @@ class Proc:
         self.answer({"clients": len(self.clients), "joined": len(done), "done_s": done,
                      "start_ns": self.join_start, "failures": dict(self.failures),
                      "errors": dict(self.errors)})
+
+    def cmd_stats(self) -> None:
+        """What the clients saw so far, and how many hold a session now."""
+        self.answer({"errors": dict(self.errors), "failures": dict(self.failures),
+                     "in_session": sum(1 for c in self.clients
+                                       if getattr(c, "session", None))})
 
     # -- listening ---------------------------------------------------------------
 

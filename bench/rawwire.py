@@ -223,9 +223,13 @@ class ZchatWire:
         return zmtp_frame(json.dumps(obj, separators=(",", ":")).encode())
 
     @classmethod
-    def hello(cls, name: str, rooms: list[str], quiet: bool, secret: str) -> bytes:
-        return cls._request({"type": "hello", "name": name, "v": cls.VERSION, "secret": secret,
-                             "quiet": quiet, "rooms": rooms})
+    def hello(cls, name: str, rooms: list[str], quiet: bool, secret: str,
+              resume: str | None = None) -> bytes:
+        request = {"type": "hello", "name": name, "v": cls.VERSION, "secret": secret,
+                   "quiet": quiet, "rooms": rooms}
+        if resume:
+            request["resume"] = resume
+        return cls._request(request)
 
     @classmethod
     def say(cls, msg_id: str, text: str, session: str, room: str) -> bytes:

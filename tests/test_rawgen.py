@@ -90,3 +90,39 @@ def test_zchat_clients_join_one_after_another_and_all_at_once():
         step = rawbench.join_step("zchat", 20, mode, opts)
         assert step["joined"] == 20 and step["complete"], step
         assert not step["errors"], step
+
+
+@pytest.mark.timeout(60)
+def test_a_zchat_listener_whose_session_timed_out_says_hello_again():
+    """Silent past the broker's liveness (the generator stopped), a listener's next
+    ping is answered not_joined; it joins again at once, as PROTOCOL.md says."""
+    import json
+    import os
+    import signal
+    import time
+
+    from common import Target
+
+    with rawbench.ExitStack() as stack:
+        server = Target("zchat", extra_args=("--heartbeat-interval", "0.2")).start()
+        stack.callback(server.stop)
+        gen = rawbench.Gen(stack, server, "listen", 2, 1, "t")
+        now = time.monotonic_ns()
+        [joined] = gen.all(20, cmd="join", mode="storm", start_ns=now,
+                           deadline_ns=now + 10 * 10**9)
+        assert joined["joined"] == 2
+        worker = gen.workers[0]
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            time.sleep(3 * 0.2 + 0.6)  # silent past liveness x interval, plus sweeps
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while True:
+            worker.command(json.dumps({"cmd": "stats"}))
+            stats = worker.reply(10)
+            if stats["errors"].get("rejoins", 0) >= 2 and stats["in_session"] == 2:
+                break
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.1)
+        assert stats["errors"]["not_joined"] >= 2
