@@ -573,7 +573,8 @@ def parse_args(argv):
     p.add_argument("--fixed-rates", default="100,1000")
     p.add_argument("--fixed-seconds", type=float, help="each fixed-rate trial (default 8)")
     p.add_argument("--saturation-listeners", type=int, default=20)
-    p.add_argument("--saturation-rates", default="1000,2000,4000,8000,12000,16000,24000,32000",
+    p.add_argument("--saturation-rates",
+                   default="1000,2000,4000,8000,12000,16000,24000,32000,48000,64000",
                    help="rates tried in order until one fails")
     p.add_argument("--step-seconds", type=float, help="each saturation step (default 3)")
     p.add_argument("--join-sizes", help="clients per join step (default 1000,5000,9000)")
