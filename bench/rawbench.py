@@ -31,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -624,8 +625,14 @@ def run(args) -> dict:
     return results
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds through every ExitStack: servers and workers stopped
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background
     if args.report:
         results = json.loads(args.report.read_text())
         results["raw_ratios"] = ratios(results)

@@ -221,6 +221,7 @@ class Client:
         self.started_ns = 0
         self.conns: list[Conn] = []
         self.scan = Scan()
+        self.abandoned = False
 
     def start(self) -> None:
         self.started_ns = self.started_ns or now_ns()
@@ -245,8 +246,20 @@ class Client:
             c.close()
         self.conns = []
         self.proc.failures[why] += 1
-        if not self.joined_ns:
-            self.loop.at(now_ns() + RECONNECT_DELAY_NS, self.connect)
+        if not self.joined_ns and not self.abandoned:
+            self.loop.at(now_ns() + RECONNECT_DELAY_NS, self._retry)
+
+    def _retry(self) -> None:
+        if not self.abandoned:
+            self.connect()
+
+    def give_up(self) -> None:
+        """Past the join deadline: close this client's connections, so that the
+        idle figures that follow count only the clients that joined."""
+        self.abandoned = True
+        for c in self.conns:
+            c.close()
+        self.conns = []
 
     def scan_data(self, data: bytes, watch: bytes | None = None) -> bool:
         return self.scan.feed(data, watch)
@@ -518,7 +531,8 @@ class Proc:
 
     def on_joined(self, client: Client) -> None:
         self.joined_count += 1
-        if self.join_mode == "seq" and self.join_next < len(self.clients):
+        if self.join_mode == "seq" and self.join_next < len(self.clients) and \
+                now_ns() < self.join_deadline:
             self.clients[self.join_next].start()
             self.join_next += 1
 
@@ -546,6 +560,10 @@ class Proc:
         if self.joined_count < len(self.clients) and now_ns() < self.join_deadline:
             return
         done = sorted((c.joined_ns - self.join_start) / 1e9 for c in self.clients if c.joined_ns)
+        self.join_mode = None  # "seq" starts no further client
+        for c in self.clients:
+            if not c.joined_ns:
+                c.give_up()
         self.answer({"clients": len(self.clients), "joined": len(done), "done_s": done,
                      "start_ns": self.join_start, "failures": dict(self.failures),
                      "errors": dict(self.errors)})
