@@ -53,13 +53,17 @@ def raise_open_file_limit() -> int:
 # --- /proc figures ----------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a whole process so far (all its threads)."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a whole process so far (all its threads), in s."""
     with open(f"/proc/{pid}/stat") as f:
         # The command name may hold spaces: the fields after it start past ')'.
         fields = f.read().rsplit(")", 1)[1].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / CLOCK_TICKS
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a whole process so far (all its threads)."""
+    return sum(cpu_times(pid))
 
 
 def memory_bytes(pid: int) -> dict:
@@ -134,11 +138,12 @@ def _end(proc: subprocess.Popen, grace: float) -> None:
 
 
 class Worker:
-    """A loadgen.py process: commands in on stdin, JSON lines out on stdout."""
+    """A generator process (loadgen.py, or ``script``): commands in on stdin, JSON
+    lines out on stdout."""
 
-    def __init__(self, name: str, *args: str):
+    def __init__(self, name: str, *args: str, script: str = "loadgen.py"):
         self.name = name
-        self.proc = _spawn([str(BENCH / "loadgen.py"), *args], stdin=subprocess.PIPE,
+        self.proc = _spawn([str(BENCH / script), *args], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE)
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -227,7 +232,7 @@ class Target:
     """
 
     def __init__(self, kind: str, wrapper: list[str] | None = None,
-                 work_dir: Path | None = None, extra: list[str] | None = None):
+                 work_dir: Path | None = None, extra_args: tuple[str, ...] = ()):
         if kind not in TARGET_KINDS:
             raise ValueError(f"unknown target {kind!r}")
         if kind == "zchat-db" and work_dir is None:
@@ -238,7 +243,7 @@ class Target:
         self.pub_port = self.port + 1
         # e.g. ["-m", "cProfile", "-o", FILE]: run the target under a profiler
         self.wrapper = wrapper or []
-        self.extra = extra or []  # more options for zchat's broker
+        self.extra_args = list(extra_args)  # more broker.py options (zchat kinds only)
         self.proc: subprocess.Popen | None = None
         self.log: LineReader | None = None
 
@@ -265,7 +270,7 @@ class Target:
             options = list(ZCHAT_OPTIONS[self.kind])
             if self.kind == "zchat-db":
                 options.append(str(self.work_dir / f"history-{self.port}.db"))
-            program = ["broker.py", *ports, *zchat_broker_args(), *options, *self.extra]
+            program = ["broker.py", *ports, *zchat_broker_args(), *options, *self.extra_args]
         else:
             program = [str(BENCH / "baselines.py"), self.kind, *ports]
         self.proc = _spawn([*self.wrapper, *program], stderr=subprocess.PIPE)

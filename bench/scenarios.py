@@ -392,7 +392,7 @@ def _scale_one(clients: int, opts, profile_dir: Path | None = None) -> dict:
     groups.append(victims)  # the last process is the one killed
     # every client is a connection: above the default --max-users (5,000) the
     # broker is told to take them all
-    target = Target("zchat", extra=["--max-users", str(max(clients, 5000))])
+    target = Target("zchat", extra_args=("--max-users", str(max(clients, 5000))))
     workers: list[Worker] = []
     try:
         target.start()
