@@ -341,7 +341,7 @@ class ZchatListener(Client):
             reply = ZchatWire.reply(parts[-1])
             if reply["type"] == "welcome":
                 self.session = reply["resume"]
-                self.proc.heartbeat_ns = int(reply["heartbeat_interval"] * 1e9)
+                self.proc.heartbeat_ns = ZchatWire.ping_period_ns(reply)
                 if not self.joined_ns:
                     self.proc.schedule_ping(self)
                 self.joined()
@@ -387,7 +387,7 @@ class ZchatSender(Client):
                 self.proc.acks += 1
             elif kind == "welcome":
                 self.session = reply["resume"]
-                self.proc.heartbeat_ns = int(reply["heartbeat_interval"] * 1e9)
+                self.proc.heartbeat_ns = ZchatWire.ping_period_ns(reply)
                 self.joined()
             elif kind == "error":
                 self.proc.errors[reply["code"]] += 1

@@ -200,13 +200,13 @@ class RespLineCounter:
 
 
 class ZchatWire:
-    """zchat protocol 2 as PROTOCOL.md documents it: topics, requests, replies.
+    """zchat protocol 3 as PROTOCOL.md documents it: topics, requests, replies.
 
     A request is one ZMTP frame on the DEALER holding a JSON object; a
     broadcast is two frames on the SUB, [topic, JSON array of events].
     """
 
-    VERSION = 2
+    VERSION = 3
     HEARTBEAT_TOPIC = b"hb"
 
     @staticmethod
@@ -243,6 +243,12 @@ class ZchatWire:
     @classmethod
     def bye(cls, session: str) -> bytes:
         return cls._request({"type": "bye", "session": session})
+
+    @staticmethod
+    def ping_period_ns(welcome: dict) -> int:
+        """PROTOCOL.md: a client pings when it has sent nothing for
+        heartbeat_liveness x heartbeat_interval / 2."""
+        return int(welcome["heartbeat_liveness"] * welcome["heartbeat_interval"] / 2 * 1e9)
 
     @staticmethod
     def reply(frame: bytes) -> dict:
