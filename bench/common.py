@@ -126,7 +126,7 @@ def _spawn(args: list[str], **kw) -> subprocess.Popen:
                             start_new_session=True, **kw)
 
 
-def _end(proc: subprocess.Popen, grace: float) -> None:
+def stop_process(proc: subprocess.Popen, grace: float = 10) -> None:
     """SIGTERM, then SIGKILL after ``grace`` seconds."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -188,7 +188,7 @@ class Worker:
             self.proc.stdin.close()
         except OSError:
             pass
-        _end(self.proc, grace=3)
+        stop_process(self.proc, grace=3)
 
 
 # The broker, then zchat run with other options (what each costs or buys),
@@ -280,4 +280,4 @@ class Target:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _end(self.proc, grace=10)  # a profiled broker needs time to write
+            stop_process(self.proc, grace=10)  # a profiled broker needs time to write

@@ -38,6 +38,7 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import messages as m  # noqa: E402
+from common import stop_process  # noqa: E402
 
 HISTORY = 1000
 TEXT = "x" * 4096
@@ -89,12 +90,7 @@ class Broker:
                 self.ready.set()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 class Peer:

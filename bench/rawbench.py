@@ -40,7 +40,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import common
-from common import BENCH, Target, Worker, cpu_times, open_files
+from common import BENCH, Target, Worker, cpu_times, open_files, stop_process
 from run import fmt, machine, table
 from tests.procs import free_port_pair
 
@@ -103,13 +103,8 @@ class RedisServer:
         raise TimeoutError("redis-server did not answer PING")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
