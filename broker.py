@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-per-address", type=int, default=admission.MAX_PER_ADDRESS, metavar="N",
                    help="live connections from one address on each port; more are closed "
                         f"at once (default {admission.MAX_PER_ADDRESS})")
+    p.add_argument("--backplane", metavar="URL",
+                   help="share the chat with the other brokers on this Redis "
+                        "(redis://[:PASSWORD@]HOST:PORT/DB or rediss://...); see README")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     args = p.parse_args(argv)
@@ -114,6 +117,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--rate must be positive and --coalesce-ms not negative")
     if args.allow and not args.curve_secret:
         p.error("--allow needs --curve-secret")
+    if args.backplane and args.db:
+        p.error("--backplane keeps the history in Redis: it takes no --db")
+    if args.backplane and not args.backplane.startswith(("redis://", "rediss://", "unix://")):
+        p.error("--backplane takes a URL: redis://HOST:PORT/DB or rediss://...")
     return args
 
 
@@ -136,9 +143,10 @@ class BrokerShell:
     def __init__(self, core: BrokerCore, host: str, port: int, pub_port: int,
                  store: EventStore | None = None, curve: keys.KeyPair | None = None,
                  allow_dir: str | None = None, coalesce: float = COALESCE_S,
-                 max_per_address: int = admission.MAX_PER_ADDRESS):
+                 max_per_address: int = admission.MAX_PER_ADDRESS, backplane=None):
         self.core = core
         self.store = store
+        self.backplane = backplane  # backplane.Backplane: the streams are shared in Redis
         self.store_failing = False  # the last write failed
         # outputs held to share PUB frames, and when they must go
         self.coalesce = coalesce
@@ -186,6 +194,10 @@ class BrokerShell:
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
         self.poller.register(self._wake_r, zmq.POLLIN)
+        self.notifications = None
+        if backplane is not None:
+            self.notifications = backplane.start(self.ctx, core)
+            self.poller.register(self.notifications, zmq.POLLIN)
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
@@ -209,12 +221,19 @@ class BrokerShell:
             now, wall = time.monotonic(), time.time()
             out: list = []
             backlog = False
+            if self.notifications in ready:
+                # Before the requests: the shared events take their places
+                # in the streams before this pass numbers anything new.
+                out += self.backplane.read(self.core)
             if self.router in ready:
                 requests, backlog = self._read_requests(now, wall)
                 out += requests
             if self.pub in ready:
                 out += self._read_subscriptions(wall)
             out += self.core.tick(now, wall, backlog)
+            if self.backplane is not None:
+                # Numbered in Redis now, before the next pass's notifications.
+                out = self._persist(out)
             self._send_or_hold(out, now)
         self._release(time.monotonic())
         self._deliver(self.core.shutdown(time.time()), time.monotonic())
@@ -243,6 +262,8 @@ class BrokerShell:
         self.pub.close()
         if self.auth is not None:
             self.auth.stop()
+        if self.backplane is not None:
+            self.backplane.close()
         self.ctx.term()
         self._wake_r.close()
         self._wake_w.close()
@@ -284,9 +305,7 @@ class BrokerShell:
         the write fails, the core undoes those events and says what to
         carry out instead (refusals, and nothing of the undone events)."""
         while outputs:
-            to_persist = [item for item in outputs if isinstance(item, Persist)]
-            if to_persist and not self._stored(to_persist):
-                outputs = self.core.persist_failed(outputs)
+            outputs = self._persist(outputs)
             by_topic: dict[bytes, list[bytes]] = {}
             replies: list[Reply] = []
             for item in outputs:
@@ -303,6 +322,20 @@ class BrokerShell:
             outputs = []
             for reply in replies:
                 outputs += self._send_reply(reply)
+
+    def _persist(self, outputs: list) -> list:
+        """Store the new events among ``outputs`` (or have the backplane
+        number them); what to carry out then."""
+        to_persist = [item for item in outputs if isinstance(item, Persist)]
+        if not to_persist:
+            return outputs
+        if self.backplane is not None:
+            seqs = self.backplane.append(to_persist)
+            if seqs is not None:
+                return self.core.handed_over(outputs, seqs)
+        elif self._stored(to_persist):
+            return outputs
+        return self.core.persist_failed(outputs)
 
     def _stored(self, records: list[Persist]) -> bool:
         """Write the records in one transaction; False if the store failed
@@ -348,7 +381,8 @@ def frames_of(encoded_events: list[bytes]):
         yield m.join_events(encoded_events[start:])
 
 
-def make_core(args: argparse.Namespace, store: EventStore | None) -> BrokerCore:
+def make_core(args: argparse.Namespace, store: EventStore | None,
+              epoch: str | None = None) -> BrokerCore:
     config = BrokerConfig(
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_liveness=args.heartbeat_liveness,
@@ -362,7 +396,7 @@ def make_core(args: argparse.Namespace, store: EventStore | None) -> BrokerCore:
         names_by_key=keys.names_by_key(args.allow) if args.allow else {},
     )
     if store is None:
-        return BrokerCore(config)
+        return BrokerCore(config) if epoch is None else BrokerCore(config, epoch=epoch)
     core = BrokerCore(config, epoch=store.epoch())
     for stream_id in store.streams():
         core.restore(stream_id, store.recent_events(stream_id, config.history),
@@ -371,6 +405,16 @@ def make_core(args: argparse.Namespace, store: EventStore | None) -> BrokerCore:
         log.info("history of %s from %s: %d events, continuing after seq %d",
                  stream_id, args.db, len(stream.history), stream.seq)
     return core
+
+
+def open_backplane(args: argparse.Namespace):
+    """The Redis backplane; redis-py is imported only when it is used. Its
+    errors at start are StoreErrors: the shared history cannot be used."""
+    try:
+        import backplane
+    except ImportError as e:
+        raise StoreError(f"--backplane needs redis-py (pip install 'redis[hiredis]'): {e}")
+    return backplane.Backplane(args.backplane, args.history)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,9 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         curve = keys.load_key_pair(args.curve_secret) if args.curve_secret else None
         store = EventStore(args.db) if args.db else None
-        core = make_core(args, store)
+        backplane = open_backplane(args) if args.backplane else None
+        core = make_core(args, store, backplane.epoch() if backplane else None)
         shell = BrokerShell(core, args.host, args.port, args.pub_port, store, curve, args.allow,
-                            args.coalesce_ms / 1000, args.max_per_address)
+                            args.coalesce_ms / 1000, args.max_per_address, backplane)
     except keys.KeyFileError as e:
         print(f"broker: {e}", file=sys.stderr)
         return 1

@@ -437,6 +437,72 @@ class BrokerCore:
                            first=min(message.first, until + 1), until=until)
         return message
 
+    # --- the backplane (several brokers, one chat: backplane.py) -------------------
+
+    def handed_over(self, outputs: list, seqs: dict[int, int]) -> list:
+        """The Persist outputs among ``outputs`` were numbered by the shared
+        backplane instead of here. ``seqs`` maps each one's event (by ``id``)
+        to the seq it got there: positive, a new event; negative, a resend of
+        a message accepted earlier as that seq (nothing new); 0, part of such
+        a resend (a direct message's copy for the addressee).
+
+        The events come back through ``receive`` in the shared order, so
+        here each stream goes back to before them, their publishes and
+        deliveries are dropped, and each acknowledgement gets its shared
+        seq. Positions already given (welcomes, room answers) are at most
+        the shared seq before the new events, as a position must be.
+        """
+        records = [o for o in outputs if isinstance(o, Persist)]
+        if not records:
+            return outputs
+        first: dict[str, int] = {}
+        for record in records:
+            first.setdefault(record.stream, record.event.seq - 1)
+        for stream_id, seq in first.items():
+            forgotten = [r.sender_id for r in records if r.stream == stream_id and r.sender_id]
+            self.history_bytes -= self.streams[stream_id].truncate(seq, forgotten)
+            if (room := self.rooms.get(stream_id)) is not None:
+                self._forget_if_unused(room)
+        acks = {(r.sender_id, r.event.seq): abs(seqs[id(r.event)])
+                for r in records if r.sender_id}
+        undone = {id(r.event) for r in records}
+        out: list = []
+        for item in outputs:
+            if isinstance(item, Persist):
+                continue
+            message = item.message if isinstance(item, Reply) else item.event
+            if id(message) in undone:
+                continue
+            if isinstance(message, m.Ack) and (session := self.sessions.get(item.peer)):
+                shared = acks.get(((session.user.name_key, message.id), message.seq))
+                if shared is not None:
+                    item = replace(item, message=replace(message, seq=shared))
+            out.append(item)
+        return out
+
+    def receive(self, stream_id: str, event: Any, sender_id: tuple[str, str] | None) -> list:
+        """A sequenced event of a shared stream, numbered by the backplane,
+        next in that stream's order (backplane_core.Follower sees to it):
+        kept in the history, then published on the room's topic, or, of a
+        user's direct messages, given to that user's sessions here."""
+        created = stream_id not in self.streams
+        stream = self.open_stream(stream_id)
+        if event.seq != stream.seq + 1:  # the events between are gone from the backplane
+            while stream.history:
+                self.history_bytes -= stream.drop_oldest()
+            stream.seq = event.seq - 1
+        self._number(stream, lambda seq: event, sender_id)
+        room = self.rooms.get(stream_id)
+        if room is None:
+            user = self.by_name.get(stream_id[len(m.DM_STREAM_PREFIX):])
+            return [] if user is None else [Reply(s.peer, event) for s in user.sessions
+                                            if not s.quiet]
+        if created and event.room:
+            room.name = event.room  # as it was created
+        if isinstance(event, m.Topic):
+            room.topic = event.text
+        return [Publish(event, stream.topic)]
+
     def shutdown(self, wall: float) -> list:
         """The broker is going away: tell everyone."""
         return [Publish(m.Shutdown(wall), m.HEARTBEAT_TOPIC)]

@@ -1,0 +1,328 @@
+"""The Redis backplane (``broker.py --backplane redis://HOST:PORT/DB``): several
+brokers, one chat.
+
+Every stream (a room, a user's direct messages) lives in Redis: a counter
+that numbers its events, a Redis Stream that keeps its last ``--history``
+events, and the message ids it accepted (so a resend to any broker is
+acknowledged, not shown twice). One Lua script per loop pass numbers and
+stores the pass's new events and publishes one notification for them all,
+atomically: the broker acknowledges a message only once the script ran.
+
+Every broker subscribes to the notifications (a thread of its own reads
+them and hands them over through an inproc PAIR socket: a Redis connection
+and a ZeroMQ socket each belong to one thread) and feeds them, in each
+stream's order (backplane_core.Follower), to its BrokerCore, which
+publishes a room's events on its own PUB socket and gives a user's direct
+messages to that user's connections here. A hole (a lost subscription, a
+start) is repaired from the Redis Stream with XRANGE before anything after
+it goes out. Each broker thus holds a copy of every stream's last events,
+loaded from Redis when it starts, from which it answers ``fetch`` and
+``recent``.
+
+Redis is imported only here, and this module only when ``--backplane`` is
+given. The URL may carry a password; it is passed to redis-py, never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+from dataclasses import replace
+from typing import Any
+
+import redis
+import zmq
+
+import messages as m
+from backplane_core import Follower, Repair, Shared
+from broker_core import BrokerCore, Persist
+from broker_stream import ACCEPTED_IDS_REMEMBERED
+from store import StoreError
+
+log = logging.getLogger("zchat.backplane")
+
+# Every key starts with this, so one Redis may hold other data too.
+KEY_PREFIX = "zchat:"
+EVENTS_CHANNEL = KEY_PREFIX + "events"
+STREAMS_KEY = KEY_PREFIX + "streams"  # the set of every stream with events
+EPOCH_KEY = KEY_PREFIX + "epoch"
+# Longest wait for Redis on the broker's loop: every pass that has new
+# events waits for its script, so a Redis that hangs must not hold every
+# client for long; past it the pass's messages are refused `unavailable`.
+SOCKET_TIMEOUT_S = 1.0
+CONNECT_TIMEOUT_S = 0.5
+# The notification reader's wait for a message, between checks that the
+# broker is stopping, and its wait before subscribing again after a loss.
+READER_POLL_S = 0.5
+RESUBSCRIBE_S = 0.25
+# inproc address of the reader's PAIR socket (one per broker process)
+READER_ADDRESS = "inproc://zchat-backplane"
+# What the reader sends besides notifications.
+SUBSCRIBED = b"!"  # (re)subscribed: what was published meanwhile is lost, resync
+LOST = b"?"  # the subscription broke
+
+# KEYS: none (the streams' keys are built from ARGV; see README "Scaling
+# out" for what Redis Cluster needs instead). ARGV: key prefix, history,
+# ids remembered, then five per new event: stream, "1" if it is a direct
+# message's copy for the addressee (skipped with its sender's copy), the
+# sender's name key and message id ("" for events that are not messages),
+# the event's JSON with seq 0. Returns per event its seq; minus the seq
+# of a resend accepted earlier; 0 for a copy skipped with it.
+APPEND_SCRIPT = """
+local prefix, history, remember = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local results, notes, skipping = {}, {}, false
+for i = 4, #ARGV, 5 do
+  local sid, follows, key, mid, ev = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  local base = prefix .. '{' .. sid .. '}'
+  local seen = false
+  if follows == '1' and skipping then
+    results[#results+1] = 0
+  else
+    skipping = false
+    if mid ~= '' then
+      seen = redis.call('HGET', base .. ':ids', key .. ' ' .. mid)
+    end
+    if seen then
+      results[#results+1] = -tonumber(seen)
+      skipping = true
+    else
+      local seq = redis.call('INCR', base .. ':n')
+      redis.call('XADD', base .. ':x', 'MAXLEN', '~', history, seq .. '-0',
+                 'e', ev, 'k', key, 'i', mid)
+      if mid ~= '' then
+        local field = key .. ' ' .. mid
+        redis.call('HSET', base .. ':ids', field, seq)
+        redis.call('RPUSH', base .. ':idq', field)
+        if redis.call('LLEN', base .. ':idq') > remember then
+          redis.call('HDEL', base .. ':ids', redis.call('LPOP', base .. ':idq'))
+        end
+      end
+      if seq == 1 then redis.call('SADD', prefix .. 'streams', sid) end
+      results[#results+1] = seq
+      notes[#notes+1] = {sid, seq, key, mid, ev}
+    end
+  end
+end
+if #notes > 0 then redis.call('PUBLISH', prefix .. 'events', cjson.encode(notes)) end
+return results
+"""
+
+
+class BackplaneError(StoreError):
+    """Redis cannot be used at start: the message says why, for the operator."""
+
+
+def stream_key(stream: str, kind: str) -> str:
+    """A stream's key of one kind: n (counter), x (Redis Stream), ids, idq.
+    The braces are a Cluster hash tag: one stream's keys share a slot."""
+    return f"{KEY_PREFIX}{{{stream}}}:{kind}"
+
+
+def _event_json(event: Any) -> str:
+    return m.encode(replace(event, seq=0)).decode()
+
+
+def _shared(stream: str, seq: int, key: str, mid: str, event_json: str) -> Shared | None:
+    """A stored event back from Redis; None (and a log line) if it is not one."""
+    try:
+        event = replace(m.decode_event_body(json.loads(event_json)), seq=seq)
+    except (ValueError, m.ProtocolError, TypeError) as e:
+        log.error("backplane: event %d of %s is not readable, skipped: %s", seq, stream, e)
+        return None
+    return Shared(stream, event, (key, mid) if mid else None)
+
+
+class Backplane:
+    """This broker's side of the shared Redis: numbering, notifications, repair."""
+
+    def __init__(self, url: str, history: int):
+        self.redis = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
+                                          socket_connect_timeout=CONNECT_TIMEOUT_S)
+        kwargs = self.redis.connection_pool.connection_kwargs
+        self.where = f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}"
+        self.history = history
+        self.append_script = self.redis.register_script(APPEND_SCRIPT)
+        self.follower = Follower()
+        self.failing = False  # the last script failed
+        self.reader: threading.Thread | None = None
+        self.pair: zmq.Socket | None = None
+        self._stopping = threading.Event()
+
+    # --- start and stop ------------------------------------------------------------
+
+    def epoch(self) -> str:
+        """The chat's epoch, the same for every broker on this Redis."""
+        try:
+            self.redis.set(EPOCH_KEY, secrets.token_hex(8), nx=True)
+            return self.redis.get(EPOCH_KEY).decode()
+        except redis.RedisError as e:
+            raise BackplaneError(f"cannot reach the backplane at {self.where}: {e}") from None
+
+    def start(self, ctx: zmq.Context, core: BrokerCore) -> zmq.Socket:
+        """Subscribe, then load every stream's last events into ``core``;
+        the socket to poll for notifications."""
+        self.pair = ctx.socket(zmq.PAIR)
+        self.pair.bind(READER_ADDRESS)
+        self.reader = threading.Thread(target=self._read_notifications, args=(ctx,),
+                                       name="backplane-reader", daemon=True)
+        self.reader.start()
+        try:
+            self._load(core)
+        except redis.RedisError as e:
+            raise BackplaneError(f"cannot load the streams from {self.where}: {e}") from None
+        log.info("backplane: sharing the chat through Redis at %s", self.where)
+        return self.pair
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self.reader is not None:
+            self.reader.join(READER_POLL_S * 4)
+        if self.pair is not None:
+            self.pair.close(linger=0)
+        self.redis.close()
+
+    def _load(self, core: BrokerCore) -> None:
+        """Every stream's last ``history`` events and accepted ids, into the core."""
+        streams = sorted(s.decode() for s in self.redis.smembers(STREAMS_KEY))
+        for stream in streams:
+            entries = self.redis.xrevrange(stream_key(stream, "x"), count=self.history)
+            shared = [s for s in (self._from_entry(stream, e) for e in reversed(entries)) if s]
+            core.restore(stream, [s.event for s in shared],
+                         [(s.sender_id, s.event.seq) for s in shared if s.sender_id])
+            if shared:
+                self.follower.start_at(stream, shared[-1].event.seq)
+        log.info("backplane: %d streams loaded", len(streams))
+
+    # --- new events -------------------------------------------------------------------
+
+    def append(self, records: list[Persist]) -> dict[int, int] | None:
+        """Number and store ``records`` in Redis, in one script; each event's
+        (by ``id``) shared seq as BrokerCore.handed_over takes them, or None
+        if Redis did not take them (logged when it starts and stops failing)."""
+        argv: list[Any] = [KEY_PREFIX, self.history, ACCEPTED_IDS_REMEMBERED]
+        for record in records:
+            event = record.event
+            follows = record.sender_id is None and isinstance(event, m.Message) and event.to
+            key, mid = record.sender_id or ("", "")
+            argv += [record.stream, "1" if follows else "0", key, mid, _event_json(event)]
+        try:
+            seqs = self.append_script(args=argv)
+        except redis.RedisError as e:
+            if not self.failing:
+                log.error("backplane: Redis at %s does not take events, refusing messages, "
+                          "joins and topics until it does: %s", self.where, e)
+            self.failing = True
+            return None
+        if self.failing:
+            log.warning("backplane: Redis takes events again")
+            self.failing = False
+        return {id(record.event): seq for record, seq in zip(records, seqs)}
+
+    # --- notifications -------------------------------------------------------------------
+
+    def read(self, core: BrokerCore) -> list:
+        """The core's outputs for the notifications waiting, in order."""
+        out: list = []
+        while True:
+            try:
+                frame = self.pair.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            if frame == SUBSCRIBED:
+                out += self._resync(core)
+            elif frame != LOST:
+                out += self._notified(core, frame)
+
+    def _notified(self, core: BrokerCore, frame: bytes) -> list:
+        try:
+            notes = json.loads(frame)
+        except ValueError:
+            log.error("backplane: a notification is not JSON, skipped")
+            return []
+        out: list = []
+        for stream, seq, key, mid, event_json in notes:
+            shared = _shared(stream, seq, key, mid, event_json)
+            if shared is not None:
+                out += self._follow(core, shared)
+        return out
+
+    def _follow(self, core: BrokerCore, shared: Shared) -> list:
+        ready, repairs = self.follower.receive(shared)
+        out = [o for s in ready for o in core.receive(s.stream, s.event, s.sender_id)]
+        for repair in repairs:
+            out += self._repair(core, repair)
+        return out
+
+    def _repair(self, core: BrokerCore, repair: Repair) -> list:
+        """Fill a hole from the Redis Stream; what is gone from it is skipped."""
+        try:
+            entries = self.redis.xrange(stream_key(repair.stream, "x"),
+                                        min=f"{repair.after + 1}-0", max=str(repair.until))
+        except redis.RedisError as e:
+            log.warning("backplane: cannot repair %s now: %s", repair.stream, e)
+            self.follower.repaired(repair.stream)
+            return []
+        self.follower.repaired(repair.stream)
+        shared = [s for s in (self._from_entry(repair.stream, e) for e in entries) if s]
+        if shared and shared[0].event.seq > repair.after + 1:
+            log.warning("backplane: events %d to %d of %s are gone from Redis", repair.after + 1,
+                        shared[0].event.seq - 1, repair.stream)
+            self.follower.jump_to(repair.stream, shared[0].event.seq)
+        out: list = []
+        for item in shared:
+            out += self._follow(core, item)
+        return out
+
+    def _resync(self, core: BrokerCore) -> list:
+        """After (re)subscribing: repair every stream that moved on meanwhile."""
+        try:
+            streams = [s.decode() for s in self.redis.smembers(STREAMS_KEY)]
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in streams:
+                pipe.get(stream_key(stream, "n"))
+            counters = pipe.execute()
+        except redis.RedisError as e:
+            log.warning("backplane: cannot resync now: %s", e)
+            return []
+        out: list = []
+        for stream, counter in zip(streams, counters):
+            for repair in self.follower.behind(stream, int(counter or 0)):
+                out += self._repair(core, repair)
+        return out
+
+    def _from_entry(self, stream: str, entry) -> Shared | None:
+        entry_id, fields = entry
+        return _shared(stream, int(entry_id.split(b"-")[0]), fields[b"k"].decode(),
+                       fields[b"i"].decode(), fields[b"e"].decode())
+
+    def _read_notifications(self, ctx: zmq.Context) -> None:
+        """The reader thread: notifications from Redis to the PAIR socket."""
+        pair = ctx.socket(zmq.PAIR)
+        pair.connect(READER_ADDRESS)
+        pubsub = None
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if pubsub is None:
+                        pubsub = self.redis.pubsub()
+                        pubsub.subscribe(EVENTS_CHANNEL)
+                    message = pubsub.get_message(timeout=READER_POLL_S)
+                except redis.RedisError:
+                    if pubsub is not None:
+                        pubsub.close()
+                        pubsub = None
+                        pair.send(LOST)
+                    self._stopping.wait(RESUBSCRIBE_S)
+                    continue
+                if message is None:
+                    continue
+                if message["type"] == "subscribe":
+                    pair.send(SUBSCRIBED)
+                elif message["type"] == "message":
+                    pair.send(message["data"])
+        finally:
+            if pubsub is not None:
+                pubsub.close()
+            pair.close(linger=0)

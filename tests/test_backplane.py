@@ -1,0 +1,100 @@
+"""Several brokers, one chat, through a real Redis (``--backplane``).
+
+Real redis-server and broker processes on free loopback ports, real
+command-line clients; every wait is on a condition with a deadline.
+"""
+
+import json
+import subprocess
+
+import pytest
+
+from procs import Client, listen, run_cli, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def shared(make_broker, redis_server):
+    """Start a broker on the test's Redis (fast heartbeat, so liveness is quick)."""
+    def start(*extra: str):
+        return make_broker("--backplane", redis_server.url, "--heartbeat-interval", "0.2",
+                           *extra)
+    return start
+
+
+def message_texts(client, room=None):
+    return [(r["from"], r["text"]) for r in client.messages()
+            if room is None or r.get("room") == room]
+
+
+def test_a_message_sent_on_one_broker_reaches_a_listener_on_another(shared, clients):
+    a, b = shared(), shared()
+    listener = listen(b, "bea")
+    clients.append(listener)
+    lines = [f"line {i}" for i in range(50)]
+    result = run_cli(a, "send", name="al", input="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: len(listener.messages()) >= 50, 20, "50 messages on B")
+    got = listener.messages()
+    assert [r["text"] for r in got] == lines
+    seqs = [r["seq"] for r in got]
+    assert seqs == sorted(set(seqs)) and seqs[-1] - seqs[0] == 49
+
+
+def test_one_room_has_one_order_whichever_broker_the_senders_use(shared, clients):
+    a, b = shared(), shared()
+    listeners = [listen(a, "la"), listen(b, "lb")]
+    clients += listeners
+    senders = [Client(broker, "send", name=f"s{n}", stdin=subprocess.PIPE)
+               for n, broker in enumerate([a, b, a, b])]
+    clients += senders
+    for n, sender in enumerate(senders):
+        sender.proc.stdin.write("".join(f"{n}:{i}\n" for i in range(100)))
+        sender.proc.stdin.close()
+    assert [s.wait(60) for s in senders] == [0] * 4
+    for listener in listeners:
+        wait_until(lambda: len(listener.messages()) >= 400, 30, "400 messages")
+    orders = [[(r["seq"], r["from"], r["text"]) for r in lst.messages()] for lst in listeners]
+    assert orders[0] == orders[1]
+    assert len({(f, t) for _, f, t in orders[0]}) == 400
+    for n in range(4):  # each sender's lines keep their own order
+        assert [t for _, f, t in orders[0] if f == f"s{n}"] == [f"{n}:{i}" for i in range(100)]
+
+
+def test_history_comes_from_redis_on_a_broker_started_later(shared, clients):
+    a = shared()
+    assert run_cli(a, "send", name="al", input="one\ntwo\nthree\n").returncode == 0
+    c = shared()  # started after: it has the room's history from Redis
+    listener = listen(c, "cy", "--history", "3")
+    clients.append(listener)
+    earlier = [r for r in listener.json_records() if r.get("history")]
+    assert [r["text"] for r in earlier] == ["one", "two", "three"]
+    assert run_cli(c, "send", "four", name="al").returncode == 0
+    wait_until(lambda: listener.messages()[-1:] and listener.messages()[-1]["text"] == "four",
+               10, "the next message")
+    assert listener.messages()[-1]["seq"] == earlier[-1]["seq"] + 2  # after cy's own join
+
+
+def test_a_resend_to_another_broker_is_acknowledged_not_shown_twice(shared, clients, redis_server):
+    """The accepted ids are in Redis: the same message id from the same
+    person, sent to another broker, is acknowledged with the first seq."""
+    import redis
+
+    import messages as m
+    from raw_peer import join, raw_dealer, request
+    a, b = shared(), shared()
+    listener = listen(b, "bea")
+    clients.append(listener)
+    firsts = []
+    for broker in (a, b):
+        with raw_dealer(broker.port) as dealer:
+            join(dealer, "repeater", secret="s" * 20, quiet=True)
+            firsts.append(request(dealer, {"type": "say", "id": "id-1", "text": "only once"}))
+            request(dealer, {"type": "bye"}, timeout=0.1)
+    assert isinstance(firsts[0], m.Ack) and firsts[0] == firsts[1]
+    assert run_cli(a, "send", "after", name="al").returncode == 0
+    wait_until(lambda: message_texts(listener)[-1:] == [("al", "after")], 10, "the next message")
+    assert message_texts(listener).count(("repeater", "only once")) == 1
+    client = redis.Redis(port=redis_server.port)
+    assert client.hget("zchat:{#general}:ids", "repeater id-1") == str(firsts[0].seq).encode()
