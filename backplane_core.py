@@ -75,7 +75,7 @@ class Follower:
             held = self.held.setdefault(stream, {})
             if len(held) < MAX_HELD_PER_STREAM:
                 held[seq] = shared
-            return [], self._repair(stream, last, seq - 1)
+            return [], self._repair(stream, last, min(held, default=seq) - 1)
         ready = [shared]
         self.last[stream] = seq
         held = self.held.get(stream)

@@ -98,3 +98,36 @@ def test_a_resend_to_another_broker_is_acknowledged_not_shown_twice(shared, clie
     assert message_texts(listener).count(("repeater", "only once")) == 1
     client = redis.Redis(port=redis_server.port)
     assert client.hget("zchat:{#general}:ids", "repeater id-1") == str(firsts[0].seq).encode()
+
+
+def test_three_brokers_two_rooms_every_listener_sees_every_message_once_in_one_order(
+        shared, clients):
+    brokers = [shared(), shared(), shared()]
+    rooms = ["#alpha", "#beta"]
+    room_args = [arg for room in rooms for arg in ("--room", room)]
+    listeners = [listen(broker, f"l{n}{i}", *room_args) for n, broker in enumerate(brokers)
+                 for i in range(2)]
+    clients += listeners
+    senders = []
+    for n, broker in enumerate(brokers):
+        for room in rooms:
+            sender = Client(broker, "send", "--room", room, name=f"s{n}{room[1]}",
+                            stdin=subprocess.PIPE)
+            sender.proc.stdin.write("".join(f"{room} {n}:{i}\n" for i in range(60)))
+            sender.proc.stdin.close()
+            senders.append(sender)
+    clients += senders
+    assert [s.wait(60) for s in senders] == [0] * len(senders)
+    for listener in listeners:
+        wait_until(lambda: len(listener.messages()) >= 360, 30, "360 messages")
+    for room in rooms:
+        orders = [[(r["seq"], r["from"], r["text"]) for r in lst.messages()
+                   if r["room"] == room] for lst in listeners]
+        assert all(order == orders[0] for order in orders), f"{room}: orders differ"
+        assert len(orders[0]) == len({(f, t) for _, f, t in orders[0]}) == 180
+        assert all(t.startswith(room) for _, _, t in orders[0])
+        seqs = [seq for seq, _, _ in orders[0]]
+        assert seqs == sorted(set(seqs))
+        for n in range(3):
+            assert [t for _, f, t in orders[0] if f == f"s{n}{room[1]}"] == [
+                f"{room} {n}:{i}" for i in range(60)]

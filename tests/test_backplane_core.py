@@ -1,0 +1,97 @@
+"""The backplane's ordering without I/O: backplane_core.Follower, and the
+core's side of the seam (BrokerCore.handed_over and receive)."""
+
+import messages as m
+from backplane_core import Follower, Repair, Shared
+from broker_core import BrokerCore, Persist, Publish, Reply
+
+
+def shared(seq: int, stream: str = "#general") -> Shared:
+    return Shared(stream, m.Message(seq, 0.0, "al", f"t{seq}", stream))
+
+
+def seqs(items) -> list[int]:
+    return [s.event.seq for s in items]
+
+
+def test_events_in_order_pass_at_once():
+    f = Follower()
+    assert [seqs(f.receive(shared(n))[0]) for n in (1, 2, 3)] == [[1], [2], [3]]
+
+
+def test_an_event_ahead_of_a_hole_is_held_and_the_hole_asked_for_once():
+    f = Follower()
+    assert f.receive(shared(1))[0]
+    ready, repairs = f.receive(shared(4))
+    assert ready == [] and repairs == [Repair("#general", 1, 3)]
+    assert f.receive(shared(5)) == ([], [])  # the same hole: not asked again
+    ready, _ = f.receive(shared(2))
+    assert seqs(ready) == [2]
+    ready, _ = f.receive(shared(3))
+    assert seqs(ready) == [3, 4, 5]
+
+
+def test_a_repeat_passes_nothing():
+    f = Follower()
+    f.receive(shared(1))
+    assert f.receive(shared(1)) == ([], [])
+
+
+def test_a_hole_still_open_after_a_repair_is_asked_for_again():
+    f = Follower()
+    f.receive(shared(3))
+    f.repaired("#general")
+    assert f.behind("#general", 3) == [Repair("#general", 0, 3)]
+
+
+def test_a_stream_loaded_at_start_continues_there():
+    f = Follower()
+    f.start_at("#a", 10)
+    assert f.receive(shared(10, "#a")) == ([], [])
+    assert seqs(f.receive(shared(11, "#a"))[0]) == [11]
+    assert f.behind("#a", 11) == [] and f.behind("#a", 13) == [Repair("#a", 11, 13)]
+
+
+def test_events_trimmed_from_redis_are_jumped_over():
+    f = Follower()
+    f.jump_to("#a", 40)
+    assert seqs(f.receive(shared(40, "#a"))[0]) == [40]
+
+
+def test_streams_are_independent():
+    f = Follower()
+    f.receive(shared(2, "#a"))
+    assert seqs(f.receive(shared(1, "#b"))[0]) == [1]
+
+
+def hello(core, peer, name, now=0.0):
+    return core.handle(peer, [m.encode(m.Hello(name, m.PROTOCOL_VERSION))], now, 100.0)
+
+
+def test_handed_over_drops_the_local_numbering_and_acks_with_the_shared_seq():
+    core = BrokerCore()
+    welcome = next(o.message for o in hello(core, b"p", "al") if isinstance(o, Reply))
+    joined = hello(core, b"q", "bo")
+    out = core.handle(b"p", [m.encode(m.Say("x", "hi", session=welcome.resume))], 0.0, 100.0)
+    records = [o for o in joined + out if isinstance(o, Persist)]
+    out = core.handed_over([*records, *[o for o in out if not isinstance(o, Persist)]],
+                           {id(r.event): 40 + n for n, r in enumerate(records)})
+    assert not any(isinstance(o, (Persist, Publish)) for o in out)
+    assert [o.message for o in out if isinstance(o.message, m.Ack)] == [m.Ack("x", 41)]
+    assert core.main.seq == 1  # al's join; the shared events come back through receive
+
+
+def test_a_received_event_is_published_in_its_room_and_remembered():
+    core = BrokerCore()
+    event = m.Message(1, 0.0, "al", "hi", "#Lab")
+    out = core.receive("#lab", event, ("al", "x"))
+    assert out == [Publish(event, m.room_topic("#lab"))]
+    assert core.rooms["#lab"].name == "#Lab" and core.streams["#lab"].accepted_seq(("al", "x")) == 1
+
+
+def test_a_received_direct_message_goes_to_the_users_sessions_here_only():
+    core = BrokerCore()
+    hello(core, b"p", "bo")
+    event = m.Message(1, 0.0, "al", "psst", to="bo")
+    assert core.receive("@bo", event, None) == [Reply(b"p", event)]
+    assert core.receive("@cy", m.Message(1, 0.0, "al", "psst", to="cy"), None) == []
