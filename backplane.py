@@ -25,6 +25,7 @@ given. The URL may carry a password; it is passed to redis-py, never logged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -37,7 +38,7 @@ import zmq
 
 import messages as m
 from backplane_core import Follower, Repair, Shared
-from broker_core import BrokerCore, Persist
+from broker_core import BrokerCore, Persist, Reply
 from broker_stream import ACCEPTED_IDS_REMEMBERED
 from store import StoreError
 
@@ -48,6 +49,12 @@ KEY_PREFIX = "zchat:"
 EVENTS_CHANNEL = KEY_PREFIX + "events"
 STREAMS_KEY = KEY_PREFIX + "streams"  # the set of every stream with events
 EPOCH_KEY = KEY_PREFIX + "epoch"
+ALIVE_PREFIX = KEY_PREFIX + "alive:"  # + a broker's id: exists while it runs
+BROKERS_KEY = KEY_PREFIX + "brokers"  # the set of every broker's id that may hold users
+REAP_PREFIX = KEY_PREFIX + "reap:"  # + a dead broker's id: the lock of the one that reaps it
+# How long the reaping lock holds: far longer than reaping takes, so that
+# no second broker announces the same leaves; past it the lock is gone.
+REAP_LOCK_MS = 60_000
 # Longest wait for Redis on the broker's loop: every pass that has new
 # events waits for its script, so a Redis that hangs must not hold every
 # client for long; past it the pass's messages are refused `unavailable`.
@@ -63,50 +70,101 @@ READER_ADDRESS = "inproc://zchat-backplane"
 SUBSCRIBED = b"!"  # (re)subscribed: what was published meanwhile is lost, resync
 LOST = b"?"  # the subscription broke
 
-# KEYS: none (the streams' keys are built from ARGV; see README "Scaling
-# out" for what Redis Cluster needs instead). ARGV: key prefix, history,
-# ids remembered, then five per new event: stream, "1" if it is a direct
-# message's copy for the addressee (skipped with its sender's copy), the
-# sender's name key and message id ("" for events that are not messages),
-# the event's JSON with seq 0. Returns per event its seq; minus the seq
-# of a resend accepted earlier; 0 for a copy skipped with it.
+# KEYS: none (the keys are built from ARGV; see README "Scaling out" for
+# what Redis Cluster needs instead). ARGV: key prefix, history, ids
+# remembered, this broker's id, the liveness key's prefix; then the names
+# this broker now holds, as a count and (name key, secret digest) each; the
+# names it gave up, as a count and name keys; then six per new event:
+# stream, kind, name key, message id, the event's JSON with seq 0, and the
+# broker on whose behalf (this one, or a dead one whose users leave).
+#
+# For "j", the message id field carries the user's name as shown, kept
+# with the broker's memberships (b:ID:in, "stream name-key" -> name) for
+# the leaves of a broker that dies. Kinds: "m" a message (its id is remembered: a resend is not stored
+# again); "f" a direct message's copy for the addressee (skipped with its
+# sender's copy); "j" and "l" a user entering and leaving a room, stored
+# only when the first broker where that user is in it enters and the last
+# leaves, so that a person on several brokers joins and leaves once; ""
+# anything else. Returns {names taken, per event: its seq, minus the seq
+# of a resend accepted earlier, or 0 if not stored}.
 APPEND_SCRIPT = """
 local prefix, history, remember = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local me, alive = ARGV[4], ARGV[5]
+local taken, refused, i = {}, {}, 7
+for _ = 1, tonumber(ARGV[6]) do
+  local key, digest = ARGV[i], ARGV[i+1]
+  local holders = prefix .. 'name:' .. key
+  local held = redis.call('HGETALL', holders)
+  local free = true
+  for h = 1, #held, 2 do
+    if held[h] ~= me then
+      if redis.call('EXISTS', alive .. held[h]) == 0 then
+        redis.call('HDEL', holders, held[h])
+      elseif digest == '' or held[h+1] ~= digest then
+        free = false
+      end
+    end
+  end
+  if free then
+    redis.call('HSET', holders, me, digest)
+  else
+    taken[#taken+1] = key
+    refused[key] = true
+  end
+  i = i + 2
+end
+local released = tonumber(ARGV[i])
+for r = 1, released do redis.call('HDEL', prefix .. 'name:' .. ARGV[i+r], me) end
+i = i + released + 1
 local results, notes, skipping = {}, {}, false
-for i = 4, #ARGV, 5 do
-  local sid, follows, key, mid, ev = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+while i <= #ARGV do
+  local sid, kind, key, mid, ev, actor = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5]
+  i = i + 6
   local base = prefix .. '{' .. sid .. '}'
-  local seen = false
-  if follows == '1' and skipping then
+  local store, seen = true, false
+  if kind == 'f' and skipping then
+    store = false
+  elseif kind == 'j' then
+    if refused[key] then
+      store = false
+    else
+      redis.call('HSET', prefix .. 'b:' .. actor .. ':in', sid .. ' ' .. key, mid)
+      store = redis.call('SADD', base .. ':m:' .. key, actor) == 1
+              and redis.call('SCARD', base .. ':m:' .. key) == 1
+    end
+  elseif kind == 'l' then
+    redis.call('HDEL', prefix .. 'b:' .. actor .. ':in', sid .. ' ' .. key)
+    store = redis.call('SREM', base .. ':m:' .. key, actor) == 1
+            and redis.call('SCARD', base .. ':m:' .. key) == 0
+  end
+  if kind ~= 'f' then skipping = false end
+  if kind == 'm' then
+    seen = redis.call('HGET', base .. ':ids', key .. ' ' .. mid)
+  end
+  if seen then
+    results[#results+1] = -tonumber(seen)
+    skipping = true
+  elseif not store then
     results[#results+1] = 0
   else
-    skipping = false
-    if mid ~= '' then
-      seen = redis.call('HGET', base .. ':ids', key .. ' ' .. mid)
-    end
-    if seen then
-      results[#results+1] = -tonumber(seen)
-      skipping = true
-    else
-      local seq = redis.call('INCR', base .. ':n')
-      redis.call('XADD', base .. ':x', 'MAXLEN', '~', history, seq .. '-0',
-                 'e', ev, 'k', key, 'i', mid)
-      if mid ~= '' then
-        local field = key .. ' ' .. mid
-        redis.call('HSET', base .. ':ids', field, seq)
-        redis.call('RPUSH', base .. ':idq', field)
-        if redis.call('LLEN', base .. ':idq') > remember then
-          redis.call('HDEL', base .. ':ids', redis.call('LPOP', base .. ':idq'))
-        end
+    local seq = redis.call('INCR', base .. ':n')
+    redis.call('XADD', base .. ':x', 'MAXLEN', '~', history, seq .. '-0',
+               'e', ev, 'k', key, 'i', kind == 'm' and mid or '')
+    if kind == 'm' then
+      local field = key .. ' ' .. mid
+      redis.call('HSET', base .. ':ids', field, seq)
+      redis.call('RPUSH', base .. ':idq', field)
+      if redis.call('LLEN', base .. ':idq') > remember then
+        redis.call('HDEL', base .. ':ids', redis.call('LPOP', base .. ':idq'))
       end
-      if seq == 1 then redis.call('SADD', prefix .. 'streams', sid) end
-      results[#results+1] = seq
-      notes[#notes+1] = {sid, seq, key, mid, ev}
     end
+    if seq == 1 then redis.call('SADD', prefix .. 'streams', sid) end
+    results[#results+1] = seq
+    notes[#notes+1] = {sid, seq, kind == 'm' and key or '', kind == 'm' and mid or '', ev}
   end
 end
 if #notes > 0 then redis.call('PUBLISH', prefix .. 'events', cjson.encode(notes)) end
-return results
+return {taken, results}
 """
 
 
@@ -118,6 +176,16 @@ def stream_key(stream: str, kind: str) -> str:
     """A stream's key of one kind: n (counter), x (Redis Stream), ids, idq.
     The braces are a Cluster hash tag: one stream's keys share a slot."""
     return f"{KEY_PREFIX}{{{stream}}}:{kind}"
+
+
+def _digest(core: BrokerCore, user) -> str:
+    """What proves a user's further connections on other brokers: a digest
+    of the secret (the secret itself stays with the broker), or "" when
+    there is none (the name takes one connection at a time). With
+    ``--allow``, the client's key proved the name on every broker."""
+    if core.config.names_by_key:
+        return "key"
+    return hashlib.sha256(user.secret.encode()).hexdigest() if user.secret else ""
 
 
 def _event_json(event: Any) -> str:
@@ -145,7 +213,11 @@ class Backplane:
         self.history = history
         self.append_script = self.redis.register_script(APPEND_SCRIPT)
         self.follower = Follower()
+        self.id = secrets.token_hex(8)  # this broker run, among those on the Redis
+        self.claims: set[str] = set()  # name keys to hold for this broker's users
+        self.releases: set[str] = set()  # name keys this broker's users gave up
         self.failing = False  # the last script failed
+        self.next_beat = 0.0  # monotonic: when to say this broker is alive again
         self.reader: threading.Thread | None = None
         self.pair: zmq.Socket | None = None
         self._stopping = threading.Event()
@@ -168,6 +240,7 @@ class Backplane:
         self.reader = threading.Thread(target=self._read_notifications, args=(ctx,),
                                        name="backplane-reader", daemon=True)
         self.reader.start()
+        core.names_freed = []
         try:
             self._load(core)
         except redis.RedisError as e:
@@ -197,18 +270,56 @@ class Backplane:
 
     # --- new events -------------------------------------------------------------------
 
-    def append(self, records: list[Persist]) -> dict[int, int] | None:
-        """Number and store ``records`` in Redis, in one script; each event's
-        (by ``id``) shared seq as BrokerCore.handed_over takes them, or None
-        if Redis did not take them (logged when it starts and stops failing)."""
-        argv: list[Any] = [KEY_PREFIX, self.history, ACCEPTED_IDS_REMEMBERED]
-        for record in records:
-            event = record.event
-            follows = record.sender_id is None and isinstance(event, m.Message) and event.to
-            key, mid = record.sender_id or ("", "")
-            argv += [record.stream, "1" if follows else "0", key, mid, _event_json(event)]
+    def hand_over(self, core: BrokerCore, outputs: list) -> list:
+        """Have Redis number and store the new events among ``outputs`` (one
+        script, with the names this broker now holds and those it gave up);
+        what to carry out then: the core's handed_over, or, when Redis did
+        not take them, its persist_failed (messages refused ``unavailable``)."""
+        records = [o for o in outputs if isinstance(o, Persist)]
+        self.claims |= {core.sessions[o.peer].user.name_key for o in outputs
+                        if isinstance(o, Reply) and isinstance(o.message, m.Welcome)
+                        and not o.message.resumed and o.peer in core.sessions}
+        self.releases |= set(core.names_freed)
+        core.names_freed.clear()
+        if not (records or self.claims or self.releases):
+            return outputs
+        claims = [(key, _digest(core, core.by_name[key])) for key in sorted(self.claims)
+                  if key in core.by_name]
+        releases = sorted(self.releases - core.by_name.keys())
+        result = self._run(claims, releases, [self._argv(r, self.id) for r in records])
+        if result is None:
+            return core.persist_failed(outputs)
+        self.claims, self.releases = set(), set()
+        taken, seqs = result
+        return core.handed_over(outputs, {id(r.event): seq for r, seq in zip(records, seqs)},
+                                frozenset(key.decode() for key in taken))
+
+    def _argv(self, record: Persist, actor: str) -> list:
+        """The six script arguments of one new event."""
+        event, key, mid = record.event, "", ""
+        if record.sender_id is not None:
+            kind, (key, mid) = "m", record.sender_id
+        elif isinstance(event, m.Message) and event.to:
+            kind = "f"
+        elif isinstance(event, (m.Join, m.Leave)):
+            kind = "j" if isinstance(event, m.Join) else "l"
+            key, mid = m.name_key(event.name), event.name
+        else:
+            kind = ""
+        return [record.stream, kind, key, mid, _event_json(event), actor]
+
+    def _run(self, claims: list, releases: list, events: list[list]):
+        """One run of the script; None if Redis did not take it (logged when
+        it starts and stops failing)."""
+        argv: list[Any] = [KEY_PREFIX, self.history, ACCEPTED_IDS_REMEMBERED, self.id,
+                           ALIVE_PREFIX, len(claims)]
+        for key, digest in claims:
+            argv += [key, digest]
+        argv += [len(releases), *releases]
+        for event in events:
+            argv += event
         try:
-            seqs = self.append_script(args=argv)
+            result = self.append_script(args=argv)
         except redis.RedisError as e:
             if not self.failing:
                 log.error("backplane: Redis at %s does not take events, refusing messages, "
@@ -218,7 +329,53 @@ class Backplane:
         if self.failing:
             log.warning("backplane: Redis takes events again")
             self.failing = False
-        return {id(record.event): seq for record, seq in zip(records, seqs)}
+        return result
+
+    # --- brokers alive and dead --------------------------------------------------------
+
+    def tick(self, core: BrokerCore, now: float, wall: float) -> None:
+        """Once per heartbeat interval: say this broker is alive, and have
+        the users of a broker that is not leave their rooms (one surviving
+        broker does, under a lock)."""
+        if now < self.next_beat:
+            return
+        self.next_beat = now + core.config.heartbeat_interval
+        expiry_ms = max(1, int(core.config.expiry * 1000))
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(ALIVE_PREFIX + self.id, wall, px=expiry_ms)
+            pipe.sadd(BROKERS_KEY, self.id)
+            pipe.smembers(BROKERS_KEY)
+            brokers = [b.decode() for b in pipe.execute()[-1] if b.decode() != self.id]
+            pipe = self.redis.pipeline(transaction=False)
+            for broker in brokers:
+                pipe.exists(ALIVE_PREFIX + broker)
+            dead = [b for b, alive in zip(brokers, pipe.execute()) if not alive]
+            for broker in dead:
+                self._reap(core, broker, wall)
+        except redis.RedisError as e:
+            log.debug("backplane: no liveness this interval: %s", e)
+
+    def _reap(self, core: BrokerCore, broker: str, wall: float) -> None:
+        """``broker`` stopped saying it is alive: its users leave the rooms
+        where no other broker has them (``timeout``), once, by whichever
+        surviving broker takes the lock first."""
+        if not self.redis.set(REAP_PREFIX + broker, self.id, nx=True, px=REAP_LOCK_MS):
+            return
+        memberships = self.redis.hgetall(f"{KEY_PREFIX}b:{broker}:in")
+        events = []
+        for entry, name in memberships.items():
+            stream = entry.decode().split(" ", 1)[0]
+            room = core.rooms.get(stream)
+            leave = m.Leave(0, wall, name.decode(), m.LeaveReason.TIMEOUT,
+                            room.name if room else stream)
+            events.append(self._argv(Persist(stream, leave), broker))
+        if events and self._run([], [], events) is None:
+            self.redis.delete(REAP_PREFIX + broker)  # another pass tries again
+            return
+        self.redis.srem(BROKERS_KEY, broker)
+        log.info("backplane: broker %s is gone: %d of its users' rooms left", broker,
+                 len(events))
 
     # --- notifications -------------------------------------------------------------------
 

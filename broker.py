@@ -232,6 +232,7 @@ class BrokerShell:
                 out += self._read_subscriptions(wall)
             out += self.core.tick(now, wall, backlog)
             if self.backplane is not None:
+                self.backplane.tick(self.core, now, wall)
                 # Numbered in Redis now, before the next pass's notifications.
                 out = self._persist(out)
             self._send_or_hold(out, now)
@@ -326,14 +327,10 @@ class BrokerShell:
     def _persist(self, outputs: list) -> list:
         """Store the new events among ``outputs`` (or have the backplane
         number them); what to carry out then."""
-        to_persist = [item for item in outputs if isinstance(item, Persist)]
-        if not to_persist:
-            return outputs
         if self.backplane is not None:
-            seqs = self.backplane.append(to_persist)
-            if seqs is not None:
-                return self.core.handed_over(outputs, seqs)
-        elif self._stored(to_persist):
+            return self.backplane.hand_over(self.core, outputs)
+        to_persist = [item for item in outputs if isinstance(item, Persist)]
+        if not to_persist or self._stored(to_persist):
             return outputs
         return self.core.persist_failed(outputs)
 

@@ -178,6 +178,9 @@ class BrokerCore:
     warnings: LogLimiter = field(default_factory=lambda: LogLimiter(log))
     # the monotonic time of the latest input, for the warnings' intervals
     last_now: float = 0.0
+    # With a backplane: the name keys freed here (a user's last connection
+    # ended), which the shell drains to free them for the other brokers too.
+    names_freed: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.general = self._open_room(m.GENERAL_ROOM)
@@ -439,7 +442,8 @@ class BrokerCore:
 
     # --- the backplane (several brokers, one chat: backplane.py) -------------------
 
-    def handed_over(self, outputs: list, seqs: dict[int, int]) -> list:
+    def handed_over(self, outputs: list, seqs: dict[int, int],
+                    names_taken: frozenset[str] = frozenset()) -> list:
         """The Persist outputs among ``outputs`` were numbered by the shared
         backplane instead of here. ``seqs`` maps each one's event (by ``id``)
         to the seq it got there: positive, a new event; negative, a resend of
@@ -451,9 +455,14 @@ class BrokerCore:
         deliveries are dropped, and each acknowledgement gets its shared
         seq. Positions already given (welcomes, room answers) are at most
         the shared seq before the new events, as a position must be.
+
+        ``names_taken``: name keys that another broker holds for someone
+        else (with another secret): the pass's new connections under them
+        are forgotten and refused ``name_taken`` (the backplane numbered
+        none of their joins).
         """
         records = [o for o in outputs if isinstance(o, Persist)]
-        if not records:
+        if not records and not names_taken:
             return outputs
         first: dict[str, int] = {}
         for record in records:
@@ -473,7 +482,13 @@ class BrokerCore:
             message = item.message if isinstance(item, Reply) else item.event
             if id(message) in undone:
                 continue
-            if isinstance(message, m.Ack) and (session := self.sessions.get(item.peer)):
+            if (isinstance(message, m.Welcome) and m.name_key(message.name) in names_taken
+                    and self._undo_hello(item.peer, message)):
+                self.warnings.warn(REFUSED, item.peer.hex(), "name taken on another broker",
+                                   self.last_now)
+                item = replace(item, message=m.Error(m.ErrorCode.NAME_TAKEN,
+                                                     f"the name {message.name} is taken"))
+            elif isinstance(message, m.Ack) and (session := self.sessions.get(item.peer)):
                 shared = acks.get(((session.user.name_key, message.id), message.seq))
                 if shared is not None:
                     item = replace(item, message=replace(message, seq=shared))
@@ -909,6 +924,8 @@ class BrokerCore:
                 del self.online[bisect.bisect_left(self.online, (user.name_key, user.name))]
         if not user.sessions:
             del self.by_name[user.name_key]  # the name is free again
+            if self.names_freed is not None:
+                self.names_freed.append(user.name_key)
 
     def _append(self, stream: Stream, make_event, sender_id: tuple[str, str] | None = None,
                 previous_topic: str | None = None) -> list:

@@ -131,3 +131,52 @@ def test_three_brokers_two_rooms_every_listener_sees_every_message_once_in_one_o
         for n in range(3):
             assert [t for _, f, t in orders[0] if f == f"s{n}{room[1]}"] == [
                 f"{room} {n}:{i}" for i in range(60)]
+
+
+def test_a_name_in_use_on_one_broker_cannot_be_taken_on_another(shared, clients):
+    a, b = shared(), shared()
+    alice = listen(a, "alice")
+    clients.append(alice)
+    result = run_cli(b, "send", "hi", name="ALICE")
+    assert result.returncode == 4 and "taken" in result.stderr
+    # the same person (same secret file) may use the name on any broker
+    same = {"ZCHAT_SECRET_FILE": alice_secret(alice)}
+    assert run_cli(b, "send", "hi", name="alice", env=same).returncode == 0
+    alice.stop()  # killed: the name is held until the session times out on A
+    wait_until(lambda: run_cli(b, "send", "mine now", name="alice").returncode == 0, 15,
+               "the name to be free on B once alice left A")
+
+
+def alice_secret(client) -> str:
+    """The secret file a client process was given (procs.child_env)."""
+    with open(f"/proc/{client.proc.pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    return env[b"ZCHAT_SECRET_FILE"].decode()
+
+
+def test_a_person_on_two_brokers_joins_and_leaves_each_room_once(shared, clients):
+    a, b, c = shared(), shared(), shared()
+    watcher = listen(c, "watcher")
+    clients.append(watcher)
+    first = listen(a, "pat")
+    clients.append(first)
+    # pat's second connection: no join of its own to wait for (pat is in already)
+    second = Client(b, "listen", "--json", name="pat",
+                    env={"ZCHAT_SECRET_FILE": alice_secret(first)})
+    clients.append(second)
+    wait_until(lambda: run_cli(a, "send", "marker 1", name="al").returncode == 0
+               and ("al", "marker 1") in message_texts(second), 15, "marker 1 on B")
+    wait_until(lambda: ("al", "marker 1") in message_texts(watcher), 10, "marker 1")
+    second.proc.terminate()  # a goodbye: pat is still on A
+    second.wait(10)
+    assert run_cli(a, "send", "marker 2", name="al").returncode == 0
+    wait_until(lambda: ("al", "marker 2") in message_texts(watcher), 10, "marker 2")
+    first.proc.terminate()
+    first.wait(10)
+    wait_until(lambda: any(r["type"] == "leave" and r["name"] == "pat"
+                           for r in watcher.json_records()), 10, "pat's leave")
+    assert run_cli(a, "send", "marker 3", name="al").returncode == 0
+    wait_until(lambda: ("al", "marker 3") in message_texts(watcher), 10, "marker 3")
+    pat = [r["type"] for r in watcher.json_records()
+           if r["type"] in ("join", "leave") and r["name"] == "pat"]
+    assert pat == ["join", "leave"]

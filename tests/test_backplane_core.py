@@ -95,3 +95,13 @@ def test_a_received_direct_message_goes_to_the_users_sessions_here_only():
     event = m.Message(1, 0.0, "al", "psst", to="bo")
     assert core.receive("@bo", event, None) == [Reply(b"p", event)]
     assert core.receive("@cy", m.Message(1, 0.0, "al", "psst", to="cy"), None) == []
+
+
+def test_a_name_taken_on_another_broker_undoes_the_hello_and_refuses_it():
+    core = BrokerCore()
+    out = hello(core, b"p", "Al")
+    records = [o for o in out if isinstance(o, Persist)]
+    out = core.handed_over(out, {id(r.event): 0 for r in records}, frozenset({"al"}))
+    assert [o.message.code for o in out if isinstance(o, Reply)] == [m.ErrorCode.NAME_TAKEN]
+    assert "al" not in core.by_name and b"p" not in core.sessions
+    assert core.general.members == {}
