@@ -30,6 +30,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -74,7 +75,9 @@ LOST = b"?"  # the subscription broke
 # what Redis Cluster needs instead). ARGV: key prefix, history, ids
 # remembered, this broker's id, the liveness key's prefix; then the names
 # this broker now holds, as a count and (name key, secret digest) each; the
-# names it gave up, as a count and name keys; then six per new event:
+# names it gave up, as a count and name keys; who is now online here or
+# not, as a count and (name key, name or "" for offline) each, kept in a
+# hash per broker and told to the others; then six per new event:
 # stream, kind, name key, message id, the event's JSON with seq 0, and the
 # broker on whose behalf (this one, or a dead one whose users leave).
 #
@@ -86,7 +89,9 @@ LOST = b"?"  # the subscription broke
 # only when the first broker where that user is in it enters and the last
 # leaves, so that a person on several brokers joins and leaves once; ""
 # anything else. Returns {names taken, per event: its seq, minus the seq
-# of a resend accepted earlier, or 0 if not stored}.
+# of a resend accepted earlier, or 0 if not stored}. The notification is
+# {"e": [[stream, seq, name key, message id, event JSON], ...],
+#  "p": [[broker, name key, name or ""], ...]}.
 APPEND_SCRIPT = """
 local prefix, history, remember = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local me, alive = ARGV[4], ARGV[5]
@@ -116,6 +121,18 @@ end
 local released = tonumber(ARGV[i])
 for r = 1, released do redis.call('HDEL', prefix .. 'name:' .. ARGV[i+r], me) end
 i = i + released + 1
+local presence = {}
+for _ = 1, tonumber(ARGV[i]) do
+  local key, name = ARGV[i+1], ARGV[i+2]
+  if name == '' then
+    redis.call('HDEL', prefix .. 'b:' .. me .. ':online', key)
+  else
+    redis.call('HSET', prefix .. 'b:' .. me .. ':online', key, name)
+  end
+  presence[#presence+1] = {me, key, name}
+  i = i + 2
+end
+i = i + 1
 local results, notes, skipping = {}, {}, false
 while i <= #ARGV do
   local sid, kind, key, mid, ev, actor = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5]
@@ -163,7 +180,9 @@ while i <= #ARGV do
     notes[#notes+1] = {sid, seq, kind == 'm' and key or '', kind == 'm' and mid or '', ev}
   end
 end
-if #notes > 0 then redis.call('PUBLISH', prefix .. 'events', cjson.encode(notes)) end
+if #notes > 0 or #presence > 0 then
+  redis.call('PUBLISH', prefix .. 'events', cjson.encode({e = notes, p = presence}))
+end
 return {taken, results}
 """
 
@@ -215,7 +234,10 @@ class Backplane:
         self.follower = Follower()
         self.id = secrets.token_hex(8)  # this broker run, among those on the Redis
         self.claims: set[str] = set()  # name keys to hold for this broker's users
-        self.releases: set[str] = set()  # name keys this broker's users gave up
+        self.changed: set[str] = set()  # name keys whose standing here changed
+        # who is online on each other broker: broker id -> name key -> name
+        self.others: dict[str, dict[str, str]] = {}
+        self.online_elsewhere: dict[str, int] = {}  # name key -> other brokers it is on
         self.failing = False  # the last script failed
         self.next_beat = 0.0  # monotonic: when to say this broker is alive again
         self.reader: threading.Thread | None = None
@@ -240,9 +262,12 @@ class Backplane:
         self.reader = threading.Thread(target=self._read_notifications, args=(ctx,),
                                        name="backplane-reader", daemon=True)
         self.reader.start()
-        core.names_freed = []
+        core.presence_log = []
+        core.elsewhere = {}
         try:
+            self.tick(core, time.monotonic(), time.time())  # alive before any claim
             self._load(core)
+            self._load_presence(core)
         except redis.RedisError as e:
             raise BackplaneError(f"cannot load the streams from {self.where}: {e}") from None
         log.info("backplane: sharing the chat through Redis at %s", self.where)
@@ -279,17 +304,18 @@ class Backplane:
         self.claims |= {core.sessions[o.peer].user.name_key for o in outputs
                         if isinstance(o, Reply) and isinstance(o.message, m.Welcome)
                         and not o.message.resumed and o.peer in core.sessions}
-        self.releases |= set(core.names_freed)
-        core.names_freed.clear()
-        if not (records or self.claims or self.releases):
+        self.changed.update(core.presence_log)
+        core.presence_log.clear()
+        if not (records or self.claims or self.changed):
             return outputs
         claims = [(key, _digest(core, core.by_name[key])) for key in sorted(self.claims)
                   if key in core.by_name]
-        releases = sorted(self.releases - core.by_name.keys())
-        result = self._run(claims, releases, [self._argv(r, self.id) for r in records])
+        releases = sorted(self.changed - core.by_name.keys())
+        result = self._run(claims, releases, self._presence(core),
+                           [self._argv(r, self.id) for r in records])
         if result is None:
             return core.persist_failed(outputs)
-        self.claims, self.releases = set(), set()
+        self.claims, self.changed = set(), set()
         taken, seqs = result
         return core.handed_over(outputs, {id(r.event): seq for r, seq in zip(records, seqs)},
                                 frozenset(key.decode() for key in taken))
@@ -308,14 +334,25 @@ class Backplane:
             kind = ""
         return [record.stream, kind, key, mid, _event_json(event), actor]
 
-    def _run(self, claims: list, releases: list, events: list[list]):
+    def _presence(self, core: BrokerCore) -> list[tuple[str, str]]:
+        """(name key, name if online here else "") of each user whose
+        standing here changed."""
+        out = []
+        for key in sorted(self.changed):
+            user = core.by_name.get(key)
+            out.append((key, user.name if user is not None and user.visible else ""))
+        return out
+
+    def _run(self, claims: list, releases: list, presence: list, events: list[list]):
         """One run of the script; None if Redis did not take it (logged when
         it starts and stops failing)."""
         argv: list[Any] = [KEY_PREFIX, self.history, ACCEPTED_IDS_REMEMBERED, self.id,
                            ALIVE_PREFIX, len(claims)]
         for key, digest in claims:
             argv += [key, digest]
-        argv += [len(releases), *releases]
+        argv += [len(releases), *releases, len(presence)]
+        for key, name in presence:
+            argv += [key, name]
         for event in events:
             argv += event
         try:
@@ -370,9 +407,14 @@ class Backplane:
             leave = m.Leave(0, wall, name.decode(), m.LeaveReason.TIMEOUT,
                             room.name if room else stream)
             events.append(self._argv(Persist(stream, leave), broker))
-        if events and self._run([], [], events) is None:
+        if events and self._run([], [], [], events) is None:
             self.redis.delete(REAP_PREFIX + broker)  # another pass tries again
             return
+        online = f"{KEY_PREFIX}b:{broker}:online"
+        gone = [[broker, key.decode(), ""] for key in self.redis.hkeys(online)]
+        self.redis.delete(online)
+        if gone:
+            self.redis.publish(EVENTS_CHANNEL, json.dumps({"e": [], "p": gone}))
         self.redis.srem(BROKERS_KEY, broker)
         log.info("backplane: broker %s is gone: %d of its users' rooms left", broker,
                  len(events))
@@ -394,12 +436,15 @@ class Backplane:
 
     def _notified(self, core: BrokerCore, frame: bytes) -> list:
         try:
-            notes = json.loads(frame)
-        except ValueError:
-            log.error("backplane: a notification is not JSON, skipped")
+            note = json.loads(frame)
+            events, presence = note["e"] or [], note["p"] or []  # Lua's {} is an empty list
+        except (ValueError, KeyError, TypeError):
+            log.error("backplane: a notification is not one, skipped")
             return []
+        for broker, key, name in presence:
+            self._seen(core, broker, key, name)
         out: list = []
-        for stream, seq, key, mid, event_json in notes:
+        for stream, seq, key, mid, event_json in events:
             shared = _shared(stream, seq, key, mid, event_json)
             if shared is not None:
                 out += self._follow(core, shared)
@@ -433,8 +478,10 @@ class Backplane:
         return out
 
     def _resync(self, core: BrokerCore) -> list:
-        """After (re)subscribing: repair every stream that moved on meanwhile."""
+        """After (re)subscribing: repair every stream that moved on meanwhile,
+        and read again who is online elsewhere."""
         try:
+            self._load_presence(core)
             streams = [s.decode() for s in self.redis.smembers(STREAMS_KEY)]
             pipe = self.redis.pipeline(transaction=False)
             for stream in streams:
@@ -448,6 +495,35 @@ class Backplane:
             for repair in self.follower.behind(stream, int(counter or 0)):
                 out += self._repair(core, repair)
         return out
+
+    # --- who is online elsewhere -----------------------------------------------------------
+
+    def _load_presence(self, core: BrokerCore) -> None:
+        """Who is online on each other broker, afresh from Redis."""
+        brokers = [b.decode() for b in self.redis.smembers(BROKERS_KEY) if b.decode() != self.id]
+        pipe = self.redis.pipeline(transaction=False)
+        for broker in brokers:
+            pipe.hgetall(f"{KEY_PREFIX}b:{broker}:online")
+        self.others, self.online_elsewhere = {}, {}
+        core.elsewhere.clear()
+        for broker, names in zip(brokers, pipe.execute()):
+            for key, name in names.items():
+                self._seen(core, broker, key.decode(), name.decode())
+
+    def _seen(self, core: BrokerCore, broker: str, key: str, name: str) -> None:
+        """``name`` (key ``key``) is online on ``broker`` now, or, with an
+        empty name, no longer."""
+        if broker == self.id:
+            return
+        names = self.others.setdefault(broker, {})
+        if name and key not in names:
+            names[key] = name
+            self.online_elsewhere[key] = self.online_elsewhere.get(key, 0) + 1
+            core.elsewhere[key] = name
+        elif not name and names.pop(key, None) is not None:
+            self.online_elsewhere[key] -= 1
+            if not self.online_elsewhere[key]:
+                del self.online_elsewhere[key], core.elsewhere[key]
 
     def _from_entry(self, stream: str, entry) -> Shared | None:
         entry_id, fields = entry

@@ -178,9 +178,12 @@ class BrokerCore:
     warnings: LogLimiter = field(default_factory=lambda: LogLimiter(log))
     # the monotonic time of the latest input, for the warnings' intervals
     last_now: float = 0.0
-    # With a backplane: the name keys freed here (a user's last connection
-    # ended), which the shell drains to free them for the other brokers too.
-    names_freed: list[str] | None = None
+    # With a backplane: the name keys whose standing here changed (online,
+    # offline, the name given up), which the backplane drains to tell the
+    # other brokers; and the users online on other brokers (name key ->
+    # name), which it keeps up to date.
+    presence_log: list[str] | None = None
+    elsewhere: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.general = self._open_room(m.GENERAL_ROOM)
@@ -578,6 +581,8 @@ class BrokerCore:
             user.visible += 1
             if user.visible == 1:
                 bisect.insort(self.online, (name_key, user.name))
+                if self.presence_log is not None:
+                    self.presence_log.append(name_key)
         entered = [self._open_room(room) for room in rooms]
         # The welcome's positions precede the joins, so the client sees its own.
         positions = {m.room_key(room.name): room.stream.seq for room in entered}
@@ -752,23 +757,28 @@ class BrokerCore:
         if (seq := own.accepted_seq((sender.name_key, say.id))) is not None:
             # a resend of an accepted message, even if its addressee left since
             return [Reply(peer, m.Ack(say.id, seq))]
-        addressee = self.by_name.get(m.name_key(say.to))
-        if addressee is None or not addressee.visible:
+        key = m.name_key(say.to)
+        addressee = self.by_name.get(key)
+        if addressee is not None and addressee.visible:
+            to, sessions = addressee.name, addressee.sessions
+        elif self.elsewhere and key in self.elsewhere:  # online on another broker
+            to, sessions = self.elsewhere[key], []
+        else:
             return self._refuse(peer, m.ErrorCode.USER_OFFLINE, f"{say.to} is not online",
                                 id=say.id, who=session.name)
         refusal = self._admit(session, say, own, now, wall)
         if refusal is not None:
             return refusal
         sender_id = (sender.name_key, say.id)
-        parties = [(sender, own, sender_id)]
-        if addressee is not sender:  # a note to oneself is numbered once
-            parties.append((addressee, self._dm_stream(m.dm_stream(addressee.name)), None))
+        parties = [(sender.sessions, own, sender_id)]
+        if key != sender.name_key:  # a note to oneself is numbered once
+            parties.append((sessions, self._dm_stream(m.dm_stream(to)), None))
         out: list = []
-        for user, stream, remembered in parties:
+        for sessions, stream, remembered in parties:
             event = self._number(stream, lambda seq: m.Message(seq, wall, sender.name, say.text,
-                                                               to=addressee.name), remembered)
+                                                               to=to), remembered)
             out.append(Persist(stream.id, event, remembered))
-            out += [Reply(s.peer, event) for s in user.sessions if not s.quiet]
+            out += [Reply(s.peer, event) for s in sessions if not s.quiet]
         return [*out, Reply(peer, m.Ack(say.id, own.seq))]
 
     def _admit(self, session: Session, say: m.Say, stream: Stream, now: float,
@@ -856,7 +866,10 @@ class BrokerCore:
     # --- helpers ------------------------------------------------------------------
 
     def user_names(self) -> list[str]:
-        return [name for _, name in self.online]
+        if not self.elsewhere:
+            return [name for _, name in self.online]
+        everyone = {**self.elsewhere, **dict(self.online)}  # with a backplane
+        return [everyone[key] for key in sorted(everyone)]
 
     def _room_of(self, session: Session | None, room: str) -> Room | None:
         return None if session is None else session.rooms.get(m.room_key(room))
@@ -924,8 +937,8 @@ class BrokerCore:
                 del self.online[bisect.bisect_left(self.online, (user.name_key, user.name))]
         if not user.sessions:
             del self.by_name[user.name_key]  # the name is free again
-            if self.names_freed is not None:
-                self.names_freed.append(user.name_key)
+        if self.presence_log is not None:
+            self.presence_log.append(user.name_key)
 
     def _append(self, stream: Stream, make_event, sender_id: tuple[str, str] | None = None,
                 previous_topic: str | None = None) -> list:

@@ -180,3 +180,33 @@ def test_a_person_on_two_brokers_joins_and_leaves_each_room_once(shared, clients
     pat = [r["type"] for r in watcher.json_records()
            if r["type"] in ("join", "leave") and r["name"] == "pat"]
     assert pat == ["join", "leave"]
+
+
+def test_a_direct_message_from_a_reaches_the_addressee_on_c_and_no_one_else(shared, clients):
+    a, b, c = shared(), shared(), shared()
+    bob = listen(c, "bob")
+    alice = listen(a, "alice")
+    others = [listen(broker, f"other{n}") for n, broker in enumerate((a, b, c))]
+    clients += [bob, alice, *others]
+    wait_until(lambda: "bob" in run_cli(b, "users").stdout.split(), 10, "bob listed on B")
+    same = {"ZCHAT_SECRET_FILE": alice_secret(alice)}
+    result = run_cli(a, "send", "--to", "bob", "psst", name="alice", env=same)
+    assert result.returncode == 0, result.stderr
+    dm = ("alice", "psst")
+    wait_until(lambda: dm in message_texts(bob), 10, "the DM at bob")
+    wait_until(lambda: dm in message_texts(alice), 10, "the DM in alice's own stream")
+    assert [r["to"] for r in bob.messages() if (r["from"], r["text"]) == dm] == ["bob"]
+    assert run_cli(c, "send", "marker", name="al").returncode == 0
+    for other in others:
+        wait_until(lambda: ("al", "marker") in message_texts(other), 10, "the marker")
+        assert dm not in message_texts(other)
+
+
+def test_everyone_online_is_listed_on_every_broker(shared, clients):
+    a, b = shared(), shared()
+    clients += [listen(a, "ann"), listen(b, "ben")]
+    for broker in (a, b):
+        wait_until(lambda: {"ann", "ben"} <= set(run_cli(broker, "users").stdout.split()), 10,
+                   "both listed")
+    result = run_cli(b, "send", "--to", "ann", "hi", name="carl")
+    assert result.returncode == 0, result.stderr

@@ -105,3 +105,13 @@ def test_a_name_taken_on_another_broker_undoes_the_hello_and_refuses_it():
     assert [o.message.code for o in out if isinstance(o, Reply)] == [m.ErrorCode.NAME_TAKEN]
     assert "al" not in core.by_name and b"p" not in core.sessions
     assert core.general.members == {}
+
+
+def test_a_direct_message_to_someone_online_elsewhere_is_numbered_in_both_streams():
+    core = BrokerCore(elsewhere={"bo": "Bo"})
+    welcome = next(o.message for o in hello(core, b"p", "al") if isinstance(o, Reply))
+    out = core.handle(b"p", [m.encode(m.Say("x", "psst", to="bo", session=welcome.resume))],
+                      0.0, 100.0)
+    assert [(o.stream, o.event.to) for o in out if isinstance(o, Persist)] == [
+        ("@al", "Bo"), ("@bo", "Bo")]
+    assert core.user_names() == ["al", "Bo"]
