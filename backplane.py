@@ -240,6 +240,7 @@ class Backplane:
         self.online_elsewhere: dict[str, int] = {}  # name key -> other brokers it is on
         self.failing = False  # the last script failed
         self.next_beat = 0.0  # monotonic: when to say this broker is alive again
+        self.missing: dict[str, float] = {}  # a broker found dead -> since when (monotonic)
         self.reader: threading.Thread | None = None
         self.pair: zmq.Socket | None = None
         self._stopping = threading.Event()
@@ -373,7 +374,13 @@ class Backplane:
     def tick(self, core: BrokerCore, now: float, wall: float) -> None:
         """Once per heartbeat interval: say this broker is alive, and have
         the users of a broker that is not leave their rooms (one surviving
-        broker does, under a lock)."""
+        broker does, under a lock).
+
+        A broker's liveness key expires ``expiry`` (liveness x interval)
+        after its last refresh; a survivor reaps it once it has found the key
+        missing for another ``expiry``, at its next interval: its users are
+        announced gone within 2 x expiry + 2 x interval of its death (8 s
+        with the defaults), unless they came back on another broker."""
         if now < self.next_beat:
             return
         self.next_beat = now + core.config.heartbeat_interval
@@ -387,9 +394,14 @@ class Backplane:
             pipe = self.redis.pipeline(transaction=False)
             for broker in brokers:
                 pipe.exists(ALIVE_PREFIX + broker)
-            dead = [b for b, alive in zip(brokers, pipe.execute()) if not alive]
+            dead = {b for b, alive in zip(brokers, pipe.execute()) if not alive}
             for broker in dead:
-                self._reap(core, broker, wall)
+                # Its clients get the grace of one more expiry to come back
+                # on another broker (then nobody sees them leave and join).
+                since = self.missing.setdefault(broker, now)
+                if now - since >= core.config.expiry:
+                    self._reap(core, broker, wall)
+            self.missing = {b: t for b, t in self.missing.items() if b in dead}
         except redis.RedisError as e:
             log.debug("backplane: no liveness this interval: %s", e)
 

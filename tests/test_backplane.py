@@ -6,6 +6,7 @@ command-line clients; every wait is on a condition with a deadline.
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -78,26 +79,35 @@ def test_history_comes_from_redis_on_a_broker_started_later(shared, clients):
 
 def test_a_resend_to_another_broker_is_acknowledged_not_shown_twice(shared, clients, redis_server):
     """The accepted ids are in Redis: the same message id from the same
-    person, sent to another broker, is acknowledged with the first seq."""
+    person, sent to a broker that never saw the first copy (started after
+    it, its history too short to hold it), is acknowledged with the first
+    seq and not stored again."""
     import redis
 
-    import messages as m
     from raw_peer import join, raw_dealer, request
-    a, b = shared(), shared()
-    listener = listen(b, "bea")
-    clients.append(listener)
-    firsts = []
-    for broker in (a, b):
+    a = shared("--history", "5")
+
+    def say_once_more(broker):
         with raw_dealer(broker.port) as dealer:
             join(dealer, "repeater", secret="s" * 20, quiet=True)
-            firsts.append(request(dealer, {"type": "say", "id": "id-1", "text": "only once"}))
+            answer = request(dealer, {"type": "say", "id": "id-1", "text": "only once"})
             request(dealer, {"type": "bye"}, timeout=0.1)
-    assert isinstance(firsts[0], m.Ack) and firsts[0] == firsts[1]
-    assert run_cli(a, "send", "after", name="al").returncode == 0
+        return answer
+
+    first = say_once_more(a)
+    assert run_cli(a, "send", name="al", input="".join(f"{i}\n" for i in range(10))
+                   ).returncode == 0
+    b = shared("--history", "5")
+    listener = listen(b, "bea", "--history", "50")
+    clients.append(listener)
+    again = say_once_more(b)
+    assert again.seq == first.seq and type(again).__name__ == "Ack"
+    assert run_cli(b, "send", "after", name="al").returncode == 0
     wait_until(lambda: message_texts(listener)[-1:] == [("al", "after")], 10, "the next message")
-    assert message_texts(listener).count(("repeater", "only once")) == 1
+    assert ("repeater", "only once") not in message_texts(listener)
     client = redis.Redis(port=redis_server.port)
-    assert client.hget("zchat:{#general}:ids", "repeater id-1") == str(firsts[0].seq).encode()
+    assert client.hget("zchat:{#general}:ids", "repeater id-1") == str(first.seq).encode()
+    assert int(client.get("zchat:{#general}:n")) == first.seq + 10 + 2  # 10, bea's join, after
 
 
 def test_three_brokers_two_rooms_every_listener_sees_every_message_once_in_one_order(
@@ -210,3 +220,50 @@ def test_everyone_online_is_listed_on_every_broker(shared, clients):
                    "both listed")
     result = run_cli(b, "send", "--to", "ann", "hi", name="carl")
     assert result.returncode == 0, result.stderr
+
+
+def test_a_broker_killed_mid_stream_costs_its_clients_a_failover_not_a_message(
+        make_broker, redis_server, clients):
+    """SIGKILL the broker a sender and a listener use: both fail over to
+    the next broker they were given; every line is acknowledged once and
+    shown once, in order; a user who stays on the dead broker is announced
+    gone once, within the bound (2 x expiry + 2 x interval), and the users
+    who failed over are not announced at all."""
+    interval, liveness = 0.5, 3
+    def start():
+        return make_broker("--backplane", redis_server.url, "--heartbeat-interval",
+                           str(interval), "--heartbeat-liveness", str(liveness))
+    a, b, c = start(), start(), start()
+    failover = ["--broker", f"127.0.0.1:{b.port}"]
+    watcher = listen(c, "watcher")
+    mover = listen(a, "mover", *failover)
+    stayer = listen(a, "stayer")  # knows no other broker
+    clients += [watcher, mover, stayer]
+    sender = Client(a, "send", "--timeout", "20", *failover, name="feeder",
+                    stdin=subprocess.PIPE)
+    clients.append(sender)
+    lines = [f"line {i}" for i in range(200)]
+    sender.proc.stdin.write("".join(f"{line}\n" for line in lines[:100]))
+    sender.proc.stdin.flush()
+    wait_until(lambda: len(watcher.messages()) >= 30, 20, "30 lines at the watcher")
+    a.proc.kill()
+    a.proc.wait()
+    killed_at = time.monotonic()
+    sender.proc.stdin.write("".join(f"{line}\n" for line in lines[100:]))
+    sender.proc.stdin.close()
+    assert sender.wait(60) == 0, sender.err.lines[-5:]
+    for listener in (watcher, mover):
+        wait_until(lambda: len(listener.messages()) >= 200, 30, "200 lines")
+        assert [r["text"] for r in listener.messages()] == lines
+    wait_until(lambda: any(r["type"] == "leave" and r["name"] == "stayer"
+                           for r in watcher.json_records()), 15, "stayer's leave")
+    took = time.monotonic() - killed_at
+    bound = 2 * interval * liveness + 2 * interval
+    assert took < bound + 2.0, f"stayer announced gone {took:.1f} s after the kill"
+    assert run_cli(c, "send", "marker", name="al").returncode == 0
+    wait_until(lambda: ("al", "marker") in message_texts(watcher), 10, "the marker")
+    presence = [(r["type"], r["name"]) for r in watcher.json_records()
+                if r["type"] in ("join", "leave") and r["name"] in ("stayer", "mover")]
+    assert presence.count(("leave", "stayer")) == 1
+    assert ("leave", "mover") not in presence
+    assert "mover" in run_cli(c, "users").stdout.split()
