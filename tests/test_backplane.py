@@ -267,3 +267,44 @@ def test_a_broker_killed_mid_stream_costs_its_clients_a_failover_not_a_message(
     assert presence.count(("leave", "stayer")) == 1
     assert ("leave", "mover") not in presence
     assert "mover" in run_cli(c, "users").stdout.split()
+
+
+def test_redis_stopped_and_restarted_refuses_messages_meanwhile_then_everything_resumes(
+        shared, redis_server, clients):
+    a, b = shared(), shared()
+    watcher = listen(b, "watcher")
+    clients.append(watcher)
+    sender = Client(a, "send", "--timeout", "30", name="feeder", stdin=subprocess.PIPE)
+    clients.append(sender)
+    lines = [f"line {i}" for i in range(150)]
+    sender.proc.stdin.write("".join(f"{line}\n" for line in lines[:50]))
+    sender.proc.stdin.flush()
+    wait_until(lambda: len(watcher.messages()) >= 50, 20, "50 lines at the watcher")
+    redis_server.stop()  # SIGTERM: its AOF is written out
+    sender.proc.stdin.write("".join(f"{line}\n" for line in lines[50:100]))
+    sender.proc.stdin.flush()
+    a.wait_log(lambda l: "does not take events" in l, 10, "A refusing events")
+    refused = run_cli(b, "send", "--timeout", "2", "while down", name="al")
+    assert refused.returncode == 3, refused.stderr  # not accepted within its timeout
+    redis_server.start()  # same port, same directory: the AOF is read back
+    sender.proc.stdin.write("".join(f"{line}\n" for line in lines[100:]))
+    sender.proc.stdin.close()
+    assert sender.wait(60) == 0, sender.err.lines[-5:]
+    wait_until(lambda: len(watcher.messages()) >= 150, 30, "150 lines")
+    assert [r["text"] for r in watcher.messages()] == lines
+    seqs = [r["seq"] for r in watcher.messages()]
+    assert seqs == sorted(set(seqs))
+    assert watcher.proc.poll() is None
+    joins = [r for r in watcher.json_records() if r["type"] == "join" and r["name"] == "watcher"]
+    assert len(joins) == 1  # its connection stayed; it never joined again
+
+
+def test_a_broker_without_its_redis_says_so_and_exits_1():
+    from procs import PYTHON, ROOT, free_port, free_port_pair
+    port = free_port_pair()
+    result = subprocess.run([PYTHON, "broker.py", "--port", str(port), "--backplane",
+                             f"redis://:hunter2@127.0.0.1:{free_port()}/0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "cannot reach the backplane" in result.stderr
+    assert "hunter2" not in result.stderr  # a password in the URL is never shown
