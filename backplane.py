@@ -239,6 +239,9 @@ class Backplane:
         self.others: dict[str, dict[str, str]] = {}
         self.online_elsewhere: dict[str, int] = {}  # name key -> other brokers it is on
         self.failing = False  # the last script failed
+        # Redis came back without the chat's data: numbers would start again
+        # under the same epoch, so the broker stops rather than mislead clients.
+        self.lost = False
         self.next_beat = 0.0  # monotonic: when to say this broker is alive again
         self.missing: dict[str, float] = {}  # a broker found dead -> since when (monotonic)
         self.reader: threading.Thread | None = None
@@ -493,6 +496,11 @@ class Backplane:
         """After (re)subscribing: repair every stream that moved on meanwhile,
         and read again who is online elsewhere."""
         try:
+            if self.redis.get(EPOCH_KEY) != core.epoch.encode():
+                log.critical("backplane: Redis at %s lost the chat (its epoch is gone): "
+                             "stopping; start the brokers again", self.where)
+                self.lost = True
+                return []
             self._load_presence(core)
             streams = [s.decode() for s in self.redis.smembers(STREAMS_KEY)]
             pipe = self.redis.pipeline(transaction=False)

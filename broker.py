@@ -208,7 +208,7 @@ class BrokerShell:
         self.stopping = True
 
     def run(self) -> None:
-        while not self.stopping:
+        while not (self.stopping or self.backplane is not None and self.backplane.lost):
             deadline = self.core.next_deadline()
             if self.release_at is not None:
                 deadline = min(deadline, self.release_at)
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shell.close()
     log.info("broker stopped")
-    return 0
+    return 1 if backplane is not None and backplane.lost else 0
 
 
 if __name__ == "__main__":

@@ -308,3 +308,17 @@ def test_a_broker_without_its_redis_says_so_and_exits_1():
     assert result.returncode == 1
     assert "cannot reach the backplane" in result.stderr
     assert "hunter2" not in result.stderr  # a password in the URL is never shown
+
+
+def test_a_redis_that_comes_back_without_the_chat_stops_the_brokers(shared, redis_server):
+    """Numbers would start again at 1 under the same epoch: the broker says
+    so and exits 1 rather than drop or misnumber anything."""
+    import shutil
+    a = shared()
+    assert run_cli(a, "send", "before", name="al").returncode == 0
+    redis_server.stop()
+    shutil.rmtree(redis_server.dir)  # its AOF is gone
+    __import__("os").mkdir(redis_server.dir)
+    redis_server.start()
+    a.wait_log(lambda l: "lost the chat" in l, 15, "the broker to notice")
+    assert a.proc.wait(10) == 1
