@@ -148,11 +148,13 @@ while i <= #ARGV do
       redis.call('HSET', prefix .. 'b:' .. actor .. ':in', sid .. ' ' .. key, mid)
       store = redis.call('SADD', base .. ':m:' .. key, actor) == 1
               and redis.call('SCARD', base .. ':m:' .. key) == 1
+      if store then redis.call('HSET', base .. ':members', key, mid) end
     end
   elseif kind == 'l' then
     redis.call('HDEL', prefix .. 'b:' .. actor .. ':in', sid .. ' ' .. key)
     store = redis.call('SREM', base .. ':m:' .. key, actor) == 1
             and redis.call('SCARD', base .. ':m:' .. key) == 0
+    if store then redis.call('HDEL', base .. ':members', key) end
   end
   if kind ~= 'f' then skipping = false end
   if kind == 'm' then
@@ -192,7 +194,9 @@ class BackplaneError(StoreError):
 
 
 def stream_key(stream: str, kind: str) -> str:
-    """A stream's key of one kind: n (counter), x (Redis Stream), ids, idq.
+    """A stream's key of one kind: n (counter), x (Redis Stream), ids, idq,
+    members (a room's, name key -> name), m:NAME-KEY (the brokers where
+    that user is in the room).
     The braces are a Cluster hash tag: one stream's keys share a slot."""
     return f"{KEY_PREFIX}{{{stream}}}:{kind}"
 
@@ -268,6 +272,8 @@ class Backplane:
         self.reader.start()
         core.presence_log = []
         core.elsewhere = {}
+        for room in core.rooms.values():  # #general: everyone in it, as Redis says
+            room.everyone = {}
         try:
             self.tick(core, time.monotonic(), time.time())  # alive before any claim
             self._load(core)
@@ -289,10 +295,15 @@ class Backplane:
         """Every stream's last ``history`` events and accepted ids, into the core."""
         streams = sorted(s.decode() for s in self.redis.smembers(STREAMS_KEY))
         for stream in streams:
-            entries = self.redis.xrevrange(stream_key(stream, "x"), count=self.history)
+            pipe = self.redis.pipeline(transaction=True)  # the events and members together
+            pipe.xrevrange(stream_key(stream, "x"), count=self.history)
+            pipe.hgetall(stream_key(stream, "members"))
+            entries, members = pipe.execute()
             shared = [s for s in (self._from_entry(stream, e) for e in reversed(entries)) if s]
             core.restore(stream, [s.event for s in shared],
                          [(s.sender_id, s.event.seq) for s in shared if s.sender_id])
+            if (room := core.rooms.get(stream)) is not None:
+                room.everyone = {k.decode(): name.decode() for k, name in members.items()}
             if shared:
                 self.follower.start_at(stream, shared[-1].event.seq)
         log.info("backplane: %d streams loaded", len(streams))

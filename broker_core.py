@@ -519,6 +519,10 @@ class BrokerCore:
             room.name = event.room  # as it was created
         if isinstance(event, m.Topic):
             room.topic = event.text
+        elif isinstance(event, m.Join):
+            room.everyone[m.name_key(event.name)] = event.name
+        elif isinstance(event, m.Leave):
+            room.everyone.pop(m.name_key(event.name), None)
         return [Publish(event, stream.topic)]
 
     def shutdown(self, wall: float) -> list:
@@ -678,6 +682,8 @@ class BrokerCore:
         if room is None:
             stream = self.streams[key] = Stream(key, self.config.history)
             room = self.rooms[key] = Room(name, stream)
+            if self.elsewhere is not None:  # with a backplane: filled by receive
+                room.everyone = {}
         return room
 
     def _enter(self, session: Session, room: Room, wall: float) -> list:
@@ -831,7 +837,7 @@ class BrokerCore:
         if who.room is None:
             return [Reply(peer, m.Users(self.user_names()))]
         room = self.rooms.get(m.room_key(who.room))
-        names = [] if room is None else [n for _, (n, _) in sorted(room.members.items())]
+        names = [] if room is None else room.member_names()
         return [Reply(peer, m.Users(names, room.name if room else who.room))]
 
     def _on_ping(self, peer: bytes, session: Session | None, ping: m.Ping, now: float,

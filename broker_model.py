@@ -88,8 +88,17 @@ class Room:
     # name key -> (name, visible sessions of that user in the room)
     members: dict = field(default_factory=dict)
     sessions: int = 0  # every session in it, quiet ones too
+    # With a backplane: everyone in it on any broker (name key -> name), as
+    # its shared joins and leaves say; None with one broker (``members``).
+    everyone: dict | None = None
 
     def info(self, seq: int | None = None) -> m.Room:
         """The room as its members see it (at position ``seq``, if given)."""
         return m.Room(self.name, self.stream.seq if seq is None else seq, self.topic,
-                      len(self.members))
+                      len(self.members if self.everyone is None else self.everyone))
+
+    def member_names(self) -> list[str]:
+        """Everyone in it, in order of their name keys."""
+        if self.everyone is not None:
+            return [name for _, name in sorted(self.everyone.items())]
+        return [name for _, (name, _) in sorted(self.members.items())]

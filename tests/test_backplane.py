@@ -214,10 +214,15 @@ def test_a_direct_message_from_a_reaches_the_addressee_on_c_and_no_one_else(shar
 
 def test_everyone_online_is_listed_on_every_broker(shared, clients):
     a, b = shared(), shared()
-    clients += [listen(a, "ann"), listen(b, "ben")]
-    for broker in (a, b):
+    clients += [listen(a, "ann", "--room", "#lab"), listen(b, "ben", "--room", "#lab")]
+    c = shared()  # started after: what it knows comes from Redis
+    for broker in (a, b, c):
         wait_until(lambda: {"ann", "ben"} <= set(run_cli(broker, "users").stdout.split()), 10,
                    "both listed")
+        wait_until(lambda: run_cli(broker, "users", "--room", "#lab").stdout.split()
+                   == ["ann", "ben"], 10, "both in #lab")
+        rooms = json.loads(run_cli(broker, "rooms", "--json").stdout)
+        assert {"room": "#lab", "members": 2, "topic": ""} in rooms
     result = run_cli(b, "send", "--to", "ann", "hi", name="carl")
     assert result.returncode == 0, result.stderr
 
