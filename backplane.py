@@ -275,9 +275,9 @@ class Backplane:
         for room in core.rooms.values():  # #general: everyone in it, as Redis says
             room.everyone = {}
         try:
-            self.tick(core, time.monotonic(), time.time())  # alive before any claim
             self._load(core)
             self._load_presence(core)
+            self.tick(core, time.monotonic(), time.time())  # alive before any claim
         except redis.RedisError as e:
             raise BackplaneError(f"cannot load the streams from {self.where}: {e}") from None
         log.info("backplane: sharing the chat through Redis at %s", self.where)
