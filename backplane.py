@@ -65,6 +65,7 @@ CONNECT_TIMEOUT_S = 0.5
 # broker is stopping, and its wait before subscribing again after a loss.
 READER_POLL_S = 0.5
 RESUBSCRIBE_S = 0.25
+HAND_ON_RETRY_S = 0.01  # the reader's wait while the broker's queue is full
 # inproc address of the reader's PAIR socket (one per broker process)
 READER_ADDRESS = "inproc://zchat-backplane"
 # What the reader sends besides notifications.
@@ -561,6 +562,18 @@ class Backplane:
         return _shared(stream, int(entry_id.split(b"-")[0]), fields[b"k"].decode(),
                        fields[b"i"].decode(), fields[b"e"].decode())
 
+    def _hand_on(self, pair: zmq.Socket, frame: bytes) -> None:
+        """Give the broker's thread a frame; while its queue is full, wait
+        (Redis then holds the notifications, up to its pub/sub output limit,
+        past which it drops this subscriber: a resync follows), but never
+        past the broker stopping, which must not hang on this thread."""
+        while not self._stopping.is_set():
+            try:
+                pair.send(frame, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                self._stopping.wait(HAND_ON_RETRY_S)
+
     def _read_notifications(self, ctx: zmq.Context) -> None:
         """The reader thread: notifications from Redis to the PAIR socket."""
         pair = ctx.socket(zmq.PAIR)
@@ -577,15 +590,15 @@ class Backplane:
                     if pubsub is not None:
                         pubsub.close()
                         pubsub = None
-                        pair.send(LOST)
+                        self._hand_on(pair, LOST)
                     self._stopping.wait(RESUBSCRIBE_S)
                     continue
                 if message is None:
                     continue
                 if message["type"] == "subscribe":
-                    pair.send(SUBSCRIBED)
+                    self._hand_on(pair, SUBSCRIBED)
                 elif message["type"] == "message":
-                    pair.send(message["data"])
+                    self._hand_on(pair, message["data"])
         finally:
             if pubsub is not None:
                 pubsub.close()
