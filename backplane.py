@@ -82,15 +82,17 @@ LOST = b"?"  # the subscription broke
 # stream, kind, name key, message id, the event's JSON with seq 0, and the
 # broker on whose behalf (this one, or a dead one whose users leave).
 #
-# For "j", the message id field carries the user's name as shown, kept
-# with the broker's memberships (b:ID:in, "stream name-key" -> name) for
-# the leaves of a broker that dies. Kinds: "m" a message (its id is remembered: a resend is not stored
+# Kinds: "m" a message (its id is remembered: a resend is not stored
 # again); "f" a direct message's copy for the addressee (skipped with its
 # sender's copy); "j" and "l" a user entering and leaving a room, stored
 # only when the first broker where that user is in it enters and the last
 # leaves, so that a person on several brokers joins and leaves once; ""
-# anything else. Returns {names taken, per event: its seq, minus the seq
-# of a resend accepted earlier, or 0 if not stored}. The notification is
+# anything else. For "j" and "l" the message id field carries the user's
+# name as shown, kept with the broker's memberships (b:ID:in, "stream
+# name-key" -> name) for the leaves of a broker that dies, and in the
+# room's members (NAME-KEY -> name). Returns {names taken, per event: its
+# seq, minus the seq of a resend accepted earlier, or 0 if not stored}.
+# The notification is
 # {"e": [[stream, seq, name key, message id, event JSON], ...],
 #  "p": [[broker, name key, name or ""], ...]}.
 APPEND_SCRIPT = """
@@ -136,7 +138,8 @@ end
 i = i + 1
 local results, notes, skipping = {}, {}, false
 while i <= #ARGV do
-  local sid, kind, key, mid, ev, actor = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5]
+  local sid, kind, key, mid = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
+  local ev, actor = ARGV[i+4], ARGV[i+5]
   i = i + 6
   local base = prefix .. '{' .. sid .. '}'
   local store, seen = true, false

@@ -37,7 +37,8 @@ from client_core import (Acked, Action, BrokerRefused, ClientCore, Connect, Disc
                          StateChanged, Subscribe, Unsubscribe)
 from client_stream import Earlier, Missed
 
-__all__ = ["Acked", "BrokerAddress", "BrokerRefused", "ClientSession", "choose_brokers", "Earlier", "Encryption", "Joined",
+__all__ = ["Acked", "BrokerAddress", "BrokerRefused", "ClientSession", "choose_brokers",
+           "Earlier", "Encryption", "Joined",
            "JoinRefused", "Missed", "Refused", "RoomJoined", "RoomParted", "State",
            "StateChanged", "add_connection_arguments", "encryption_from_args", "ask_broker", "list_users",
            "login_name"]
