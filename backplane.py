@@ -74,9 +74,12 @@ LOST = b"?"  # the subscription broke
 
 # KEYS: none (the keys are built from ARGV; see README "Scaling out" for
 # what Redis Cluster needs instead). ARGV: key prefix, history, ids
-# remembered, this broker's id, the liveness key's prefix; then the names
-# this broker now holds, as a count and (name key, secret digest) each; the
-# names it gave up, as a count and name keys; who is now online here or
+# remembered, this broker's id, the set of brokers not reaped (a name
+# held by a broker that is not in it is free: a broker whose liveness key
+# merely lapsed, say while Redis restarted, still holds its names until it
+# is reaped); then the names this broker now holds, as a count and (name
+# key, secret digest) each; the names it gave up, as a count and name
+# keys; who is now online here or
 # not, as a count and (name key, name or "" for offline) each, kept in a
 # hash per broker and told to the others; then six per new event:
 # stream, kind, name key, message id, the event's JSON with seq 0, and the
@@ -97,7 +100,7 @@ LOST = b"?"  # the subscription broke
 #  "p": [[broker, name key, name or ""], ...]}.
 APPEND_SCRIPT = """
 local prefix, history, remember = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local me, alive = ARGV[4], ARGV[5]
+local me, brokers = ARGV[4], ARGV[5]
 local taken, refused, i = {}, {}, 7
 for _ = 1, tonumber(ARGV[6]) do
   local key, digest = ARGV[i], ARGV[i+1]
@@ -106,7 +109,7 @@ for _ = 1, tonumber(ARGV[6]) do
   local free = true
   for h = 1, #held, 2 do
     if held[h] ~= me then
-      if redis.call('EXISTS', alive .. held[h]) == 0 then
+      if redis.call('SISMEMBER', brokers, held[h]) == 0 then
         redis.call('HDEL', holders, held[h])
       elseif digest == '' or held[h+1] ~= digest then
         free = false
@@ -366,7 +369,7 @@ class Backplane:
         """One run of the script; None if Redis did not take it (logged when
         it starts and stops failing)."""
         argv: list[Any] = [KEY_PREFIX, self.history, ACCEPTED_IDS_REMEMBERED, self.id,
-                           ALIVE_PREFIX, len(claims)]
+                           BROKERS_KEY, len(claims)]
         for key, digest in claims:
             argv += [key, digest]
         argv += [len(releases), *releases, len(presence)]

@@ -272,6 +272,9 @@ def test_a_broker_killed_mid_stream_costs_its_clients_a_failover_not_a_message(
     assert presence.count(("leave", "stayer")) == 1
     assert ("leave", "mover") not in presence
     assert "mover" in run_cli(c, "users").stdout.split()
+    # the dead broker's names are free once it is reaped
+    wait_until(lambda: run_cli(c, "send", "mine now", name="stayer").returncode == 0, 10,
+               "stayer's name free for someone else")
 
 
 def test_redis_stopped_and_restarted_refuses_messages_meanwhile_then_everything_resumes(
