@@ -77,7 +77,9 @@ LOST = b"?"  # the subscription broke
 # remembered, this broker's id, the set of brokers not reaped (a name
 # held by a broker that is not in it is free: a broker whose liveness key
 # merely lapsed, say while Redis restarted, still holds its names until it
-# is reaped); then the names this broker now holds, as a count and (name
+# is reaped), the presence threshold (--presence-threshold: members above
+# which a room's presence is counted, not stored); then the names this
+# broker now holds, as a count and (name
 # key, secret digest) each; the names it gave up, as a count and name
 # keys; who is now online here or
 # not, as a count and (name key, name or "" for offline) each, kept in a
@@ -87,22 +89,30 @@ LOST = b"?"  # the subscription broke
 #
 # Kinds: "m" a message (its id is remembered: a resend is not stored
 # again); "f" a direct message's copy for the addressee (skipped with its
-# sender's copy); "j" and "l" a user entering and leaving a room, stored
-# only when the first broker where that user is in it enters and the last
-# leaves, so that a person on several brokers joins and leaves once; ""
-# anything else. For "j" and "l" the message id field carries the user's
-# name as shown, kept with the broker's memberships (b:ID:in, "stream
-# name-key" -> name) for the leaves of a broker that dies, and in the
-# room's members (NAME-KEY -> name). Returns {names taken, per event: its
+# sender's copy); "p" a room's presence event of one pass, whose name key
+# field carries its people as JSON [[name key, name, leave reason or "" for
+# a join], ...], whose message id field carries the room's name, and whose
+# JSON has empty "joined" and "left": a person
+# joins when the first broker where that user is in the room enters and
+# leaves when the last leaves (a person on several brokers joins and leaves
+# once), and the event stored names only those; ""
+# anything else. A person's name as shown is kept with the broker's
+# memberships (b:ID:in, "stream name-key" -> name) for the leaves of a
+# broker that dies, and in the room's members (NAME-KEY -> name). A room
+# whose members go above the threshold is "counting" ({room}:counting)
+# until a change leaves it at the threshold or below: its presence is not
+# stored but told as a count change (each broker publishes the count, as
+# main's broker does for a big room). Returns {names taken, per event: its
 # seq, minus the seq of a resend accepted earlier, or 0 if not stored}.
 # The notification is
 # {"e": [[stream, seq, name key, message id, event JSON], ...],
-#  "p": [[broker, name key, name or ""], ...]}.
+#  "p": [[broker, name key, name or ""], ...],
+#  "c": [[stream, room name, [[name key, name] joined, ...], [name key left, ...]], ...]}.
 APPEND_SCRIPT = """
 local prefix, history, remember = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local me, brokers = ARGV[4], ARGV[5]
-local taken, refused, i = {}, {}, 7
-for _ = 1, tonumber(ARGV[6]) do
+local me, brokers, threshold = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local taken, refused, i = {}, {}, 8
+for _ = 1, tonumber(ARGV[7]) do
   local key, digest = ARGV[i], ARGV[i+1]
   local holders = prefix .. 'name:' .. key
   local held = redis.call('HGETALL', holders)
@@ -139,7 +149,7 @@ for _ = 1, tonumber(ARGV[i]) do
   i = i + 2
 end
 i = i + 1
-local results, notes, skipping = {}, {}, false
+local results, notes, counts, skipping = {}, {}, {}, false
 while i <= #ARGV do
   local sid, kind, key, mid = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
   local ev, actor = ARGV[i+4], ARGV[i+5]
@@ -148,20 +158,49 @@ while i <= #ARGV do
   local store, seen = true, false
   if kind == 'f' and skipping then
     store = false
-  elseif kind == 'j' then
-    if refused[key] then
-      store = false
-    else
-      redis.call('HSET', prefix .. 'b:' .. actor .. ':in', sid .. ' ' .. key, mid)
-      store = redis.call('SADD', base .. ':m:' .. key, actor) == 1
-              and redis.call('SCARD', base .. ':m:' .. key) == 1
-      if store then redis.call('HSET', base .. ':members', key, mid) end
+  elseif kind == 'p' then
+    local joined, left, came, went = {}, {}, {}, {}
+    for _, person in ipairs(cjson.decode(key)) do
+      local k, name, reason = person[1], person[2], person[3]
+      local holders = base .. ':m:' .. k
+      if reason == '' then
+        if not refused[k] then
+          redis.call('HSET', prefix .. 'b:' .. actor .. ':in', sid .. ' ' .. k, name)
+          if redis.call('SADD', holders, actor) == 1 and redis.call('SCARD', holders) == 1 then
+            redis.call('HSET', base .. ':members', k, name)
+            joined[#joined+1] = cjson.encode(name)
+            came[#came+1] = {k, name}
+          end
+        end
+      else
+        redis.call('HDEL', prefix .. 'b:' .. actor .. ':in', sid .. ' ' .. k)
+        if redis.call('SREM', holders, actor) == 1 and redis.call('SCARD', holders) == 0 then
+          redis.call('HDEL', base .. ':members', k)
+          left[#left+1] = '[' .. cjson.encode(name) .. ',' .. cjson.encode(reason) .. ']'
+          went[#went+1] = k
+        end
+      end
     end
-  elseif kind == 'l' then
-    redis.call('HDEL', prefix .. 'b:' .. actor .. ':in', sid .. ' ' .. key)
-    store = redis.call('SREM', base .. ':m:' .. key, actor) == 1
-            and redis.call('SCARD', base .. ':m:' .. key) == 0
-    if store then redis.call('HDEL', base .. ':members', key) end
+    key = ''
+    store = #joined + #left > 0
+    if store then
+      local counting = redis.call('EXISTS', base .. ':counting') == 1
+      if redis.call('HLEN', base .. ':members') > threshold then
+        redis.call('SET', base .. ':counting', '1')
+        counting = true
+      elseif counting then
+        redis.call('DEL', base .. ':counting')  -- this change still counted, the next told
+      end
+      if counting then
+        store = false
+        counts[#counts+1] = {sid, mid, came, went}
+        redis.call('SADD', prefix .. 'streams', sid)  -- its members load with it
+      else
+        local at = string.find(ev, '"joined":[],"left":[]', 1, true)
+        ev = string.sub(ev, 1, at - 1) .. '"joined":[' .. table.concat(joined, ',')
+             .. '],"left":[' .. table.concat(left, ',') .. ']' .. string.sub(ev, at + 21)
+      end
+    end
   end
   if kind ~= 'f' then skipping = false end
   if kind == 'm' then
@@ -189,8 +228,8 @@ while i <= #ARGV do
     notes[#notes+1] = {sid, seq, kind == 'm' and key or '', kind == 'm' and mid or '', ev}
   end
 end
-if #notes > 0 or #presence > 0 then
-  redis.call('PUBLISH', prefix .. 'events', cjson.encode({e = notes, p = presence}))
+if #notes > 0 or #presence > 0 or #counts > 0 then
+  redis.call('PUBLISH', prefix .. 'events', cjson.encode({e = notes, p = presence, c = counts}))
 end
 return {taken, results}
 """
@@ -280,7 +319,7 @@ class Backplane:
         core.presence_log = []
         core.elsewhere = {}
         for room in core.rooms.values():  # #general: everyone in it, as Redis says
-            room.everyone = {}
+            room.share({})
         try:
             self._load(core)
             self._load_presence(core)
@@ -310,7 +349,8 @@ class Backplane:
             core.restore(stream, [s.event for s in shared],
                          [(s.sender_id, s.event.seq) for s in shared if s.sender_id])
             if (room := core.rooms.get(stream)) is not None:
-                room.everyone = {k.decode(): name.decode() for k, name in members.items()}
+                room.share({k.decode(): name.decode() for k, name in members.items()})
+                room.counting = room.count() > core.config.presence_threshold
             if shared:
                 self.follower.start_at(stream, shared[-1].event.seq)
         log.info("backplane: %d streams loaded", len(streams))
@@ -333,7 +373,7 @@ class Backplane:
         claims = [(key, _digest(core, core.by_name[key])) for key in sorted(self.claims)
                   if key in core.by_name]
         releases = sorted(self.changed - core.by_name.keys())
-        result = self._run(claims, releases, self._presence(core),
+        result = self._run(core, claims, releases, self._presence(core),
                            [self._argv(r, self.id) for r in records])
         if result is None:
             return core.persist_failed(outputs)
@@ -349,9 +389,11 @@ class Backplane:
             kind, (key, mid) = "m", record.sender_id
         elif isinstance(event, m.Message) and event.to:
             kind = "f"
-        elif isinstance(event, (m.Join, m.Leave)):
-            kind = "j" if isinstance(event, m.Join) else "l"
-            key, mid = m.name_key(event.name), event.name
+        elif isinstance(event, m.Presence):
+            kind, mid = "p", event.room or record.stream
+            key = json.dumps([[m.name_key(name), name, reason or ""]
+                              for name, reason in event.people()])
+            event = replace(event, joined=[], left=[])  # Redis names whom it stores
         else:
             kind = ""
         return [record.stream, kind, key, mid, _event_json(event), actor]
@@ -365,11 +407,12 @@ class Backplane:
             out.append((key, user.name if user is not None and user.visible else ""))
         return out
 
-    def _run(self, claims: list, releases: list, presence: list, events: list[list]):
+    def _run(self, core: BrokerCore, claims: list, releases: list, presence: list,
+             events: list[list]):
         """One run of the script; None if Redis did not take it (logged when
         it starts and stops failing)."""
         argv: list[Any] = [KEY_PREFIX, self.history, ACCEPTED_IDS_REMEMBERED, self.id,
-                           BROKERS_KEY, len(claims)]
+                           BROKERS_KEY, core.config.presence_threshold, len(claims)]
         for key, digest in claims:
             argv += [key, digest]
         argv += [len(releases), *releases, len(presence)]
@@ -433,14 +476,16 @@ class Backplane:
         if not self.redis.set(REAP_PREFIX + broker, self.id, nx=True, px=REAP_LOCK_MS):
             return
         memberships = self.redis.hgetall(f"{KEY_PREFIX}b:{broker}:in")
-        events = []
+        left: dict[str, list[list[str]]] = {}  # stream -> its leaves
         for entry, name in memberships.items():
             stream = entry.decode().split(" ", 1)[0]
+            left.setdefault(stream, []).append([name.decode(), m.LeaveReason.TIMEOUT])
+        events = []
+        for stream, leaves in sorted(left.items()):  # one presence event per room
             room = core.rooms.get(stream)
-            leave = m.Leave(0, wall, name.decode(), m.LeaveReason.TIMEOUT,
-                            room.name if room else stream)
-            events.append(self._argv(Persist(stream, leave), broker))
-        if events and self._run([], [], [], events) is None:
+            presence = m.Presence(0, wall, [], leaves, room.name if room else stream)
+            events.append(self._argv(Persist(stream, presence), broker))
+        if events and self._run(core, [], [], [], events) is None:
             self.redis.delete(REAP_PREFIX + broker)  # another pass tries again
             return
         online = f"{KEY_PREFIX}b:{broker}:online"
@@ -450,7 +495,7 @@ class Backplane:
             self.redis.publish(EVENTS_CHANNEL, json.dumps({"e": [], "p": gone}))
         self.redis.srem(BROKERS_KEY, broker)
         log.info("backplane: broker %s is gone: %d of its users' rooms left", broker,
-                 len(events))
+                 len(memberships))
 
     # --- notifications -------------------------------------------------------------------
 
@@ -470,12 +515,15 @@ class Backplane:
     def _notified(self, core: BrokerCore, frame: bytes) -> list:
         try:
             note = json.loads(frame)
-            events, presence = note["e"] or [], note["p"] or []  # Lua's {} is an empty list
-        except (ValueError, KeyError, TypeError):
+            # Lua's {} is an empty list
+            events, presence, counts = note["e"] or [], note["p"] or [], note.get("c") or []
+            for broker, key, name in presence:
+                self._seen(core, broker, key, name)
+            for stream, room, joined, left in counts:
+                core.counted(stream, room, [(k, name) for k, name in joined or []], left or [])
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.error("backplane: a notification is not one, skipped")
             return []
-        for broker, key, name in presence:
-            self._seen(core, broker, key, name)
         out: list = []
         for stream, seq, key, mid, event_json in events:
             shared = _shared(stream, seq, key, mid, event_json)
@@ -532,7 +580,21 @@ class Backplane:
         for stream, counter in zip(streams, counters):
             for repair in self.follower.behind(stream, int(counter or 0)):
                 out += self._repair(core, repair)
+        self._reload_members(core)
         return out
+
+    def _reload_members(self, core: BrokerCore) -> None:
+        """Everyone in each room afresh from Redis: a big room's changes
+        told meanwhile (not stored as events) were lost with the subscription."""
+        rooms = [room for room in core.rooms.values() if room.everyone is not None]
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for room in rooms:
+                pipe.hgetall(stream_key(m.room_key(room.name), "members"))
+            for room, members in zip(rooms, pipe.execute()):
+                room.share({k.decode(): name.decode() for k, name in members.items()})
+        except redis.RedisError as e:
+            log.warning("backplane: cannot read the rooms' members now: %s", e)
 
     # --- who is online elsewhere -----------------------------------------------------------
 
@@ -544,6 +606,7 @@ class Backplane:
             pipe.hgetall(f"{KEY_PREFIX}b:{broker}:online")
         self.others, self.online_elsewhere = {}, {}
         core.elsewhere.clear()
+        core.everyone_online = None
         for broker, names in zip(brokers, pipe.execute()):
             for key, name in names.items():
                 self._seen(core, broker, key.decode(), name.decode())
@@ -553,6 +616,7 @@ class Backplane:
         empty name, no longer."""
         if broker == self.id:
             return
+        core.everyone_online = None  # who is online is listed again when asked
         names = self.others.setdefault(broker, {})
         if name and key not in names:
             names[key] = name

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import faulthandler
 import logging
 import math
 import secrets
@@ -27,9 +28,10 @@ from zmq.auth.thread import ThreadAuthenticator
 import admission
 import keys
 import messages as m
+import outbound
 from broker_core import BrokerConfig, BrokerCore, Persist, Publish, Reply
 from broker_stream import ACCEPTED_IDS_REMEMBERED
-from log_limit import Cause
+from log_limit import Cause, LogLimiter
 from store import EventStore, StoreError
 
 log = logging.getLogger("zchat.broker")
@@ -55,12 +57,27 @@ REPLY_QUEUE = 1000
 # went out just before. A lone message goes at once; a steady stream waits
 # at most this long, and pays a system call per subscriber less often.
 COALESCE_S = 0.002
+# Connections waiting for accept() on each port. libzmq's default of 100
+# overflows when thousands connect at once (a school logging in at 8:59):
+# the kernel drops their SYNs and each client retries after 1, 3, 7, 15 s,
+# which stretched a storm of 5,000 joins to half a minute. The kernel caps it
+# at net.core.somaxconn (4096 on current Linux).
+LISTEN_BACKLOG = 4096
 # Largest message accepted on the XPUB: subscriptions are ~30 bytes, but the
 # CurveZMQ handshake's commands count too (INITIATE is several hundred).
 SUBSCRIPTION_BYTES = 4096
 # A client that never reads would get a log line for every reply dropped.
 REPLY_DROPPED = Cause("reply to {peer} dropped: {detail}",
                       "dropped {count} more replies to {peer} in the last {seconds} s")
+# Requests of a connection over its limit of unread replies (outbound.py).
+NOT_HEARD = Cause("requests from {peer} ignored: {detail}",
+                  "ignored {count} more requests from {peer} in the last {seconds} s")
+# A connection cut for what it holds, or for not joining: one line per peer
+# and interval, whatever the number of connections cut.
+DISCONNECTED = Cause("disconnected {peer}: {detail}",
+                     "disconnected {count} more connections of {peer} in the last {seconds} s")
+# Everything queued for clients together, by default: a small machine's share.
+MAX_MEMORY = 512 * 1024 * 1024
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,12 +110,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow", metavar="DIR",
                    help="with --curve-secret: admit only the public keys in DIR; "
                         "the key in NAME.key may join only as NAME")
+    p.add_argument("--presence-threshold", type=int, default=500, metavar="N",
+                   help="a room with more members announces no joins and leaves, only its "
+                        "count once per heartbeat (default 500)")
     p.add_argument("--coalesce-ms", type=float, default=COALESCE_S * 1000, metavar="MS",
                    help="longest wait to share a broadcast frame under a steady stream "
                         f"(default {COALESCE_S * 1000:g}; 0 sends every pass at once)")
     p.add_argument("--max-per-address", type=int, default=admission.MAX_PER_ADDRESS, metavar="N",
                    help="live connections from one address on each port; more are closed "
                         f"at once (default {admission.MAX_PER_ADDRESS})")
+    p.add_argument("--max-memory", type=outbound.parse_size, default=MAX_MEMORY, metavar="SIZE",
+                   help="everything queued for clients together, as sent on the wire "
+                        "(e.g. 256M, 1G; default 512M); the largest holders are "
+                        "disconnected first")
+    p.add_argument("--join-deadline", type=float, default=outbound.JOIN_DEADLINE_S,
+                   metavar="SECONDS", help="a request connection without a session this "
+                   f"long is disconnected (default {outbound.JOIN_DEADLINE_S:g})")
     p.add_argument("--backplane", metavar="URL",
                    help="share the chat with the other brokers on this Redis "
                         "(redis://[:PASSWORD@]HOST:PORT/DB or rediss://...); see README")
@@ -113,8 +140,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
            args.history_bytes, args.max_per_address) < 1:
         p.error("--max-text, --history, --max-users, --burst, --max-rooms, --history-bytes "
                 "and --max-per-address must be at least 1")
-    if args.rate <= 0 or args.coalesce_ms < 0:
-        p.error("--rate must be positive and --coalesce-ms not negative")
+    if args.presence_threshold < 0:
+        p.error("--presence-threshold must not be negative")
+    if args.rate <= 0 or args.coalesce_ms < 0 or args.join_deadline <= 0:
+        p.error("--rate and --join-deadline must be positive and --coalesce-ms not negative")
     if args.allow and not args.curve_secret:
         p.error("--allow needs --curve-secret")
     if args.backplane and args.db:
@@ -143,7 +172,9 @@ class BrokerShell:
     def __init__(self, core: BrokerCore, host: str, port: int, pub_port: int,
                  store: EventStore | None = None, curve: keys.KeyPair | None = None,
                  allow_dir: str | None = None, coalesce: float = COALESCE_S,
-                 max_per_address: int = admission.MAX_PER_ADDRESS, backplane=None):
+                 max_per_address: int = admission.MAX_PER_ADDRESS,
+                 max_memory: int = MAX_MEMORY, join_deadline: float = outbound.JOIN_DEADLINE_S,
+                 backplane=None):
         self.core = core
         self.store = store
         self.backplane = backplane  # backplane.Backplane: the streams are shared in Redis
@@ -176,11 +207,18 @@ class BrokerShell:
             keys.make_server(self.pub, curve)
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.HANDSHAKE_IVL, admission.HANDSHAKE_S * 1000)
+            sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         # Counts connections per address and refuses the excess (admission.py);
         # it watches from before the first connection can arrive.
         self.admission = admission.Admission({"request": self.router, "broadcast": self.pub},
                                              max_per_address)
         self.admission.start()
+        # The books of what is queued for each client (outbound.py), swept
+        # once per heartbeat interval.
+        self.outbound = outbound.Outbound(max_memory, SUB_QUEUE_FRAMES * FRAME_BYTES,
+                                          curve is not None, join_deadline)
+        self.next_books = 0.0
+        self.cut_log = LogLimiter(log)
         # Only a broker that binds names to keys needs each frame's key.
         self.keys_checked = bool(core.config.names_by_key)
         self.router.bind(f"tcp://{host}:{port}")
@@ -203,13 +241,16 @@ class BrokerShell:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        # Where is a broker that does not stop? SIGUSR1 prints every thread's
+        # stack on stderr, even while one is stuck in C holding the GIL.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
 
     def run(self) -> None:
         while not (self.stopping or self.backplane is not None and self.backplane.lost):
-            deadline = self.core.next_deadline()
+            deadline = min(self.core.next_deadline(), self.next_books)
             if self.release_at is not None:
                 deadline = min(deadline, self.release_at)
             # Rounded up: pyzmq truncates to whole milliseconds, and a wait of
@@ -231,6 +272,8 @@ class BrokerShell:
             if self.pub in ready:
                 out += self._read_subscriptions(wall)
             out += self.core.tick(now, wall, backlog)
+            if now >= self.next_books:
+                out += self._keep_books(now, wall)
             if self.backplane is not None:
                 self.backplane.tick(self.core, now, wall)
                 # Numbered in Redis now, before the next pass's notifications.
@@ -279,12 +322,25 @@ class BrokerShell:
                 if self.keys_checked:
                     parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
                     key = parts[0].get("User-Id")
-                    frames = [part.bytes for part in parts]
+                    peer, *frames = [part.bytes for part in parts]
+                    if peer not in self.outbound.replies:
+                        self.outbound.first_seen(peer, source_fd(parts[0]))
                 else:
-                    frames, key = self.router.recv_multipart(zmq.NOBLOCK), None
+                    peer, key = self.router.recv(zmq.NOBLOCK), None
+                    if peer in self.outbound.replies:
+                        frames = self.router.recv_multipart(zmq.NOBLOCK)
+                    else:  # new: the descriptor it came on, once (outbound.py)
+                        first = self.router.recv(zmq.NOBLOCK, copy=False)
+                        self.outbound.first_seen(peer, source_fd(first))
+                        frames = [first.bytes]
+                        if first.more:
+                            frames += self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return out, False
-            out += self.core.handle(frames[0], frames[1:], now, wall, key)
+            if peer in self.outbound.over:  # not reading: not listened to either
+                self.core.warnings.warn(NOT_HEARD, peer.hex(), "it has not read its replies", now)
+                continue
+            out += self.core.handle(peer, frames, now, wall, key)
         return out, True
 
     def _read_subscriptions(self, wall: float) -> list:
@@ -322,7 +378,7 @@ class BrokerShell:
             # is delivered on the next turn of this loop.
             outputs = []
             for reply in replies:
-                outputs += self._send_reply(reply)
+                outputs += self._send_reply(reply, now)
 
     def _persist(self, outputs: list) -> list:
         """Store the new events among ``outputs`` (or have the backplane
@@ -352,17 +408,53 @@ class BrokerShell:
             self.store_failing = False
         return True
 
-    def _send_reply(self, reply: Reply) -> list:
+    def _send_reply(self, reply: Reply, now: float) -> list:
+        if not self.outbound.may_reply(reply.peer, reply.peer in self.core.sessions, now):
+            self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(),
+                                    "it has not read its earlier replies", now)
+            return []
+        body = m.encode(reply.message)
         try:
-            self.router.send_multipart([reply.peer, m.encode(reply.message)], zmq.NOBLOCK)
+            self.router.send_multipart([reply.peer, body], zmq.NOBLOCK)
         except zmq.Again:
-            self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(), "its queue is full",
-                                    time.monotonic())
+            self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(), "its queue is full", now)
+            return []
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
+            self.outbound.forget(reply.peer)
             return self.core.peer_unreachable(reply.peer, time.time())
+        self.outbound.sent(reply.peer, len(body))
         return []
+
+    def _keep_books(self, now: float, wall: float) -> list:
+        """Once per heartbeat interval: disconnect the connections that hold
+        too much, have stopped reading or never joined (outbound.py), end
+        their sessions, and give freed memory back to the system."""
+        self.next_books = now + self.core.config.heartbeat_interval
+        if self.outbound.trim_due():  # what was cut or left by the last sweep is freed by now
+            outbound.give_memory_back()
+        out: list = []
+        for cut in self.outbound.sweep(now, self.core.sessions, self.admission.live()):
+            if not outbound.disconnect(cut.fd, cut.ino):
+                continue
+            self.cut_log.warn(DISCONNECTED, cut.peer[0] if cut.peer else f"descriptor {cut.fd}",
+                              cut.reason, now)
+            if cut.routing_id is not None:
+                out += self.core.peer_unreachable(cut.routing_id, wall)
+        self.cut_log.flush(now)
+        log.debug("outbound: %d connections hold %d bytes; %d subscribers",
+                  len(self.outbound.replies), self.outbound.held, len(self.outbound.subscribers))
+        return out
+
+
+def source_fd(frame: zmq.Frame) -> int | None:
+    """The descriptor a received frame came in on (ZMQ_SRCFD: deprecated in
+    libzmq 4.3 but present), or None when libzmq does not say."""
+    try:
+        return frame.get(zmq.SRCFD)
+    except zmq.ZMQError:
+        return None
 
 
 def frames_of(encoded_events: list[bytes]):
@@ -390,6 +482,7 @@ def make_core(args: argparse.Namespace, store: EventStore | None,
         history_bytes=args.history_bytes,
         rate=args.rate,
         burst=args.burst,
+        presence_threshold=args.presence_threshold,
         names_by_key=keys.names_by_key(args.allow) if args.allow else {},
     )
     if store is None:
@@ -431,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         backplane = open_backplane(args) if args.backplane else None
         core = make_core(args, store, backplane.epoch() if backplane else None)
         shell = BrokerShell(core, args.host, args.port, args.pub_port, store, curve, args.allow,
-                            args.coalesce_ms / 1000, args.max_per_address, backplane)
+                            args.coalesce_ms / 1000, args.max_per_address, args.max_memory,
+                            args.join_deadline, backplane)
     except keys.KeyFileError as e:
         print(f"broker: {e}", file=sys.stderr)
         return 1

@@ -29,7 +29,15 @@ Theory of operation
   through the ROUTER. All histories together stay within a byte budget.
 * ``sessions`` is kept in order of last activity (any request counts as a
   heartbeat and moves the session to the end), so the liveness sweep only
-  looks at the front of the table, never at every session.
+  looks at the front of the table, never at every session. A ping in the
+  form the reference client writes is recognised without decoding JSON.
+* Presence costs the same however many are online: the welcome counts
+  people (``who`` lists them, a page at a time); the joins and leaves of one
+  pass of the shell's loop are gathered per room (Room.pending) and
+  announced in one Presence event per room when the pass ends
+  (``flush_presence``, called by ``tick``), or before anything else is
+  numbered in that room. A room above ``presence_threshold`` names nobody
+  and publishes its count (Members) at most once per heartbeat interval.
 * A resume token from the welcome lets a client that lost its connection
   take its session back from a new routing id before it times out, without
   a leave/join pair.
@@ -60,6 +68,8 @@ log = logging.getLogger("zchat.broker")
 
 # Longest string from a peer quoted in a log line.
 LOG_QUOTE_CHARS = 80
+# Names one log line of joins or leaves shows before it counts the rest.
+LOG_NAMES = 10
 # Warnings a peer can repeat at will: each is logged once per peer and
 # interval, then summed up (log_limit.py), so that no flood floods the log.
 REFUSED = Cause("refused from {peer}: {detail}",
@@ -77,11 +87,16 @@ NOT_STORED = Cause("could not store {detail}: messages, joins and topics refused
 # client that honours retry_after has at most its send window (200) refused
 # at once, so a polite client never comes near it.
 FLOOD_REFUSALS = 1000
-# Heartbeats after a user's direct messages changed that announce their
-# position: a reader whose copy of the change (or of the first announcement)
-# was dropped still learns of it. (Rooms announce theirs at every heartbeat:
-# a subscriber's queue may drop any number of frames in a row.)
+# Heartbeats after a stream changed that announce its position: a reader
+# whose copy of the change (or of the first announcement) was dropped still
+# learns of it.
 POSITION_REPEATS = 2
+# Every this many heartbeats every room in use announces its position, changed
+# or not: a subscriber's queue may drop any number of frames in a row, and
+# then learns of a lost tail within this many intervals. Announcing each room
+# at every heartbeat cost a frame per member per second: with 5,000 idle
+# clients, two thirds of the broker's I/O thread.
+ROOM_POSITION_REFRESH = 10
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,11 @@ class BrokerConfig:
     # All histories together, in UTF-8 bytes of text plus a fixed cost per
     # event: rooms x history x max_text could otherwise reach gigabytes.
     history_bytes: int = 64 * 1024 * 1024
+    # Members above which a room stops announcing each join and leave and
+    # publishes its count once per heartbeat instead: every presence event
+    # costs a write per subscriber, and a list of thousands helps nobody
+    # (Twitch's chat does this above 1,000 viewers).
+    presence_threshold: int = 500
 
     @property
     def expiry(self) -> float:
@@ -166,9 +186,10 @@ class BrokerCore:
     # stream id -> stream: every room's, and the direct messages of users
     streams: dict[str, Stream] = field(default_factory=dict)
     history_bytes: int = 0  # what all histories hold together
-    # a user's "@" stream -> heartbeats that are still to announce its position
+    # stream id -> heartbeats that are still to announce its position
     to_announce: dict[str, int] = field(default_factory=dict)
     next_heartbeat: float = 0.0
+    heartbeats: int = 0  # since the start: every ROOM_POSITION_REFRESH-th refreshes all rooms
     next_sweep: float = 0.0
     # (name key, name) of everyone online, kept sorted: a join storm must not
     # sort the whole list again for every welcome
@@ -178,12 +199,25 @@ class BrokerCore:
     warnings: LogLimiter = field(default_factory=lambda: LogLimiter(log))
     # the monotonic time of the latest input, for the warnings' intervals
     last_now: float = 0.0
+    # the wall time of the latest input, stamped on presence events
+    last_wall: float = 0.0
+    # room key -> room with joins or leaves not announced yet (this pass)
+    presence_due: dict[str, Room] = field(default_factory=dict)
+    # room key -> counting room whose count changed since the last heartbeat
+    counts_due: dict[str, Room] = field(default_factory=dict)
+    # who joined, resumed and left in this pass: one log line each per pass,
+    # since a line per person costs more than the join itself in a storm
+    pass_log: dict[str, list[str]] = field(
+        default_factory=lambda: {"join": [], "resume": [], "leave": []})
     # With a backplane: the name keys whose standing here changed (online,
     # offline, the name given up), which the backplane drains to tell the
     # other brokers; and the users online on other brokers (name key ->
     # name), which it keeps up to date.
     presence_log: list[str] | None = None
     elsewhere: dict[str, str] | None = None
+    # With a backplane: (name key, name) of everyone online on any broker,
+    # sorted, built when asked after a change (None: to build again)
+    everyone_online: list | None = None
 
     def __post_init__(self) -> None:
         self.general = self._open_room(m.GENERAL_ROOM)
@@ -231,8 +265,12 @@ class BrokerCore:
         """A request from ``peer`` (the frames after its routing id) at
         monotonic time ``now`` and wall time ``wall``; ``client_key`` is the
         client's public key when the broker checks keys."""
-        self.last_now = now
+        self.last_now, self.last_wall = now, wall
         session = self.sessions.get(peer)
+        if session is not None and (token := m.ping_token(frames)) is not None \
+                and _tokens_match(token, session.secret):
+            self._touch(session, now)  # a ping of its owner: a heartbeat, and nothing else
+            return []
         try:
             request = m.decode_request(frames)
         except m.ProtocolError as e:
@@ -258,7 +296,7 @@ class BrokerCore:
         out: their pings may be in that backlog, and an overloaded broker
         must not announce live users as gone.
         """
-        self.last_now = now
+        self.last_now, self.last_wall = now, wall
         self.warnings.flush(now)
         out: list = []
         if now >= self.next_heartbeat:
@@ -266,9 +304,15 @@ class BrokerCore:
             out.append(Publish(self._heartbeat(wall), m.HEARTBEAT_TOPIC))
             out += self._announce_positions()
             self.next_heartbeat = now + self.config.heartbeat_interval
-        if backlog or now < self.next_sweep:
-            return out
-        self.next_sweep = now + self.config.sweep_period
+        if not backlog and now >= self.next_sweep:
+            self.next_sweep = now + self.config.sweep_period
+            out += self._sweep(now, wall)
+        return out + self.flush_presence(wall) + self._publish_counts(now)
+
+    def _sweep(self, now: float, wall: float) -> list:
+        """End the sessions silent for too long: the oldest activity is first
+        in ``sessions``, so only those due are visited."""
+        out: list = []
         deadline = now - self.config.expiry
         while self.sessions:
             oldest = next(iter(self.sessions.values()))
@@ -277,9 +321,33 @@ class BrokerCore:
             out += self._end_session(oldest, m.LeaveReason.TIMEOUT, wall)
         return out
 
+    def flush_presence(self, wall: float) -> list:
+        """Announce the joins and leaves of this pass: one presence event per
+        room (the shell's tick calls it at the end of every pass)."""
+        out: list = []
+        while self.presence_due:
+            key = next(iter(self.presence_due))
+            out += self._announce_presence(self.presence_due.pop(key), wall)
+        self._log_pass()
+        return out
+
+    def _log_pass(self) -> None:
+        """``join ann, bob and 998 more``: one line per kind per pass."""
+        for verb, names in self.pass_log.items():
+            if names:
+                more = len(names) - LOG_NAMES
+                log.info("%s %s%s", verb, ", ".join(names[:LOG_NAMES]),
+                         f" and {more} more" if more > 0 else "")
+                names.clear()
+
     def next_deadline(self) -> float:
         """When tick() next has work to do (monotonic)."""
+        if self.presence_due:  # joins or leaves to announce (a peer found gone)
+            return self.last_now
         deadline = self.next_heartbeat
+        if self.counts_due:
+            deadline = min(deadline, min(r.count_published_at for r in self.counts_due.values())
+                           + self.config.heartbeat_interval)
         if self.sessions:
             oldest = next(iter(self.sessions.values()))
             sweep = max(oldest.last_seen + self.config.expiry, self.next_sweep)
@@ -392,15 +460,16 @@ class BrokerCore:
         (peer, room key) of the connections whose entering is refused, and
         of those whose topic is."""
         was_in: dict[tuple[str, str], bool] = {}  # (room key, name key): as stored
-        last_leave: dict[tuple[str, str], m.Leave] = {}
+        last_leave: dict[tuple[str, str], tuple[str, str, float]] = {}  # name, reason, time
         refused: set[tuple[bytes, str]] = set()
         for record in unwritten:
             event = record.event
-            if isinstance(event, (m.Join, m.Leave)):
-                pair = (record.stream, m.name_key(event.name))
-                was_in.setdefault(pair, isinstance(event, m.Leave))
-                if isinstance(event, m.Leave):
-                    last_leave[pair] = event
+            if isinstance(event, m.Presence):
+                for name, reason in event.people():
+                    pair = (record.stream, m.name_key(name))
+                    was_in.setdefault(pair, reason is not None)
+                    if reason is not None:
+                        last_leave[pair] = (name, reason, event.time)
             elif isinstance(event, m.Topic) and (user := self.by_name.get(
                     m.name_key(event.name))) is not None:
                 refused.update((s.peer, record.stream) for s in user.sessions)
@@ -408,8 +477,7 @@ class BrokerCore:
             room = self.rooms.get(key)
             inside = room is not None and name_key in room.members
             if stored_in and not inside:
-                leave = last_leave[(key, name_key)]
-                self.unrecorded_leaves.append((key, leave.name, leave.reason, leave.time))
+                self.unrecorded_leaves.append((key, *last_leave[(key, name_key)]))
             elif inside and not stored_in:
                 for session in self.by_name[name_key].sessions:
                     if not session.quiet and key in session.rooms:
@@ -428,7 +496,7 @@ class BrokerCore:
             if room is None:  # gone: nothing of it was stored
                 return replace(message, seq=0, topic="", members=0)
             return replace(message, seq=min(message.seq, stored[key]), topic=room.topic,
-                           members=len(room.members))
+                           members=room.count())
         if isinstance(message, m.Position) and message.stream in stored:
             return replace(message, seq=min(message.seq, stored[message.stream]))
         if isinstance(message, m.RoomList):
@@ -517,13 +585,49 @@ class BrokerCore:
                                             if not s.quiet]
         if created and event.room:
             room.name = event.room  # as it was created
+        out: list = []
         if isinstance(event, m.Topic):
             room.topic = event.text
-        elif isinstance(event, m.Join):
-            room.everyone[m.name_key(event.name)] = event.name
-        elif isinstance(event, m.Leave):
-            room.everyone.pop(m.name_key(event.name), None)
-        return [Publish(event, stream.topic)]
+        elif isinstance(event, m.Presence):
+            # A room whose count was being published announces people again:
+            # its count goes first (at once), as the presence counts on it.
+            out += self._publish_count_now(room)
+            for name in event.joined:
+                room.shared_in(m.name_key(name), name)
+            for name, _ in event.left:
+                room.shared_out(m.name_key(name))
+        return [*out, Publish(event, stream.topic)]
+
+    def counted(self, stream_id: str, room_name: str, joined: list[tuple[str, str]],
+                left: list[str]) -> None:
+        """With a backplane: people entered (name key, name) and left (name
+        keys) a room above the threshold on some broker, where the backplane
+        stored no presence event: its count is published (``Members``, at
+        most once per heartbeat interval, as of a room here)."""
+        if stream_id.startswith(m.DM_STREAM_PREFIX):
+            return
+        created = stream_id not in self.rooms
+        room = self._open_room(room_name)
+        if created:
+            room.name = room_name  # as it was created
+        for name_key, name in joined:
+            room.shared_in(name_key, name)
+        for name_key in left:
+            room.shared_out(name_key)
+        room.counting = True
+        self.counts_due[stream_id] = room
+
+    def _publish_count_now(self, room: Room) -> list:
+        """A counting room's count, unless its subscribers have it already."""
+        key = m.room_key(room.name)
+        if not room.counting and key not in self.counts_due:
+            return []
+        self.counts_due.pop(key, None)
+        room.counting = False
+        if room.count() == room.count_published:
+            return []
+        room.count_published, room.count_published_at = room.count(), self.last_now
+        return [Publish(m.Members(room.name, room.count()), room.stream.topic)]
 
     def shutdown(self, wall: float) -> list:
         """The broker is going away: tell everyone."""
@@ -585,8 +689,7 @@ class BrokerCore:
             user.visible += 1
             if user.visible == 1:
                 bisect.insort(self.online, (name_key, user.name))
-                if self.presence_log is not None:
-                    self.presence_log.append(name_key)
+                self._online_changed(name_key)
         entered = [self._open_room(room) for room in rooms]
         # The welcome's positions precede the joins, so the client sees its own.
         positions = {m.room_key(room.name): room.stream.seq for room in entered}
@@ -594,7 +697,7 @@ class BrokerCore:
         for room in entered:
             session.rooms[m.room_key(room.name)] = room
             joins += self._enter(session, room, wall)
-        log.info("join %s%s", user.name, " (quiet)" if session.quiet else "")
+        self.pass_log["join"].append(user.name + (" (quiet)" if session.quiet else ""))
         return [Reply(peer, self._welcome(session, resumed=False, positions=positions)), *joins]
 
     def _rooms_problem(self, rooms: list[str]) -> str | None:
@@ -611,7 +714,7 @@ class BrokerCore:
         session.peer = peer
         session.last_seen = now
         self.sessions[peer] = session
-        log.info("resume %s", session.name)
+        self.pass_log["resume"].append(session.name)
         return [Reply(peer, self._welcome(session, resumed=True))]
 
     def _welcome(self, session: Session, resumed: bool,
@@ -621,7 +724,7 @@ class BrokerCore:
         dm = self.streams.get(m.dm_stream(session.name))
         rooms = [room.info(positions.get(key) if positions else None)
                  for key, room in session.rooms.items()]
-        return m.Welcome(session.name, self.epoch, self.user_names(), session.secret,
+        return m.Welcome(session.name, self.epoch, len(self.online_listed()), session.secret,
                          c.heartbeat_interval, c.heartbeat_liveness, c.max_text, rooms,
                          dm.seq if dm else 0, resumed)
 
@@ -683,48 +786,81 @@ class BrokerCore:
             stream = self.streams[key] = Stream(key, self.config.history)
             room = self.rooms[key] = Room(name, stream)
             if self.elsewhere is not None:  # with a backplane: filled by receive
-                room.everyone = {}
+                room.share({})
         return room
 
     def _enter(self, session: Session, room: Room, wall: float) -> list:
         """``session`` is now in ``room``: a join when its user was not."""
         room.sessions += 1
-        if session.quiet:
-            return []
-        user = session.user
-        name, count = room.members.get(user.name_key, (user.name, 0))
-        room.members[user.name_key] = (name, count + 1)
-        if count:
-            return []
-        return self._append(room.stream, lambda seq: m.Join(seq, wall, user.name, room.name))
+        if not session.quiet and room.add_member(session.user.name_key, session.user.name):
+            self._presence_changed(room)
+        return []
 
     def _exit(self, session: Session, room: Room, reason: str, wall: float) -> list:
-        """``session`` left ``room``: a leave when its user is no longer in it."""
-        if not self._leave_room(session, room):
-            return []
-        name = session.name
-        return self._append(room.stream, lambda seq: m.Leave(seq, wall, name, reason, room.name))
+        """``session`` left ``room``: a leave (announced at the end of the
+        pass) when its user is no longer in it."""
+        self._leave_room(session, room, reason)
+        return []
 
-    def _leave_room(self, session: Session, room: Room) -> bool:
+    def _leave_room(self, session: Session, room: Room, reason: str | None = None) -> bool:
         """Take ``session`` out of ``room``; True if its user is no longer in
-        it (a leave is due). An empty room in which nothing happened goes."""
+        it. A leave is announced with ``reason``; with None, none is (an
+        entry undone because it could not be stored). An empty room in which
+        nothing happened goes."""
         room.sessions -= 1
-        gone = False
-        if not session.quiet:
-            name_key = session.user.name_key
-            name, count = room.members[name_key]
-            if count > 1:
-                room.members[name_key] = (name, count - 1)
-            else:
-                del room.members[name_key]
-                gone = True
+        gone = not session.quiet and room.remove_member(session.user.name_key, reason)
+        if gone and reason is not None:
+            self._presence_changed(room)
         self._forget_if_unused(room)
         return gone
 
-    def _forget_if_unused(self, room: Room) -> None:
-        """A room nobody is in and nothing was said in goes."""
+    def _presence_changed(self, room: Room) -> None:
+        self.presence_due[m.room_key(room.name)] = room
+
+    def _announce_presence(self, room: Room, wall: float) -> list:
+        """One room's joins and leaves of this pass: a presence event, or,
+        for a room above the threshold, its count at the next heartbeat.
+        With a backplane always the event: Redis, which knows the members on
+        every broker, stores it or has the count published (``counted``)."""
         key = m.room_key(room.name)
-        if room.sessions == 0 and room.stream.seq == 0 and key != m.GENERAL_ROOM:
+        if self.rooms.get(key) is not room:
+            return []  # entered and left in this pass, and forgotten
+        joined, left = room.take_changes()
+        if self.elsewhere is None and (room.counting
+                                       or len(room.members) > self.config.presence_threshold):
+            # Too big: its count is published instead (_publish_counts), and
+            # when it comes back to the threshold, that count first.
+            room.counting = True
+            self.counts_due[key] = room
+            return []
+        if not joined and not left:
+            return []
+        return self._append(room.stream, lambda seq: m.Presence(seq, wall, joined, left, room.name))
+
+    def _publish_counts(self, now: float) -> list:
+        """The count of each counting room that changed, on its topic, at
+        most once per heartbeat interval (at once after a quiet interval, so
+        that those timed out together are counted gone without delay). A
+        room back at the threshold announces each change again after it."""
+        out = []
+        for key, room in list(self.counts_due.items()):
+            if now < room.count_published_at + self.config.heartbeat_interval:
+                continue
+            del self.counts_due[key]
+            count = room.count()
+            if self.rooms.get(key) is not room or count == room.count_published:
+                continue
+            room.count_published, room.count_published_at = count, now
+            room.counting = count > self.config.presence_threshold
+            out.append(Publish(m.Members(room.name, count), room.stream.topic))
+        return out
+
+    def _forget_if_unused(self, room: Room) -> None:
+        """A room nobody is in and nothing was said in goes (with a
+        backplane, once nobody is in it on any broker either)."""
+        key = m.room_key(room.name)
+        if room.sessions == 0 and room.stream.seq == 0 and key != m.GENERAL_ROOM \
+                and not room.everyone:
             del self.rooms[key], self.streams[key]
 
     # --- messages -----------------------------------------------------------------
@@ -740,13 +876,12 @@ class BrokerCore:
             return self._direct(session, say, now, wall)
         sender_id = (session.user.name_key, say.id)
         named = self.rooms.get(m.room_key(say.room or m.GENERAL_ROOM))
-        if named is not None and (seq := named.stream.accepted_seq(sender_id)) is not None:
-            # a resend of an accepted message, even after a part: ack it again
-            return [Reply(peer, m.Ack(say.id, seq))]
+        if named is not None and (ack := self._ack_again(session, say, named.stream)):
+            return ack  # even after a part
         room = self._room_of(session, say.room or m.GENERAL_ROOM)
         if room is None:
             return self._not_in(peer, session, say.room or m.GENERAL_ROOM, say.id)
-        refusal = self._admit(session, say, room.stream, now, wall)
+        refusal = self._admit(session, say, now, wall)
         if refusal is not None:
             return refusal
         out = self._append(room.stream,
@@ -760,9 +895,8 @@ class BrokerCore:
         peer = session.peer
         sender = session.user
         own = self._dm_stream(m.dm_stream(sender.name))
-        if (seq := own.accepted_seq((sender.name_key, say.id))) is not None:
-            # a resend of an accepted message, even if its addressee left since
-            return [Reply(peer, m.Ack(say.id, seq))]
+        if ack := self._ack_again(session, say, own):
+            return ack  # even if its addressee left since
         key = m.name_key(say.to)
         addressee = self.by_name.get(key)
         if addressee is not None and addressee.visible:
@@ -772,7 +906,7 @@ class BrokerCore:
         else:
             return self._refuse(peer, m.ErrorCode.USER_OFFLINE, f"{say.to} is not online",
                                 id=say.id, who=session.name)
-        refusal = self._admit(session, say, own, now, wall)
+        refusal = self._admit(session, say, now, wall)
         if refusal is not None:
             return refusal
         sender_id = (sender.name_key, say.id)
@@ -787,13 +921,15 @@ class BrokerCore:
             out += [Reply(s.peer, event) for s in sessions if not s.quiet]
         return [*out, Reply(peer, m.Ack(say.id, own.seq))]
 
-    def _admit(self, session: Session, say: m.Say, stream: Stream, now: float,
-               wall: float) -> list | None:
-        """None if ``say`` may be numbered in ``stream``; else the replies
-        that refuse it (an ack again, for a resend of an accepted message)."""
+    def _ack_again(self, session: Session, say: m.Say, stream: Stream) -> list | None:
+        """For a resend of a message ``stream`` accepted already, its ack
+        again (nothing is numbered twice); else None."""
         seq = stream.accepted_seq((session.user.name_key, say.id))
-        if seq is not None:
-            return [Reply(session.peer, m.Ack(say.id, seq))]
+        return None if seq is None else [Reply(session.peer, m.Ack(say.id, seq))]
+
+    def _admit(self, session: Session, say: m.Say, now: float, wall: float) -> list | None:
+        """None if ``say``, not a resend (see _ack_again), may be numbered;
+        else the replies that refuse it."""
         problem = m.text_problem(say.text, self.config.max_text)
         if problem:
             return self._refuse(session.peer, *problem, id=say.id, who=session.name)
@@ -835,10 +971,10 @@ class BrokerCore:
     def _on_who(self, peer: bytes, session: Session | None, who: m.Who, now: float,
                 wall: float) -> list:
         if who.room is None:
-            return [Reply(peer, m.Users(self.user_names()))]
+            return [Reply(peer, _users_page(self.online_listed(), who.after, None))]
         room = self.rooms.get(m.room_key(who.room))
-        names = [] if room is None else room.member_names()
-        return [Reply(peer, m.Users(names, room.name if room else who.room))]
+        listed = [] if room is None else room.who_listed()
+        return [Reply(peer, _users_page(listed, who.after, room.name if room else who.room))]
 
     def _on_ping(self, peer: bytes, session: Session | None, ping: m.Ping, now: float,
                  wall: float) -> list:
@@ -872,10 +1008,18 @@ class BrokerCore:
     # --- helpers ------------------------------------------------------------------
 
     def user_names(self) -> list[str]:
-        if not self.elsewhere:
-            return [name for _, name in self.online]
-        everyone = {**self.elsewhere, **dict(self.online)}  # with a backplane
-        return [everyone[key] for key in sorted(everyone)]
+        """Everyone online (on every broker, with a backplane), sorted by name key."""
+        return [name for _, name in self.online_listed()]
+
+    def online_listed(self) -> list[tuple[str, str]]:
+        """(name key, name) of everyone online, sorted: here, or with a
+        backplane on every broker (built again only after a change)."""
+        if self.elsewhere is None:
+            return self.online
+        if self.everyone_online is None:
+            everyone = {**self.elsewhere, **dict(self.online)}
+            self.everyone_online = sorted(everyone.items())
+        return self.everyone_online
 
     def _room_of(self, session: Session | None, room: str) -> Room | None:
         return None if session is None else session.rooms.get(m.room_key(room))
@@ -907,15 +1051,19 @@ class BrokerCore:
         return m.Heartbeat(self.epoch, wall)
 
     def _announce_positions(self) -> list:
-        """Streams tell their positions, so a reader notices a lost tail:
-        every room someone is in on its topic, and a user's direct messages,
-        when they changed lately, to that user's sessions."""
+        """Streams tell their positions, so a reader notices a lost tail: a
+        room someone is in on its topic, and a user's direct messages to that
+        user's sessions, when they changed lately; every room in use at every
+        ROOM_POSITION_REFRESH-th heartbeat."""
+        self.heartbeats += 1
+        refresh = self.heartbeats % ROOM_POSITION_REFRESH == 0
         out = [Publish(m.Position(key, room.stream.seq), room.stream.topic)
-               for key, room in self.rooms.items() if room.sessions and room.stream.seq]
+               for key, room in self.rooms.items()
+               if room.sessions and room.stream.seq and (refresh or key in self.to_announce)]
         for stream_id, left in list(self.to_announce.items()):
-            stream = self.streams[stream_id]
-            position = m.Position(stream_id, stream.seq)
-            if (user := self.by_name.get(stream_id[1:])) is not None:
+            user = self.by_name.get(stream_id[1:]) if stream_id[:1] == m.DM_STREAM_PREFIX else None
+            if user is not None:
+                position = m.Position(stream_id, self.streams[stream_id].seq)
                 out += [Reply(s.peer, position) for s in user.sessions if not s.quiet]
             if left > 1:
                 self.to_announce[stream_id] = left - 1
@@ -929,7 +1077,7 @@ class BrokerCore:
             out += self._exit(session, room, reason, wall)
         session.rooms.clear()
         self._detach(session)
-        log.info("leave %s (%s)", session.name, reason)
+        self.pass_log["leave"].append(f"{session.name} ({reason})")
         return out
 
     def _detach(self, session: Session) -> None:
@@ -943,8 +1091,14 @@ class BrokerCore:
                 del self.online[bisect.bisect_left(self.online, (user.name_key, user.name))]
         if not user.sessions:
             del self.by_name[user.name_key]  # the name is free again
+        self._online_changed(user.name_key)
+
+    def _online_changed(self, name_key: str) -> None:
+        """With a backplane: the user's standing here changed (online,
+        offline, the name given up), for the backplane to tell the others."""
         if self.presence_log is not None:
-            self.presence_log.append(user.name_key)
+            self.presence_log.append(name_key)
+            self.everyone_online = None
 
     def _append(self, stream: Stream, make_event, sender_id: tuple[str, str] | None = None,
                 previous_topic: str | None = None) -> list:
@@ -952,6 +1106,9 @@ class BrokerCore:
         The room's leaves whose write failed come first, so that the order
         stays true (a name that left is not seen to join before it left)."""
         out = self._record_leaves(stream.id)
+        if (room := self.presence_due.pop(stream.id, None)) is not None:
+            # this pass's joins go before what the people who joined say
+            out += self._announce_presence(room, self.last_wall)
         event = self._number(stream, make_event, sender_id)
         return [*out, Persist(stream.id, event, sender_id, previous_topic),
                 Publish(event, stream.topic)]
@@ -963,11 +1120,15 @@ class BrokerCore:
             return []
         due = [leave for leave in self.unrecorded_leaves if room_key in (None, leave[0])]
         self.unrecorded_leaves = [leave for leave in self.unrecorded_leaves if leave not in due]
-        out: list = []
+        by_room: dict[str, list] = {}
         for key, name, reason, wall in due:
+            by_room.setdefault(key, []).append((name, reason, wall))
+        out: list = []
+        for key, leaves in by_room.items():
             room = self.rooms[key]  # kept: a room with a stored join has events
-            event = self._number(room.stream, lambda seq: m.Leave(seq, wall, name, reason,
-                                                                  room.name), None)
+            left, wall = [[name, reason] for name, reason, _ in leaves], leaves[-1][2]
+            event = self._number(room.stream, lambda seq: m.Presence(seq, wall, [], left,
+                                                                     room.name), None)
             out += [Persist(key, event), Publish(event, room.stream.topic)]
         return out
 
@@ -977,8 +1138,7 @@ class BrokerCore:
         event = stream.append(make_event, sender_id)
         self.history_bytes += stream.bytes - before
         self._keep_within_history_budget()
-        if stream.topic is None:
-            self.to_announce[stream.id] = POSITION_REPEATS
+        self.to_announce[stream.id] = POSITION_REPEATS
         return event
 
     def _keep_within_history_budget(self) -> None:
@@ -1004,6 +1164,20 @@ class BrokerCore:
         self.warnings.warn(REFUSED, who or peer.hex(), f"{reason[:LOG_QUOTE_CHARS]} ({code})",
                            self.last_now)
         return [Reply(peer, m.Error(code, reason, id))]
+
+
+def _users_page(listed: list[tuple[str, str]], after: str | None, room: str | None) -> m.Users:
+    """The names of ``listed`` (sorted (name key, name) pairs) after the
+    name key ``after``, as many as fit in WHO_PAGE_BYTES."""
+    start = 0 if after is None else bisect.bisect_right(listed, after, key=lambda e: e[0])
+    end, size = start, 0
+    while end < len(listed):
+        size += len(listed[end][1]) + 3  # names are ASCII: quotes and a comma
+        if end > start and size > m.WHO_PAGE_BYTES:
+            break
+        end += 1
+    cursor = listed[end - 1][0] if end < len(listed) else None
+    return m.Users([name for _, name in listed[start:end]], room, len(listed), cursor)
 
 
 def _unavailable(id: str | None, retry_after: float) -> m.Error:

@@ -10,7 +10,9 @@ import time
 
 import pytest
 
+import messages as m
 from procs import Client, listen, run_cli, wait_until
+from test_presence_live import RoomWatcher, join_as, sessions  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -330,3 +332,49 @@ def test_a_redis_that_comes_back_without_the_chat_stops_the_brokers(shared, redi
     redis_server.start()
     a.wait_log(lambda l: "lost the chat" in l, 15, "the broker to notice")
     assert a.proc.wait(10) == 1
+
+
+def presence_seen(watcher) -> list[tuple[int, list, list]]:
+    return [(e.seq, e.joined, e.left) for e in watcher.of(m.Presence)]
+
+
+def test_presence_and_a_big_rooms_count_are_the_same_on_every_broker(shared, sessions):
+    """Protocol 3 through Redis: the joins of a pass are one presence event
+    numbered by Redis (the same seq on every broker); above the threshold
+    (of all brokers' members together) every broker publishes the count
+    instead; back at it, the count goes first, then leaves are named again."""
+    a, b = shared("--presence-threshold", "3"), shared("--presence-threshold", "3")
+    watchers = [RoomWatcher(a), RoomWatcher(b)]
+    try:
+        names = [f"p{i}" for i in range(1, 7)]
+        for n, name in enumerate(names[:3]):
+            join_as((a, b)[n % 2], sessions, name)
+        for w in watchers:
+            wait_until(lambda: [n for _, j, _ in presence_seen(w) for n in j] == names[:3], 10,
+                       "each join announced on both brokers")
+        assert presence_seen(watchers[0]) == presence_seen(watchers[1])
+        for n, name in enumerate(names[3:]):
+            join_as((b, a)[n % 2], sessions, name)
+        for w in watchers:
+            wait_until(lambda: [e.count for e in w.of(m.Members)][-1:] == [6], 10,
+                       "the count of six on both brokers")
+            assert [n for _, j, _ in presence_seen(w) for n in j] == names[:3]
+        for broker in (a, b):
+            listed = run_cli(broker, "users", "--json")
+            assert listed.returncode == 0 and sorted(json.loads(listed.stdout)) == names
+            welcome_rooms = json.loads(run_cli(broker, "rooms", "--json").stdout)
+            assert {"room": "#general", "members": 6, "topic": ""} in welcome_rooms
+        for session in sessions[3:]:
+            session.close()
+        for w in watchers:
+            wait_until(lambda: [e.count for e in w.of(m.Members)][-1:] == [3], 10,
+                       "the count back at the threshold")
+        sessions[2].close()
+        for w in watchers:
+            wait_until(lambda: any(left for _, _, left in presence_seen(w)), 10,
+                       "a leave named again")
+            assert [left for _, _, left in presence_seen(w) if left] == [[["p3", "quit"]]]
+        assert presence_seen(watchers[0]) == presence_seen(watchers[1])
+    finally:
+        for w in watchers:
+            w.close()

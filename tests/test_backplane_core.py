@@ -78,7 +78,8 @@ def test_handed_over_drops_the_local_numbering_and_acks_with_the_shared_seq():
                            {id(r.event): 40 + n for n, r in enumerate(records)})
     assert not any(isinstance(o, (Persist, Publish)) for o in out)
     assert [o.message for o in out if isinstance(o.message, m.Ack)] == [m.Ack("x", 41)]
-    assert core.main.seq == 1  # al's join; the shared events come back through receive
+    # the pass's presence (al and bo) and the message: both come back through receive
+    assert [r.event.seq for r in records] == [1, 2] and core.main.seq == 0
 
 
 def test_a_received_event_is_published_in_its_room_and_remembered():
@@ -115,3 +116,46 @@ def test_a_direct_message_to_someone_online_elsewhere_is_numbered_in_both_stream
     assert [(o.stream, o.event.to) for o in out if isinstance(o, Persist)] == [
         ("@al", "Bo"), ("@bo", "Bo")]
     assert core.user_names() == ["al", "Bo"]
+
+
+def test_a_received_presence_names_who_is_in_the_room_on_any_broker():
+    core = BrokerCore(elsewhere={})
+    core.general.share({})
+    core.receive("#general", m.Presence(1, 0.0, ["Al", "bo"], [], "#general"), None)
+    core.receive("#general", m.Presence(2, 0.0, ["cy"], [["bo", "quit"]], "#general"), None)
+    assert core.general.info().members == 2
+    page = core.handle(b"x", [m.encode(m.Who("#general"))], 0.0, 100.0)[0].message
+    assert page.users == ["Al", "cy"] and page.count == 2
+
+
+def test_a_big_rooms_count_change_publishes_its_count_once_per_interval():
+    core = BrokerCore(elsewhere={})
+    core.general.share({})
+    core.counted("#general", "#general", [("al", "Al"), ("bo", "Bo")], [])
+    out = core.tick(5.0, 100.0)
+    assert [o.event for o in out if isinstance(o.event, m.Members)] == [m.Members("#general", 2)]
+    core.counted("#general", "#general", [], ["al"])
+    assert not [o for o in core.tick(5.1, 100.0) if isinstance(o.event, m.Members)]
+    # back at the threshold: a stored presence event follows, the count goes first
+    out = core.receive("#general", m.Presence(1, 0.0, [], [["Bo", "quit"]], "#general"), None)
+    assert [o.event for o in out] == [m.Members("#general", 1), out[-1].event]
+    assert core.general.count() == 0
+
+
+def test_who_pages_through_everyone_online_on_every_broker():
+    elsewhere = {f"user{i:05d}-elsewhere": f"User{i:05d}-elsewhere" for i in range(2000)}
+    core = BrokerCore(elsewhere=dict(elsewhere), presence_log=[])
+    hello(core, b"p", "al")
+    hello(core, b"q", "user01000-elsewhere")  # on both brokers: listed once
+    pages, after = [], None
+    while True:
+        page = core.handle(b"x", [m.encode(m.Who(after=after))], 0.0, 100.0)[0].message
+        pages.append(page)
+        if page.next is None:
+            break
+        after = page.next
+    names = [n for page in pages for n in page.users]
+    assert len(pages) > 1 and all(page.count == 2001 for page in pages)
+    assert names == sorted(names, key=m.name_key) and len(set(names)) == 2001
+    welcome = next(o.message for o in hello(core, b"r", "cy") if isinstance(o, Reply))
+    assert welcome.online == 2002
