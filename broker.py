@@ -126,6 +126,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--join-deadline", type=float, default=outbound.JOIN_DEADLINE_S,
                    metavar="SECONDS", help="a request connection without a session this "
                    f"long is disconnected (default {outbound.JOIN_DEADLINE_S:g})")
+    p.add_argument("--backplane", metavar="URL",
+                   help="share the chat with the other brokers on this Redis "
+                        "(redis://[:PASSWORD@]HOST:PORT/DB or rediss://...); see README")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     args = p.parse_args(argv)
@@ -143,6 +146,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--rate and --join-deadline must be positive and --coalesce-ms not negative")
     if args.allow and not args.curve_secret:
         p.error("--allow needs --curve-secret")
+    if args.backplane and args.db:
+        p.error("--backplane keeps the history in Redis: it takes no --db")
+    if args.backplane and not args.backplane.startswith(("redis://", "rediss://", "unix://")):
+        p.error("--backplane takes a URL: redis://HOST:PORT/DB or rediss://...")
     return args
 
 
@@ -166,9 +173,11 @@ class BrokerShell:
                  store: EventStore | None = None, curve: keys.KeyPair | None = None,
                  allow_dir: str | None = None, coalesce: float = COALESCE_S,
                  max_per_address: int = admission.MAX_PER_ADDRESS,
-                 max_memory: int = MAX_MEMORY, join_deadline: float = outbound.JOIN_DEADLINE_S):
+                 max_memory: int = MAX_MEMORY, join_deadline: float = outbound.JOIN_DEADLINE_S,
+                 backplane=None):
         self.core = core
         self.store = store
+        self.backplane = backplane  # backplane.Backplane: the streams are shared in Redis
         self.store_failing = False  # the last write failed
         # outputs held to share PUB frames, and when they must go
         self.coalesce = coalesce
@@ -223,6 +232,10 @@ class BrokerShell:
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
         self.poller.register(self._wake_r, zmq.POLLIN)
+        self.notifications = None
+        if backplane is not None:
+            self.notifications = backplane.start(self.ctx, core)
+            self.poller.register(self.notifications, zmq.POLLIN)
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
@@ -236,7 +249,7 @@ class BrokerShell:
         self.stopping = True
 
     def run(self) -> None:
-        while not self.stopping:
+        while not (self.stopping or self.backplane is not None and self.backplane.lost):
             deadline = min(self.core.next_deadline(), self.next_books)
             if self.release_at is not None:
                 deadline = min(deadline, self.release_at)
@@ -249,6 +262,10 @@ class BrokerShell:
             now, wall = time.monotonic(), time.time()
             out: list = []
             backlog = False
+            if self.notifications in ready:
+                # Before the requests: the shared events take their places
+                # in the streams before this pass numbers anything new.
+                out += self.backplane.read(self.core)
             if self.router in ready:
                 requests, backlog = self._read_requests(now, wall)
                 out += requests
@@ -257,6 +274,10 @@ class BrokerShell:
             out += self.core.tick(now, wall, backlog)
             if now >= self.next_books:
                 out += self._keep_books(now, wall)
+            if self.backplane is not None:
+                self.backplane.tick(self.core, now, wall)
+                # Numbered in Redis now, before the next pass's notifications.
+                out = self._persist(out)
             self._send_or_hold(out, now)
         self._release(time.monotonic())
         self._deliver(self.core.shutdown(time.time()), time.monotonic())
@@ -285,6 +306,8 @@ class BrokerShell:
         self.pub.close()
         if self.auth is not None:
             self.auth.stop()
+        if self.backplane is not None:
+            self.backplane.close()
         self.ctx.term()
         self._wake_r.close()
         self._wake_w.close()
@@ -339,9 +362,7 @@ class BrokerShell:
         the write fails, the core undoes those events and says what to
         carry out instead (refusals, and nothing of the undone events)."""
         while outputs:
-            to_persist = [item for item in outputs if isinstance(item, Persist)]
-            if to_persist and not self._stored(to_persist):
-                outputs = self.core.persist_failed(outputs)
+            outputs = self._persist(outputs)
             by_topic: dict[bytes, list[bytes]] = {}
             replies: list[Reply] = []
             for item in outputs:
@@ -358,6 +379,16 @@ class BrokerShell:
             outputs = []
             for reply in replies:
                 outputs += self._send_reply(reply, now)
+
+    def _persist(self, outputs: list) -> list:
+        """Store the new events among ``outputs`` (or have the backplane
+        number them); what to carry out then."""
+        if self.backplane is not None:
+            return self.backplane.hand_over(self.core, outputs)
+        to_persist = [item for item in outputs if isinstance(item, Persist)]
+        if not to_persist or self._stored(to_persist):
+            return outputs
+        return self.core.persist_failed(outputs)
 
     def _stored(self, records: list[Persist]) -> bool:
         """Write the records in one transaction; False if the store failed
@@ -439,7 +470,8 @@ def frames_of(encoded_events: list[bytes]):
         yield m.join_events(encoded_events[start:])
 
 
-def make_core(args: argparse.Namespace, store: EventStore | None) -> BrokerCore:
+def make_core(args: argparse.Namespace, store: EventStore | None,
+              epoch: str | None = None) -> BrokerCore:
     config = BrokerConfig(
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_liveness=args.heartbeat_liveness,
@@ -454,7 +486,7 @@ def make_core(args: argparse.Namespace, store: EventStore | None) -> BrokerCore:
         names_by_key=keys.names_by_key(args.allow) if args.allow else {},
     )
     if store is None:
-        return BrokerCore(config)
+        return BrokerCore(config) if epoch is None else BrokerCore(config, epoch=epoch)
     core = BrokerCore(config, epoch=store.epoch())
     for stream_id in store.streams():
         core.restore(stream_id, store.recent_events(stream_id, config.history),
@@ -463,6 +495,16 @@ def make_core(args: argparse.Namespace, store: EventStore | None) -> BrokerCore:
         log.info("history of %s from %s: %d events, continuing after seq %d",
                  stream_id, args.db, len(stream.history), stream.seq)
     return core
+
+
+def open_backplane(args: argparse.Namespace):
+    """The Redis backplane; redis-py is imported only when it is used. Its
+    errors at start are StoreErrors: the shared history cannot be used."""
+    try:
+        import backplane
+    except ImportError as e:
+        raise StoreError(f"--backplane needs redis-py (pip install 'redis[hiredis]'): {e}")
+    return backplane.Backplane(args.backplane, args.history)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,10 +521,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         curve = keys.load_key_pair(args.curve_secret) if args.curve_secret else None
         store = EventStore(args.db) if args.db else None
-        core = make_core(args, store)
+        backplane = open_backplane(args) if args.backplane else None
+        core = make_core(args, store, backplane.epoch() if backplane else None)
         shell = BrokerShell(core, args.host, args.port, args.pub_port, store, curve, args.allow,
                             args.coalesce_ms / 1000, args.max_per_address, args.max_memory,
-                            args.join_deadline)
+                            args.join_deadline, backplane)
     except keys.KeyFileError as e:
         print(f"broker: {e}", file=sys.stderr)
         return 1
@@ -501,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shell.close()
     log.info("broker stopped")
-    return 0
+    return 1 if backplane is not None and backplane.lost else 0
 
 
 if __name__ == "__main__":

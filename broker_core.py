@@ -209,6 +209,15 @@ class BrokerCore:
     # since a line per person costs more than the join itself in a storm
     pass_log: dict[str, list[str]] = field(
         default_factory=lambda: {"join": [], "resume": [], "leave": []})
+    # With a backplane: the name keys whose standing here changed (online,
+    # offline, the name given up), which the backplane drains to tell the
+    # other brokers; and the users online on other brokers (name key ->
+    # name), which it keeps up to date.
+    presence_log: list[str] | None = None
+    elsewhere: dict[str, str] | None = None
+    # With a backplane: (name key, name) of everyone online on any broker,
+    # sorted, built when asked after a change (None: to build again)
+    everyone_online: list | None = None
 
     def __post_init__(self) -> None:
         self.general = self._open_room(m.GENERAL_ROOM)
@@ -487,7 +496,7 @@ class BrokerCore:
             if room is None:  # gone: nothing of it was stored
                 return replace(message, seq=0, topic="", members=0)
             return replace(message, seq=min(message.seq, stored[key]), topic=room.topic,
-                           members=len(room.members))
+                           members=room.count())
         if isinstance(message, m.Position) and message.stream in stored:
             return replace(message, seq=min(message.seq, stored[message.stream]))
         if isinstance(message, m.RoomList):
@@ -501,6 +510,124 @@ class BrokerCore:
             return replace(message, events=[e for e in message.events if e.seq <= until],
                            first=min(message.first, until + 1), until=until)
         return message
+
+    # --- the backplane (several brokers, one chat: backplane.py) -------------------
+
+    def handed_over(self, outputs: list, seqs: dict[int, int],
+                    names_taken: frozenset[str] = frozenset()) -> list:
+        """The Persist outputs among ``outputs`` were numbered by the shared
+        backplane instead of here. ``seqs`` maps each one's event (by ``id``)
+        to the seq it got there: positive, a new event; negative, a resend of
+        a message accepted earlier as that seq (nothing new); 0, part of such
+        a resend (a direct message's copy for the addressee).
+
+        The events come back through ``receive`` in the shared order, so
+        here each stream goes back to before them, their publishes and
+        deliveries are dropped, and each acknowledgement gets its shared
+        seq. Positions already given (welcomes, room answers) are at most
+        the shared seq before the new events, as a position must be.
+
+        ``names_taken``: name keys that another broker holds for someone
+        else (with another secret): the pass's new connections under them
+        are forgotten and refused ``name_taken`` (the backplane numbered
+        none of their joins).
+        """
+        records = [o for o in outputs if isinstance(o, Persist)]
+        if not records and not names_taken:
+            return outputs
+        first: dict[str, int] = {}
+        for record in records:
+            first.setdefault(record.stream, record.event.seq - 1)
+        for stream_id, seq in first.items():
+            forgotten = [r.sender_id for r in records if r.stream == stream_id and r.sender_id]
+            self.history_bytes -= self.streams[stream_id].truncate(seq, forgotten)
+            if (room := self.rooms.get(stream_id)) is not None:
+                self._forget_if_unused(room)
+        acks = {(r.sender_id, r.event.seq): abs(seqs[id(r.event)])
+                for r in records if r.sender_id}
+        undone = {id(r.event) for r in records}
+        out: list = []
+        for item in outputs:
+            if isinstance(item, Persist):
+                continue
+            message = item.message if isinstance(item, Reply) else item.event
+            if id(message) in undone:
+                continue
+            if (isinstance(message, m.Welcome) and m.name_key(message.name) in names_taken
+                    and self._undo_hello(item.peer, message)):
+                self.warnings.warn(REFUSED, item.peer.hex(), "name taken on another broker",
+                                   self.last_now)
+                item = replace(item, message=m.Error(m.ErrorCode.NAME_TAKEN,
+                                                     f"the name {message.name} is taken"))
+            elif isinstance(message, m.Ack) and (session := self.sessions.get(item.peer)):
+                shared = acks.get(((session.user.name_key, message.id), message.seq))
+                if shared is not None:
+                    item = replace(item, message=replace(message, seq=shared))
+            out.append(item)
+        return out
+
+    def receive(self, stream_id: str, event: Any, sender_id: tuple[str, str] | None) -> list:
+        """A sequenced event of a shared stream, numbered by the backplane,
+        next in that stream's order (backplane_core.Follower sees to it):
+        kept in the history, then published on the room's topic, or, of a
+        user's direct messages, given to that user's sessions here."""
+        created = stream_id not in self.streams
+        stream = self.open_stream(stream_id)
+        if event.seq != stream.seq + 1:  # the events between are gone from the backplane
+            while stream.history:
+                self.history_bytes -= stream.drop_oldest()
+            stream.seq = event.seq - 1
+        self._number(stream, lambda seq: event, sender_id)
+        room = self.rooms.get(stream_id)
+        if room is None:
+            user = self.by_name.get(stream_id[len(m.DM_STREAM_PREFIX):])
+            return [] if user is None else [Reply(s.peer, event) for s in user.sessions
+                                            if not s.quiet]
+        if created and event.room:
+            room.name = event.room  # as it was created
+        out: list = []
+        if isinstance(event, m.Topic):
+            room.topic = event.text
+        elif isinstance(event, m.Presence):
+            # A room whose count was being published announces people again:
+            # its count goes first (at once), as the presence counts on it.
+            out += self._publish_count_now(room)
+            for name in event.joined:
+                room.shared_in(m.name_key(name), name)
+            for name, _ in event.left:
+                room.shared_out(m.name_key(name))
+        return [*out, Publish(event, stream.topic)]
+
+    def counted(self, stream_id: str, room_name: str, joined: list[tuple[str, str]],
+                left: list[str]) -> None:
+        """With a backplane: people entered (name key, name) and left (name
+        keys) a room above the threshold on some broker, where the backplane
+        stored no presence event: its count is published (``Members``, at
+        most once per heartbeat interval, as of a room here)."""
+        if stream_id.startswith(m.DM_STREAM_PREFIX):
+            return
+        created = stream_id not in self.rooms
+        room = self._open_room(room_name)
+        if created:
+            room.name = room_name  # as it was created
+        for name_key, name in joined:
+            room.shared_in(name_key, name)
+        for name_key in left:
+            room.shared_out(name_key)
+        room.counting = True
+        self.counts_due[stream_id] = room
+
+    def _publish_count_now(self, room: Room) -> list:
+        """A counting room's count, unless its subscribers have it already."""
+        key = m.room_key(room.name)
+        if not room.counting and key not in self.counts_due:
+            return []
+        self.counts_due.pop(key, None)
+        room.counting = False
+        if room.count() == room.count_published:
+            return []
+        room.count_published, room.count_published_at = room.count(), self.last_now
+        return [Publish(m.Members(room.name, room.count()), room.stream.topic)]
 
     def shutdown(self, wall: float) -> list:
         """The broker is going away: tell everyone."""
@@ -562,6 +689,7 @@ class BrokerCore:
             user.visible += 1
             if user.visible == 1:
                 bisect.insort(self.online, (name_key, user.name))
+                self._online_changed(name_key)
         entered = [self._open_room(room) for room in rooms]
         # The welcome's positions precede the joins, so the client sees its own.
         positions = {m.room_key(room.name): room.stream.seq for room in entered}
@@ -596,7 +724,7 @@ class BrokerCore:
         dm = self.streams.get(m.dm_stream(session.name))
         rooms = [room.info(positions.get(key) if positions else None)
                  for key, room in session.rooms.items()]
-        return m.Welcome(session.name, self.epoch, len(self.online), session.secret,
+        return m.Welcome(session.name, self.epoch, len(self.online_listed()), session.secret,
                          c.heartbeat_interval, c.heartbeat_liveness, c.max_text, rooms,
                          dm.seq if dm else 0, resumed)
 
@@ -657,6 +785,8 @@ class BrokerCore:
         if room is None:
             stream = self.streams[key] = Stream(key, self.config.history)
             room = self.rooms[key] = Room(name, stream)
+            if self.elsewhere is not None:  # with a backplane: filled by receive
+                room.share({})
         return room
 
     def _enter(self, session: Session, room: Room, wall: float) -> list:
@@ -689,12 +819,15 @@ class BrokerCore:
 
     def _announce_presence(self, room: Room, wall: float) -> list:
         """One room's joins and leaves of this pass: a presence event, or,
-        for a room above the threshold, its count at the next heartbeat."""
+        for a room above the threshold, its count at the next heartbeat.
+        With a backplane always the event: Redis, which knows the members on
+        every broker, stores it or has the count published (``counted``)."""
         key = m.room_key(room.name)
         if self.rooms.get(key) is not room:
             return []  # entered and left in this pass, and forgotten
         joined, left = room.take_changes()
-        if room.counting or len(room.members) > self.config.presence_threshold:
+        if self.elsewhere is None and (room.counting
+                                       or len(room.members) > self.config.presence_threshold):
             # Too big: its count is published instead (_publish_counts), and
             # when it comes back to the threshold, that count first.
             room.counting = True
@@ -714,7 +847,7 @@ class BrokerCore:
             if now < room.count_published_at + self.config.heartbeat_interval:
                 continue
             del self.counts_due[key]
-            count = len(room.members)
+            count = room.count()
             if self.rooms.get(key) is not room or count == room.count_published:
                 continue
             room.count_published, room.count_published_at = count, now
@@ -723,9 +856,11 @@ class BrokerCore:
         return out
 
     def _forget_if_unused(self, room: Room) -> None:
-        """A room nobody is in and nothing was said in goes."""
+        """A room nobody is in and nothing was said in goes (with a
+        backplane, once nobody is in it on any broker either)."""
         key = m.room_key(room.name)
-        if room.sessions == 0 and room.stream.seq == 0 and key != m.GENERAL_ROOM:
+        if room.sessions == 0 and room.stream.seq == 0 and key != m.GENERAL_ROOM \
+                and not room.everyone:
             del self.rooms[key], self.streams[key]
 
     # --- messages -----------------------------------------------------------------
@@ -762,23 +897,28 @@ class BrokerCore:
         own = self._dm_stream(m.dm_stream(sender.name))
         if ack := self._ack_again(session, say, own):
             return ack  # even if its addressee left since
-        addressee = self.by_name.get(m.name_key(say.to))
-        if addressee is None or not addressee.visible:
+        key = m.name_key(say.to)
+        addressee = self.by_name.get(key)
+        if addressee is not None and addressee.visible:
+            to, sessions = addressee.name, addressee.sessions
+        elif self.elsewhere and key in self.elsewhere:  # online on another broker
+            to, sessions = self.elsewhere[key], []
+        else:
             return self._refuse(peer, m.ErrorCode.USER_OFFLINE, f"{say.to} is not online",
                                 id=say.id, who=session.name)
         refusal = self._admit(session, say, now, wall)
         if refusal is not None:
             return refusal
         sender_id = (sender.name_key, say.id)
-        parties = [(sender, own, sender_id)]
-        if addressee is not sender:  # a note to oneself is numbered once
-            parties.append((addressee, self._dm_stream(m.dm_stream(addressee.name)), None))
+        parties = [(sender.sessions, own, sender_id)]
+        if key != sender.name_key:  # a note to oneself is numbered once
+            parties.append((sessions, self._dm_stream(m.dm_stream(to)), None))
         out: list = []
-        for user, stream, remembered in parties:
+        for sessions, stream, remembered in parties:
             event = self._number(stream, lambda seq: m.Message(seq, wall, sender.name, say.text,
-                                                               to=addressee.name), remembered)
+                                                               to=to), remembered)
             out.append(Persist(stream.id, event, remembered))
-            out += [Reply(s.peer, event) for s in user.sessions if not s.quiet]
+            out += [Reply(s.peer, event) for s in sessions if not s.quiet]
         return [*out, Reply(peer, m.Ack(say.id, own.seq))]
 
     def _ack_again(self, session: Session, say: m.Say, stream: Stream) -> list | None:
@@ -831,9 +971,9 @@ class BrokerCore:
     def _on_who(self, peer: bytes, session: Session | None, who: m.Who, now: float,
                 wall: float) -> list:
         if who.room is None:
-            return [Reply(peer, _users_page(self.online, who.after, None))]
+            return [Reply(peer, _users_page(self.online_listed(), who.after, None))]
         room = self.rooms.get(m.room_key(who.room))
-        listed = [] if room is None else room.listed
+        listed = [] if room is None else room.who_listed()
         return [Reply(peer, _users_page(listed, who.after, room.name if room else who.room))]
 
     def _on_ping(self, peer: bytes, session: Session | None, ping: m.Ping, now: float,
@@ -868,8 +1008,18 @@ class BrokerCore:
     # --- helpers ------------------------------------------------------------------
 
     def user_names(self) -> list[str]:
-        """Everyone online, sorted by name key."""
-        return [name for _, name in self.online]
+        """Everyone online (on every broker, with a backplane), sorted by name key."""
+        return [name for _, name in self.online_listed()]
+
+    def online_listed(self) -> list[tuple[str, str]]:
+        """(name key, name) of everyone online, sorted: here, or with a
+        backplane on every broker (built again only after a change)."""
+        if self.elsewhere is None:
+            return self.online
+        if self.everyone_online is None:
+            everyone = {**self.elsewhere, **dict(self.online)}
+            self.everyone_online = sorted(everyone.items())
+        return self.everyone_online
 
     def _room_of(self, session: Session | None, room: str) -> Room | None:
         return None if session is None else session.rooms.get(m.room_key(room))
@@ -941,6 +1091,14 @@ class BrokerCore:
                 del self.online[bisect.bisect_left(self.online, (user.name_key, user.name))]
         if not user.sessions:
             del self.by_name[user.name_key]  # the name is free again
+        self._online_changed(user.name_key)
+
+    def _online_changed(self, name_key: str) -> None:
+        """With a backplane: the user's standing here changed (online,
+        offline, the name given up), for the backplane to tell the others."""
+        if self.presence_log is not None:
+            self.presence_log.append(name_key)
+            self.everyone_online = None
 
     def _append(self, stream: Stream, make_event, sender_id: tuple[str, str] | None = None,
                 previous_topic: str | None = None) -> list:

@@ -91,6 +91,11 @@ class Room:
     # (name key, name) of each member, sorted: ``who`` pages through it
     listed: list = field(default_factory=list)
     sessions: int = 0  # every session in it, quiet ones too
+    # With a backplane: everyone in it on any broker (name key -> name), as
+    # its shared presence says, and the same as sorted (name key, name)
+    # pairs for ``who``; None with one broker (``members`` and ``listed``).
+    everyone: dict | None = None
+    everyone_listed: list | None = None
     # Changes not announced yet (one presence event per pass): name key ->
     # (name, whether the user was in the room before them, leave reason or
     # None if the latest change was a join).
@@ -144,4 +149,29 @@ class Room:
     def info(self, seq: int | None = None) -> m.Room:
         """The room as its members see it (at position ``seq``, if given)."""
         return m.Room(self.name, self.stream.seq if seq is None else seq, self.topic,
-                      len(self.members))
+                      self.count())
+
+    def count(self) -> int:
+        """People in it: on every broker with a backplane, else here."""
+        return len(self.members if self.everyone is None else self.everyone)
+
+    def who_listed(self) -> list:
+        """(name key, name) of everyone in it, sorted: what ``who`` pages."""
+        return self.listed if self.everyone_listed is None else self.everyone_listed
+
+    def share(self, everyone: dict[str, str]) -> None:
+        """With a backplane: everyone in it on any broker, as Redis says."""
+        self.everyone = dict(everyone)
+        self.everyone_listed = sorted(self.everyone.items())
+
+    def shared_in(self, name_key: str, name: str) -> None:
+        """With a backplane: ``name`` is in it on some broker now."""
+        if name_key not in self.everyone:
+            self.everyone[name_key] = name
+            bisect.insort(self.everyone_listed, (name_key, name))
+
+    def shared_out(self, name_key: str) -> None:
+        """With a backplane: ``name_key`` is in it on no broker now."""
+        name = self.everyone.pop(name_key, None)
+        if name is not None:
+            del self.everyone_listed[bisect.bisect_left(self.everyone_listed, (name_key, name))]

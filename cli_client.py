@@ -35,8 +35,8 @@ import keys
 import messages as m
 from client_session import (Acked, BrokerRefused, ClientSession, Earlier, Joined, JoinRefused,
                             Missed, Refused, RoomJoined, RoomParted, State, StateChanged,
-                            add_connection_arguments, ask_broker, encryption_from_args,
-                            list_users, login_name)
+                            add_connection_arguments, ask_broker, choose_brokers,
+                            encryption_from_args, list_users, login_name)
 from display import event_line, event_records, visible
 
 
@@ -205,10 +205,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--count must be at least 1")
     if not 0 <= getattr(args, "history", 0) <= m.MAX_FETCH_EVENTS:
         p.error(f"--history must be 0 to {m.MAX_FETCH_EVENTS}")
-    try:  # a typo in the host is bad usage, not an unreachable broker
-        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        p.error(f"--host {args.host!r} does not resolve: {getattr(e, 'strerror', e)}")
+    for broker in choose_brokers(args):
+        try:  # a typo in the host is bad usage, not an unreachable broker
+            socket.getaddrinfo(broker.host, broker.port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as e:
+            p.error(f"--host {broker.host!r} does not resolve: {getattr(e, 'strerror', e)}")
     return args
 
 
@@ -841,7 +842,8 @@ def session_of(args: argparse.Namespace) -> ClientSession:
         rooms, quiet = (m.GENERAL_ROOM,), False
     return ClientSession(args.host, args.port, args.name, pub_port=args.pub_port,
                          encryption=args.encryption, recent=getattr(args, "history", 0),
-                         rooms=rooms, quiet=quiet, secret=identity.load_secret_or_none(err))
+                         rooms=rooms, quiet=quiet, secret=identity.load_secret_or_none(err),
+                         alternates=args.alternates)
 
 
 def run(args: argparse.Namespace) -> int:

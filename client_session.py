@@ -37,7 +37,8 @@ from client_core import (Acked, Action, BrokerRefused, ClientCore, Connect, Disc
                          StateChanged, Subscribe, Unsubscribe)
 from client_stream import Earlier, Missed
 
-__all__ = ["Acked", "BrokerRefused", "ClientSession", "Earlier", "Encryption", "Joined",
+__all__ = ["Acked", "BrokerAddress", "BrokerRefused", "ClientSession", "choose_brokers",
+           "Earlier", "Encryption", "Joined",
            "JoinRefused", "Missed", "Refused", "RoomJoined", "RoomParted", "State",
            "StateChanged", "add_connection_arguments", "encryption_from_args", "ask_broker", "list_users",
            "login_name"]
@@ -48,6 +49,16 @@ log = logging.getLogger("zchat.client")
 RECV_BATCH = 500
 # A bye must get out when closing, but a dead broker must not hold us up.
 CLOSE_LINGER_MS = 500
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """One broker of the chat: its request port, and its broadcast port
+    (None: the request port + 1)."""
+
+    host: str
+    port: int
+    pub_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,19 +80,20 @@ class ClientSession:
                  recent: int = 0, encryption: Encryption | None = None,
                  on_event: Callable[[], None] | None = None,
                  rooms: tuple[str, ...] = (m.GENERAL_ROOM,), quiet: bool = False,
-                 secret: str | None = None):
+                 secret: str | None = None, alternates: tuple[BrokerAddress, ...] = ()):
         """``recent``: how many earlier messages of each room to show on
         joining (Earlier). ``on_event``: called from the worker thread, at
         most once per loop pass, after it put events on ``events`` (to wake a
-        GUI loop). ``rooms``, ``quiet``, ``secret``: see ClientCore."""
-        self.address = f"{host}:{port}"
+        GUI loop). ``rooms``, ``quiet``, ``secret``: see ClientCore.
+        ``alternates``: other brokers of the same chat (sharing it through a
+        backplane), tried in turn whenever the current one stops answering."""
+        self.brokers = [BrokerAddress(host, port, pub_port), *alternates]
         self.encryption = encryption
-        self.request_endpoint = f"tcp://{host}:{port}"
-        self.broadcast_endpoint = f"tcp://{host}:{pub_port or port + 1}"
         self.name = name
         self.events: queue.Queue = queue.Queue()
         self.on_event = on_event
-        self._core = ClientCore(name, recent, self.address, rooms, quiet, secret)
+        self._core = ClientCore(name, recent, "", rooms, quiet, secret)
+        self.use_broker(0)
         self._commands: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -89,6 +101,15 @@ class ClientSession:
         self._ids = (f"{secrets.token_hex(6)}-{n}" for n in itertools.count(1))
         self._id_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="zchat-session", daemon=True)
+
+    def use_broker(self, index: int) -> None:
+        """Connect to ``brokers[index]`` from the next connection on. The
+        window's status line reads ``address``, the broker in use."""
+        self.current = index % len(self.brokers)
+        broker = self.brokers[self.current]
+        self.request_endpoint = f"tcp://{broker.host}:{broker.port}"
+        self.broadcast_endpoint = f"tcp://{broker.host}:{broker.pub_port or broker.port + 1}"
+        self.address = self._core.address = f"{broker.host}:{broker.port}"
 
     # --- commands: safe from any thread, never block --------------------------------
 
@@ -270,6 +291,10 @@ class _Worker:
         self.poller.register(self.sub, zmq.POLLIN)
 
     def _close_sockets(self, action: Disconnect) -> None:
+        if not action.linger and len(self.s.brokers) > 1:
+            # This broker stopped answering: the next connection goes to the
+            # next broker of the chat (the session resumes there).
+            self.s.use_broker(self.s.current + 1)
         if self.dealer is not None and action.linger:
             self.dealer.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
         for sock in (self.dealer, self.sub):
@@ -351,7 +376,11 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     the option's type just as it checks what is typed.
     """
     parser.add_argument("--host", default=os.environ.get("CHAT_HOST", "127.0.0.1"),
-                        help="broker address (default 127.0.0.1, env CHAT_HOST)")
+                        help="broker address (default 127.0.0.1, env CHAT_HOST); several, "
+                             "comma-separated (a,b,c), are brokers of one chat, tried in turn")
+    parser.add_argument("--broker", action="append", type=broker_address, default=[],
+                        metavar="HOST:PORT",
+                        help="another broker of the same chat to fail over to (repeatable)")
     parser.add_argument("--port", type=port_number, default=os.environ.get("CHAT_PORT", "5555"),
                         help="broker request port (default 5555, env CHAT_PORT)")
     parser.add_argument("--pub-port", type=port_number, default=os.environ.get("CHAT_PUB_PORT"),
@@ -363,6 +392,27 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encrypt to a broker run with --curve-secret: its public key")
     parser.add_argument("--key", metavar="FILE",
                         help="your own key pair (.key_secret), for a broker run with --allow")
+
+
+def broker_address(text: str) -> BrokerAddress:
+    """An argparse type: HOST:PORT of a broker (its broadcast port is PORT + 1)."""
+    host, _, port = text.rpartition(":")
+    if not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return BrokerAddress(host.strip("[]"), port_number(port))
+
+
+def choose_brokers(args: argparse.Namespace) -> list[BrokerAddress]:
+    """Every broker the options name, in order: each of --host's (with
+    --port and --pub-port), then each --broker. Leaves the first in
+    args.host, args.port and args.pub_port, and the others in
+    args.alternates, for ClientSession."""
+    hosts = [h.strip() for h in args.host.split(",") if h.strip()] or ["127.0.0.1"]
+    brokers = [BrokerAddress(h, args.port, args.pub_port) for h in hosts] + list(args.broker)
+    first = brokers[0]
+    args.host, args.port, args.pub_port = first.host, first.port, first.pub_port
+    args.alternates = tuple(brokers[1:])
+    return brokers
 
 
 def login_name() -> str:

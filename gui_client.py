@@ -58,7 +58,7 @@ import keys
 from client_core import BrokerRefused, RoomJoined, RoomParted
 from client_session import (Acked, ClientSession, Earlier, Encryption, Joined, JoinRefused,
                             Missed, Refused, State, StateChanged, add_connection_arguments,
-                            encryption_from_args, login_name)
+                            choose_brokers, encryption_from_args, login_name)
 from display import clock, presence_text, visible
 
 # The worker's wakeups drive the reading of events, a few ms after the first
@@ -97,7 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="zchat desktop window. Without --name (or CHAT_NAME) a dialog asks, "
                     "your login name filled in.")
     add_connection_arguments(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    choose_brokers(args)
+    return args
 
 
 def take_events(events: queue.Queue, limit: int, budget_s: float = TICK_BUDGET_S):
@@ -324,10 +326,12 @@ class LoginDialog:
 
     def __init__(self, root: tk.Tk, host: str, port: int, name: str | None,
                  on_joined, on_cancel, wakeup: Wakeup, encryption: Encryption | None = None,
-                 pub_port: int | None = None):
+                 pub_port: int | None = None, alternates: tuple = ()):
         self.on_joined, self.on_cancel = on_joined, on_cancel
         # --pub-port belongs to the broker given on the command line only
         self.pub_port_of = {(host, port): pub_port} if pub_port else {}
+        # and so do the other brokers of its chat, to fail over to
+        self.alternates_of = {(host, port): alternates}
         self.wakeup = wakeup
         self.encryption = encryption
         self.session: ClientSession | None = None
@@ -393,6 +397,7 @@ class LoginDialog:
             self._close_session()
             self.session = ClientSession(host, port, name, recent=RECENT_ON_JOIN,
                                          pub_port=self.pub_port_of.get((host, port)),
+                                         alternates=self.alternates_of.get((host, port), ()),
                                          encryption=self.encryption,
                                          on_event=self.wakeup.notify,
                                          secret=identity.load_secret_or_none(warn)).start()
@@ -1672,7 +1677,8 @@ class App:
     """The program on one Tk root: the join dialog, then the chat window."""
 
     def __init__(self, root: tk.Tk, host: str, port: int, name: str | None,
-                 encryption: Encryption | None = None, pub_port: int | None = None):
+                 encryption: Encryption | None = None, pub_port: int | None = None,
+                 alternates: tuple = ()):
         self.root = root
         self.chat: ChatWindow | None = None
         self.wakeup = Wakeup(root)
@@ -1681,7 +1687,8 @@ class App:
         root.withdraw()
         self.dialog = LoginDialog(root, host, port, name, on_joined=self._open_chat,
                                   on_cancel=root.destroy, wakeup=self.wakeup,
-                                  encryption=encryption, pub_port=pub_port)
+                                  encryption=encryption, pub_port=pub_port,
+                                  alternates=alternates)
 
     def _open_chat(self, session: ClientSession, joined: Joined) -> None:
         self.dialog = None
@@ -1708,7 +1715,7 @@ def main(argv: list[str] | None = None) -> int:
     except tk.TclError as e:
         print(f"cannot open a window: {e}", file=sys.stderr)
         return 1
-    App(root, args.host, args.port, args.name, encryption, args.pub_port)
+    App(root, args.host, args.port, args.name, encryption, args.pub_port, args.alternates)
     try:
         root.mainloop()
     except KeyboardInterrupt:

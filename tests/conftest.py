@@ -49,3 +49,13 @@ def pytest_configure(config):
     # Sessions made in this process (the window's tests) keep their secret
     # in a file of the run's, not in the real ~/.config.
     os.environ["ZCHAT_SECRET_FILE"] = new_secret_file()
+
+
+@pytest.fixture
+def redis_server():
+    """A real redis-server on a free loopback port, with its own directory;
+    stopped by its pid and removed after the test."""
+    from redis_proc import RedisServer
+    server = RedisServer().start()
+    yield server
+    server.remove()

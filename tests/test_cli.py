@@ -137,3 +137,12 @@ def test_send_on_a_terminal_says_it_reads_stdin_and_shows_progress(make_broker, 
         term.close()
     wait_until(lambda: len(ears.messages()) >= 100, 10, "every line")
     assert [r["text"] for r in ears.messages()] == [f"typed {n}" for n in range(1, 101)]
+
+
+def test_several_brokers_come_from_host_commas_and_broker_options():
+    import cli_client
+    from client_session import BrokerAddress
+    args = cli_client.parse_args(["--host", "127.0.0.1,localhost", "--port", "7000",
+                           "--broker", "127.0.0.1:7100", "users"])
+    assert (args.host, args.port) == ("127.0.0.1", 7000)
+    assert args.alternates == (BrokerAddress("localhost", 7000), BrokerAddress("127.0.0.1", 7100))

@@ -75,3 +75,34 @@ def test_a_history_holding_an_unsequenced_event_is_refused_and_the_session_goes_
         assert scripted.wait_event(session, m.Message).text == "second"
     finally:
         session.close()
+
+
+def test_a_session_given_several_brokers_fails_over_to_the_next_and_says_which(broker):
+    """The first broker answers nothing (a closed port): after its patience
+    the session connects to the next one it was given, and its address
+    (what the window's status line shows) names that broker."""
+    from client_session import BrokerAddress, StateChanged
+    from procs import free_port_pair, wait_until
+    dead = free_port_pair()
+    session = ClientSession("127.0.0.1", dead, "ann",
+                            alternates=(BrokerAddress("127.0.0.1", broker.port),)).start()
+    try:
+        assert session.address == f"127.0.0.1:{dead}"
+        seen = []
+        wait_until(lambda: (seen.extend(drain(session)) or any(isinstance(e, Joined)
+                                                               for e in seen)), 20, "joined")
+        assert session.address == f"127.0.0.1:{broker.port}"
+        assert any(isinstance(e, StateChanged) and f"127.0.0.1:{broker.port}" in e.detail
+                   for e in seen)
+    finally:
+        session.close()
+
+
+def drain(session: ClientSession) -> list:
+    import queue
+    out = []
+    while True:
+        try:
+            out.append(session.events.get_nowait())
+        except queue.Empty:
+            return out

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"socket", "threading", "time", "tkinter", "zmq", "select", "selectors", "asyncio",
-             "subprocess", "queue", "sqlite3"}
+             "subprocess", "queue", "sqlite3", "redis"}
 PROJECT = {p.stem for p in ROOT.glob("*.py")}
 
 
@@ -41,10 +41,21 @@ def reachable(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize("module", ["broker_core", "broker_model", "broker_stream", "client_core",
-                                    "client_stream", "messages"])
+                                    "client_stream", "messages", "backplane_core"])
 def test_a_core_module_imports_no_io(module):
     assert reachable(module) & FORBIDDEN == set()
 
 
 def test_the_check_sees_an_io_import():
     assert "zmq" in reachable("client_session") and "time" in reachable("broker")
+    assert "redis" in reachable("backplane")
+
+
+def test_the_broker_imports_redis_only_for_the_backplane():
+    """redis-py is imported inside the function that opens the backplane,
+    never at the top of broker.py: without --backplane it is not needed."""
+    tree = ast.parse((ROOT / "broker.py").read_text())
+    top_level = {alias.name for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+                 for alias in node.names} | {node.module for node in tree.body
+                                             if isinstance(node, ast.ImportFrom)}
+    assert not top_level & {"redis", "backplane"}

@@ -1,0 +1,675 @@
+"""The Redis backplane (``broker.py --backplane redis://HOST:PORT/DB``): several
+brokers, one chat.
+
+Every stream (a room, a user's direct messages) lives in Redis: a counter
+that numbers its events, a Redis Stream that keeps its last ``--history``
+events, and the message ids it accepted (so a resend to any broker is
+acknowledged, not shown twice). One Lua script per loop pass numbers and
+stores the pass's new events and publishes one notification for them all,
+atomically: the broker acknowledges a message only once the script ran.
+
+Every broker subscribes to the notifications (a thread of its own reads
+them and hands them over through an inproc PAIR socket: a Redis connection
+and a ZeroMQ socket each belong to one thread) and feeds them, in each
+stream's order (backplane_core.Follower), to its BrokerCore, which
+publishes a room's events on its own PUB socket and gives a user's direct
+messages to that user's connections here. A hole (a lost subscription, a
+start) is repaired from the Redis Stream with XRANGE before anything after
+it goes out. Each broker thus holds a copy of every stream's last events,
+loaded from Redis when it starts, from which it answers ``fetch`` and
+``recent``.
+
+Redis is imported only here, and this module only when ``--backplane`` is
+given. The URL may carry a password; it is passed to redis-py, never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+import redis
+import zmq
+
+import messages as m
+from backplane_core import Follower, Repair, Shared
+from broker_core import BrokerCore, Persist, Reply
+from broker_stream import ACCEPTED_IDS_REMEMBERED
+from store import StoreError
+
+log = logging.getLogger("zchat.backplane")
+
+# Every key starts with this, so one Redis may hold other data too.
+KEY_PREFIX = "zchat:"
+EVENTS_CHANNEL = KEY_PREFIX + "events"
+STREAMS_KEY = KEY_PREFIX + "streams"  # the set of every stream with events
+EPOCH_KEY = KEY_PREFIX + "epoch"
+ALIVE_PREFIX = KEY_PREFIX + "alive:"  # + a broker's id: exists while it runs
+BROKERS_KEY = KEY_PREFIX + "brokers"  # the set of every broker's id that may hold users
+REAP_PREFIX = KEY_PREFIX + "reap:"  # + a dead broker's id: the lock of the one that reaps it
+# How long the reaping lock holds: far longer than reaping takes, so that
+# no second broker announces the same leaves; past it the lock is gone.
+REAP_LOCK_MS = 60_000
+# Longest wait for Redis on the broker's loop: every pass that has new
+# events waits for its script, so a Redis that hangs must not hold every
+# client for long; past it the pass's messages are refused `unavailable`.
+SOCKET_TIMEOUT_S = 1.0
+CONNECT_TIMEOUT_S = 0.5
+# The notification reader's wait for a message, between checks that the
+# broker is stopping, and its wait before subscribing again after a loss.
+READER_POLL_S = 0.5
+RESUBSCRIBE_S = 0.25
+HAND_ON_RETRY_S = 0.01  # the reader's wait while the broker's queue is full
+# inproc address of the reader's PAIR socket (one per broker process)
+READER_ADDRESS = "inproc://zchat-backplane"
+# What the reader sends besides notifications.
+SUBSCRIBED = b"!"  # (re)subscribed: what was published meanwhile is lost, resync
+LOST = b"?"  # the subscription broke
+
+# KEYS: none (the keys are built from ARGV; see README "Scaling out" for
+# what Redis Cluster needs instead). ARGV: key prefix, history, ids
+# remembered, this broker's id, the set of brokers not reaped (a name
+# held by a broker that is not in it is free: a broker whose liveness key
+# merely lapsed, say while Redis restarted, still holds its names until it
+# is reaped), the presence threshold (--presence-threshold: members above
+# which a room's presence is counted, not stored); then the names this
+# broker now holds, as a count and (name
+# key, secret digest) each; the names it gave up, as a count and name
+# keys; who is now online here or
+# not, as a count and (name key, name or "" for offline) each, kept in a
+# hash per broker and told to the others; then six per new event:
+# stream, kind, name key, message id, the event's JSON with seq 0, and the
+# broker on whose behalf (this one, or a dead one whose users leave).
+#
+# Kinds: "m" a message (its id is remembered: a resend is not stored
+# again); "f" a direct message's copy for the addressee (skipped with its
+# sender's copy); "p" a room's presence event of one pass, whose name key
+# field carries its people as JSON [[name key, name, leave reason or "" for
+# a join], ...], whose message id field carries the room's name, and whose
+# JSON has empty "joined" and "left": a person
+# joins when the first broker where that user is in the room enters and
+# leaves when the last leaves (a person on several brokers joins and leaves
+# once), and the event stored names only those; ""
+# anything else. A person's name as shown is kept with the broker's
+# memberships (b:ID:in, "stream name-key" -> name) for the leaves of a
+# broker that dies, and in the room's members (NAME-KEY -> name). A room
+# whose members go above the threshold is "counting" ({room}:counting)
+# until a change leaves it at the threshold or below: its presence is not
+# stored but told as a count change (each broker publishes the count, as
+# main's broker does for a big room). Returns {names taken, per event: its
+# seq, minus the seq of a resend accepted earlier, or 0 if not stored}.
+# The notification is
+# {"e": [[stream, seq, name key, message id, event JSON], ...],
+#  "p": [[broker, name key, name or ""], ...],
+#  "c": [[stream, room name, [[name key, name] joined, ...], [name key left, ...]], ...]}.
+APPEND_SCRIPT = """
+local prefix, history, remember = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local me, brokers, threshold = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local taken, refused, i = {}, {}, 8
+for _ = 1, tonumber(ARGV[7]) do
+  local key, digest = ARGV[i], ARGV[i+1]
+  local holders = prefix .. 'name:' .. key
+  local held = redis.call('HGETALL', holders)
+  local free = true
+  for h = 1, #held, 2 do
+    if held[h] ~= me then
+      if redis.call('SISMEMBER', brokers, held[h]) == 0 then
+        redis.call('HDEL', holders, held[h])
+      elseif digest == '' or held[h+1] ~= digest then
+        free = false
+      end
+    end
+  end
+  if free then
+    redis.call('HSET', holders, me, digest)
+  else
+    taken[#taken+1] = key
+    refused[key] = true
+  end
+  i = i + 2
+end
+local released = tonumber(ARGV[i])
+for r = 1, released do redis.call('HDEL', prefix .. 'name:' .. ARGV[i+r], me) end
+i = i + released + 1
+local presence = {}
+for _ = 1, tonumber(ARGV[i]) do
+  local key, name = ARGV[i+1], ARGV[i+2]
+  if name == '' then
+    redis.call('HDEL', prefix .. 'b:' .. me .. ':online', key)
+  else
+    redis.call('HSET', prefix .. 'b:' .. me .. ':online', key, name)
+  end
+  presence[#presence+1] = {me, key, name}
+  i = i + 2
+end
+i = i + 1
+local results, notes, counts, skipping = {}, {}, {}, false
+while i <= #ARGV do
+  local sid, kind, key, mid = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
+  local ev, actor = ARGV[i+4], ARGV[i+5]
+  i = i + 6
+  local base = prefix .. '{' .. sid .. '}'
+  local store, seen = true, false
+  if kind == 'f' and skipping then
+    store = false
+  elseif kind == 'p' then
+    local joined, left, came, went = {}, {}, {}, {}
+    for _, person in ipairs(cjson.decode(key)) do
+      local k, name, reason = person[1], person[2], person[3]
+      local holders = base .. ':m:' .. k
+      if reason == '' then
+        if not refused[k] then
+          redis.call('HSET', prefix .. 'b:' .. actor .. ':in', sid .. ' ' .. k, name)
+          if redis.call('SADD', holders, actor) == 1 and redis.call('SCARD', holders) == 1 then
+            redis.call('HSET', base .. ':members', k, name)
+            joined[#joined+1] = cjson.encode(name)
+            came[#came+1] = {k, name}
+          end
+        end
+      else
+        redis.call('HDEL', prefix .. 'b:' .. actor .. ':in', sid .. ' ' .. k)
+        if redis.call('SREM', holders, actor) == 1 and redis.call('SCARD', holders) == 0 then
+          redis.call('HDEL', base .. ':members', k)
+          left[#left+1] = '[' .. cjson.encode(name) .. ',' .. cjson.encode(reason) .. ']'
+          went[#went+1] = k
+        end
+      end
+    end
+    key = ''
+    store = #joined + #left > 0
+    if store then
+      local counting = redis.call('EXISTS', base .. ':counting') == 1
+      if redis.call('HLEN', base .. ':members') > threshold then
+        redis.call('SET', base .. ':counting', '1')
+        counting = true
+      elseif counting then
+        redis.call('DEL', base .. ':counting')  -- this change still counted, the next told
+      end
+      if counting then
+        store = false
+        counts[#counts+1] = {sid, mid, came, went}
+        redis.call('SADD', prefix .. 'streams', sid)  -- its members load with it
+      else
+        local at = string.find(ev, '"joined":[],"left":[]', 1, true)
+        ev = string.sub(ev, 1, at - 1) .. '"joined":[' .. table.concat(joined, ',')
+             .. '],"left":[' .. table.concat(left, ',') .. ']' .. string.sub(ev, at + 21)
+      end
+    end
+  end
+  if kind ~= 'f' then skipping = false end
+  if kind == 'm' then
+    seen = redis.call('HGET', base .. ':ids', key .. ' ' .. mid)
+  end
+  if seen then
+    results[#results+1] = -tonumber(seen)
+    skipping = true
+  elseif not store then
+    results[#results+1] = 0
+  else
+    local seq = redis.call('INCR', base .. ':n')
+    redis.call('XADD', base .. ':x', 'MAXLEN', '~', history, seq .. '-0',
+               'e', ev, 'k', key, 'i', kind == 'm' and mid or '')
+    if kind == 'm' then
+      local field = key .. ' ' .. mid
+      redis.call('HSET', base .. ':ids', field, seq)
+      redis.call('RPUSH', base .. ':idq', field)
+      if redis.call('LLEN', base .. ':idq') > remember then
+        redis.call('HDEL', base .. ':ids', redis.call('LPOP', base .. ':idq'))
+      end
+    end
+    if seq == 1 then redis.call('SADD', prefix .. 'streams', sid) end
+    results[#results+1] = seq
+    notes[#notes+1] = {sid, seq, kind == 'm' and key or '', kind == 'm' and mid or '', ev}
+  end
+end
+if #notes > 0 or #presence > 0 or #counts > 0 then
+  redis.call('PUBLISH', prefix .. 'events', cjson.encode({e = notes, p = presence, c = counts}))
+end
+return {taken, results}
+"""
+
+
+class BackplaneError(StoreError):
+    """Redis cannot be used at start: the message says why, for the operator."""
+
+
+def stream_key(stream: str, kind: str) -> str:
+    """A stream's key of one kind: n (counter), x (Redis Stream), ids, idq,
+    members (a room's, name key -> name), m:NAME-KEY (the brokers where
+    that user is in the room).
+    The braces are a Cluster hash tag: one stream's keys share a slot."""
+    return f"{KEY_PREFIX}{{{stream}}}:{kind}"
+
+
+def _digest(core: BrokerCore, user) -> str:
+    """What proves a user's further connections on other brokers: a digest
+    of the secret (the secret itself stays with the broker), or "" when
+    there is none (the name takes one connection at a time). With
+    ``--allow``, the client's key proved the name on every broker."""
+    if core.config.names_by_key:
+        return "key"
+    return hashlib.sha256(user.secret.encode()).hexdigest() if user.secret else ""
+
+
+def _event_json(event: Any) -> str:
+    return m.encode(replace(event, seq=0)).decode()
+
+
+def _shared(stream: str, seq: int, key: str, mid: str, event_json: str) -> Shared | None:
+    """A stored event back from Redis; None (and a log line) if it is not one."""
+    try:
+        event = replace(m.decode_event_body(json.loads(event_json)), seq=seq)
+    except (ValueError, m.ProtocolError, TypeError) as e:
+        log.error("backplane: event %d of %s is not readable, skipped: %s", seq, stream, e)
+        return None
+    return Shared(stream, event, (key, mid) if mid else None)
+
+
+class Backplane:
+    """This broker's side of the shared Redis: numbering, notifications, repair."""
+
+    def __init__(self, url: str, history: int):
+        self.redis = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
+                                          socket_connect_timeout=CONNECT_TIMEOUT_S)
+        kwargs = self.redis.connection_pool.connection_kwargs
+        self.where = f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}"
+        self.history = history
+        self.append_script = self.redis.register_script(APPEND_SCRIPT)
+        self.follower = Follower()
+        self.id = secrets.token_hex(8)  # this broker run, among those on the Redis
+        self.claims: set[str] = set()  # name keys to hold for this broker's users
+        self.changed: set[str] = set()  # name keys whose standing here changed
+        # who is online on each other broker: broker id -> name key -> name
+        self.others: dict[str, dict[str, str]] = {}
+        self.online_elsewhere: dict[str, int] = {}  # name key -> other brokers it is on
+        self.failing = False  # the last script failed
+        # Redis came back without the chat's data: numbers would start again
+        # under the same epoch, so the broker stops rather than mislead clients.
+        self.lost = False
+        self.next_beat = 0.0  # monotonic: when to say this broker is alive again
+        self.missing: dict[str, float] = {}  # a broker found dead -> since when (monotonic)
+        self.reader: threading.Thread | None = None
+        self.pair: zmq.Socket | None = None
+        self._stopping = threading.Event()
+
+    # --- start and stop ------------------------------------------------------------
+
+    def epoch(self) -> str:
+        """The chat's epoch, the same for every broker on this Redis."""
+        try:
+            self.redis.set(EPOCH_KEY, secrets.token_hex(8), nx=True)
+            return self.redis.get(EPOCH_KEY).decode()
+        except redis.RedisError as e:
+            raise BackplaneError(f"cannot reach the backplane at {self.where}: {e}") from None
+
+    def start(self, ctx: zmq.Context, core: BrokerCore) -> zmq.Socket:
+        """Subscribe, then load every stream's last events into ``core``;
+        the socket to poll for notifications."""
+        self.pair = ctx.socket(zmq.PAIR)
+        self.pair.bind(READER_ADDRESS)
+        self.reader = threading.Thread(target=self._read_notifications, args=(ctx,),
+                                       name="backplane-reader", daemon=True)
+        self.reader.start()
+        core.presence_log = []
+        core.elsewhere = {}
+        for room in core.rooms.values():  # #general: everyone in it, as Redis says
+            room.share({})
+        try:
+            self._load(core)
+            self._load_presence(core)
+            self.tick(core, time.monotonic(), time.time())  # alive before any claim
+        except redis.RedisError as e:
+            raise BackplaneError(f"cannot load the streams from {self.where}: {e}") from None
+        log.info("backplane: sharing the chat through Redis at %s", self.where)
+        return self.pair
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self.reader is not None:
+            self.reader.join(READER_POLL_S * 4)
+        if self.pair is not None:
+            self.pair.close(linger=0)
+        self.redis.close()
+
+    def _load(self, core: BrokerCore) -> None:
+        """Every stream's last ``history`` events and accepted ids, into the core."""
+        streams = sorted(s.decode() for s in self.redis.smembers(STREAMS_KEY))
+        for stream in streams:
+            pipe = self.redis.pipeline(transaction=True)  # the events and members together
+            pipe.xrevrange(stream_key(stream, "x"), count=self.history)
+            pipe.hgetall(stream_key(stream, "members"))
+            entries, members = pipe.execute()
+            shared = [s for s in (self._from_entry(stream, e) for e in reversed(entries)) if s]
+            core.restore(stream, [s.event for s in shared],
+                         [(s.sender_id, s.event.seq) for s in shared if s.sender_id])
+            if (room := core.rooms.get(stream)) is not None:
+                room.share({k.decode(): name.decode() for k, name in members.items()})
+                room.counting = room.count() > core.config.presence_threshold
+            if shared:
+                self.follower.start_at(stream, shared[-1].event.seq)
+        log.info("backplane: %d streams loaded", len(streams))
+
+    # --- new events -------------------------------------------------------------------
+
+    def hand_over(self, core: BrokerCore, outputs: list) -> list:
+        """Have Redis number and store the new events among ``outputs`` (one
+        script, with the names this broker now holds and those it gave up);
+        what to carry out then: the core's handed_over, or, when Redis did
+        not take them, its persist_failed (messages refused ``unavailable``)."""
+        records = [o for o in outputs if isinstance(o, Persist)]
+        self.claims |= {core.sessions[o.peer].user.name_key for o in outputs
+                        if isinstance(o, Reply) and isinstance(o.message, m.Welcome)
+                        and not o.message.resumed and o.peer in core.sessions}
+        self.changed.update(core.presence_log)
+        core.presence_log.clear()
+        if not (records or self.claims or self.changed):
+            return outputs
+        claims = [(key, _digest(core, core.by_name[key])) for key in sorted(self.claims)
+                  if key in core.by_name]
+        releases = sorted(self.changed - core.by_name.keys())
+        result = self._run(core, claims, releases, self._presence(core),
+                           [self._argv(r, self.id) for r in records])
+        if result is None:
+            return core.persist_failed(outputs)
+        self.claims, self.changed = set(), set()
+        taken, seqs = result
+        return core.handed_over(outputs, {id(r.event): seq for r, seq in zip(records, seqs)},
+                                frozenset(key.decode() for key in taken))
+
+    def _argv(self, record: Persist, actor: str) -> list:
+        """The six script arguments of one new event."""
+        event, key, mid = record.event, "", ""
+        if record.sender_id is not None:
+            kind, (key, mid) = "m", record.sender_id
+        elif isinstance(event, m.Message) and event.to:
+            kind = "f"
+        elif isinstance(event, m.Presence):
+            kind, mid = "p", event.room or record.stream
+            key = json.dumps([[m.name_key(name), name, reason or ""]
+                              for name, reason in event.people()])
+            event = replace(event, joined=[], left=[])  # Redis names whom it stores
+        else:
+            kind = ""
+        return [record.stream, kind, key, mid, _event_json(event), actor]
+
+    def _presence(self, core: BrokerCore) -> list[tuple[str, str]]:
+        """(name key, name if online here else "") of each user whose
+        standing here changed."""
+        out = []
+        for key in sorted(self.changed):
+            user = core.by_name.get(key)
+            out.append((key, user.name if user is not None and user.visible else ""))
+        return out
+
+    def _run(self, core: BrokerCore, claims: list, releases: list, presence: list,
+             events: list[list]):
+        """One run of the script; None if Redis did not take it (logged when
+        it starts and stops failing)."""
+        argv: list[Any] = [KEY_PREFIX, self.history, ACCEPTED_IDS_REMEMBERED, self.id,
+                           BROKERS_KEY, core.config.presence_threshold, len(claims)]
+        for key, digest in claims:
+            argv += [key, digest]
+        argv += [len(releases), *releases, len(presence)]
+        for key, name in presence:
+            argv += [key, name]
+        for event in events:
+            argv += event
+        try:
+            result = self.append_script(args=argv)
+        except redis.RedisError as e:
+            if not self.failing:
+                log.error("backplane: Redis at %s does not take events, refusing messages, "
+                          "joins and topics until it does: %s", self.where, e)
+            self.failing = True
+            return None
+        if self.failing:
+            log.warning("backplane: Redis takes events again")
+            self.failing = False
+        return result
+
+    # --- brokers alive and dead --------------------------------------------------------
+
+    def tick(self, core: BrokerCore, now: float, wall: float) -> None:
+        """Once per heartbeat interval: say this broker is alive, and have
+        the users of a broker that is not leave their rooms (one surviving
+        broker does, under a lock).
+
+        A broker's liveness key expires ``expiry`` (liveness x interval)
+        after its last refresh; a survivor reaps it once it has found the key
+        missing for another ``expiry``, at its next interval: its users are
+        announced gone within 2 x expiry + 2 x interval of its death (8 s
+        with the defaults), unless they came back on another broker."""
+        if now < self.next_beat:
+            return
+        self.next_beat = now + core.config.heartbeat_interval
+        expiry_ms = max(1, int(core.config.expiry * 1000))
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(ALIVE_PREFIX + self.id, wall, px=expiry_ms)
+            pipe.sadd(BROKERS_KEY, self.id)
+            pipe.smembers(BROKERS_KEY)
+            brokers = [b.decode() for b in pipe.execute()[-1] if b.decode() != self.id]
+            pipe = self.redis.pipeline(transaction=False)
+            for broker in brokers:
+                pipe.exists(ALIVE_PREFIX + broker)
+            dead = {b for b, alive in zip(brokers, pipe.execute()) if not alive}
+            for broker in dead:
+                # Its clients get the grace of one more expiry to come back
+                # on another broker (then nobody sees them leave and join).
+                since = self.missing.setdefault(broker, now)
+                if now - since >= core.config.expiry:
+                    self._reap(core, broker, wall)
+            self.missing = {b: t for b, t in self.missing.items() if b in dead}
+        except redis.RedisError as e:
+            log.debug("backplane: no liveness this interval: %s", e)
+
+    def _reap(self, core: BrokerCore, broker: str, wall: float) -> None:
+        """``broker`` stopped saying it is alive: its users leave the rooms
+        where no other broker has them (``timeout``), once, by whichever
+        surviving broker takes the lock first."""
+        if not self.redis.set(REAP_PREFIX + broker, self.id, nx=True, px=REAP_LOCK_MS):
+            return
+        memberships = self.redis.hgetall(f"{KEY_PREFIX}b:{broker}:in")
+        left: dict[str, list[list[str]]] = {}  # stream -> its leaves
+        for entry, name in memberships.items():
+            stream = entry.decode().split(" ", 1)[0]
+            left.setdefault(stream, []).append([name.decode(), m.LeaveReason.TIMEOUT])
+        events = []
+        for stream, leaves in sorted(left.items()):  # one presence event per room
+            room = core.rooms.get(stream)
+            presence = m.Presence(0, wall, [], leaves, room.name if room else stream)
+            events.append(self._argv(Persist(stream, presence), broker))
+        if events and self._run(core, [], [], [], events) is None:
+            self.redis.delete(REAP_PREFIX + broker)  # another pass tries again
+            return
+        online = f"{KEY_PREFIX}b:{broker}:online"
+        gone = [[broker, key.decode(), ""] for key in self.redis.hkeys(online)]
+        self.redis.delete(online)
+        if gone:
+            self.redis.publish(EVENTS_CHANNEL, json.dumps({"e": [], "p": gone}))
+        self.redis.srem(BROKERS_KEY, broker)
+        log.info("backplane: broker %s is gone: %d of its users' rooms left", broker,
+                 len(memberships))
+
+    # --- notifications -------------------------------------------------------------------
+
+    def read(self, core: BrokerCore) -> list:
+        """The core's outputs for the notifications waiting, in order."""
+        out: list = []
+        while True:
+            try:
+                frame = self.pair.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            if frame == SUBSCRIBED:
+                out += self._resync(core)
+            elif frame != LOST:
+                out += self._notified(core, frame)
+
+    def _notified(self, core: BrokerCore, frame: bytes) -> list:
+        try:
+            note = json.loads(frame)
+            # Lua's {} is an empty list
+            events, presence, counts = note["e"] or [], note["p"] or [], note.get("c") or []
+            for broker, key, name in presence:
+                self._seen(core, broker, key, name)
+            for stream, room, joined, left in counts:
+                core.counted(stream, room, [(k, name) for k, name in joined or []], left or [])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.error("backplane: a notification is not one, skipped")
+            return []
+        out: list = []
+        for stream, seq, key, mid, event_json in events:
+            shared = _shared(stream, seq, key, mid, event_json)
+            if shared is not None:
+                out += self._follow(core, shared)
+        return out
+
+    def _follow(self, core: BrokerCore, shared: Shared) -> list:
+        ready, repairs = self.follower.receive(shared)
+        out = [o for s in ready for o in core.receive(s.stream, s.event, s.sender_id)]
+        for repair in repairs:
+            out += self._repair(core, repair)
+        return out
+
+    def _repair(self, core: BrokerCore, repair: Repair) -> list:
+        """Fill a hole from the Redis Stream; what is gone from it is skipped."""
+        try:
+            entries = self.redis.xrange(stream_key(repair.stream, "x"),
+                                        min=f"{repair.after + 1}-0", max=str(repair.until))
+        except redis.RedisError as e:
+            log.warning("backplane: cannot repair %s now: %s", repair.stream, e)
+            self.follower.repaired(repair.stream)
+            return []
+        self.follower.repaired(repair.stream)
+        shared = [s for s in (self._from_entry(repair.stream, e) for e in entries) if s]
+        if shared and shared[0].event.seq > repair.after + 1:
+            log.warning("backplane: events %d to %d of %s are gone from Redis", repair.after + 1,
+                        shared[0].event.seq - 1, repair.stream)
+            self.follower.jump_to(repair.stream, shared[0].event.seq)
+        out: list = []
+        for item in shared:
+            out += self._follow(core, item)
+        return out
+
+    def _resync(self, core: BrokerCore) -> list:
+        """After (re)subscribing: repair every stream that moved on meanwhile,
+        and read again who is online elsewhere."""
+        try:
+            if self.redis.get(EPOCH_KEY) != core.epoch.encode():
+                log.critical("backplane: Redis at %s lost the chat (its epoch is gone): "
+                             "stopping; start the brokers again", self.where)
+                self.lost = True
+                return []
+            self._load_presence(core)
+            streams = [s.decode() for s in self.redis.smembers(STREAMS_KEY)]
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in streams:
+                pipe.get(stream_key(stream, "n"))
+            counters = pipe.execute()
+        except redis.RedisError as e:
+            log.warning("backplane: cannot resync now: %s", e)
+            return []
+        out: list = []
+        for stream, counter in zip(streams, counters):
+            for repair in self.follower.behind(stream, int(counter or 0)):
+                out += self._repair(core, repair)
+        self._reload_members(core)
+        return out
+
+    def _reload_members(self, core: BrokerCore) -> None:
+        """Everyone in each room afresh from Redis: a big room's changes
+        told meanwhile (not stored as events) were lost with the subscription."""
+        rooms = [room for room in core.rooms.values() if room.everyone is not None]
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for room in rooms:
+                pipe.hgetall(stream_key(m.room_key(room.name), "members"))
+            for room, members in zip(rooms, pipe.execute()):
+                room.share({k.decode(): name.decode() for k, name in members.items()})
+        except redis.RedisError as e:
+            log.warning("backplane: cannot read the rooms' members now: %s", e)
+
+    # --- who is online elsewhere -----------------------------------------------------------
+
+    def _load_presence(self, core: BrokerCore) -> None:
+        """Who is online on each other broker, afresh from Redis."""
+        brokers = [b.decode() for b in self.redis.smembers(BROKERS_KEY) if b.decode() != self.id]
+        pipe = self.redis.pipeline(transaction=False)
+        for broker in brokers:
+            pipe.hgetall(f"{KEY_PREFIX}b:{broker}:online")
+        self.others, self.online_elsewhere = {}, {}
+        core.elsewhere.clear()
+        core.everyone_online = None
+        for broker, names in zip(brokers, pipe.execute()):
+            for key, name in names.items():
+                self._seen(core, broker, key.decode(), name.decode())
+
+    def _seen(self, core: BrokerCore, broker: str, key: str, name: str) -> None:
+        """``name`` (key ``key``) is online on ``broker`` now, or, with an
+        empty name, no longer."""
+        if broker == self.id:
+            return
+        core.everyone_online = None  # who is online is listed again when asked
+        names = self.others.setdefault(broker, {})
+        if name and key not in names:
+            names[key] = name
+            self.online_elsewhere[key] = self.online_elsewhere.get(key, 0) + 1
+            core.elsewhere[key] = name
+        elif not name and names.pop(key, None) is not None:
+            self.online_elsewhere[key] -= 1
+            if not self.online_elsewhere[key]:
+                del self.online_elsewhere[key], core.elsewhere[key]
+
+    def _from_entry(self, stream: str, entry) -> Shared | None:
+        entry_id, fields = entry
+        return _shared(stream, int(entry_id.split(b"-")[0]), fields[b"k"].decode(),
+                       fields[b"i"].decode(), fields[b"e"].decode())
+
+    def _hand_on(self, pair: zmq.Socket, frame: bytes) -> None:
+        """Give the broker's thread a frame; while its queue is full, wait
+        (Redis then holds the notifications, up to its pub/sub output limit,
+        past which it drops this subscriber: a resync follows), but never
+        past the broker stopping, which must not hang on this thread."""
+        while not self._stopping.is_set():
+            try:
+                pair.send(frame, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                self._stopping.wait(HAND_ON_RETRY_S)
+
+    def _read_notifications(self, ctx: zmq.Context) -> None:
+        """The reader thread: notifications from Redis to the PAIR socket."""
+        pair = ctx.socket(zmq.PAIR)
+        pair.connect(READER_ADDRESS)
+        pubsub = None
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if pubsub is None:
+                        pubsub = self.redis.pubsub()
+                        pubsub.subscribe(EVENTS_CHANNEL)
+                    message = pubsub.get_message(timeout=READER_POLL_S)
+                except redis.RedisError:
+                    if pubsub is not None:
+                        pubsub.close()
+                        pubsub = None
+                        self._hand_on(pair, LOST)
+                    self._stopping.wait(RESUBSCRIBE_S)
+                    continue
+                if message is None:
+                    continue
+                if message["type"] == "subscribe":
+                    self._hand_on(pair, SUBSCRIBED)
+                elif message["type"] == "message":
+                    self._hand_on(pair, message["data"])
+        finally:
+            if pubsub is not None:
+                pubsub.close()
+            pair.close(linger=0)

@@ -1,0 +1,161 @@
+"""The backplane's ordering without I/O: backplane_core.Follower, and the
+core's side of the seam (BrokerCore.handed_over and receive)."""
+
+import messages as m
+from backplane_core import Follower, Repair, Shared
+from broker_core import BrokerCore, Persist, Publish, Reply
+
+
+def shared(seq: int, stream: str = "#general") -> Shared:
+    return Shared(stream, m.Message(seq, 0.0, "al", f"t{seq}", stream))
+
+
+def seqs(items) -> list[int]:
+    return [s.event.seq for s in items]
+
+
+def test_events_in_order_pass_at_once():
+    f = Follower()
+    assert [seqs(f.receive(shared(n))[0]) for n in (1, 2, 3)] == [[1], [2], [3]]
+
+
+def test_an_event_ahead_of_a_hole_is_held_and_the_hole_asked_for_once():
+    f = Follower()
+    assert f.receive(shared(1))[0]
+    ready, repairs = f.receive(shared(4))
+    assert ready == [] and repairs == [Repair("#general", 1, 3)]
+    assert f.receive(shared(5)) == ([], [])  # the same hole: not asked again
+    ready, _ = f.receive(shared(2))
+    assert seqs(ready) == [2]
+    ready, _ = f.receive(shared(3))
+    assert seqs(ready) == [3, 4, 5]
+
+
+def test_a_repeat_passes_nothing():
+    f = Follower()
+    f.receive(shared(1))
+    assert f.receive(shared(1)) == ([], [])
+
+
+def test_a_hole_still_open_after_a_repair_is_asked_for_again():
+    f = Follower()
+    f.receive(shared(3))
+    f.repaired("#general")
+    assert f.behind("#general", 3) == [Repair("#general", 0, 3)]
+
+
+def test_a_stream_loaded_at_start_continues_there():
+    f = Follower()
+    f.start_at("#a", 10)
+    assert f.receive(shared(10, "#a")) == ([], [])
+    assert seqs(f.receive(shared(11, "#a"))[0]) == [11]
+    assert f.behind("#a", 11) == [] and f.behind("#a", 13) == [Repair("#a", 11, 13)]
+
+
+def test_events_trimmed_from_redis_are_jumped_over():
+    f = Follower()
+    f.jump_to("#a", 40)
+    assert seqs(f.receive(shared(40, "#a"))[0]) == [40]
+
+
+def test_streams_are_independent():
+    f = Follower()
+    f.receive(shared(2, "#a"))
+    assert seqs(f.receive(shared(1, "#b"))[0]) == [1]
+
+
+def hello(core, peer, name, now=0.0):
+    return core.handle(peer, [m.encode(m.Hello(name, m.PROTOCOL_VERSION))], now, 100.0)
+
+
+def test_handed_over_drops_the_local_numbering_and_acks_with_the_shared_seq():
+    core = BrokerCore()
+    welcome = next(o.message for o in hello(core, b"p", "al") if isinstance(o, Reply))
+    joined = hello(core, b"q", "bo")
+    out = core.handle(b"p", [m.encode(m.Say("x", "hi", session=welcome.resume))], 0.0, 100.0)
+    records = [o for o in joined + out if isinstance(o, Persist)]
+    out = core.handed_over([*records, *[o for o in out if not isinstance(o, Persist)]],
+                           {id(r.event): 40 + n for n, r in enumerate(records)})
+    assert not any(isinstance(o, (Persist, Publish)) for o in out)
+    assert [o.message for o in out if isinstance(o.message, m.Ack)] == [m.Ack("x", 41)]
+    # the pass's presence (al and bo) and the message: both come back through receive
+    assert [r.event.seq for r in records] == [1, 2] and core.main.seq == 0
+
+
+def test_a_received_event_is_published_in_its_room_and_remembered():
+    core = BrokerCore()
+    event = m.Message(1, 0.0, "al", "hi", "#Lab")
+    out = core.receive("#lab", event, ("al", "x"))
+    assert out == [Publish(event, m.room_topic("#lab"))]
+    assert core.rooms["#lab"].name == "#Lab" and core.streams["#lab"].accepted_seq(("al", "x")) == 1
+
+
+def test_a_received_direct_message_goes_to_the_users_sessions_here_only():
+    core = BrokerCore()
+    hello(core, b"p", "bo")
+    event = m.Message(1, 0.0, "al", "psst", to="bo")
+    assert core.receive("@bo", event, None) == [Reply(b"p", event)]
+    assert core.receive("@cy", m.Message(1, 0.0, "al", "psst", to="cy"), None) == []
+
+
+def test_a_name_taken_on_another_broker_undoes_the_hello_and_refuses_it():
+    core = BrokerCore()
+    out = hello(core, b"p", "Al")
+    records = [o for o in out if isinstance(o, Persist)]
+    out = core.handed_over(out, {id(r.event): 0 for r in records}, frozenset({"al"}))
+    assert [o.message.code for o in out if isinstance(o, Reply)] == [m.ErrorCode.NAME_TAKEN]
+    assert "al" not in core.by_name and b"p" not in core.sessions
+    assert core.general.members == {}
+
+
+def test_a_direct_message_to_someone_online_elsewhere_is_numbered_in_both_streams():
+    core = BrokerCore(elsewhere={"bo": "Bo"})
+    welcome = next(o.message for o in hello(core, b"p", "al") if isinstance(o, Reply))
+    out = core.handle(b"p", [m.encode(m.Say("x", "psst", to="bo", session=welcome.resume))],
+                      0.0, 100.0)
+    assert [(o.stream, o.event.to) for o in out if isinstance(o, Persist)] == [
+        ("@al", "Bo"), ("@bo", "Bo")]
+    assert core.user_names() == ["al", "Bo"]
+
+
+def test_a_received_presence_names_who_is_in_the_room_on_any_broker():
+    core = BrokerCore(elsewhere={})
+    core.general.share({})
+    core.receive("#general", m.Presence(1, 0.0, ["Al", "bo"], [], "#general"), None)
+    core.receive("#general", m.Presence(2, 0.0, ["cy"], [["bo", "quit"]], "#general"), None)
+    assert core.general.info().members == 2
+    page = core.handle(b"x", [m.encode(m.Who("#general"))], 0.0, 100.0)[0].message
+    assert page.users == ["Al", "cy"] and page.count == 2
+
+
+def test_a_big_rooms_count_change_publishes_its_count_once_per_interval():
+    core = BrokerCore(elsewhere={})
+    core.general.share({})
+    core.counted("#general", "#general", [("al", "Al"), ("bo", "Bo")], [])
+    out = core.tick(5.0, 100.0)
+    assert [o.event for o in out if isinstance(o.event, m.Members)] == [m.Members("#general", 2)]
+    core.counted("#general", "#general", [], ["al"])
+    assert not [o for o in core.tick(5.1, 100.0) if isinstance(o.event, m.Members)]
+    # back at the threshold: a stored presence event follows, the count goes first
+    out = core.receive("#general", m.Presence(1, 0.0, [], [["Bo", "quit"]], "#general"), None)
+    assert [o.event for o in out] == [m.Members("#general", 1), out[-1].event]
+    assert core.general.count() == 0
+
+
+def test_who_pages_through_everyone_online_on_every_broker():
+    elsewhere = {f"user{i:05d}-elsewhere": f"User{i:05d}-elsewhere" for i in range(2000)}
+    core = BrokerCore(elsewhere=dict(elsewhere), presence_log=[])
+    hello(core, b"p", "al")
+    hello(core, b"q", "user01000-elsewhere")  # on both brokers: listed once
+    pages, after = [], None
+    while True:
+        page = core.handle(b"x", [m.encode(m.Who(after=after))], 0.0, 100.0)[0].message
+        pages.append(page)
+        if page.next is None:
+            break
+        after = page.next
+    names = [n for page in pages for n in page.users]
+    assert len(pages) > 1 and all(page.count == 2001 for page in pages)
+    assert names == sorted(names, key=m.name_key) and len(set(names)) == 2001
+    welcome = next(o.message for o in hello(core, b"r", "cy") if isinstance(o, Reply))
+    assert welcome.online == 2002
