@@ -51,10 +51,15 @@ SUB_QUEUE_FRAMES = 64
 # dropped under a burst; past it replies to that client are dropped and
 # logged, and the client resends what stays unacknowledged.
 REPLY_QUEUE = 1000
-# How long outputs may wait to share a PUB frame with others when a frame
-# went out just before. A lone message goes at once; a steady stream waits
-# at most this long, and pays a system call per subscriber less often.
+# How long outputs may wait to share a PUB frame with others under a
+# backlog, counted from the last frame. A pass that finds the loop idle
+# publishes at once (no added latency at chat rates); a backlog waits at
+# most this long, and pays a system call per subscriber less often.
 COALESCE_S = 0.002
+# Requests read in one pass that mark a backlog: at chat rates a pass finds
+# one, or two when arrivals jitter; a stream the loop cannot take one by one
+# finds many.
+BACKLOG_REQUESTS = 4
 # Largest message accepted on the XPUB: subscriptions are ~30 bytes, but the
 # CurveZMQ handshake's commands count too (INITIATE is several hundred).
 SUBSCRIPTION_BYTES = 4096
@@ -94,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="with --curve-secret: admit only the public keys in DIR; "
                         "the key in NAME.key may join only as NAME")
     p.add_argument("--coalesce-ms", type=float, default=COALESCE_S * 1000, metavar="MS",
-                   help="longest wait to share a broadcast frame under a steady stream "
+                   help="longest wait to share a broadcast frame under a backlog "
                         f"(default {COALESCE_S * 1000:g}; 0 sends every pass at once)")
     p.add_argument("--max-per-address", type=int, default=admission.MAX_PER_ADDRESS, metavar="N",
                    help="live connections from one address on each port; more are closed "
@@ -208,30 +213,31 @@ class BrokerShell:
             # the times stamped on events for people to read.
             now, wall = time.monotonic(), time.time()
             out: list = []
-            backlog = False
+            read, more = 0, False
             if self.router in ready:
-                requests, backlog = self._read_requests(now, wall)
-                out += requests
+                read, more = self._read_requests(out, now, wall)
             if self.pub in ready:
                 out += self._read_subscriptions(wall)
-            out += self.core.tick(now, wall, backlog)
-            self._send_or_hold(out, now)
+            out += self.core.tick(now, wall, more)
+            self._send_or_hold(out, now, more or read >= BACKLOG_REQUESTS)
         self._release(time.monotonic())
         self._deliver(self.core.shutdown(time.time()), time.monotonic())
 
-    def _send_or_hold(self, outputs: list, now: float) -> None:
-        """Deliver at once when the last publish is a while ago; under a
-        steady stream, gather a few milliseconds into fewer PUB frames
-        (each frame costs a system call per subscriber)."""
+    def _send_or_hold(self, outputs: list, now: float, backlog: bool = False) -> None:
+        """Deliver at once when the loop is idle (a pass that found few
+        requests: what is held leaves too) or the last publish is a while
+        ago; under a ``backlog``, gather up to a few milliseconds into
+        fewer PUB frames (each frame costs a system call per subscriber)."""
         if outputs:
-            if self.release_at is None and now - self.last_publish >= self.coalesce:
-                self._deliver(outputs, now)
-            else:
-                self.held += outputs
-                if self.release_at is None:
-                    self.release_at = self.last_publish + self.coalesce
-        if self.release_at is not None and now >= self.release_at:
-            self._release(now)
+            self.held += outputs
+        if not self.held:
+            return
+        if backlog:
+            if self.release_at is None:
+                self.release_at = self.last_publish + self.coalesce
+            if now < self.release_at:
+                return
+        self._release(now)
 
     def _release(self, now: float) -> None:
         held, self.held, self.release_at = self.held, [], None
@@ -249,21 +255,24 @@ class BrokerShell:
         if self.store is not None:
             self.store.close()
 
-    def _read_requests(self, now: float, wall: float) -> tuple[list, bool]:
-        """Outputs of a batch of requests, and whether more are waiting."""
-        out: list = []
-        for _ in range(RECV_BATCH):
+    def _read_requests(self, out: list, now: float, wall: float) -> tuple[int, bool]:
+        """Handle a batch of requests, their outputs added to ``out``; how
+        many were read, and whether more are waiting."""
+        # Two recv calls and the frames' own "more" flags: recv_multipart
+        # costs twice as much per request (a getsockopt per frame, a list).
+        recv, handle, keys_checked = self.router.recv, self.core.handle, self.keys_checked
+        for read in range(RECV_BATCH):
             try:
-                if self.keys_checked:
-                    parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    key = parts[0].get("User-Id")
-                    frames = [part.bytes for part in parts]
-                else:
-                    frames, key = self.router.recv_multipart(zmq.NOBLOCK), None
+                peer = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return out, False
-            out += self.core.handle(frames[0], frames[1:], now, wall, key)
-        return out, True
+                return read, False
+            frames, part = [], peer
+            while part.more:  # a message's frames arrive together; a request has one
+                part = recv(zmq.NOBLOCK, copy=False)
+                frames.append(part.bytes)
+            key = peer.get("User-Id") if keys_checked else None
+            out += handle(peer.bytes, frames, now, wall, key)
+        return RECV_BATCH, True
 
     def _read_subscriptions(self, wall: float) -> list:
         out: list = []
@@ -290,19 +299,19 @@ class BrokerShell:
             by_topic: dict[bytes, list[bytes]] = {}
             replies: list[Reply] = []
             for item in outputs:
-                if isinstance(item, Publish):
+                kind = type(item)
+                if kind is Publish:
                     by_topic.setdefault(item.topic, []).append(m.encode(item.event))
-                elif isinstance(item, Reply):
+                elif kind is Reply:
                     replies.append(item)
             for topic, encoded in by_topic.items():
                 for frame in frames_of(encoded):
-                    self.pub.send_multipart([topic, frame])
+                    self.pub.send(topic, zmq.SNDMORE)
+                    self.pub.send(frame)
                 self.last_publish = now
             # A peer found unreachable while replying becomes a leave, which
             # is delivered on the next turn of this loop.
-            outputs = []
-            for reply in replies:
-                outputs += self._send_reply(reply)
+            outputs = self._send_replies(replies)
 
     def _stored(self, records: list[Persist]) -> bool:
         """Write the records in one transaction; False if the store failed
@@ -322,17 +331,31 @@ class BrokerShell:
             self.store_failing = False
         return True
 
-    def _send_reply(self, reply: Reply) -> list:
-        try:
-            self.router.send_multipart([reply.peer, m.encode(reply.message)], zmq.NOBLOCK)
-        except zmq.Again:
-            self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(), "its queue is full",
-                                    time.monotonic())
-        except zmq.ZMQError as e:
-            if e.errno != zmq.EHOSTUNREACH:
-                raise
-            return self.core.peer_unreachable(reply.peer, time.time())
-        return []
+    def _send_replies(self, replies: list[Reply]) -> list:
+        """Send each reply to its peer (a message sent to several, such as a
+        direct message to each connection of its addressee, encoded once);
+        the outputs of peers found gone."""
+        out: list = []
+        encoded: dict[int, bytes] = {}  # id of a message -> its frame
+        send = self.router.send
+        for reply in replies:
+            message = reply.message
+            frame = encoded.get(id(message))
+            if frame is None:
+                frame = encoded[id(message)] = m.encode(message)
+            try:
+                # Two sends, not send_multipart: a third of its cost. A full
+                # queue or a gone peer refuses the first frame (ROUTER_MANDATORY).
+                send(reply.peer, zmq.NOBLOCK | zmq.SNDMORE)
+                send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(), "its queue is full",
+                                        time.monotonic())
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                out += self.core.peer_unreachable(reply.peer, time.time())
+        return out
 
 
 def frames_of(encoded_events: list[bytes]):
