@@ -715,9 +715,9 @@ def room_key(room: str) -> str:
 
 def text_problem(text: str, max_text_bytes: int) -> tuple[str, str] | None:
     """(code, reason) when ``text`` may not be sent, else None."""
-    if not text.strip():
+    if not text or text.isspace():  # what strip() would leave empty, with no copy
         return ErrorCode.TEXT_EMPTY, "message is empty"
-    size = len(text.encode("utf-8", "surrogatepass"))
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
     if size > max_text_bytes:
         return ErrorCode.TEXT_TOO_LONG, (
             f"message is {size} bytes; the limit is {max_text_bytes}"
