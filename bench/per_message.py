@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -142,8 +143,13 @@ def report(results: dict, args) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds through every finally: children stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     common.raise_open_file_limit()
     scenarios.Target = make_target(args.trees)
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "fixed": [],
