@@ -209,6 +209,14 @@ def test_an_idle_pass_takes_what_a_backlog_held_along(shell, sub):
     assert_nothing_else_was_sent(shell, sub)
 
 
+def test_a_backlog_is_a_pass_of_several_requests_or_more_left_waiting(shell):
+    assert shell.backlog_requests == 4
+    assert not shell._backlog(0, False) and not shell._backlog(3, False)
+    assert shell._backlog(4, False) and shell._backlog(0, True)
+    shell.backlog_requests = 0  # --backlog-requests 0: every pass counts as one
+    assert shell._backlog(0, False) and shell._backlog(1, False)
+
+
 def test_without_coalescing_every_pass_goes_at_once(shell, sub):
     shell.coalesce = 0.0
     shell._send_or_hold(publish(10), T0, backlog=True)
