@@ -37,15 +37,16 @@ from common import ROOT, LineReader, Target, _spawn, zchat_broker_args
 class TreeTarget(Target):
     """The zchat broker of another source tree (its own broker.py and modules)."""
 
-    def __init__(self, tree: Path, wrapper: list[str] | None = None,
+    def __init__(self, tree: Path, options: list[str], wrapper: list[str] | None = None,
                  work_dir: Path | None = None):
         super().__init__("zchat", wrapper, work_dir)
         self.tree = tree
+        self.options = options
 
     def start(self, timeout: float = 15) -> "TreeTarget":
         ports = ["--port", str(self.port), "--pub-port", str(self.pub_port)]
         # The script's own folder comes first on sys.path: the tree's modules.
-        program = [str(self.tree / "broker.py"), *ports, *zchat_broker_args()]
+        program = [str(self.tree / "broker.py"), *ports, *zchat_broker_args(), *self.options]
         self.proc = _spawn([*self.wrapper, *program], stderr=subprocess.PIPE)
         self.log = LineReader(self.proc.stderr)
         self.log.wait_for(lambda line: "listening" in line, timeout, "zchat to listen")
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
                    help="a zchat source tree to measure (repeatable; default zchat=this tree)")
+    p.add_argument("--options", action="append", default=[], metavar="NAME=OPTIONS",
+                   help="broker options for the tree NAME, e.g. 'fast=--backlog-requests 0'")
     p.add_argument("--baselines", default="c-forwarder",
                    help="comma-separated baselines of bench/baselines.py (default c-forwarder)")
     p.add_argument("--rates", default="100,1000", help="msg/s of the fixed-rate trials")
@@ -70,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     trees = dict(t.split("=", 1) for t in args.tree) or {"zchat": str(ROOT)}
     args.trees = {name: Path(d).resolve() for name, d in trees.items()}
+    args.options = {name: opts.split() for name, opts in (o.split("=", 1) for o in args.options)}
     args.kinds = [*args.trees, *(b for b in args.baselines.split(",") if b)]
     args.rates = [float(r) for r in args.rates.split(",")]
     # What scenarios.py reads from run.py's options.
@@ -80,11 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_target(trees: dict[str, Path]):
+def make_target(trees: dict[str, Path], options: dict[str, list[str]]):
     """scenarios.Target's stand-in: a tree's broker for a tree's name."""
     def target(kind: str, wrapper=None, work_dir=None) -> Target:
         if kind in trees:
-            return TreeTarget(trees[kind], wrapper, work_dir)
+            return TreeTarget(trees[kind], options.get(kind, []), wrapper, work_dir)
         return Target(kind, wrapper, work_dir)
     return target
 
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     common.raise_open_file_limit()
-    scenarios.Target = make_target(args.trees)
+    scenarios.Target = make_target(args.trees, args.options)
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "fixed": [],
                      "trees": {k: str(v) for k, v in args.trees.items()}}
     with scenarios.new_work_dir() as tmp:
