@@ -31,10 +31,33 @@ from pathlib import Path
 
 import common
 import scenarios
-from common import ROOT, LineReader, Target, _spawn, zchat_broker_args
+from common import ROOT, LineReader, Target, _spawn, free_port_pair, zchat_broker_args
+
+# Starts tried on fresh ports: on a shared machine another process may take
+# a free port between the check and the bind.
+START_ATTEMPTS = 3
 
 
-class TreeTarget(Target):
+class RetryingTarget(Target):
+    """A target that starts again on other ports when its ports were taken."""
+
+    def start(self, timeout: float = 15) -> "RetryingTarget":
+        for attempt in range(START_ATTEMPTS):
+            try:
+                return self.start_once(timeout)
+            except AssertionError:  # it never said it listens
+                self.stop()
+                if attempt == START_ATTEMPTS - 1:
+                    raise
+                self.port = free_port_pair()
+                self.pub_port = self.port + 1
+        return self
+
+    def start_once(self, timeout: float) -> "RetryingTarget":
+        return super().start(timeout)
+
+
+class TreeTarget(RetryingTarget):
     """The zchat broker of another source tree (its own broker.py and modules)."""
 
     def __init__(self, tree: Path, options: list[str], wrapper: list[str] | None = None,
@@ -43,7 +66,7 @@ class TreeTarget(Target):
         self.tree = tree
         self.options = options
 
-    def start(self, timeout: float = 15) -> "TreeTarget":
+    def start_once(self, timeout: float) -> "TreeTarget":
         ports = ["--port", str(self.port), "--pub-port", str(self.pub_port)]
         # The script's own folder comes first on sys.path: the tree's modules.
         program = [str(self.tree / "broker.py"), *ports, *zchat_broker_args(), *self.options]
@@ -89,7 +112,7 @@ def make_target(trees: dict[str, Path], options: dict[str, list[str]]):
     def target(kind: str, wrapper=None, work_dir=None) -> Target:
         if kind in trees:
             return TreeTarget(trees[kind], options.get(kind, []), wrapper, work_dir)
-        return Target(kind, wrapper, work_dir)
+        return RetryingTarget(kind, wrapper, work_dir)
     return target
 
 
