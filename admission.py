@@ -48,6 +48,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from log_limit import Cause, LogLimiter
+from outbound import identity
 
 log = logging.getLogger("zchat.broker")
 
@@ -91,8 +92,11 @@ class Admission(threading.Thread):
         self.monitors = {
             label: sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
             for label, sock in sockets.items()}
-        # descriptor -> (port label, peer address as (host, port))
-        self.connections: dict[int, tuple[str, tuple]] = {}
+        # descriptor -> (port label, peer address as (host, port), monotonic
+        # time accepted, its socket's inode to tell it from a later connection
+        # on the same descriptor); the broker's thread reads copies of it
+        # (outbound.py)
+        self.connections: dict[int, tuple[str, tuple, float, int]] = {}
         # (port label, host) -> live connections
         self.per_address: dict[tuple[str, str], int] = {}
         self.refused = 0
@@ -115,11 +119,23 @@ class Admission(threading.Thread):
                 monitor.close(linger=0)
 
     def stop(self) -> None:
-        """Stop the thread and detach the monitors; the sockets stay open."""
-        self.stopping.set()
-        self.join()
+        """Detach the monitors, then stop the thread; the sockets stay open.
+
+        In this order: libzmq sends each monitor event from its I/O thread
+        with a blocking send, holding the socket's monitor lock. With the
+        thread gone, an event (a peer leaving as the broker stops) would
+        wait for a reader forever, and disable_monitor() for that lock,
+        holding the GIL: the broker could not exit.
+        """
         for sock in self.watched:
             sock.disable_monitor()
+        self.stopping.set()
+        self.join()
+
+    def live(self) -> dict[int, tuple[str, tuple, float, int]]:
+        """A copy of ``connections``, safe to read from another thread
+        (copying a dict is one step under the GIL)."""
+        return self.connections.copy()
 
     def _drain(self, label: str, monitor: zmq.Socket) -> None:
         while True:
@@ -142,6 +158,9 @@ class Admission(threading.Thread):
             return  # closed already: nothing to count
         try:
             peer = conn.getpeername()
+            ino = identity(fd)
+            if ino is None:
+                return  # closed already
             refusal = self._refusal(label, peer[0], fd)
             if refusal is not None:
                 conn.shutdown(socket.SHUT_RDWR)
@@ -152,7 +171,7 @@ class Admission(threading.Thread):
             return  # closed already (or not a TCP socket any more): nothing to count
         finally:
             conn.detach()
-        self.connections[fd] = (label, peer)
+        self.connections[fd] = (label, peer, time.monotonic(), ino)
         key = (label, peer[0])
         self.per_address[key] = self.per_address.get(key, 0) + 1
 
@@ -171,7 +190,7 @@ class Admission(threading.Thread):
         record = self.connections.pop(fd, None)
         if record is None:
             return
-        label, peer = record
+        label, peer = record[:2]
         key = (label, peer[0])
         self.per_address[key] -= 1
         if not self.per_address[key]:

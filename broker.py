@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import faulthandler
 import logging
 import math
 import secrets
@@ -27,9 +28,10 @@ from zmq.auth.thread import ThreadAuthenticator
 import admission
 import keys
 import messages as m
+import outbound
 from broker_core import BrokerConfig, BrokerCore, Persist, Publish, Reply
 from broker_stream import ACCEPTED_IDS_REMEMBERED
-from log_limit import Cause
+from log_limit import Cause, LogLimiter
 from store import EventStore, StoreError
 
 log = logging.getLogger("zchat.broker")
@@ -61,12 +63,27 @@ COALESCE_S = 0.002
 # finds many. 0 makes every pass wait when a frame went out just before
 # (fewer frames and less CPU at chat rates, ~1 ms more latency).
 BACKLOG_REQUESTS = 4
+# Connections waiting for accept() on each port. libzmq's default of 100
+# overflows when thousands connect at once (a school logging in at 8:59):
+# the kernel drops their SYNs and each client retries after 1, 3, 7, 15 s,
+# which stretched a storm of 5,000 joins to half a minute. The kernel caps it
+# at net.core.somaxconn (4096 on current Linux).
+LISTEN_BACKLOG = 4096
 # Largest message accepted on the XPUB: subscriptions are ~30 bytes, but the
 # CurveZMQ handshake's commands count too (INITIATE is several hundred).
 SUBSCRIPTION_BYTES = 4096
 # A client that never reads would get a log line for every reply dropped.
 REPLY_DROPPED = Cause("reply to {peer} dropped: {detail}",
                       "dropped {count} more replies to {peer} in the last {seconds} s")
+# Requests of a connection over its limit of unread replies (outbound.py).
+NOT_HEARD = Cause("requests from {peer} ignored: {detail}",
+                  "ignored {count} more requests from {peer} in the last {seconds} s")
+# A connection cut for what it holds, or for not joining: one line per peer
+# and interval, whatever the number of connections cut.
+DISCONNECTED = Cause("disconnected {peer}: {detail}",
+                     "disconnected {count} more connections of {peer} in the last {seconds} s")
+# Everything queued for clients together, by default: a small machine's share.
+MAX_MEMORY = 512 * 1024 * 1024
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -99,6 +116,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow", metavar="DIR",
                    help="with --curve-secret: admit only the public keys in DIR; "
                         "the key in NAME.key may join only as NAME")
+    p.add_argument("--presence-threshold", type=int, default=500, metavar="N",
+                   help="a room with more members announces no joins and leaves, only its "
+                        "count once per heartbeat (default 500)")
     p.add_argument("--coalesce-ms", type=float, default=COALESCE_S * 1000, metavar="MS",
                    help="longest wait to share a broadcast frame under a backlog "
                         f"(default {COALESCE_S * 1000:g}; 0 sends every pass at once)")
@@ -109,6 +129,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-per-address", type=int, default=admission.MAX_PER_ADDRESS, metavar="N",
                    help="live connections from one address on each port; more are closed "
                         f"at once (default {admission.MAX_PER_ADDRESS})")
+    p.add_argument("--max-memory", type=outbound.parse_size, default=MAX_MEMORY, metavar="SIZE",
+                   help="everything queued for clients together, as sent on the wire "
+                        "(e.g. 256M, 1G; default 512M); the largest holders are "
+                        "disconnected first")
+    p.add_argument("--join-deadline", type=float, default=outbound.JOIN_DEADLINE_S,
+                   metavar="SECONDS", help="a request connection without a session this "
+                   f"long is disconnected (default {outbound.JOIN_DEADLINE_S:g})")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     args = p.parse_args(argv)
@@ -120,8 +147,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
            args.history_bytes, args.max_per_address) < 1:
         p.error("--max-text, --history, --max-users, --burst, --max-rooms, --history-bytes "
                 "and --max-per-address must be at least 1")
-    if args.rate <= 0 or args.coalesce_ms < 0 or args.backlog_requests < 0:
-        p.error("--rate must be positive, --coalesce-ms and --backlog-requests not negative")
+    if args.presence_threshold < 0:
+        p.error("--presence-threshold must not be negative")
+    if (args.rate <= 0 or args.coalesce_ms < 0 or args.join_deadline <= 0
+            or args.backlog_requests < 0):
+        p.error("--rate and --join-deadline must be positive, --coalesce-ms and "
+                "--backlog-requests not negative")
     if args.allow and not args.curve_secret:
         p.error("--allow needs --curve-secret")
     return args
@@ -147,6 +178,7 @@ class BrokerShell:
                  store: EventStore | None = None, curve: keys.KeyPair | None = None,
                  allow_dir: str | None = None, coalesce: float = COALESCE_S,
                  max_per_address: int = admission.MAX_PER_ADDRESS,
+                 max_memory: int = MAX_MEMORY, join_deadline: float = outbound.JOIN_DEADLINE_S,
                  backlog_requests: int = BACKLOG_REQUESTS):
         self.core = core
         self.store = store
@@ -180,11 +212,18 @@ class BrokerShell:
             keys.make_server(self.pub, curve)
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.HANDSHAKE_IVL, admission.HANDSHAKE_S * 1000)
+            sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         # Counts connections per address and refuses the excess (admission.py);
         # it watches from before the first connection can arrive.
         self.admission = admission.Admission({"request": self.router, "broadcast": self.pub},
                                              max_per_address)
         self.admission.start()
+        # The books of what is queued for each client (outbound.py), swept
+        # once per heartbeat interval.
+        self.outbound = outbound.Outbound(max_memory, SUB_QUEUE_FRAMES * FRAME_BYTES,
+                                          curve is not None, join_deadline)
+        self.next_books = 0.0
+        self.cut_log = LogLimiter(log)
         # Only a broker that binds names to keys needs each frame's key.
         self.keys_checked = bool(core.config.names_by_key)
         self.router.bind(f"tcp://{host}:{port}")
@@ -203,13 +242,16 @@ class BrokerShell:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        # Where is a broker that does not stop? SIGUSR1 prints every thread's
+        # stack on stderr, even while one is stuck in C holding the GIL.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
 
     def run(self) -> None:
         while not self.stopping:
-            deadline = self.core.next_deadline()
+            deadline = min(self.core.next_deadline(), self.next_books)
             if self.release_at is not None:
                 deadline = min(deadline, self.release_at)
             # Rounded up: pyzmq truncates to whole milliseconds, and a wait of
@@ -226,6 +268,8 @@ class BrokerShell:
             if self.pub in ready:
                 out += self._read_subscriptions(wall)
             out += self.core.tick(now, wall, more)
+            if now >= self.next_books:
+                out += self._keep_books(now, wall)
             self._send_or_hold(out, now, self._backlog(read, more))
         self._release(time.monotonic())
         self._deliver(self.core.shutdown(time.time()), time.monotonic())
@@ -274,17 +318,24 @@ class BrokerShell:
         # recv_multipart costs twice as much per request (a getsockopt per
         # frame). The routing id's frame carries the connection's metadata.
         recv, handle, keys_checked = self.router.recv, self.core.handle, self.keys_checked
+        known, over = self.outbound.replies, self.outbound.over
         for read in range(RECV_BATCH):
             try:
-                peer = recv(_NOBLOCK, copy=False)
+                id_frame = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return read, False
-            frames, part = [], peer
+            parts, part = [], id_frame
             while part.more:  # a message's frames arrive together; a request has one
                 part = recv(_NOBLOCK, copy=False)
-                frames.append(part.bytes)
-            key = peer.get("User-Id") if keys_checked else None
-            out += handle(peer.bytes, frames, now, wall, key)
+                parts.append(part)
+            peer = id_frame.bytes
+            if peer not in known:  # new: the descriptor it came on, once (outbound.py)
+                self.outbound.first_seen(peer, source_fd(parts[0]) if parts else None)
+            if peer in over:  # not reading: not listened to either
+                self.core.warnings.warn(NOT_HEARD, peer.hex(), "it has not read its replies", now)
+                continue
+            key = id_frame.get("User-Id") if keys_checked else None
+            out += handle(peer, [p.bytes for p in parts], now, wall, key)
         return RECV_BATCH, True
 
     def _read_subscriptions(self, wall: float) -> list:
@@ -324,7 +375,7 @@ class BrokerShell:
                 self.last_publish = now
             # A peer found unreachable while replying becomes a leave, which
             # is delivered on the next turn of this loop.
-            outputs = self._send_replies(replies)
+            outputs = self._send_replies(replies, now)
 
     def _stored(self, records: list[Persist]) -> bool:
         """Write the records in one transaction; False if the store failed
@@ -344,36 +395,72 @@ class BrokerShell:
             self.store_failing = False
         return True
 
-    def _send_replies(self, replies: list[Reply]) -> list:
+    def _send_replies(self, replies: list[Reply], now: float) -> list:
         """Send each reply to its peer (a message sent to several, such as a
         direct message to each connection of its addressee, encoded once);
         the outputs of peers found gone."""
         out: list = []
         encoded: dict[int, bytes] = {}  # id of a message -> its frame
-        send = self.router.send
+        send, sessions = self.router.send, self.core.sessions
         for reply in replies:
-            message = reply.message
-            frame = encoded.get(id(message))
-            if frame is None:
-                frame = encoded[id(message)] = m.encode(message)
+            peer, message = reply.peer, reply.message
+            if not self.outbound.may_reply(peer, peer in sessions, now):
+                self.core.warnings.warn(REPLY_DROPPED, peer.hex(),
+                                        "it has not read its earlier replies", now)
+                continue
+            body = encoded.get(id(message))
+            if body is None:
+                body = encoded[id(message)] = m.encode(message)
             try:
                 # Two sends, not send_multipart: a third of its cost. A full
                 # queue or a gone peer refuses the first frame (ROUTER_MANDATORY).
-                send(reply.peer, _NOBLOCK_MORE)
-                send(frame, _NOBLOCK)
+                send(peer, _NOBLOCK_MORE)
+                send(body, _NOBLOCK)
             except zmq.Again:
-                self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(), "its queue is full",
-                                        time.monotonic())
+                self.core.warnings.warn(REPLY_DROPPED, peer.hex(), "its queue is full", now)
+                continue
             except zmq.ZMQError as e:
                 if e.errno != zmq.EHOSTUNREACH:
                     raise
-                out += self.core.peer_unreachable(reply.peer, time.time())
+                self.outbound.forget(peer)
+                out += self.core.peer_unreachable(peer, time.time())
+                continue
+            self.outbound.sent(peer, len(body))
+        return out
+
+    def _keep_books(self, now: float, wall: float) -> list:
+        """Once per heartbeat interval: disconnect the connections that hold
+        too much, have stopped reading or never joined (outbound.py), end
+        their sessions, and give freed memory back to the system."""
+        self.next_books = now + self.core.config.heartbeat_interval
+        if self.outbound.trim_due():  # what was cut or left by the last sweep is freed by now
+            outbound.give_memory_back()
+        out: list = []
+        for cut in self.outbound.sweep(now, self.core.sessions, self.admission.live()):
+            if not outbound.disconnect(cut.fd, cut.ino):
+                continue
+            self.cut_log.warn(DISCONNECTED, cut.peer[0] if cut.peer else f"descriptor {cut.fd}",
+                              cut.reason, now)
+            if cut.routing_id is not None:
+                out += self.core.peer_unreachable(cut.routing_id, wall)
+        self.cut_log.flush(now)
+        log.debug("outbound: %d connections hold %d bytes; %d subscribers",
+                  len(self.outbound.replies), self.outbound.held, len(self.outbound.subscribers))
         return out
 
 
 # zmq's flags as plain ints: an enum's "|" costs microseconds per reply.
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+
+
+def source_fd(frame: zmq.Frame) -> int | None:
+    """The descriptor a received frame came in on (ZMQ_SRCFD: deprecated in
+    libzmq 4.3 but present), or None when libzmq does not say."""
+    try:
+        return frame.get(zmq.SRCFD)
+    except zmq.ZMQError:
+        return None
 
 
 def frames_of(encoded_events: list[bytes]):
@@ -400,6 +487,7 @@ def make_core(args: argparse.Namespace, store: EventStore | None) -> BrokerCore:
         history_bytes=args.history_bytes,
         rate=args.rate,
         burst=args.burst,
+        presence_threshold=args.presence_threshold,
         names_by_key=keys.names_by_key(args.allow) if args.allow else {},
     )
     if store is None:
@@ -430,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         store = EventStore(args.db) if args.db else None
         core = make_core(args, store)
         shell = BrokerShell(core, args.host, args.port, args.pub_port, store, curve, args.allow,
-                            args.coalesce_ms / 1000, args.max_per_address,
-                            args.backlog_requests)
+                            args.coalesce_ms / 1000, args.max_per_address, args.max_memory,
+                            args.join_deadline, args.backlog_requests)
     except keys.KeyFileError as e:
         print(f"broker: {e}", file=sys.stderr)
         return 1

@@ -29,7 +29,15 @@ Theory of operation
   through the ROUTER. All histories together stay within a byte budget.
 * ``sessions`` is kept in order of last activity (any request counts as a
   heartbeat and moves the session to the end), so the liveness sweep only
-  looks at the front of the table, never at every session.
+  looks at the front of the table, never at every session. A ping in the
+  form the reference client writes is recognised without decoding JSON.
+* Presence costs the same however many are online: the welcome counts
+  people (``who`` lists them, a page at a time); the joins and leaves of one
+  pass of the shell's loop are gathered per room (Room.pending) and
+  announced in one Presence event per room when the pass ends
+  (``flush_presence``, called by ``tick``), or before anything else is
+  numbered in that room. A room above ``presence_threshold`` names nobody
+  and publishes its count (Members) at most once per heartbeat interval.
 * A resume token from the welcome lets a client that lost its connection
   take its session back from a new routing id before it times out, without
   a leave/join pair.
@@ -60,6 +68,8 @@ log = logging.getLogger("zchat.broker")
 
 # Longest string from a peer quoted in a log line.
 LOG_QUOTE_CHARS = 80
+# Names one log line of joins or leaves shows before it counts the rest.
+LOG_NAMES = 10
 # Warnings a peer can repeat at will: each is logged once per peer and
 # interval, then summed up (log_limit.py), so that no flood floods the log.
 REFUSED = Cause("refused from {peer}: {detail}",
@@ -77,11 +87,16 @@ NOT_STORED = Cause("could not store {detail}: messages, joins and topics refused
 # client that honours retry_after has at most its send window (200) refused
 # at once, so a polite client never comes near it.
 FLOOD_REFUSALS = 1000
-# Heartbeats after a user's direct messages changed that announce their
-# position: a reader whose copy of the change (or of the first announcement)
-# was dropped still learns of it. (Rooms announce theirs at every heartbeat:
-# a subscriber's queue may drop any number of frames in a row.)
+# Heartbeats after a stream changed that announce its position: a reader
+# whose copy of the change (or of the first announcement) was dropped still
+# learns of it.
 POSITION_REPEATS = 2
+# Every this many heartbeats every room in use announces its position, changed
+# or not: a subscriber's queue may drop any number of frames in a row, and
+# then learns of a lost tail within this many intervals. Announcing each room
+# at every heartbeat cost a frame per member per second: with 5,000 idle
+# clients, two thirds of the broker's I/O thread.
+ROOM_POSITION_REFRESH = 10
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,11 @@ class BrokerConfig:
     # All histories together, in UTF-8 bytes of text plus a fixed cost per
     # event: rooms x history x max_text could otherwise reach gigabytes.
     history_bytes: int = 64 * 1024 * 1024
+    # Members above which a room stops announcing each join and leave and
+    # publishes its count once per heartbeat instead: every presence event
+    # costs a write per subscriber, and a list of thousands helps nobody
+    # (Twitch's chat does this above 1,000 viewers).
+    presence_threshold: int = 500
 
     @property
     def expiry(self) -> float:
@@ -171,9 +191,10 @@ class BrokerCore:
     # stream id -> stream: every room's, and the direct messages of users
     streams: dict[str, Stream] = field(default_factory=dict)
     history_bytes: int = 0  # what all histories hold together
-    # a user's "@" stream -> heartbeats that are still to announce its position
+    # stream id -> heartbeats that are still to announce its position
     to_announce: dict[str, int] = field(default_factory=dict)
     next_heartbeat: float = 0.0
+    heartbeats: int = 0  # since the start: every ROOM_POSITION_REFRESH-th refreshes all rooms
     next_sweep: float = 0.0
     # (name key, name) of everyone online, kept sorted: a join storm must not
     # sort the whole list again for every welcome
@@ -183,6 +204,16 @@ class BrokerCore:
     warnings: LogLimiter = field(default_factory=lambda: LogLimiter(log))
     # the monotonic time of the latest input, for the warnings' intervals
     last_now: float = 0.0
+    # the wall time of the latest input, stamped on presence events
+    last_wall: float = 0.0
+    # room key -> room with joins or leaves not announced yet (this pass)
+    presence_due: dict[str, Room] = field(default_factory=dict)
+    # room key -> counting room whose count changed since the last heartbeat
+    counts_due: dict[str, Room] = field(default_factory=dict)
+    # who joined, resumed and left in this pass: one log line each per pass,
+    # since a line per person costs more than the join itself in a storm
+    pass_log: dict[str, list[str]] = field(
+        default_factory=lambda: {"join": [], "resume": [], "leave": []})
 
     def __post_init__(self) -> None:
         self.general = self._open_room(m.GENERAL_ROOM)
@@ -230,8 +261,12 @@ class BrokerCore:
         """A request from ``peer`` (the frames after its routing id) at
         monotonic time ``now`` and wall time ``wall``; ``client_key`` is the
         client's public key when the broker checks keys."""
-        self.last_now = now
+        self.last_now, self.last_wall = now, wall
         session = self.sessions.get(peer)
+        if session is not None and (token := m.ping_token(frames)) is not None \
+                and _tokens_match(token, session.secret):
+            self._touch(session, now)  # a ping of its owner: a heartbeat, and nothing else
+            return []
         try:
             request = m.decode_request(frames)
         except m.ProtocolError as e:
@@ -257,7 +292,7 @@ class BrokerCore:
         out: their pings may be in that backlog, and an overloaded broker
         must not announce live users as gone.
         """
-        self.last_now = now
+        self.last_now, self.last_wall = now, wall
         self.warnings.flush(now)
         out: list = []
         if now >= self.next_heartbeat:
@@ -265,9 +300,15 @@ class BrokerCore:
             out.append(Publish(self._heartbeat(wall), m.HEARTBEAT_TOPIC))
             out += self._announce_positions()
             self.next_heartbeat = now + self.config.heartbeat_interval
-        if backlog or now < self.next_sweep:
-            return out
-        self.next_sweep = now + self.config.sweep_period
+        if not backlog and now >= self.next_sweep:
+            self.next_sweep = now + self.config.sweep_period
+            out += self._sweep(now, wall)
+        return out + self.flush_presence(wall) + self._publish_counts(now)
+
+    def _sweep(self, now: float, wall: float) -> list:
+        """End the sessions silent for too long: the oldest activity is first
+        in ``sessions``, so only those due are visited."""
+        out: list = []
         deadline = now - self.config.expiry
         while self.sessions:
             oldest = next(iter(self.sessions.values()))
@@ -276,9 +317,33 @@ class BrokerCore:
             out += self._end_session(oldest, m.LeaveReason.TIMEOUT, wall)
         return out
 
+    def flush_presence(self, wall: float) -> list:
+        """Announce the joins and leaves of this pass: one presence event per
+        room (the shell's tick calls it at the end of every pass)."""
+        out: list = []
+        while self.presence_due:
+            key = next(iter(self.presence_due))
+            out += self._announce_presence(self.presence_due.pop(key), wall)
+        self._log_pass()
+        return out
+
+    def _log_pass(self) -> None:
+        """``join ann, bob and 998 more``: one line per kind per pass."""
+        for verb, names in self.pass_log.items():
+            if names:
+                more = len(names) - LOG_NAMES
+                log.info("%s %s%s", verb, ", ".join(names[:LOG_NAMES]),
+                         f" and {more} more" if more > 0 else "")
+                names.clear()
+
     def next_deadline(self) -> float:
         """When tick() next has work to do (monotonic)."""
+        if self.presence_due:  # joins or leaves to announce (a peer found gone)
+            return self.last_now
         deadline = self.next_heartbeat
+        if self.counts_due:
+            deadline = min(deadline, min(r.count_published_at for r in self.counts_due.values())
+                           + self.config.heartbeat_interval)
         if self.sessions:
             oldest = next(iter(self.sessions.values()))
             sweep = max(oldest.last_seen + self.config.expiry, self.next_sweep)
@@ -391,15 +456,16 @@ class BrokerCore:
         (peer, room key) of the connections whose entering is refused, and
         of those whose topic is."""
         was_in: dict[tuple[str, str], bool] = {}  # (room key, name key): as stored
-        last_leave: dict[tuple[str, str], m.Leave] = {}
+        last_leave: dict[tuple[str, str], tuple[str, str, float]] = {}  # name, reason, time
         refused: set[tuple[bytes, str]] = set()
         for record in unwritten:
             event = record.event
-            if isinstance(event, (m.Join, m.Leave)):
-                pair = (record.stream, m.name_key(event.name))
-                was_in.setdefault(pair, isinstance(event, m.Leave))
-                if isinstance(event, m.Leave):
-                    last_leave[pair] = event
+            if isinstance(event, m.Presence):
+                for name, reason in event.people():
+                    pair = (record.stream, m.name_key(name))
+                    was_in.setdefault(pair, reason is not None)
+                    if reason is not None:
+                        last_leave[pair] = (name, reason, event.time)
             elif isinstance(event, m.Topic) and (user := self.by_name.get(
                     m.name_key(event.name))) is not None:
                 refused.update((s.peer, record.stream) for s in user.sessions)
@@ -407,8 +473,7 @@ class BrokerCore:
             room = self.rooms.get(key)
             inside = room is not None and name_key in room.members
             if stored_in and not inside:
-                leave = last_leave[(key, name_key)]
-                self.unrecorded_leaves.append((key, leave.name, leave.reason, leave.time))
+                self.unrecorded_leaves.append((key, *last_leave[(key, name_key)]))
             elif inside and not stored_in:
                 for session in self.by_name[name_key].sessions:
                     if not session.quiet and key in session.rooms:
@@ -509,7 +574,7 @@ class BrokerCore:
         for room in entered:
             session.rooms[m.room_key(room.name)] = room
             joins += self._enter(session, room, wall)
-        log.info("join %s%s", user.name, " (quiet)" if session.quiet else "")
+        self.pass_log["join"].append(user.name + (" (quiet)" if session.quiet else ""))
         return [Reply(peer, self._welcome(session, resumed=False, positions=positions)), *joins]
 
     def _rooms_problem(self, rooms: list[str]) -> str | None:
@@ -526,7 +591,7 @@ class BrokerCore:
         session.peer = peer
         session.last_seen = now
         self.sessions[peer] = session
-        log.info("resume %s", session.name)
+        self.pass_log["resume"].append(session.name)
         return [Reply(peer, self._welcome(session, resumed=True))]
 
     def _welcome(self, session: Session, resumed: bool,
@@ -536,7 +601,7 @@ class BrokerCore:
         dm = self.streams.get(m.dm_stream(session.name))
         rooms = [room.info(positions.get(key) if positions else None)
                  for key, room in session.rooms.items()]
-        return m.Welcome(session.name, self.epoch, self.user_names(), session.secret,
+        return m.Welcome(session.name, self.epoch, len(self.online), session.secret,
                          c.heartbeat_interval, c.heartbeat_liveness, c.max_text, rooms,
                          dm.seq if dm else 0, resumed)
 
@@ -602,37 +667,65 @@ class BrokerCore:
     def _enter(self, session: Session, room: Room, wall: float) -> list:
         """``session`` is now in ``room``: a join when its user was not."""
         room.sessions += 1
-        if session.quiet:
-            return []
-        user = session.user
-        name, count = room.members.get(user.name_key, (user.name, 0))
-        room.members[user.name_key] = (name, count + 1)
-        if count:
-            return []
-        return self._append(room.stream, lambda seq: m.Join(seq, wall, user.name, room.name))
+        if not session.quiet and room.add_member(session.user.name_key, session.user.name):
+            self._presence_changed(room)
+        return []
 
     def _exit(self, session: Session, room: Room, reason: str, wall: float) -> list:
-        """``session`` left ``room``: a leave when its user is no longer in it."""
-        if not self._leave_room(session, room):
-            return []
-        name = session.name
-        return self._append(room.stream, lambda seq: m.Leave(seq, wall, name, reason, room.name))
+        """``session`` left ``room``: a leave (announced at the end of the
+        pass) when its user is no longer in it."""
+        self._leave_room(session, room, reason)
+        return []
 
-    def _leave_room(self, session: Session, room: Room) -> bool:
+    def _leave_room(self, session: Session, room: Room, reason: str | None = None) -> bool:
         """Take ``session`` out of ``room``; True if its user is no longer in
-        it (a leave is due). An empty room in which nothing happened goes."""
+        it. A leave is announced with ``reason``; with None, none is (an
+        entry undone because it could not be stored). An empty room in which
+        nothing happened goes."""
         room.sessions -= 1
-        gone = False
-        if not session.quiet:
-            name_key = session.user.name_key
-            name, count = room.members[name_key]
-            if count > 1:
-                room.members[name_key] = (name, count - 1)
-            else:
-                del room.members[name_key]
-                gone = True
+        gone = not session.quiet and room.remove_member(session.user.name_key, reason)
+        if gone and reason is not None:
+            self._presence_changed(room)
         self._forget_if_unused(room)
         return gone
+
+    def _presence_changed(self, room: Room) -> None:
+        self.presence_due[m.room_key(room.name)] = room
+
+    def _announce_presence(self, room: Room, wall: float) -> list:
+        """One room's joins and leaves of this pass: a presence event, or,
+        for a room above the threshold, its count at the next heartbeat."""
+        key = m.room_key(room.name)
+        if self.rooms.get(key) is not room:
+            return []  # entered and left in this pass, and forgotten
+        joined, left = room.take_changes()
+        if room.counting or len(room.members) > self.config.presence_threshold:
+            # Too big: its count is published instead (_publish_counts), and
+            # when it comes back to the threshold, that count first.
+            room.counting = True
+            self.counts_due[key] = room
+            return []
+        if not joined and not left:
+            return []
+        return self._append(room.stream, lambda seq: m.Presence(seq, wall, joined, left, room.name))
+
+    def _publish_counts(self, now: float) -> list:
+        """The count of each counting room that changed, on its topic, at
+        most once per heartbeat interval (at once after a quiet interval, so
+        that those timed out together are counted gone without delay). A
+        room back at the threshold announces each change again after it."""
+        out = []
+        for key, room in list(self.counts_due.items()):
+            if now < room.count_published_at + self.config.heartbeat_interval:
+                continue
+            del self.counts_due[key]
+            count = len(room.members)
+            if self.rooms.get(key) is not room or count == room.count_published:
+                continue
+            room.count_published, room.count_published_at = count, now
+            room.counting = count > self.config.presence_threshold
+            out.append(Publish(m.Members(room.name, count), room.stream.topic))
+        return out
 
     def _forget_if_unused(self, room: Room) -> None:
         """A room nobody is in and nothing was said in goes."""
@@ -653,15 +746,13 @@ class BrokerCore:
             return self._direct(session, say, now, wall)
         sender_id = (session.user.name_key, say.id)
         key = m.room_key(say.room or m.GENERAL_ROOM)
+        named = self.rooms.get(key)
+        if named is not None and (ack := self._ack_again(session, say, named.stream)):
+            return ack  # even after a part
         room = session.rooms.get(key)
         if room is None:
-            named = self.rooms.get(key)
-            if named is not None and (seq := named.stream.accepted_seq(sender_id)) is not None:
-                # a resend of an accepted message, even after a part: ack it again
-                return [Reply(peer, m.Ack(say.id, seq))]
             return self._not_in(peer, session, say.room or m.GENERAL_ROOM, say.id)
-        # (a resend to a room the sender is in is acknowledged again by _admit)
-        refusal = self._admit(session, say, room.stream, now, wall)
+        refusal = self._admit(session, say, now, wall)
         if refusal is not None:
             return refusal
         out = self._append(room.stream,
@@ -675,14 +766,13 @@ class BrokerCore:
         peer = session.peer
         sender = session.user
         own = self._dm_stream(m.dm_stream(sender.name))
-        if (seq := own.accepted_seq((sender.name_key, say.id))) is not None:
-            # a resend of an accepted message, even if its addressee left since
-            return [Reply(peer, m.Ack(say.id, seq))]
+        if ack := self._ack_again(session, say, own):
+            return ack  # even if its addressee left since
         addressee = self.by_name.get(m.name_key(say.to))
         if addressee is None or not addressee.visible:
             return self._refuse(peer, m.ErrorCode.USER_OFFLINE, f"{say.to} is not online",
                                 id=say.id, who=session.name)
-        refusal = self._admit(session, say, own, now, wall)
+        refusal = self._admit(session, say, now, wall)
         if refusal is not None:
             return refusal
         sender_id = (sender.name_key, say.id)
@@ -697,13 +787,15 @@ class BrokerCore:
             out += [Reply(s.peer, event) for s in user.sessions if not s.quiet]
         return [*out, Reply(peer, m.Ack(say.id, own.seq))]
 
-    def _admit(self, session: Session, say: m.Say, stream: Stream, now: float,
-               wall: float) -> list | None:
-        """None if ``say`` may be numbered in ``stream``; else the replies
-        that refuse it (an ack again, for a resend of an accepted message)."""
+    def _ack_again(self, session: Session, say: m.Say, stream: Stream) -> list | None:
+        """For a resend of a message ``stream`` accepted already, its ack
+        again (nothing is numbered twice); else None."""
         seq = stream.accepted_seq((session.user.name_key, say.id))
-        if seq is not None:
-            return [Reply(session.peer, m.Ack(say.id, seq))]
+        return None if seq is None else [Reply(session.peer, m.Ack(say.id, seq))]
+
+    def _admit(self, session: Session, say: m.Say, now: float, wall: float) -> list | None:
+        """None if ``say``, not a resend (see _ack_again), may be numbered;
+        else the replies that refuse it."""
         problem = m.text_problem(say.text, self.config.max_text)
         if problem:
             return self._refuse(session.peer, *problem, id=say.id, who=session.name)
@@ -745,10 +837,10 @@ class BrokerCore:
     def _on_who(self, peer: bytes, session: Session | None, who: m.Who, now: float,
                 wall: float) -> list:
         if who.room is None:
-            return [Reply(peer, m.Users(self.user_names()))]
+            return [Reply(peer, _users_page(self.online, who.after, None))]
         room = self.rooms.get(m.room_key(who.room))
-        names = [] if room is None else [n for _, (n, _) in sorted(room.members.items())]
-        return [Reply(peer, m.Users(names, room.name if room else who.room))]
+        listed = [] if room is None else room.listed
+        return [Reply(peer, _users_page(listed, who.after, room.name if room else who.room))]
 
     def _on_ping(self, peer: bytes, session: Session | None, ping: m.Ping, now: float,
                  wall: float) -> list:
@@ -782,6 +874,7 @@ class BrokerCore:
     # --- helpers ------------------------------------------------------------------
 
     def user_names(self) -> list[str]:
+        """Everyone online, sorted by name key."""
         return [name for _, name in self.online]
 
     def _room_of(self, session: Session | None, room: str) -> Room | None:
@@ -814,15 +907,19 @@ class BrokerCore:
         return m.Heartbeat(self.epoch, wall)
 
     def _announce_positions(self) -> list:
-        """Streams tell their positions, so a reader notices a lost tail:
-        every room someone is in on its topic, and a user's direct messages,
-        when they changed lately, to that user's sessions."""
+        """Streams tell their positions, so a reader notices a lost tail: a
+        room someone is in on its topic, and a user's direct messages to that
+        user's sessions, when they changed lately; every room in use at every
+        ROOM_POSITION_REFRESH-th heartbeat."""
+        self.heartbeats += 1
+        refresh = self.heartbeats % ROOM_POSITION_REFRESH == 0
         out = [Publish(m.Position(key, room.stream.seq), room.stream.topic)
-               for key, room in self.rooms.items() if room.sessions and room.stream.seq]
+               for key, room in self.rooms.items()
+               if room.sessions and room.stream.seq and (refresh or key in self.to_announce)]
         for stream_id, left in list(self.to_announce.items()):
-            stream = self.streams[stream_id]
-            position = m.Position(stream_id, stream.seq)
-            if (user := self.by_name.get(stream_id[1:])) is not None:
+            user = self.by_name.get(stream_id[1:]) if stream_id[:1] == m.DM_STREAM_PREFIX else None
+            if user is not None:
+                position = m.Position(stream_id, self.streams[stream_id].seq)
                 out += [Reply(s.peer, position) for s in user.sessions if not s.quiet]
             if left > 1:
                 self.to_announce[stream_id] = left - 1
@@ -836,7 +933,7 @@ class BrokerCore:
             out += self._exit(session, room, reason, wall)
         session.rooms.clear()
         self._detach(session)
-        log.info("leave %s (%s)", session.name, reason)
+        self.pass_log["leave"].append(f"{session.name} ({reason})")
         return out
 
     def _detach(self, session: Session) -> None:
@@ -857,6 +954,9 @@ class BrokerCore:
         The room's leaves whose write failed come first, so that the order
         stays true (a name that left is not seen to join before it left)."""
         out = self._record_leaves(stream.id)
+        if (room := self.presence_due.pop(stream.id, None)) is not None:
+            # this pass's joins go before what the people who joined say
+            out += self._announce_presence(room, self.last_wall)
         event = self._number(stream, make_event, sender_id)
         return [*out, Persist(stream.id, event, sender_id, previous_topic),
                 Publish(event, stream.topic)]
@@ -868,11 +968,15 @@ class BrokerCore:
             return []
         due = [leave for leave in self.unrecorded_leaves if room_key in (None, leave[0])]
         self.unrecorded_leaves = [leave for leave in self.unrecorded_leaves if leave not in due]
-        out: list = []
+        by_room: dict[str, list] = {}
         for key, name, reason, wall in due:
+            by_room.setdefault(key, []).append((name, reason, wall))
+        out: list = []
+        for key, leaves in by_room.items():
             room = self.rooms[key]  # kept: a room with a stored join has events
-            event = self._number(room.stream, lambda seq: m.Leave(seq, wall, name, reason,
-                                                                  room.name), None)
+            left, wall = [[name, reason] for name, reason, _ in leaves], leaves[-1][2]
+            event = self._number(room.stream, lambda seq: m.Presence(seq, wall, [], left,
+                                                                     room.name), None)
             out += [Persist(key, event), Publish(event, room.stream.topic)]
         return out
 
@@ -882,8 +986,7 @@ class BrokerCore:
         event = stream.append(make_event, sender_id)
         self.history_bytes += stream.bytes - before
         self._keep_within_history_budget()
-        if stream.topic is None:
-            self.to_announce[stream.id] = POSITION_REPEATS
+        self.to_announce[stream.id] = POSITION_REPEATS
         return event
 
     def _keep_within_history_budget(self) -> None:
@@ -909,6 +1012,20 @@ class BrokerCore:
         self.warnings.warn(REFUSED, who or peer.hex(), f"{reason[:LOG_QUOTE_CHARS]} ({code})",
                            self.last_now)
         return [Reply(peer, m.Error(code, reason, id))]
+
+
+def _users_page(listed: list[tuple[str, str]], after: str | None, room: str | None) -> m.Users:
+    """The names of ``listed`` (sorted (name key, name) pairs) after the
+    name key ``after``, as many as fit in WHO_PAGE_BYTES."""
+    start = 0 if after is None else bisect.bisect_right(listed, after, key=lambda e: e[0])
+    end, size = start, 0
+    while end < len(listed):
+        size += len(listed[end][1]) + 3  # names are ASCII: quotes and a comma
+        if end > start and size > m.WHO_PAGE_BYTES:
+            break
+        end += 1
+    cursor = listed[end - 1][0] if end < len(listed) else None
+    return m.Users([name for _, name in listed[start:end]], room, len(listed), cursor)
 
 
 def _unavailable(id: str | None, retry_after: float) -> m.Error:

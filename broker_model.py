@@ -8,6 +8,7 @@ socket, a clock or another table.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import messages as m
@@ -87,7 +88,58 @@ class Room:
     topic: str = ""
     # name key -> (name, visible sessions of that user in the room)
     members: dict = field(default_factory=dict)
+    # (name key, name) of each member, sorted: ``who`` pages through it
+    listed: list = field(default_factory=list)
     sessions: int = 0  # every session in it, quiet ones too
+    # Changes not announced yet (one presence event per pass): name key ->
+    # (name, whether the user was in the room before them, leave reason or
+    # None if the latest change was a join).
+    pending: dict = field(default_factory=dict)
+    counting: bool = False  # too big: its count is published, not each change
+    count_published: int = -1  # the count last published (counting rooms)
+    count_published_at: float = float("-inf")  # and when (monotonic)
+
+    def add_member(self, name_key: str, name: str) -> bool:
+        """One more visible session of a user; True if the user was not in."""
+        shown, count = self.members.get(name_key, (name, 0))
+        self.members[name_key] = (shown, count + 1)
+        if count == 0:
+            bisect.insort(self.listed, (name_key, shown))
+            self._note(name_key, shown, None)
+        return count == 0
+
+    def remove_member(self, name_key: str, reason: str | None) -> bool:
+        """One visible session of a user fewer; True if the user is out now.
+        ``reason`` None: the change is not to be announced (an undone entry)."""
+        name, count = self.members[name_key]
+        if count > 1:
+            self.members[name_key] = (name, count - 1)
+            return False
+        del self.members[name_key]
+        del self.listed[bisect.bisect_left(self.listed, (name_key, name))]
+        if reason is not None:
+            self._note(name_key, name, reason)
+        else:
+            self.pending.pop(name_key, None)
+        return True
+
+    def _note(self, name_key: str, name: str, reason: str | None) -> None:
+        before = self.pending.get(name_key)
+        was_in = reason is not None if before is None else before[1]
+        self.pending[name_key] = (name, was_in, reason)
+
+    def take_changes(self) -> tuple[list[str], list[list[str]]]:
+        """The net changes since the last call: who joined, who left (with why)."""
+        pending, self.pending = self.pending, {}
+        joined: list[str] = []
+        left: list[list[str]] = []
+        for name_key, (name, was_in, reason) in pending.items():
+            is_in = name_key in self.members
+            if is_in and not was_in:
+                joined.append(name)
+            elif was_in and not is_in:
+                left.append([name, reason])
+        return joined, left
 
     def info(self, seq: int | None = None) -> m.Room:
         """The room as its members see it (at position ``seq``, if given)."""

@@ -37,7 +37,7 @@ from client_session import (Acked, BrokerRefused, ClientSession, Earlier, Joined
                             Missed, Refused, RoomJoined, RoomParted, State, StateChanged,
                             add_connection_arguments, ask_broker, encryption_from_args,
                             list_users, login_name)
-from display import event_json, event_line, visible
+from display import event_line, event_records, visible
 
 
 class Exit:
@@ -445,16 +445,16 @@ def run_send(session: ClientSession, args: argparse.Namespace) -> int:
 
 
 # What listen and the chat print as it happens.
-SHOWN_EVENTS = (m.Message, m.Join, m.Leave, m.Topic)
+SHOWN_EVENTS = (m.Message, m.Presence, m.Topic)
 
 
 def print_event(event, as_json: bool, earlier: bool = False,
                 unmarked_room: str | None = None) -> None:
     if as_json:
-        record = event_json(event)
-        if earlier:
-            record["history"] = True
-        out(json.dumps(record))
+        for record in event_records(event):
+            if earlier:
+                record["history"] = True
+            out(json.dumps(record))
     else:
         out(event_line(event, unmarked_room))
 
@@ -622,7 +622,7 @@ def run_chat(session: ClientSession, args: argparse.Namespace) -> int:
     """The terminal chat, on prompt_toolkit: the line being typed stays at
     the bottom, intact, while what arrives is printed above it."""
     joined = join(session, args.timeout)
-    err(f"joined as {joined.name}; online: {', '.join(joined.users)}. "
+    err(f"joined as {joined.name}; {joined.online} online (/users lists them). "
         "Type a message and Enter; /help lists the commands.")
     return asyncio.run(chat_loop(session, joined.name, ChatRooms((m.GENERAL_ROOM,))))
 
@@ -789,7 +789,9 @@ def print_chat_events(session: ClientSession, sent: dict[str, str], rooms: ChatR
             out(chat_event_line(event, name, rooms.current, styled, alerts))
         elif isinstance(event, m.Users):
             where = f"in {event.room}" if event.room else "online"
-            out(f"{where}: " + ", ".join(visible(u) for u in event.users))
+            out(f"{where} ({event.count}): " + ", ".join(visible(u) for u in event.users))
+            if event.next is not None:  # one page of many: the next one follows
+                session.who(event.room, after=event.next)
         elif isinstance(event, m.RoomList):
             out("\n".join(["rooms (people in each):", *(
                 f"  {r.room} ({r.members})" + (f": {visible(r.topic)}" if r.topic else "")

@@ -21,13 +21,15 @@ The phases and which input each acts on are one table, TRANSITIONS:
 1. Connect: open both sockets, subscribe to the streams and to a private
    ready topic; the broker answers the ready topic with a heartbeat, which
    proves the subscription is live (the Clone pattern's slow-joiner fix).
-2. Hello: the welcome gives the user list, the main stream's position, and
-   a resume token that takes the name back after a reconnect.
+2. Hello: the welcome gives how many are online, each room's position and
+   member count, and a resume token that takes the name back after a
+   reconnect. Who they are is asked with ``who``, a page at a time.
 3. Joined: each stream's StreamReader (client_stream.py) hands events on in
    order, exactly once, and repairs gaps. Chat text goes out from the Outbox
    with a bounded window and stays there until acknowledged, so it is sent
    again after a reconnect and the broker drops the repeats by message id.
-4. Liveness (Paranoid Pirate): ping when quiet for an interval; when the
+4. Liveness (Paranoid Pirate): ping when quiet for half the broker's
+   patience (messages.ping_period: any request counts); when the
    broker has been silent for liveness x interval, drop both sockets and
    start again with a doubling backoff, resuming the name. Only the broker
    run that welcomed us proves itself alive: a heartbeat of another epoch
@@ -154,9 +156,10 @@ class Joined:
     """The broker welcomed us (again, if ``resumed``)."""
 
     name: str
-    users: list[str]
+    online: int  # people online broker-wide
     resumed: bool
     broker_restarted: bool
+    rooms: tuple = ()  # a messages.Room for each room we are in
 
 
 @dataclass(frozen=True)
@@ -290,7 +293,7 @@ TRANSITIONS: dict[Phase, dict[Any, str]] = {
     Phase.JOINED: {**_WHILE_CONNECTED, m.Welcome: "_on_welcome", m.Error: "_on_error",
                    m.Ack: "_on_ack", m.History: "_on_history", m.Heartbeat: "_on_heartbeat",
                    m.Position: "_on_position", READY: "_on_room_ready", m.Room: "_on_room",
-                   m.Parted: "_on_parted"},
+                   m.Parted: "_on_parted", m.Members: "_on_members"},
     Phase.REFUSED: {m.Shutdown: "_on_shutdown", m.Users: "_on_users",
                     m.RoomList: "_on_users"},
     Phase.CLOSED: {},
@@ -345,6 +348,11 @@ class ClientCore:
                        for phase, row in TRANSITIONS.items()}
 
     @property
+    def ping_period(self) -> float:
+        """How long we may send nothing before we ping (messages.ping_period)."""
+        return m.ping_period(self.interval, self.liveness)
+
+    @property
     def patience(self) -> float:
         """How long silence from the broker (or a missing answer) may last."""
         return self.interval * self.liveness
@@ -387,8 +395,10 @@ class ClientCore:
         self.outbox.add(msg_id, text, room, to)
         return self._flush(now)
 
-    def who(self, now: float, room: str | None = None) -> list:
-        return self._ask(m.Who(room), now, "cannot list users")
+    def who(self, now: float, room: str | None = None, after: str | None = None) -> list:
+        """Ask a page of who is online (in ``room``); ``after``: the previous
+        page's ``next``. The answer is a messages.Users event."""
+        return self._ask(m.Who(room, after), now, "cannot list users")
 
     def list_rooms(self, now: float) -> list:
         return self._ask(m.ListRooms(), now, "cannot list rooms")
@@ -530,7 +540,7 @@ class ClientCore:
             # the broker acknowledges a repeat without showing it twice.
             self.outbox.send_again()
         out += self._flush(now)
-        if now - self.last_request >= self.interval:
+        if now - self.last_request >= self.ping_period:
             out.append(self._request(m.Ping(self.token), now))
         return out
 
@@ -545,7 +555,7 @@ class ClientCore:
             deadlines.append(self.hello_retry_at if self.hello_sent_at is None
                              else self.hello_sent_at + self.patience)
         if self.phase is Phase.JOINED:
-            deadlines.append(self.last_request + self.interval)
+            deadlines.append(self.last_request + self.ping_period)
             deadlines += [t for r in self.streams.values()
                           if (t := r.next_deadline(self.patience)) is not None]
             if (oldest := self.outbox.oldest_in_flight()) is not None:
@@ -629,7 +639,7 @@ class ClientCore:
         self.hello_sent_at = None
         self.backoff = RECONNECT_DELAY_FIRST
         self.outbox.send_again()
-        out += [Joined(w.name, list(w.users), w.resumed, restarted),
+        out += [Joined(w.name, w.online, w.resumed, restarted, tuple(w.rooms)),
                 StateChanged(State.CONNECTED, f"joined as {w.name}")]
         if self.recent:  # not asked yet, or not answered before we rejoined
             for reader, _ in positions[:-1]:
@@ -686,6 +696,10 @@ class ClientCore:
 
     def _on_users(self, users: m.Users, now: float) -> list:
         return [users]
+
+    def _on_members(self, members: m.Members, now: float) -> list:
+        """A big room's count: for the caller, if we are in that room."""
+        return [members] if m.room_key(members.room) in self.rooms else []
 
     def _on_history(self, h: m.History, now: float) -> list:
         reader = self._reader_named(h.stream)

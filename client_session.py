@@ -5,7 +5,7 @@ worker thread; the caller never touches a socket. The caller gives commands
 through thread-safe methods (send, who, join, close), which never block, and
 reads what happens from ``session.events``, a queue.Queue of the events of
 client_core (StateChanged, Joined, JoinRefused, Acked, Refused), of
-client_stream (Earlier, Missed) and of messages.Message / Join / Leave / Users.
+client_stream (Earlier, Missed) and of messages.Message / Presence / Members / Users.
 
 Every decision is made by client_core.ClientCore, which is free of sockets,
 threads and clocks; the worker thread only polls, feeds it frames, commands
@@ -104,9 +104,10 @@ class ClientSession:
         self._command(ClientCore.send, msg_id, text, room=room, to=to)
         return msg_id
 
-    def who(self, room: str | None = None) -> None:
-        """Ask who is online (in a room); the answer is a messages.Users event."""
-        self._command(ClientCore.who, room=room)
+    def who(self, room: str | None = None, after: str | None = None) -> None:
+        """Ask a page of who is online (in a room); the answer is a
+        messages.Users event, whose ``next`` asks the following page."""
+        self._command(ClientCore.who, room=room, after=after)
 
     def list_rooms(self) -> None:
         """Ask which rooms exist; the answer is a messages.RoomList event."""
@@ -315,9 +316,18 @@ def ask_broker(host: str, port: int, request, answer_type: type, timeout: float,
 
 def list_users(host: str, port: int, timeout: float, encryption: Encryption | None = None,
                room: str | None = None) -> list[str] | None:
-    """Who is online (in ``room``), asked without joining; None if no answer in time."""
-    reply = ask_broker(host, port, m.Who(room), m.Users, timeout, encryption)
-    return None if reply is None else reply.users
+    """Who is online (in ``room``), asked without joining, page after page;
+    None if a page did not come in time."""
+    names: list[str] = []
+    after = None
+    while True:
+        reply = ask_broker(host, port, m.Who(room, after), m.Users, timeout, encryption)
+        if reply is None:
+            return None
+        names += reply.users
+        if reply.next is None:
+            return names
+        after = reply.next
 
 
 # --- command-line options shared by both clients ------------------------------------

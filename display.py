@@ -146,20 +146,35 @@ def iso_utc(timestamp: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def presence_text(event: m.Join | m.Leave | m.Topic) -> str:
-    """``* name joined`` / ``* name left (reason)`` / ``* name set the topic: text``."""
-    if isinstance(event, m.Join):
-        return f"* {event.name} joined"
+# Names a presence line shows before it counts the rest ("and 12 others").
+PRESENCE_NAMES_SHOWN = 5
+
+
+def _names(names: list[str]) -> str:
+    """``ann, bob and carol``, or ``ann, bob, ... and 12 others`` for many."""
+    if len(names) > PRESENCE_NAMES_SHOWN:
+        others = len(names) - PRESENCE_NAMES_SHOWN + 1
+        return f"{', '.join(names[:PRESENCE_NAMES_SHOWN - 1])} and {others} others"
+    return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+
+
+def presence_text(event: m.Presence | m.Topic) -> str:
+    """``* ann and bob joined; carol left (quit)`` / ``* name set the topic: text``."""
     if isinstance(event, m.Topic):
         return f"* {event.name} set the topic: {visible(event.text)}"
-    return f"* {event.name} left ({event.reason})"
+    parts = [f"{_names(event.joined)} joined"] if event.joined else []
+    reasons: dict[str, list[str]] = {}
+    for name, reason in event.left:
+        reasons.setdefault(reason, []).append(name)
+    parts += [f"{_names(names)} left ({visible(reason)})" for reason, names in reasons.items()]
+    return "* " + "; ".join(parts)
 
 
 # How a direct message is marked: sender, arrow, addressee.
 DIRECT_ARROW = "→"
 
 
-def event_line(event: m.Message | m.Join | m.Leave | m.Topic,
+def event_line(event: m.Message | m.Presence | m.Topic,
                unmarked_room: str | None = m.GENERAL_ROOM) -> str:
     """One line of the text output: ``HH:MM:SS name: text`` or a notice.
 
@@ -181,7 +196,20 @@ def event_line(event: m.Message | m.Join | m.Leave | m.Topic,
     return f"{stamp} {presence_text(event)}"
 
 
-def event_json(event: m.Message | m.Join | m.Leave | m.Topic) -> dict:
+def event_records(event: m.Message | m.Presence | m.Topic) -> list[dict]:
+    """The JSON Lines records of an event: a presence event gives one record
+    per person (``join``, or ``leave`` with its ``reason``), each with the
+    event's ``seq`` and ``time``, so that a script reads one name a line."""
+    if not isinstance(event, m.Presence):
+        return [event_json(event)]
+    where = {} if event.room is None else {"room": event.room}
+    head = {"seq": event.seq, "time": iso_utc(event.time)}
+    return ([{"type": "join", **head, "name": name, **where} for name in event.joined]
+            + [{"type": "leave", **head, "name": name, "reason": reason, **where}
+               for name, reason in event.left])
+
+
+def event_json(event: m.Message | m.Topic) -> dict:
     """The JSON Lines record of an event (text left as it is: JSON escapes it).
     A room's event names its ``room``, a direct message its addressee ``to``."""
     record = {"type": event.TYPE, "seq": event.seq, "time": iso_utc(event.time)}
@@ -190,11 +218,7 @@ def event_json(event: m.Message | m.Join | m.Leave | m.Topic) -> dict:
         if event.to is not None:
             record["to"] = event.to
     else:
-        record["name"] = event.name
-        if isinstance(event, m.Leave):
-            record["reason"] = event.reason
-        elif isinstance(event, m.Topic):
-            record["text"] = event.text
+        record.update({"name": event.name, "text": event.text})
     if event.room is not None:
         record["room"] = event.room
     return record

@@ -576,6 +576,7 @@ class Conversation:
         self.unread = 0
         self.mentions = 0
         self.members: list[str] = []  # a room's, in the order shown
+        self.member_count = 0  # a room's, as the broker last said (a list may be older)
         self.topic = ""
         self.parted = False  # the last room, left: kept on screen, greyed
         self.following = True  # showing the newest: new lines scroll it
@@ -602,6 +603,10 @@ class Conversation:
                                  background=COLORS["chat_bg"], foreground=COLORS["text"],
                                  highlightthickness=0, spacing1=2, spacing3=2, cursor="arrow")
         self.chat.configure(yscrollcommand=self._on_chat_scrolled)
+        # Whether the newest line was in view when the view last changed: a
+        # resize must keep it there, as chat windows do (Tk keeps the top line).
+        self.newest_in_view = True
+        self.chat.bind("<Configure>", self._on_chat_resized, add="+")
         self.chat.vbar.configure(width=10, relief="flat", borderwidth=0, elementborderwidth=0,
                                  troughcolor=COLORS["chat_bg"], background="#dadce0",
                                  activebackground="#bdc1c6", highlightthickness=0)
@@ -857,8 +862,15 @@ class Conversation:
 
     def _on_chat_scrolled(self, first: str, last: str) -> None:
         self.chat.vbar.set(first, last)
-        if float(last) >= 1.0:
+        self.newest_in_view = float(last) >= 1.0
+        if self.newest_in_view:
             self.new_marker.place_forget()
+
+    def _on_chat_resized(self, event) -> None:
+        # Runs before Tk redraws at the new size, so newest_in_view still
+        # tells where the view was.
+        if self.newest_in_view:
+            self.chat.see("end")
 
     def show_new_marker(self) -> None:
         self.new_marker.place(relx=1.0, rely=1.0, x=-16, y=-10, anchor="se")
@@ -884,6 +896,9 @@ class ChatWindow:
         self.opened: set[Conversation] = set()
         self._joining: set[str] = set()  # rooms the user asked to join: shown when in
         self._users_asked: set[str] = set()  # rooms whose /users answer is printed
+        # room key -> the names of the pages of a ``who`` read so far: a
+        # room's list is loaded when it is shown, a page at a time.
+        self._pages: dict[str, list[str]] = {}
         self.focused = True
         self.alerts = chat_commands.Alerts()
         self.connection = State.CONNECTED
@@ -892,7 +907,8 @@ class ChatWindow:
         self._focus_job = None
         self.current: Conversation | None = None  # the one on screen
         self._handlers = {
-            m.Message: self._on_message, m.Join: self._on_presence, m.Leave: self._on_presence,
+            m.Message: self._on_message, m.Presence: self._on_presence,
+            m.Members: self._on_members,
             m.Topic: self._on_topic, m.Users: self._on_users, m.RoomList: self._on_room_list,
             Earlier: self._on_earlier, Acked: self._on_acked, Refused: self._on_refused,
             StateChanged: self._on_state, Joined: self._on_joined,
@@ -901,8 +917,9 @@ class ChatWindow:
             BrokerRefused: self._on_broker_refused}
         self._build()
         self.current = self._room(m.GENERAL_ROOM)
-        self.current.members = sorted(joined.users, key=m.name_key)
+        self._take_counts(joined)
         self.current.show()
+        self._load_people(self.current)
         self._set_connection(State.CONNECTED)
         self._show_conversation_details()
         root.protocol("WM_DELETE_WINDOW", self.close)
@@ -1133,8 +1150,7 @@ class ChatWindow:
             conversation.show()
         if self.focused:
             conversation.unread = conversation.mentions = 0
-        if conversation.room and not conversation.parted:
-            self.session.who(conversation.room)
+        self._load_people(conversation)
         self._show_conversation_details()
 
     def _show_conversation_details(self) -> None:
@@ -1210,7 +1226,7 @@ class ChatWindow:
                 here.show_notice("usage here: /users ROOM", "error")
             else:
                 self._users_asked.add(m.room_key(room))
-                self.session.who(room)
+                self._ask_people(room)
         elif command.name == "/rooms":
             self.session.list_rooms()
         elif command.name in ("/join", "/switch"):
@@ -1371,17 +1387,48 @@ class ChatWindow:
         conversation.append([f"{clock(event.time)}  ", ("line", "time"),
                              self.fonts.drawable(presence_text(event)), ("line", "presence")])
 
-    def _on_presence(self, event: m.Join | m.Leave) -> None:
+    def _on_presence(self, event: m.Presence) -> None:
         conversation = self._room_of(event)
         if conversation is None:
             return
-        members = [n for n in conversation.members if m.name_key(n) != m.name_key(event.name)]
-        if isinstance(event, m.Join):
-            bisect.insort(members, event.name, key=m.name_key)
+        gone = {m.name_key(name) for name, _ in event.left} | {
+            m.name_key(name) for name in event.joined}
+        members = [n for n in conversation.members if m.name_key(n) not in gone]
+        for name in event.joined:
+            bisect.insort(members, name, key=m.name_key)
         conversation.members = members
+        conversation.member_count = max(0, conversation.member_count + len(event.joined)
+                                        - len(event.left))
         self._presence_line(conversation, event)
         if conversation is self.current:
             self._show_people()
+
+    def _on_members(self, event: m.Members) -> None:
+        """A big room's count: its list is loaded again when it is shown."""
+        conversation = self._room_of(event)
+        if conversation is None:
+            return
+        conversation.member_count = event.count
+        if conversation is self.current:
+            self._show_people()
+
+    def _load_people(self, conversation: Conversation) -> None:
+        """Ask who is in a room shown."""
+        if conversation.room and not conversation.parted:
+            self._ask_people(conversation.room)
+
+    def _ask_people(self, room: str) -> None:
+        """Ask the first page of a room's people (the others follow), unless
+        they are being read already."""
+        if m.room_key(room) not in self._pages:
+            self._pages[m.room_key(room)] = []
+            self.session.who(room)
+
+    def _take_counts(self, joined: Joined) -> None:
+        """The member counts a welcome brings, for the rooms we have."""
+        for info in joined.rooms:
+            if (conversation := self.conversations.get(m.room_key(info.room))) is not None:
+                conversation.member_count = info.members
 
     def _on_topic(self, event: m.Topic) -> None:
         conversation = self._room_of(event)
@@ -1393,16 +1440,28 @@ class ChatWindow:
             self._show_conversation_details()
 
     def _on_users(self, event: m.Users) -> None:
+        """A page of a room's people: the next is asked until the last came."""
         room = event.room or m.GENERAL_ROOM
-        conversation = self.conversations.get(m.room_key(room))
+        key = m.room_key(room)
+        pages = self._pages.get(key)
+        if pages is None:
+            return  # an answer nobody waits for any more
+        pages += event.users
+        if event.next is not None:
+            self.session.who(room, after=event.next)
+            return
+        names = self._pages.pop(key)
+        conversation = self.conversations.get(key)
         if conversation is not None:
-            conversation.members = sorted(event.users, key=m.name_key)
+            conversation.members = names
+            conversation.member_count = len(names)
             if conversation is self.current:
                 self._show_people()
-        if m.room_key(room) in self._users_asked:
-            self._users_asked.discard(m.room_key(room))
+        if key in self._users_asked:
+            self._users_asked.discard(key)
             self.current.show_notice(
-                f"in {room}: " + ", ".join(self.shown(u) for u in event.users), "presence")
+                f"in {room} ({len(names)}): " + ", ".join(self.shown(u) for u in names),
+                "presence")
 
     def _on_room_list(self, event: m.RoomList) -> None:
         lines = [f"  {r.room} ({r.members})" + (f": {self.shown(r.topic)}" if r.topic else "")
@@ -1412,6 +1471,7 @@ class ChatWindow:
     def _on_room_joined(self, event: RoomJoined) -> None:
         conversation = self._room(event.room.room)
         conversation.topic = event.room.topic
+        conversation.member_count = event.room.members
         if conversation.parted:
             conversation.parted = False
         if m.room_key(event.room.room) in self._joining:  # asked for: shown
@@ -1455,7 +1515,8 @@ class ChatWindow:
         if conversation.peer:
             label = "TALKING WITH"
         else:
-            label = f"{'WHO WAS ONLINE' if self.users_stale else 'ONLINE'} · {len(names)}"
+            label = (f"{'WHO WAS ONLINE' if self.users_stale else 'ONLINE'} · "
+                     f"{conversation.member_count}")
         self.users_label.configure(text=label)
 
     def _mark_users_stale(self) -> None:
@@ -1481,11 +1542,9 @@ class ChatWindow:
     def _on_joined(self, event: Joined) -> None:
         self.name = event.name
         self.users_stale = False
-        general = self.conversations.get(m.GENERAL_ROOM)
-        if general is not None:
-            general.members = sorted(event.users, key=m.name_key)
-        if self.current.room and self.current is not general:
-            self.session.who(self.current.room)
+        self._take_counts(event)
+        self._pages.clear()  # answers to the connection before may never come
+        self._load_people(self.current)
         self._show_people()
         restarted = " (the broker restarted)" if event.broker_restarted else ""
         self._notice_everywhere(f"Reconnected{restarted}.")

@@ -33,7 +33,10 @@ from functools import cache
 from typing import Any, ClassVar
 
 # 2: rooms and direct messages (1 had one chat stream on topic "all").
-PROTOCOL_VERSION = 2
+# 3: presence that scales: the welcome counts people instead of listing them,
+# ``who`` pages, joins and leaves of one pass are one ``presence`` event, and
+# a big room publishes its member count (``members``) instead.
+PROTOCOL_VERSION = 3
 
 # Streams: each is an ordered series of events with its own sequence numbers
 # and history (the Clone pattern's one object per stream). Every room is one,
@@ -96,8 +99,20 @@ MAX_MESSAGE_ID_CHARS = 64
 MAX_TOKEN_CHARS = 64
 # Most events one history reply carries; a client asks again for more.
 MAX_FETCH_EVENTS = 500
+# Names in one ``users`` page, counted as their UTF-8 bytes plus 3 each (quotes
+# and comma): a few hundred names, so that a ``who`` of a room of thousands
+# costs the broker one small reply at a time and the answer stays short.
+WHO_PAGE_BYTES = 16 * 1024
 # Numbers beyond this are not exact in every JSON reader (2**53 - 1).
 MAX_SAFE_INT = 2**53 - 1
+
+
+def ping_period(heartbeat_interval: float, heartbeat_liveness: int) -> float:
+    """How long a client may send nothing before it pings: half of the silence
+    the broker allows (liveness x interval), so one late ping is not fatal,
+    and a broker with thousands idle reads a third fewer pings than at one
+    per interval."""
+    return heartbeat_interval * heartbeat_liveness / 2
 
 
 def max_frame_bytes(max_text_bytes: int) -> int:
@@ -183,6 +198,7 @@ class Who:
 
     TYPE: ClassVar[str] = "who"
     room: str | None = None  # None: everyone online
+    after: str | None = None  # the cursor of the previous page (its ``next``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +309,7 @@ class Welcome:
     TYPE: ClassVar[str] = "welcome"
     name: str
     epoch: str
-    users: list[str]
+    online: int  # people online broker-wide (``who`` lists them)
     resume: str
     heartbeat_interval: float
     heartbeat_liveness: int
@@ -326,11 +342,14 @@ class Error:
 
 @dataclass(frozen=True, slots=True)
 class Users:
-    """Broker answers ``who``."""
+    """Broker answers ``who``: one page of names, sorted by name key.
+    ``next``, present when more follow, is the ``after`` of the next page."""
 
     TYPE: ClassVar[str] = "users"
     users: list[str]
     room: str | None = None
+    count: int = 0  # people listed in all pages together
+    next: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,15 +378,6 @@ class Message:
     to: str | None = None  # a direct message: its addressee
 
 
-@dataclass(frozen=True, slots=True)
-class Join:
-    TYPE: ClassVar[str] = "join"
-    seq: int
-    time: float
-    name: str
-    room: str | None = None
-
-
 class LeaveReason:
     QUIT = "quit"  # the client said bye
     TIMEOUT = "timeout"  # no heartbeat for liveness x interval
@@ -376,14 +386,26 @@ class LeaveReason:
     PART = "part"  # left this room, still online
 
 
+LEAVE_REASONS = frozenset({LeaveReason.QUIT, LeaveReason.TIMEOUT, LeaveReason.DISCONNECTED,
+                           LeaveReason.KICKED, LeaveReason.PART})
+
+
 @dataclass(frozen=True, slots=True)
-class Leave:
-    TYPE: ClassVar[str] = "leave"
+class Presence:
+    """Who entered and who left a room since its last presence event (one
+    pass of the broker's loop): ``joined`` names, and ``left`` as
+    ``[name, reason]`` pairs. A name is in at most one of the two."""
+
+    TYPE: ClassVar[str] = "presence"
     seq: int
     time: float
-    name: str
-    reason: str
+    joined: list[str]
+    left: list[list[str]]
     room: str | None = None
+
+    def people(self) -> list[tuple[str, str | None]]:
+        """(name, None) for each who joined, then (name, reason) for each who left."""
+        return [(n, None) for n in self.joined] + [(n, r) for n, r in self.left]
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +418,16 @@ class Topic:
     name: str
     text: str
     room: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Members:
+    """How many people are in a room that is too big to announce each join
+    and leave (not sequenced; at most once per heartbeat interval)."""
+
+    TYPE: ClassVar[str] = "members"
+    room: str
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,9 +465,9 @@ REQUEST_TYPES = {cls.TYPE: cls for cls in (Hello, Say, Who, Ping, Fetch, Recent,
 # Direct messages (a Message with ``to``) and their Position come as replies.
 REPLY_TYPES = {cls.TYPE: cls for cls in (Welcome, Ack, Error, Users, History, Room, Parted,
                                           RoomList, Message, Position)}
-EVENT_TYPES = {cls.TYPE: cls for cls in (Message, Join, Leave, Topic, Heartbeat, Position,
+EVENT_TYPES = {cls.TYPE: cls for cls in (Message, Presence, Topic, Heartbeat, Position, Members,
                                           Shutdown)}
-SEQUENCED_EVENTS = (Message, Join, Leave, Topic)
+SEQUENCED_EVENTS = (Message, Presence, Topic)
 SEQUENCED_TYPES = {cls.TYPE: cls for cls in SEQUENCED_EVENTS}
 
 
@@ -570,6 +602,8 @@ _TYPE_CHECKS = {
     "float": _is_number,
     "bool": lambda v: isinstance(v, bool),
     "list[str]": lambda v: isinstance(v, list) and all(_is_text(x) for x in v),
+    "list[list[str]]": lambda v: isinstance(v, list) and all(
+        isinstance(x, list) and len(x) == 2 and all(_is_text(y) for y in x) for x in v),
     "list[Any]": lambda v: isinstance(v, list),
     "list[Room]": lambda v: isinstance(v, list),
 }
@@ -579,7 +613,8 @@ _TYPE_CHECKS = {
 _NESTED = {"list[Any]": SEQUENCED_TYPES, "list[Room]": {Room.TYPE: Room}}
 # How a refusal names a type where its annotation alone would not say what is
 # wrong (a lone surrogate such as \ud800 is a str, but not UTF-8 text).
-_TYPE_NAMES = {"str": "a string of valid UTF-8 text"}
+_TYPE_NAMES = {"str": "a string of valid UTF-8 text",
+               "list[list[str]]": "a list of [name, reason] pairs"}
 
 
 @cache
@@ -642,6 +677,9 @@ def _check_request(msg: Any) -> Any:
         if msg.rooms is not None and len(msg.rooms) > MAX_HELLO_ROOMS:
             raise ProtocolError(f"hello: at most {MAX_HELLO_ROOMS} rooms",
                                 ErrorCode.TOO_MANY_ROOMS)
+    elif isinstance(msg, Who):
+        if msg.after is not None and len(msg.after) > MAX_TOKEN_CHARS:
+            raise ProtocolError(f"who: after must be at most {MAX_TOKEN_CHARS} characters")
     elif isinstance(msg, SetTopic):
         if len(msg.text.encode()) > MAX_TOPIC_BYTES:
             raise ProtocolError(f"topic: at most {MAX_TOPIC_BYTES} bytes", ErrorCode.TEXT_TOO_LONG)
@@ -659,6 +697,27 @@ def decode_request(frames: list[bytes]) -> Any:
     if len(frames) != 1:
         raise ProtocolError(f"expected 1 frame, got {len(frames)}")
     return _check_request(_build(REQUEST_TYPES, _parse_json(frames[0])))
+
+
+# A ping exactly as encode() writes it. Pings are most of what an idle broker
+# reads (every client, every interval), so it takes the token from this form
+# without decoding JSON; any other spelling is decoded as usual.
+_PING_HEAD = b'{"type":"ping","session":"'
+_PING_TAIL = b'"}'
+
+
+def ping_token(frames: list[bytes]) -> str | None:
+    """The session token of a one-frame ping in encode()'s own form (a token
+    of ASCII letters and digits); None for anything else."""
+    if len(frames) != 1:
+        return None
+    frame = frames[0]
+    if not (frame.startswith(_PING_HEAD) and frame.endswith(_PING_TAIL)):
+        return None
+    token = frame[len(_PING_HEAD):-len(_PING_TAIL)]
+    if 0 < len(token) <= MAX_TOKEN_CHARS and token.isalnum() and token.isascii():
+        return token.decode()
+    return None
 
 
 def decode_reply(frames: list[bytes]) -> Any:

@@ -17,6 +17,7 @@ acknowledged, not doubled).
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import sqlite3
 from typing import Any, Iterable
@@ -58,6 +59,10 @@ ALTER TABLE stream_events ADD COLUMN addressee TEXT;
 UPDATE stream_events SET stream = '{m.GENERAL_ROOM}', room = '{m.GENERAL_ROOM}' WHERE stream = 'all';
 """
 
+# Protocol 2 stored each join and leave as an event of its own: read back as
+# a presence event naming one person.
+LEGACY_JOIN = "join"
+
 _COLUMNS = "seq, type, time, name, text, reason, room, addressee"
 
 
@@ -70,9 +75,11 @@ def _row(stream: str, event: Any, sender_id: tuple[str, str] | None) -> tuple:
     if isinstance(event, m.Message):
         return (stream, event.seq, event.TYPE, event.time, event.sender, event.text, None,
                 client_key, client_id, event.room, event.to)
-    text = event.text if isinstance(event, m.Topic) else None
-    reason = event.reason if isinstance(event, m.Leave) else None
-    return (stream, event.seq, event.TYPE, event.time, event.name, text, reason, None, None,
+    if isinstance(event, m.Presence):  # the names, as JSON, in the text column
+        people = json.dumps({"joined": event.joined, "left": event.left})
+        return (stream, event.seq, event.TYPE, event.time, "", people, None, None, None,
+                event.room, None)
+    return (stream, event.seq, event.TYPE, event.time, event.name, event.text, None, None, None,
             event.room, None)
 
 
@@ -80,11 +87,15 @@ def _event(row: tuple) -> Any:
     seq, kind, time, name, text, reason, room, addressee = row
     if kind == m.Message.TYPE:
         return m.Message(seq, time, name, text, room, addressee)
-    if kind == m.Join.TYPE:
-        return m.Join(seq, time, name, room)
     if kind == m.Topic.TYPE:
         return m.Topic(seq, time, name, text, room)
-    return m.Leave(seq, time, name, reason, room)
+    if kind == m.Presence.TYPE:
+        people = json.loads(text)
+        return m.Presence(seq, time, people["joined"], people["left"], room)
+    # protocol 2 stored one join or leave per event
+    if kind == LEGACY_JOIN:
+        return m.Presence(seq, time, [name], [], room)
+    return m.Presence(seq, time, [], [[name, reason]], room)
 
 
 class EventStore:

@@ -227,7 +227,7 @@ class Target:
     """
 
     def __init__(self, kind: str, wrapper: list[str] | None = None,
-                 work_dir: Path | None = None):
+                 work_dir: Path | None = None, extra: list[str] | None = None):
         if kind not in TARGET_KINDS:
             raise ValueError(f"unknown target {kind!r}")
         if kind == "zchat-db" and work_dir is None:
@@ -238,6 +238,7 @@ class Target:
         self.pub_port = self.port + 1
         # e.g. ["-m", "cProfile", "-o", FILE]: run the target under a profiler
         self.wrapper = wrapper or []
+        self.extra = extra or []  # more options for zchat's broker
         self.proc: subprocess.Popen | None = None
         self.log: LineReader | None = None
 
@@ -264,7 +265,7 @@ class Target:
             options = list(ZCHAT_OPTIONS[self.kind])
             if self.kind == "zchat-db":
                 options.append(str(self.work_dir / f"history-{self.port}.db"))
-            program = ["broker.py", *ports, *zchat_broker_args(), *options]
+            program = ["broker.py", *ports, *zchat_broker_args(), *options, *self.extra]
         else:
             program = [str(BENCH / "baselines.py"), self.kind, *ports]
         self.proc = _spawn([*self.wrapper, *program], stderr=subprocess.PIPE)

@@ -390,7 +390,9 @@ def _scale_one(clients: int, opts, profile_dir: Path | None = None) -> dict:
     victims = max(1, round(clients * opts.kill_fraction))
     groups = split(clients - victims, math.ceil((clients - victims) / opts.clients_per_proc))
     groups.append(victims)  # the last process is the one killed
-    target = Target("zchat")
+    # every client is a connection: above the default --max-users (5,000) the
+    # broker is told to take them all
+    target = Target("zchat", extra=["--max-users", str(max(clients, 5000))])
     workers: list[Worker] = []
     try:
         target.start()
@@ -399,7 +401,9 @@ def _scale_one(clients: int, opts, profile_dir: Path | None = None) -> dict:
         for i, count in enumerate(groups):
             workers.append(Worker(f"clients {i}", "clients", "--port", str(target.port),
                                   "--pub-port", str(target.pub_port), "--count", str(count),
-                                  "--prefix", f"c{i}"))
+                                  "--prefix", f"c{i}",
+                                  # each pings as often as PROTOCOL.md asks (default values)
+                                  "--interval", str(m.ping_period(1.0, 3))))
         for w in workers:
             w.reply(STARTUP_TIMEOUT)
         storm = _join_storm(workers, target, clients, opts.storm_timeout)
@@ -412,7 +416,8 @@ def _scale_one(clients: int, opts, profile_dir: Path | None = None) -> dict:
         memory, fds = memory_bytes(target.pid), open_files(target.pid)
         profile = _profile_idle(target.pid, clients, opts.idle_seconds, profile_dir)
         rejoins = _rejoins(workers)
-        leaves = _leave_after_kill(target, workers[-1], f"c{len(groups) - 1}", victims)
+        leaves = _leave_after_kill(target, workers[-1], f"c{len(groups) - 1}", victims,
+                                   storm["joined"])
         joined = storm["joined"]
         fds_per_client = (fds - base_fds) / max(joined, 1)
         limit = open_file_limit(target.pid)
@@ -440,7 +445,8 @@ def _profile_idle(pid: int, clients: int, seconds: float, work_dir: Path | None)
     if work_dir is None or py_spy is None:
         return None
     spy = PySpy(py_spy, pid, seconds, work_dir / f"profile-idle-{clients}.txt")
-    return spy.result(f"{clients} idle clients pinging every 1 s, {spy.seconds} s")
+    return spy.result(f"{clients} idle clients pinging every {m.ping_period(1.0, 3):g} s, "
+                      f"{spy.seconds} s")
 
 
 def _join_storm(workers: list[Worker], target: Target, clients: int, timeout: float) -> dict:
@@ -473,8 +479,11 @@ def _rejoins(workers: list[Worker]) -> int:
     return sum(w.ask(STARTUP_TIMEOUT, "status")["rejoins"] for w in workers)
 
 
-def _leave_after_kill(target: Target, victim: Worker, prefix: str, count: int) -> dict:
-    """Kill a client process; time until the broker announces each leave."""
+def _leave_after_kill(target: Target, victim: Worker, prefix: str, count: int,
+                      joined: int) -> dict:
+    """Kill a client process; time until the broker announces each leave: by
+    name in a presence event, or, in a room too big to announce them, as the
+    member count it publishes drops below the ``joined`` before."""
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -498,10 +507,17 @@ def _leave_after_kill(target: Target, victim: Worker, prefix: str, count: int) -
                 break
             now = time.monotonic()
             for event in m.decode_broadcast(sub.recv_multipart()):
-                if isinstance(event, m.Leave) and event.name in names:
-                    names.discard(event.name)
-                    after.append(now - killed)
-                    reasons[event.reason] += 1
+                if isinstance(event, m.Presence):
+                    for name, reason in event.left:
+                        if name in names:
+                            names.discard(name)
+                            after.append(now - killed)
+                            reasons[reason] += 1
+                elif isinstance(event, m.Members):
+                    for _ in range(min(len(names), joined - event.count - len(after))):
+                        names.pop()
+                        after.append(now - killed)
+                        reasons["counted"] += 1
     finally:
         sub.close()
     return {"leaves_seen": len(after), "leaves_missing": len(names),

@@ -30,6 +30,8 @@ PYTHON = sys.executable
 SECRETS_DIR = Path(tempfile.mkdtemp(prefix="zchat-secrets-"))
 atexit.register(shutil.rmtree, SECRETS_DIR, True)
 _secret_numbers = itertools.count(1)
+# How long a broker that does not stop gets to print its stacks before it is killed.
+STACK_DUMP_S = 5
 
 
 def new_secret_file() -> str:
@@ -158,14 +160,30 @@ class Broker:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 5) -> int:
+        """SIGTERM, then the exit status; a broker still running after
+        ``timeout`` is killed and fails the test, saying where it hung."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+            raise AssertionError(f"the broker did not exit within {timeout} s of SIGTERM; "
+                                 f"its stacks then:\n{self._kill_with_stacks()}") from None
+
+    def _kill_with_stacks(self) -> str:
+        """Kill the broker after it printed every thread's stack (broker.py
+        does on SIGUSR1), and return those lines."""
+        first = len(self.log.lines)
+        self.proc.send_signal(signal.SIGUSR1)
+        try:
+            # the main thread comes last, and its outermost frame is the script
+            self.log.wait_for(lambda line: "in <module>" in line, STACK_DUMP_S, "the stacks")
+        except AssertionError:
+            pass  # killed anyway; whatever it printed is returned
+        self.proc.kill()
+        self.proc.wait()
+        self.log.join(STACK_DUMP_S)
+        return "\n".join(self.log.lines[first:])
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -16,6 +16,7 @@ import random
 import socket
 import struct
 import sys
+import time
 import uuid
 
 import zmq
@@ -99,9 +100,15 @@ def receive_reply(sock: zmq.Socket, timeout: float):
 
 
 def request(sock: zmq.Socket, body, timeout: float = 5.0):
-    """Send ``body`` and return the decoded reply (None if silent)."""
+    """Send ``body`` and return the decoded reply (None if silent). The
+    position of the user's direct messages, which the broker sends at a
+    heartbeat after they changed, is no reply: it is passed over."""
     send_body(sock, body)
-    return receive_reply(sock, timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = receive_reply(sock, max(0.0, deadline - time.monotonic()))
+        if not isinstance(reply, m.Position):
+            return reply
 
 
 def join(sock: zmq.Socket, name: str, **extra) -> m.Welcome:

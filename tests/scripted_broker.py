@@ -104,5 +104,5 @@ class ScriptedBroker:
 
 def welcome(name: str, seq: int, epoch: str, token: str, interval: float = 0.2) -> m.Welcome:
     """A welcome into #general, whose last seq is ``seq``."""
-    return m.Welcome(name, epoch, [name], token, interval, 3, m.DEFAULT_MAX_TEXT_BYTES,
+    return m.Welcome(name, epoch, 1, token, interval, 3, m.DEFAULT_MAX_TEXT_BYTES,
                      [m.Room(m.GENERAL_ROOM, seq, "", 1)], 0)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import messages as m
-from broker_core import BrokerConfig, BrokerCore, Persist, Publish, Reply
+from broker_core import ROOM_POSITION_REFRESH, BrokerConfig, BrokerCore, Persist, Publish, Reply
 
 T0 = 1_000.0  # monotonic: the core's timers
 WALL_OFFSET = 1_700_000_000.0
@@ -42,8 +42,18 @@ def published(outputs):
     return [o.event for o in outputs if isinstance(o, Publish)]
 
 
+def handle(core, peer, frames, now, wall, **extra):
+    """One pass of the shell's loop with one request: its outputs, then the
+    pass's joins and leaves."""
+    return core.handle(peer, frames, now, wall, **extra) + core.flush_presence(wall)
+
+
+def is_leave(event) -> bool:
+    return isinstance(event, m.Presence) and bool(event.left)
+
+
 def join(core, peer, name, now=T0, **extra):
-    out = core.handle(peer, frame(type="hello", name=name, **extra), *at(now))
+    out = handle(core, peer, frame(type="hello", name=name, **extra), *at(now))
     return out
 
 
@@ -57,15 +67,15 @@ def test_hello_welcomes_and_announces_join(core):
     out = join(core, b"A", "alice")
     (welcome,) = replies(out, b"A")
     assert isinstance(welcome, m.Welcome)
-    assert welcome.users == ["alice"] and welcome.resume
+    assert welcome.online == 1 and welcome.resume
     assert welcome.rooms == [m.Room(G, 0, "", 1)] and welcome.dm_seq == 0
-    assert published(out) == [m.Join(1, wall(T0), "alice", G)]
+    assert published(out) == [m.Presence(1, wall(T0), ["alice"], [], G)]
 
 
-def test_welcome_lists_everyone_online(core):
+def test_welcome_counts_everyone_online(core):
     join(core, b"A", "alice")
     (welcome,) = replies(join(core, b"B", "Bob"))
-    assert welcome.users == ["alice", "Bob"] and welcome.rooms[0].seq == 1
+    assert welcome.online == 2 and welcome.rooms[0].seq == 1 and welcome.rooms[0].members == 2
 
 
 @pytest.mark.parametrize("name", ["", "a" * 33, "bad name", "ünï", "a\u202eb", "x\x1b", "a/b"])
@@ -117,6 +127,14 @@ def test_requests_without_the_session_token_do_not_speak_for_the_session(core):
 def test_wrong_protocol_version_is_refused(core):
     (error,) = replies(join(core, b"A", "alice", v=99))
     assert error.code == m.ErrorCode.BAD_VERSION
+
+
+def test_a_protocol_2_hello_is_told_clearly_which_protocol_this_is(core):
+    hello_v2 = b'{"type":"hello","name":"alice","v":2,"quiet":false,"rooms":["#general"]}'
+    out = core.handle(b"A", [hello_v2], *at(T0))
+    assert replies(out) == [m.Error(m.ErrorCode.BAD_VERSION,
+                                    "this broker speaks protocol 3, not 2")]
+    assert not core.sessions and not published(out)
 
 
 def test_server_full(core):
@@ -175,13 +193,13 @@ def test_malformed_requests_get_an_error_and_change_nothing(core, frames):
 def test_who_needs_no_join(core):
     join(core, b"A", "bob")
     join(core, b"B", "alice")
-    assert replies(core.handle(b"X", signed(core, b"X", type="who"), *at(T0))) == [m.Users(["alice", "bob"])]
+    assert replies(core.handle(b"X", signed(core, b"X", type="who"), *at(T0))) == [m.Users(["alice", "bob"], count=2)]
 
 
 def test_bye_announces_quit_and_frees_the_name(core):
     join(core, b"A", "alice")
-    out = core.handle(b"A", signed(core, b"A", type="bye"), *at(T0 + 1))
-    assert published(out) == [m.Leave(2, wall(T0 + 1), "alice", m.LeaveReason.QUIT, G)]
+    out = handle(core, b"A", signed(core, b"A", type="bye"), *at(T0 + 1))
+    assert published(out) == [m.Presence(2, wall(T0 + 1), [], [["alice", m.LeaveReason.QUIT]], G)]
     assert isinstance(replies(join(core, b"B", "alice"))[0], m.Welcome)
 
 
@@ -190,12 +208,12 @@ def test_silent_session_times_out_after_liveness_intervals(core):
     join(core, b"A", "alice", now=T0)
     join(core, b"B", "bob", now=T0)
     core.handle(b"B", signed(core, b"B", type="ping"), *at(T0 + 2.5))
-    assert not [e for e in published(core.tick(*at(T0 + 2.9))) if isinstance(e, m.Leave)]
+    assert not [e for e in published(core.tick(*at(T0 + 2.9))) if is_leave(e)]
     # swept at most every interval / 4: alice goes at the next sweep
     assert core.next_deadline() == T0 + 2.9 + 0.25
-    assert not [e for e in published(core.tick(*at(T0 + 3.0))) if isinstance(e, m.Leave)]
-    leaves = [e for e in published(core.tick(*at(T0 + 3.15))) if isinstance(e, m.Leave)]
-    assert leaves == [m.Leave(3, wall(T0 + 3.15), "alice", m.LeaveReason.TIMEOUT, G)]
+    assert not [e for e in published(core.tick(*at(T0 + 3.0))) if is_leave(e)]
+    leaves = [e for e in published(core.tick(*at(T0 + 3.15))) if is_leave(e)]
+    assert leaves == [m.Presence(3, wall(T0 + 3.15), [], [["alice", m.LeaveReason.TIMEOUT]], G)]
     assert list(core.sessions) == [b"B"]
 
 
@@ -204,8 +222,8 @@ def test_any_request_of_the_owner_counts_as_a_heartbeat_but_garbage_does_not(cor
     join(core, b"B", "bob", now=T0)
     core.handle(b"A", signed(core, b"A", type="fetch", after=0, until=1), *at(T0 + 2.9))
     core.handle(b"B", [b"garbage"], *at(T0 + 2.9))
-    leaves = [e for e in published(core.tick(*at(T0 + 4))) if isinstance(e, m.Leave)]
-    assert [e.name for e in leaves] == ["bob"]
+    leaves = [e for e in published(core.tick(*at(T0 + 4))) if is_leave(e)]
+    assert [e.left for e in leaves] == [[["bob", m.LeaveReason.TIMEOUT]]]
 
 
 def test_ping_from_unknown_peer_says_not_joined(core):
@@ -213,7 +231,7 @@ def test_ping_from_unknown_peer_says_not_joined(core):
     assert error.code == m.ErrorCode.NOT_JOINED
 
 
-def test_heartbeat_each_interval_and_the_position_of_each_room_in_use(core):
+def test_heartbeat_each_interval_and_the_position_of_each_room_that_changed(core):
     out = core.tick(*at(T0))
     assert [(o.event, o.topic) for o in out] == [(m.Heartbeat(core.epoch, wall(T0)),
                                                   m.HEARTBEAT_TOPIC)]
@@ -223,12 +241,18 @@ def test_heartbeat_each_interval_and_the_position_of_each_room_in_use(core):
     out = core.tick(*at(T0 + 1.0))
     assert [(o.event, o.topic) for o in out] == [
         (m.Heartbeat(core.epoch, wall(T0 + 1.0)), m.HEARTBEAT_TOPIC), position]
-    # at every heartbeat while anyone is in the room: a subscriber's queue
-    # may have dropped any number of announcements in a row
-    core.handle(b"A", signed(core, b"A", type="ping"), *at(T0 + 1.5))
-    assert position in [(o.event, o.topic) for o in core.tick(*at(T0 + 2.0))]
-    core.handle(b"A", signed(core, b"A", type="bye"), *at(T0 + 2.5))
-    assert not [o for o in core.tick(*at(T0 + 3.0)) if isinstance(o.event, m.Position)]
+    # at the next heartbeat too (the first announcement may be dropped), then
+    # only at every ROOM_POSITION_REFRESH-th heartbeat while anyone is in it
+    beats = {}
+    for beat in range(2, 2 + ROOM_POSITION_REFRESH):
+        now = T0 + beat
+        core.handle(b"A", signed(core, b"A", type="ping"), *at(now - 0.5))
+        published_now = [(o.event, o.topic) for o in core.tick(*at(now))]
+        beats[core.heartbeats] = position in published_now
+    assert [n for n, announced in beats.items() if announced] == [3, ROOM_POSITION_REFRESH]
+    core.handle(b"A", signed(core, b"A", type="bye"), *at(T0 + 12.5))
+    for beat in range(13, 13 + ROOM_POSITION_REFRESH):  # nobody in it: never
+        assert not [o for o in core.tick(*at(T0 + beat)) if isinstance(o.event, m.Position)]
 
 
 def test_next_deadline_is_the_earliest_heartbeat_or_expiry(core):
@@ -240,8 +264,12 @@ def test_next_deadline_is_the_earliest_heartbeat_or_expiry(core):
 
 def test_unreachable_peer_is_announced_as_gone(core):
     join(core, b"A", "alice")
+    core.tick(*at(T0))  # the first heartbeat
+    assert core.next_deadline() > T0
     out = core.peer_unreachable(b"A", wall(T0))
-    assert published(out) == [m.Leave(2, wall(T0), "alice", m.LeaveReason.DISCONNECTED, G)]
+    assert core.next_deadline() <= T0  # the leave is announced at the next pass
+    out += core.tick(*at(T0))
+    assert published(out)[:1] == [m.Presence(2, wall(T0), [], [["alice", m.LeaveReason.DISCONNECTED]], G)]
     assert core.peer_unreachable(b"A", wall(T0)) == []
 
 
@@ -331,10 +359,10 @@ def test_a_client_that_keeps_flooding_is_disconnected():
     core = BrokerCore(BrokerConfig(rate=1, burst=1))
     join(core, b"A", "alice")
     join(core, b"B", "bob")
-    out = say_many(core, b"A", 1001, T0)
+    out = say_many(core, b"A", 1001, T0) + core.flush_presence(wall(T0))
     assert replies(out)[-1].code == m.ErrorCode.FLOODING
-    (leave,) = [e for e in published(out) if isinstance(e, m.Leave)]
-    assert (leave.name, leave.reason) == ("alice", m.LeaveReason.KICKED)
+    (leave,) = [e for e in published(out) if is_leave(e)]
+    assert leave.left == [["alice", m.LeaveReason.KICKED]]
     assert core.user_names() == ["bob"]
 
 
@@ -362,8 +390,8 @@ def test_history_replies_are_bounded_in_size_and_still_make_progress():
 def test_nobody_times_out_while_requests_wait_unread(core):
     join(core, b"A", "alice", now=T0)
     out = core.tick(*at(T0 + 10), backlog=True)
-    assert not [e for e in published(out) if isinstance(e, m.Leave)]
-    assert [e.name for e in published(core.tick(*at(T0 + 10))) if isinstance(e, m.Leave)] == ["alice"]
+    assert not [e for e in published(out) if is_leave(e)]
+    assert [e.left[0][0] for e in published(core.tick(*at(T0 + 10))) if is_leave(e)] == ["alice"]
 
 
 # --- two clocks ------------------------------------------------------------------------
@@ -380,7 +408,7 @@ def test_a_wall_clock_jump_times_nobody_out_and_trips_no_rate_limit(jump):
     core.handle(b"A", signed(core, b"A", type="ping"), now, jumped)
     core.handle(b"B", signed(core, b"B", type="ping"), now, jumped)
     out = core.tick(now + 0.5, jumped + 0.5)
-    assert not [e for e in published(out) if isinstance(e, m.Leave)]
+    assert not [e for e in published(out) if is_leave(e)]
     # one message per 0.2 s is within 10/s: never refused, whatever the wall says
     for i in range(10):
         t = now + 0.2 * (i + 1)
@@ -400,12 +428,12 @@ def topics(outputs) -> list:
 
 def test_joining_a_room_creates_it_and_announces_the_join_there_alone(core):
     join(core, b"A", "alice")
-    out = core.handle(b"A", signed(core, b"A", type="join", room="#Lab-3"), *at(T0))
+    out = handle(core, b"A", signed(core, b"A", type="join", room="#Lab-3"), *at(T0))
     (info,) = replies(out)
     assert info == m.Room("#Lab-3", 0, "", 1)  # the position before the own join
-    assert topics(out) == [(m.room_topic("#lab-3"), m.Join(1, wall(T0), "alice", "#Lab-3"))]
+    assert topics(out) == [(m.room_topic("#lab-3"), m.Presence(1, wall(T0), ["alice"], [], "#Lab-3"))]
     # the same room under another case is the same room, and joining again is harmless
-    out = core.handle(b"A", signed(core, b"A", type="join", room="#LAB-3"), *at(T0))
+    out = handle(core, b"A", signed(core, b"A", type="join", room="#LAB-3"), *at(T0))
     assert replies(out) == [m.Room("#Lab-3", 1, "", 1)] and not topics(out)
 
 
@@ -430,15 +458,15 @@ def test_rooms_per_connection_and_in_all_are_bounded():
 
 def test_part_announces_a_leave_in_that_room_and_an_unused_room_is_forgotten(core):
     join(core, b"A", "alice", rooms=["#general", "#lab"])
-    out = core.handle(b"A", signed(core, b"A", type="part", room="#lab"), *at(T0 + 1))
+    out = handle(core, b"A", signed(core, b"A", type="part", room="#lab"), *at(T0 + 1))
     assert replies(out) == [m.Parted("#lab")]
     assert topics(out) == [(m.room_topic("#lab"),
-                            m.Leave(2, wall(T0 + 1), "alice", m.LeaveReason.PART, "#lab"))]
+                            m.Presence(2, wall(T0 + 1), [], [["alice", m.LeaveReason.PART]], "#lab"))]
     # a room nobody is in and nothing was said in is forgotten
     join(core, b"Q", "quiet-bot", quiet=True, rooms=["#empty"])
-    core.handle(b"Q", signed(core, b"Q", type="bye"), *at(T0))
+    handle(core, b"Q", signed(core, b"Q", type="bye"), *at(T0))
     assert "#empty" not in core.rooms and "#lab" in core.rooms
-    (error,) = replies(core.handle(b"A", signed(core, b"A", type="part", room="#lab"), *at(T0)))
+    (error,) = replies(handle(core, b"A", signed(core, b"A", type="part", room="#lab"), *at(T0)))
     assert error.code == m.ErrorCode.NOT_IN_ROOM
 
 
@@ -461,7 +489,7 @@ def test_who_rooms_and_topics(core):
     join(core, b"A", "alice", rooms=["#general", "#ci"])
     join(core, b"B", "Bob", rooms=["#ci"])
     assert replies(core.handle(b"X", frame(type="who", room="#ci"), *at(T0))) == [
-        m.Users(["alice", "Bob"], "#ci")]
+        m.Users(["alice", "Bob"], "#ci", 2)]
     out = core.handle(b"B", signed(core, b"B", type="topic", room="#ci", text="builds"), *at(T0))
     assert topics(out) == [(m.room_topic("#ci"), m.Topic(3, wall(T0), "Bob", "builds", "#ci"))]
     assert replies(out) == [m.Room("#ci", 3, "builds", 2)]
@@ -524,12 +552,12 @@ def test_a_user_is_online_and_in_a_room_while_any_loud_connection_is(core):
     out = join(core, b"A", "alice", secret="s")
     out += join(core, b"A2", "alice", secret="s")
     out += join(core, b"A3", "alice", secret="s", quiet=True)
-    assert [e for _, e in topics(out)] == [m.Join(1, wall(T0), "alice", G)]  # once
+    assert [e for _, e in topics(out)] == [m.Presence(1, wall(T0), ["alice"], [], G)]  # once
     assert core.user_names() == ["alice"]
-    out = core.handle(b"A", signed(core, b"A", type="bye"), *at(T0))
+    out = handle(core, b"A", signed(core, b"A", type="bye"), *at(T0))
     assert topics(out) == [] and core.user_names() == ["alice"]
-    out = core.handle(b"A2", signed(core, b"A2", type="bye"), *at(T0 + 1))
-    assert [e for _, e in topics(out)] == [m.Leave(2, wall(T0 + 1), "alice", "quit", G)]
+    out = handle(core, b"A2", signed(core, b"A2", type="bye"), *at(T0 + 1))
+    assert [e for _, e in topics(out)] == [m.Presence(2, wall(T0 + 1), [], [["alice", "quit"]], G)]
     assert core.user_names() == [] and "alice" in core.by_name  # the quiet one still holds it
 
 
@@ -676,7 +704,7 @@ def test_a_direct_message_that_could_not_be_written_reaches_nobody(core):
 def test_a_failed_write_undoes_a_hello_and_keeps_a_leave_for_the_next_event(core):
     join(core, b"A", "alice", rooms=[G, "#lab"])
     failed = join(core, b"B", "bob", now=T0 + 1, rooms=[G, "#new"])
-    failed += core.handle(b"A", signed(core, b"A", type="bye"), *at(T0 + 1))
+    failed += handle(core, b"A", signed(core, b"A", type="bye"), *at(T0 + 1))
     instead = core.persist_failed(failed)
     assert replies(instead, b"B")[0].code == m.ErrorCode.UNAVAILABLE
     assert not published(instead) and core.user_names() == [] and not core.sessions
@@ -684,12 +712,12 @@ def test_a_failed_write_undoes_a_hello_and_keeps_a_leave_for_the_next_event(core
     consistent(core)
     # the leave is recorded before the room's next event (here, bob's join)
     out = join(core, b"B", "bob", now=T0 + 2)
-    assert published(out) == [m.Leave(2, wall(T0 + 1), "alice", m.LeaveReason.QUIT, G),
-                              m.Join(3, wall(T0 + 2), "bob", G)]
+    assert published(out) == [m.Presence(2, wall(T0 + 1), [], [["alice", m.LeaveReason.QUIT]], G),
+                              m.Presence(3, wall(T0 + 2), ["bob"], [], G)]
     assert replies(out, b"B")[0].rooms == [m.Room(G, 1, "", 1)]  # alice's leave is his to see
     # and #lab's with the heartbeat
     assert published(core.tick(*at(T0 + 2)))[:1] == [
-        m.Leave(2, wall(T0 + 1), "alice", m.LeaveReason.QUIT, "#lab")]
+        m.Presence(2, wall(T0 + 1), [], [["alice", m.LeaveReason.QUIT]], "#lab")]
 
 
 def test_a_second_connection_whose_hello_fails_leaves_the_first_as_it_was(core):
@@ -723,13 +751,13 @@ def test_a_room_join_and_a_topic_that_could_not_be_written_are_refused_and_undon
 
 def test_a_part_whose_leave_could_not_be_written_stays_parted(core):
     join(core, b"A", "alice", rooms=[G, "#ci"])
-    out = core.persist_failed(core.handle(b"A", signed(core, b"A", type="part", room="#ci"),
+    out = core.persist_failed(handle(core, b"A", signed(core, b"A", type="part", room="#ci"),
                                           *at(T0 + 1)))
     assert replies(out) == [m.Parted("#ci")] and not published(out)
     assert "#ci" not in core.sessions[b"A"].rooms and not core.rooms["#ci"].members
-    out = core.handle(b"A", signed(core, b"A", type="join", room="#ci"), *at(T0 + 2))
-    assert published(out) == [m.Leave(2, wall(T0 + 1), "alice", m.LeaveReason.PART, "#ci"),
-                              m.Join(3, wall(T0 + 2), "alice", "#ci")]
+    out = handle(core, b"A", signed(core, b"A", type="join", room="#ci"), *at(T0 + 2))
+    assert published(out) == [m.Presence(2, wall(T0 + 1), [], [["alice", m.LeaveReason.PART]], "#ci"),
+                              m.Presence(3, wall(T0 + 2), ["alice"], [], "#ci")]
 
 
 def test_a_join_and_leave_both_unwritten_leave_nothing_to_record(core):
@@ -744,7 +772,127 @@ def test_a_join_and_leave_both_unwritten_leave_nothing_to_record(core):
 def test_a_leave_that_could_not_be_written_is_tried_again_with_the_heartbeat(core):
     join(core, b"A", "alice")
     core.tick(*at(T0))
-    core.persist_failed(core.handle(b"A", signed(core, b"A", type="bye"), *at(T0 + 0.5)))
+    core.persist_failed(handle(core, b"A", signed(core, b"A", type="bye"), *at(T0 + 0.5)))
     assert not published(core.tick(*at(T0 + 0.9)))
     assert published(core.tick(*at(T0 + 1.0)))[:1] == [
-        m.Leave(2, wall(T0 + 0.5), "alice", m.LeaveReason.QUIT, G)]
+        m.Presence(2, wall(T0 + 0.5), [], [["alice", m.LeaveReason.QUIT]], G)]
+
+
+# --- presence that scales ----------------------------------------------------------
+
+
+def hello_pass(core, names, now=T0, rooms=None):
+    """Hellos of ``names`` (peer = the name's bytes) in one pass, without its end."""
+    out = []
+    for name in names:
+        extra = {} if rooms is None else {"rooms": rooms}
+        out += core.handle(name.encode(), frame(type="hello", name=name, **extra), *at(now))
+    return out
+
+
+def presence(outputs) -> list:
+    return [e for e in published(outputs) if isinstance(e, (m.Presence, m.Members))]
+
+
+def test_the_joins_and_leaves_of_one_pass_are_one_presence_event_per_room():
+    core = BrokerCore(BrokerConfig(max_users=20))
+    out = hello_pass(core, ["ann", "Bob", "cy"], rooms=[G, "#lab"])
+    assert not presence(out)  # announced when the pass ends
+    assert [w.rooms for w in replies(out)] == [[m.Room(G, 0, "", n), m.Room("#lab", 0, "", n)]
+                                               for n in (1, 2, 3)]
+    out = core.flush_presence(wall(T0))
+    assert presence(out) == [m.Presence(1, wall(T0), ["ann", "Bob", "cy"], [], G),
+                             m.Presence(1, wall(T0), ["ann", "Bob", "cy"], [], "#lab")]
+    assert [type(o) for o in out] == [Persist, Publish, Persist, Publish]
+    # one pass: one leaves, one joins, one comes and goes, one parts a room
+    out = core.handle(b"ann", signed(core, b"ann", type="bye"), *at(T0 + 1))
+    out += hello_pass(core, ["dan", "eve"], T0 + 1)
+    out += core.handle(b"eve", signed(core, b"eve", type="bye"), *at(T0 + 1))
+    out += core.handle(b"cy", signed(core, b"cy", type="part", room="#lab"), *at(T0 + 1))
+    out += core.flush_presence(wall(T0 + 1))
+    assert presence(out) == [m.Presence(2, wall(T0 + 1), ["dan"], [["ann", "quit"]], G),
+                             m.Presence(2, wall(T0 + 1), [], [["ann", "quit"], ["cy", "part"]],
+                                        "#lab")]
+    assert core.flush_presence(wall(T0 + 1)) == []
+
+
+def test_joins_of_a_pass_are_announced_before_what_the_joined_say():
+    core = BrokerCore(BrokerConfig(max_users=20))
+    out = hello_pass(core, ["ann"])
+    out += core.handle(b"ann", signed(core, b"ann", type="say", id="1", text="hi"), *at(T0))
+    assert [e.seq for e in published(out)] == [1, 2]
+    assert isinstance(published(out)[0], m.Presence) and replies(out)[-1] == m.Ack("1", 2)
+    assert core.flush_presence(wall(T0)) == []
+
+
+def test_a_room_above_the_threshold_publishes_its_count_at_most_once_per_interval():
+    core = BrokerCore(BrokerConfig(max_users=20, presence_threshold=3, heartbeat_liveness=100))
+    core.tick(*at(T0))
+    out = hello_pass(core, ["a1", "a2", "a3"]) + core.tick(*at(T0))
+    assert presence(out) == [m.Presence(1, wall(T0), ["a1", "a2", "a3"], [], G)]
+    # a fourth: above the threshold, nobody is named; the count goes at once
+    out = hello_pass(core, ["a4"], T0 + 0.2) + core.tick(*at(T0 + 0.2))
+    assert presence(out) == [m.Members(G, 4)]
+    assert Publish(m.Members(G, 4), m.room_topic(G)) in out
+    assert replies(out)[0].rooms == [m.Room(G, 1, "", 4)]  # the welcome counts, as ever
+    # then at most once per interval, and only when it changed
+    out = hello_pass(core, ["a5"], T0 + 0.5) + core.tick(*at(T0 + 0.5))
+    out += hello_pass(core, ["a6"], T0 + 0.7) + core.tick(*at(T0 + 0.7))
+    assert presence(out) == [] and core.next_deadline() <= T0 + 1.2
+    out = core.tick(*at(T0 + 1.2))
+    assert presence(out) == [m.Members(G, 6)]
+    core.handle(b"a6", signed(core, b"a6", type="bye"), *at(T0 + 1.3))
+    hello_pass(core, ["a7"], T0 + 1.4)
+    assert presence(core.tick(*at(T0 + 1.4)) + core.tick(*at(T0 + 2.5))) == []  # still 6
+    assert core.main.seq == 1
+    # back at the threshold: the count (what was not announced), then each change again
+    for name in ("a7", "a5", "a4"):
+        core.handle(name.encode(), signed(core, name.encode(), type="bye"), *at(T0 + 2.6))
+    assert presence(core.tick(*at(T0 + 2.6))) == [m.Members(G, 3)]
+    out = core.handle(b"a3", signed(core, b"a3", type="bye"), *at(T0 + 2.7))
+    out += core.tick(*at(T0 + 2.7)) + core.tick(*at(T0 + 4.0))
+    assert presence(out) == [m.Presence(2, wall(T0 + 2.7), [], [["a3", "quit"]], G)]
+
+
+def test_who_pages_through_everyone_in_pages_bounded_in_bytes():
+    core = BrokerCore(BrokerConfig(max_users=2000, presence_threshold=5))
+    names = [f"u{i:04d}-" + "x" * 26 for i in range(1200)]
+    hello_pass(core, names, rooms=["#big"])
+    core.flush_presence(wall(T0))
+    for room in ("#big", None):
+        pages, after = [], None
+        while True:
+            (page,) = replies(core.handle(b"Q", frame(type="who", room=room, after=after),
+                                          *at(T0)))
+            assert page.count == 1200 and page.room == room and page.users
+            assert len(m.encode(page)) <= m.WHO_PAGE_BYTES + 100
+            pages.append(page.users)
+            if page.next is None:
+                break
+            after = page.next
+        assert len(pages) > 1 and sum(pages, []) == names
+    # a cursor past the end lists nobody; an unknown room nobody
+    (page,) = replies(core.handle(b"Q", frame(type="who", room="#big", after="zzz"), *at(T0)))
+    assert (page.users, page.count, page.next) == ([], 1200, None)
+    (page,) = replies(core.handle(b"Q", frame(type="who", room="#none"), *at(T0)))
+    assert (page.users, page.count, page.room) == ([], 0, "#none")
+
+
+def test_the_welcome_costs_the_same_however_many_are_online():
+    core = BrokerCore(BrokerConfig(max_users=600))
+    hello_pass(core, [f"u{i}" for i in range(500)])
+    (welcome,) = replies(hello_pass(core, ["late"]))
+    assert welcome.online == 501 and len(m.encode(welcome)) < 400
+
+
+def test_a_ping_in_its_own_form_is_a_heartbeat_without_decoding_and_others_still_count(core):
+    (welcome,) = replies(join(core, b"A", "alice"))
+    join(core, b"B", "bob", now=T0 + 1)
+    assert list(core.sessions) == [b"A", b"B"]
+    assert core.handle(b"A", [m.encode(m.Ping(welcome.resume))], *at(T0 + 2)) == []
+    assert list(core.sessions) == [b"B", b"A"] and core.sessions[b"A"].last_seen == T0 + 2
+    spaced = json.dumps({"type": "ping", "session": welcome.resume}).encode()  # another form
+    assert core.handle(b"A", [spaced], *at(T0 + 3)) == [] and core.sessions[b"A"].last_seen == T0 + 3
+    # a ping with another token is no heartbeat: not_joined, as before
+    out = core.handle(b"A", [m.encode(m.Ping("f" * 32))], *at(T0 + 4))
+    assert replies(out)[0].code == m.ErrorCode.NOT_JOINED and core.sessions[b"A"].last_seen == T0 + 3

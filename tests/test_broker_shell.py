@@ -314,7 +314,7 @@ def test_a_reply_to_several_connections_is_encoded_once_and_reaches_each(shell, 
     dealer.send(m.encode(m.Who()))
     (reply,), _ = read_until(shell, 1)
     event = m.Message(3, T0, "alice", "psst", to="bob")
-    assert shell._send_replies([Reply(reply.peer, event), Reply(reply.peer, event)]) == []
+    assert shell._send_replies([Reply(reply.peer, event), Reply(reply.peer, event)], T0) == []
     for _ in range(2):
         assert dealer.poll(RECEIVE_TIMEOUT_S * 1000)
         assert m.decode_reply(dealer.recv_multipart()) == event
@@ -323,4 +323,4 @@ def test_a_reply_to_several_connections_is_encoded_once_and_reaches_each(shell, 
 def test_a_reply_to_an_unknown_routing_id_is_dropped_without_raising(shell):
     """ROUTER_MANDATORY refuses the first frame of a reply to a routing id
     it does not know: the core hears of it (no session: nothing to do)."""
-    assert shell._send_replies([Reply(b"\x00nobody", m.Ack("1", 1))]) == []
+    assert shell._send_replies([Reply(b"\x00nobody", m.Ack("1", 1))], T0) == []

@@ -23,7 +23,7 @@ def test_each_event_gets_the_next_number_and_the_history_keeps_the_newest():
 
 def test_streams_are_independent_and_name_their_topic():
     a, b = filled(3), Stream("#lab2", 10)
-    b.append(lambda seq: m.Join(seq, WALL, "ann"))
+    b.append(lambda seq: m.Presence(seq, WALL, ["ann"], []))
     assert (a.seq, b.seq) == (3, 1)
     assert a.topic == b"r:#lab\0" and b.topic == b"r:#lab2\0"
     assert not b.topic.startswith(a.topic) and Stream("@bob", 1).topic is None
@@ -55,7 +55,7 @@ def test_fetch_is_cut_at_the_reply_size_and_says_where_it_stopped():
 
 def test_recent_gives_the_last_messages_oldest_first_and_skips_presence():
     stream = filled(4)
-    stream.append(lambda seq: m.Join(seq, WALL, "ann"))
+    stream.append(lambda seq: m.Presence(seq, WALL, ["ann"], []))
     h = stream.recent(2)
     assert [e.seq for e in h.events] == [3, 4] and h.recent and h.until == 5
 
@@ -64,4 +64,4 @@ def test_restore_continues_numbering_and_remembers_ids():
     stream = Stream("#lab", 10)
     stream.restore([m.Message(7, WALL, "bob", "x")], [(("bob", "id7"), 7)])
     assert stream.seq == 7 and stream.accepted_seq(("bob", "id7")) == 7
-    assert stream.append(lambda seq: m.Join(seq, WALL, "ann")).seq == 8
+    assert stream.append(lambda seq: m.Presence(seq, WALL, ["ann"], [])).seq == 8

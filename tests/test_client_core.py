@@ -43,7 +43,7 @@ def broadcast(events_, topic: bytes = m.BROADCAST_TOPIC) -> list[bytes]:
 
 def welcome(seq: int = 0, epoch: str = EPOCH, token: str = "tok", resumed: bool = False,
             name: str = "ann", dm_seq: int = 0) -> m.Welcome:
-    return m.Welcome(name, epoch, [name], token, 1.0, 3, 100, [m.Room(G, seq, "", 1)], dm_seq,
+    return m.Welcome(name, epoch, 1, token, 1.0, 3, 100, [m.Room(G, seq, "", 1)], dm_seq,
                      resumed)
 
 
@@ -92,7 +92,7 @@ def test_the_ready_heartbeat_leads_to_hello_and_the_welcome_to_joined():
     assert Unsubscribe(topic) in out and requests(out) == [hello()]
     assert core.phase is Phase.HELLO
     out = core.receive_reply(reply(welcome(seq=4)), T0)
-    assert events(out) == [Joined("ann", ["ann"], False, False),
+    assert events(out) == [Joined("ann", 1, False, False, (m.Room(G, 4, "", 1),)),
                            StateChanged(State.CONNECTED, "joined as ann")]
     assert core.phase is Phase.JOINED and core.streams[G].last_seq == 4
 
@@ -348,7 +348,7 @@ def test_a_heartbeat_of_a_new_epoch_rejoins_and_the_new_run_starts_afresh():
     out = core.receive_broadcast(broadcast([m.Heartbeat("e2", WALL)]), T0)
     assert requests(out) == [hello(resume="tok")]
     out = core.receive_reply(reply(welcome(seq=2, epoch="e2", token="t2")), T0)
-    assert events(out)[0] == Joined("ann", ["ann"], False, True)
+    assert events(out)[0] == Joined("ann", 1, False, True, (m.Room(G, 2, "", 1),))
     assert events(core.receive_broadcast(broadcast([msg(3)]), T0)) == [msg(3)]
 
 
@@ -371,7 +371,7 @@ def test_a_hello_never_answered_is_said_again_on_new_sockets_though_a_new_run_he
                                  core.reconnect_at)
     assert requests(out) == [hello()]
     out = core.receive_reply(reply(welcome(epoch="e2")), core.reconnect_at)
-    assert Joined("ann", ["ann"], False, False) in events(out)
+    assert Joined("ann", 1, False, False, (m.Room(G, 0, "", 1),)) in events(out)
 
 
 def test_a_heartbeat_of_a_run_that_did_not_welcome_us_is_no_sign_of_life():
@@ -399,8 +399,8 @@ def test_a_lost_welcome_waits_for_its_own_session_to_time_out_then_joins():
     assert not [e for e in net.delivered[b"A"] if isinstance(e, JoinRefused)]
     assert net.connections == 2
     # the lost session joined, timed out, and ours joined afresh
-    assert [(e.TYPE, getattr(e, "reason", None)) for e in broker.main.history] == [
-        ("join", None), ("leave", "timeout"), ("join", None)]
+    assert [e.people() for e in broker.main.history] == [
+        [("ann", None)], [("ann", "timeout")], [("ann", None)]]
     assert now < T0 + 3.0 + 0.25 + 1.0 + 0.5  # patience, backoff, one retry, a sweep
 
 
@@ -488,6 +488,7 @@ class Loopback:
             elif isinstance(out, Request):
                 broker_out = self.broker.handle(self.peers[label], [m.encode(out.message)],
                                                 self.now, WALL)
+                broker_out += self.broker.flush_presence(WALL)  # the end of the pass
             else:
                 if not isinstance(out, Action):
                     self.delivered[label].append(out)
@@ -554,7 +555,7 @@ def test_a_room_parted_while_away_is_parted_at_the_broker_on_resuming():
     topic = ready_topic(core.start(T0))
     core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], topic), T0)
     both = [m.Room(G, 0, "", 1), m.Room("#lab", 0, "", 1)]
-    core.receive_reply(reply(m.Welcome("ann", EPOCH, ["ann"], "tok", 1.0, 3, 100, both, 0)), T0)
+    core.receive_reply(reply(m.Welcome("ann", EPOCH, 1, "tok", 1.0, 3, 100, both, 0)), T0)
     now = core.broker_seen + 3.01
     core.tick(now)  # the broker fell silent: we wait to reconnect
     assert core.phase is Phase.WAITING
@@ -562,7 +563,42 @@ def test_a_room_parted_while_away_is_parted_at_the_broker_on_resuming():
     out = core.tick(core.reconnect_at)
     assert m.room_topic("#lab") not in out[0].topics
     core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)], ready_topic(out)), now + 1)
-    resumed = m.Welcome("ann", EPOCH, ["ann"], "tok", 1.0, 3, 100, both, 0, resumed=True)
+    resumed = m.Welcome("ann", EPOCH, 1, "tok", 1.0, 3, 100, both, 0, resumed=True)
     out = core.receive_reply(reply(resumed), now + 1)
     assert m.PartRoom("#lab", "tok") in requests(out)
     assert "#lab" not in core.streams
+
+
+def test_a_quiet_client_pings_after_half_the_brokers_patience_and_any_request_counts():
+    core = joined()  # the welcome: interval 1 s, liveness 3; the hello went at T0
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)]), T0 + 1.4)
+    assert requests(core.tick(T0 + 1.4)) == []
+    assert core.next_deadline() == pytest.approx(T0 + 1.5)
+    assert requests(core.tick(T0 + 1.5)) == [m.Ping("tok")]
+    core.receive_broadcast(broadcast([m.Heartbeat(EPOCH, WALL)]), T0 + 2.0)
+    assert requests(core.send("m1", "hi", T0 + 2.0)) == [m.Say("m1", "hi", "tok")]
+    assert requests(core.tick(T0 + 3.4)) == []  # the say was a heartbeat too
+    assert requests(core.tick(T0 + 3.5)) == [m.Ping("tok")]
+
+
+def test_a_big_rooms_count_reaches_the_caller_only_for_a_room_we_are_in():
+    core = joined()
+    counted = m.Members(G, 612)
+    assert events(core.receive_broadcast(broadcast([counted]), T0)) == [counted]
+    other = m.Members("#elsewhere", 9)
+    assert events(core.receive_broadcast(broadcast([other], m.room_topic("#elsewhere")),
+                                         T0)) == []
+
+
+def test_who_asks_one_page_and_the_next_with_its_cursor():
+    core = joined()
+    assert requests(core.who(T0, G)) == [m.Who(G)]
+    assert requests(core.who(T0, G, after="bob")) == [m.Who(G, "bob")]
+    page = m.Users(["carol"], G, 3, None)
+    assert events(core.receive_reply(reply(page), T0)) == [page]
+
+
+def test_the_joins_and_leaves_of_a_pass_arrive_in_order_as_one_event():
+    core = joined(seq=4)
+    event = m.Presence(5, WALL, ["bob", "carol"], [["dave", "timeout"]], G)
+    assert events(core.receive_broadcast(broadcast([event]), T0)) == [event]

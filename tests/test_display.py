@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import messages as m
-from display import event_json, event_line, iso_utc, visible
+from display import event_json, event_line, event_records, iso_utc, visible
 from hostile_text import HOSTILE_TEXTS, assert_neutralised
 
 # --- what is escaped ----------------------------------------------------------------
@@ -276,10 +276,17 @@ WHEN = 1709296496.789
     (m.Message(7, WHEN, "alice", "hi there"), "18:04:56 alice: hi there"),
     (m.Message(8, WHEN, "mallory", "a\x1b[2J\rb\u202ec"), r"18:04:56 mallory: a\x1b[2J\rb\u202ec"),
     (m.Message(9, WHEN, "bob", "\u00e9t\u00e9 \U0001f389"), "18:04:56 bob: \u00e9t\u00e9 \U0001f389"),
-    (m.Join(10, WHEN, "carol"), "18:04:56 * carol joined"),
-    (m.Leave(11, WHEN, "carol", m.LeaveReason.TIMEOUT), "18:04:56 * carol left (timeout)"),
-    (m.Leave(12, WHEN, "dave", m.LeaveReason.KICKED), "18:04:56 * dave left (kicked)"),
-], ids=["message", "hostile message", "accents and emoji", "join", "leave", "kick"])
+    (m.Presence(10, WHEN, ["carol"], []), "18:04:56 * carol joined"),
+    (m.Presence(11, WHEN, [], [["carol", m.LeaveReason.TIMEOUT]]),
+     "18:04:56 * carol left (timeout)"),
+    (m.Presence(12, WHEN, [], [["dave", m.LeaveReason.KICKED]]), "18:04:56 * dave left (kicked)"),
+    (m.Presence(13, WHEN, ["ann", "bob"], [["carol", "quit"], ["dave", "timeout"],
+                                           ["eve", "quit"]]),
+     "18:04:56 * ann and bob joined; carol and eve left (quit); dave left (timeout)"),
+    (m.Presence(14, WHEN, [f"u{i}" for i in range(40)], []),
+     "18:04:56 * u0, u1, u2, u3 and 36 others joined"),
+], ids=["message", "hostile message", "accents and emoji", "join", "leave", "kick",
+        "several in one pass", "many"])
 def test_event_line_shows_local_time_sender_and_safe_text(india_time, event, line):
     assert event_line(event) == line
 
@@ -288,14 +295,19 @@ def test_event_line_shows_local_time_sender_and_safe_text(india_time, event, lin
     (m.Message(7, WHEN, "alice", "a\x1b[2Jb"),
      {"type": "message", "seq": 7, "time": "2024-03-01T12:34:56.789Z", "from": "alice",
       "text": "a\x1b[2Jb"}),
-    (m.Join(8, WHEN, "bob"),
-     {"type": "join", "seq": 8, "time": "2024-03-01T12:34:56.789Z", "name": "bob"}),
-    (m.Leave(9, WHEN, "bob", m.LeaveReason.QUIT),
-     {"type": "leave", "seq": 9, "time": "2024-03-01T12:34:56.789Z", "name": "bob",
-      "reason": "quit"}),
-], ids=["message", "join", "leave"])
+], ids=["message"])
 def test_event_json_is_the_whole_event_with_utc_time(india_time, event, record):
     assert event_json(event) == record
+    assert event_records(event) == [record]
+
+
+def test_a_presence_event_is_one_record_per_person_with_its_seq_and_time(india_time):
+    event = m.Presence(8, WHEN, ["bob", "carol"], [["dave", m.LeaveReason.QUIT]], "#ci")
+    head = {"seq": 8, "time": "2024-03-01T12:34:56.789Z"}
+    assert event_records(event) == [
+        {"type": "join", **head, "name": "bob", "room": "#ci"},
+        {"type": "join", **head, "name": "carol", "room": "#ci"},
+        {"type": "leave", **head, "name": "dave", "reason": "quit", "room": "#ci"}]
 
 
 @pytest.mark.parametrize("event,unmarked,line", [
@@ -303,8 +315,9 @@ def test_event_json_is_the_whole_event_with_utc_time(india_time, event, record):
     (m.Message(2, WHEN, "alice", "hi", "#ci"), m.GENERAL_ROOM, "18:04:56 [#ci] alice: hi"),
     (m.Message(3, WHEN, "alice", "hi", "#CI"), "#ci", "18:04:56 alice: hi"),
     (m.Message(4, WHEN, "alice", "hi", "#general"), None, "18:04:56 [#general] alice: hi"),
-    (m.Join(5, WHEN, "bob", "#ci"), None, "18:04:56 [#ci] * bob joined"),
-    (m.Leave(6, WHEN, "bob", m.LeaveReason.PART, "#ci"), "#ci", "18:04:56 * bob left (part)"),
+    (m.Presence(5, WHEN, ["bob"], [], "#ci"), None, "18:04:56 [#ci] * bob joined"),
+    (m.Presence(6, WHEN, [], [["bob", m.LeaveReason.PART]], "#ci"), "#ci",
+     "18:04:56 * bob left (part)"),
     (m.Topic(7, WHEN, "bob", "green \x1b[2J\u202e", "#ci"), None,
      r"18:04:56 [#ci] * bob set the topic: green \x1b[2J\u202e"),
     (m.Message(8, WHEN, "alice", "psst\x07", to="bob"), None, r"18:04:56 alice → bob: psst\x07"),
@@ -320,10 +333,8 @@ def test_event_line_names_the_room_unless_it_is_the_only_one_and_marks_direct_me
 @pytest.mark.parametrize("event,extra", [
     (m.Message(1, WHEN, "alice", "hi", "#ci"), {"from": "alice", "text": "hi", "room": "#ci"}),
     (m.Message(2, WHEN, "alice", "hi", to="bob"), {"from": "alice", "text": "hi", "to": "bob"}),
-    (m.Join(3, WHEN, "bob", "#ci"), {"name": "bob", "room": "#ci"}),
-    (m.Leave(4, WHEN, "bob", "part", "#ci"), {"name": "bob", "reason": "part", "room": "#ci"}),
     (m.Topic(5, WHEN, "bob", "a\x1bb", "#ci"), {"name": "bob", "text": "a\x1bb", "room": "#ci"}),
-], ids=["room message", "direct message", "join", "part", "topic"])
+], ids=["room message", "direct message", "topic"])
 def test_event_json_names_the_room_or_the_addressee(india_time, event, extra):
     assert event_json(event) == {"type": event.TYPE, "seq": event.seq,
                                  "time": "2024-03-01T12:34:56.789Z", **extra}

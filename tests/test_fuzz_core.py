@@ -76,6 +76,7 @@ class BrokerCoreMachine(RuleBasedStateMachine):
     def handle(self, peer: bytes, frames: list[bytes]) -> None:
         before = self.owners()
         out = self.core.handle(peer, frames, self.now, self.wall)
+        out += self.core.flush_presence(self.wall)  # the end of the shell's pass
         after = self.owners()
         self.check_persisted_first(out)
         for item in out:
@@ -86,10 +87,10 @@ class BrokerCoreMachine(RuleBasedStateMachine):
                 event = self.check_published(item)
                 if isinstance(event, m.Message):
                     assert before.get(peer) == event.sender, "a message under a name not owned"
-                elif isinstance(event, m.Join):
-                    assert peer not in before and after.get(peer) == event.name
-                elif isinstance(event, m.Leave):
-                    assert before.get(peer) == event.name and peer not in after
+                elif isinstance(event, m.Presence) and event.joined:
+                    assert peer not in before and event.joined == [after.get(peer)]
+                elif isinstance(event, m.Presence):
+                    assert [before.get(peer)] == [n for n, _ in event.left] and peer not in after
         self.ticked = False
 
     def check_reply(self, peer: bytes, reply, owners: dict[bytes, str]) -> None:
@@ -125,12 +126,13 @@ class BrokerCoreMachine(RuleBasedStateMachine):
             assert item.topic == m.BROADCAST_TOPIC
             assert event.seq == self.last_seq + 1, "sequence numbers skip or repeat"
             self.last_seq = event.seq
-            if isinstance(event, m.Join):
-                assert event.name not in self.online, "a join for a name already online"
-                self.online.add(event.name)
-            elif isinstance(event, m.Leave):
-                assert event.name in self.online, "a leave for a name not online"
-                self.online.remove(event.name)
+            if isinstance(event, m.Presence):
+                for name in event.joined:
+                    assert name not in self.online, "a join for a name already online"
+                    self.online.add(name)
+                for name, _ in event.left:
+                    assert name in self.online, "a leave for a name not online"
+                    self.online.remove(name)
         m.encode(event)
         return event
 
@@ -198,9 +200,11 @@ class BrokerCoreMachine(RuleBasedStateMachine):
             if isinstance(item, Persist):
                 continue
             event = self.check_published(item)
-            if isinstance(event, m.Leave):
-                assert event.reason == m.LeaveReason.TIMEOUT
-                assert event.name in before.values(), "a leave for a name nobody held"
+            if isinstance(event, m.Presence):
+                assert not event.joined and event.left
+                for name, reason in event.left:
+                    assert reason == m.LeaveReason.TIMEOUT
+                    assert name in before.values(), "a leave for a name nobody held"
             elif isinstance(event, m.Heartbeat):
                 assert item.topic == m.HEARTBEAT_TOPIC and event.epoch == self.core.epoch
             elif isinstance(event, m.Position):
@@ -218,10 +222,10 @@ class BrokerCoreMachine(RuleBasedStateMachine):
     @rule(peer=peers)
     def peer_unreachable(self, peer):
         before = self.owners()
-        out = self.core.peer_unreachable(peer, self.wall)
+        out = self.core.peer_unreachable(peer, self.wall) + self.core.flush_presence(self.wall)
         self.check_persisted_first(out)
         events = [self.check_published(item) for item in out if isinstance(item, Publish)]
-        assert [(e.name, e.reason) for e in events] == (
+        assert [(n, r) for e in events for n, r in e.left] == (
             [(before[peer], m.LeaveReason.DISCONNECTED)] if peer in before else [])
         assert peer not in self.core.sessions
         self.ticked = False
@@ -293,7 +297,7 @@ test_broker_core_keeps_its_invariants = BrokerCoreMachine.TestCase
 @pytest.fixture
 def core_with_alice():
     core = BrokerCore(CONFIG)
-    (welcome, *_join) = core.handle(b"A", frame(type="hello", name="alice"), T0, WALL0)
+    (welcome,) = core.handle(b"A", frame(type="hello", name="alice"), T0, WALL0)
     assert isinstance(welcome.message, m.Welcome)
     return core
 

@@ -61,6 +61,8 @@ def annotation_strategy(annotation: str) -> st.SearchStrategy:
         "float": st.floats(-m.MAX_SAFE_INT, m.MAX_SAFE_INT) | safe_ints,
         "bool": st.booleans(),
         "list[str]": st.lists(st.text(max_size=20), max_size=5),
+        "list[list[str]]": st.lists(st.lists(st.text(max_size=20), min_size=2, max_size=2),
+                                    max_size=5),
         # the events of a history: sequenced ones only
         "list[Any]": st.lists(st.deferred(lambda: sequenced_event), max_size=4),
         "list[Room]": st.lists(st.deferred(lambda: message_of(m.Room)), max_size=3),
@@ -177,6 +179,12 @@ def assert_well_typed(msg: Any, types: dict[str, type]) -> None:
             for item in value:
                 assert isinstance(item, str)
                 item.encode("utf-8")
+        elif base == "list[list[str]]":  # [name, reason] pairs
+            for pair in value:
+                assert isinstance(pair, list) and len(pair) == 2
+                for item in pair:
+                    assert isinstance(item, str)
+                    item.encode("utf-8")
         elif base == "list[Room]":
             for room in value:
                 assert_well_typed(room, {m.Room.TYPE: m.Room})

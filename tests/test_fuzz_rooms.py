@@ -56,8 +56,12 @@ class RoomsMachine(RuleBasedStateMachine):
         session = self.core.sessions.get(peer)
         return {"session": session.secret} if session else {}
 
+    def pass_of(self, peer: bytes, frames: list[bytes], now: float, wall: float) -> list:
+        """One pass of the shell's loop: the request, then its joins and leaves."""
+        return self.core.handle(peer, frames, now, wall) + self.core.flush_presence(wall)
+
     def send(self, peer: bytes, **body) -> None:
-        self.check(self.core.handle(peer, frame(**body, **self.token(peer)), self.now, WALL), peer)
+        self.check(self.pass_of(peer, frame(**body, **self.token(peer)), self.now, WALL), peer)
 
     def check(self, out: list, peer: bytes | None) -> list:
         """Check what the core said, as carried out (after a failed write,
@@ -91,8 +95,9 @@ class RoomsMachine(RuleBasedStateMachine):
 
     def store(self, record: Persist) -> None:
         event = record.event
-        if isinstance(event, (m.Join, m.Leave)):
-            self.stored_in[(record.stream, m.name_key(event.name))] = isinstance(event, m.Join)
+        if isinstance(event, m.Presence):
+            for name, reason in event.people():
+                self.stored_in[(record.stream, m.name_key(name))] = reason is None
         elif isinstance(event, m.Topic):
             self.stored_topic[record.stream] = event.text
 
@@ -109,7 +114,7 @@ class RoomsMachine(RuleBasedStateMachine):
                 "rooms": joined}
         if secret:
             body["secret"] = secret
-        out = self.check(self.core.handle(peer, frame(**body), self.now, WALL), peer)
+        out = self.check(self.pass_of(peer, frame(**body), self.now, WALL), peer)
         if any(isinstance(r, Reply) and isinstance(r.message, m.Error)
                and r.message.code == m.ErrorCode.UNAVAILABLE for r in out):
             assert peer not in self.core.sessions  # refused: as if never said
@@ -150,7 +155,7 @@ class RoomsMachine(RuleBasedStateMachine):
 
     @rule(peer=peers)
     def unreachable(self, peer):
-        self.check(self.core.peer_unreachable(peer, WALL), None)
+        self.check(self.core.peer_unreachable(peer, WALL) + self.core.flush_presence(WALL), None)
 
     # --- invariants -------------------------------------------------------------------
 

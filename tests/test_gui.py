@@ -187,7 +187,9 @@ def test_long_lines_wrap_and_own_lines_look_different(broker, root):
 
 def test_user_list_follows_join_and_leave(broker, clients, root):
     window = open_chat(root, broker, "alice")
-    assert window.user_list.get(0, "end") == ("alice (you)",)
+    assert window.users_label.cget("text") == "ONLINE · 1"  # the welcome's count, at once
+    pump_until(root, lambda: window.user_list.get(0, "end") == ("alice (you)",),
+               what="the list loaded")
     carol = listen(broker, "carol")
     clients.append(carol)
     pump_until(root, lambda: window.user_list.get(0, "end") == ("alice (you)", "carol"),
@@ -348,6 +350,18 @@ def test_a_refused_message_goes_back_into_the_field_or_is_offered_to_edit(broker
     window.entry.delete(0, "end")
     click_text(window.chat, window.chat.tag_prevrange("link", "end")[0])
     assert window.entry.get() == TOO_LONG
+
+
+def test_a_window_made_smaller_at_the_newest_line_still_shows_it(broker, root):
+    window = open_chat(root, broker, "alice")
+    root.geometry("480x600")
+    pump_until(root, lambda: root.winfo_height() == 600, what="the tall window")
+    fill_the_view(root, window, broker)
+    chat_height = window.chat.winfo_height()
+    root.geometry("480x320")  # the chat loses lines at its bottom edge
+    pump_until(root, lambda: window.chat.winfo_height() < chat_height, what="the chat to shrink")
+    root.update()
+    assert window.is_at_bottom(), window.chat.yview()  # the newest line still in view
 
 
 def test_the_view_keeps_following_when_a_refusal_makes_the_last_line_taller(broker, root):

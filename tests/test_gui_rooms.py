@@ -247,3 +247,43 @@ def test_a_click_on_a_link_opens_it_in_the_browser(broker, root, monkeypatch):
     click_text(window.chat, window.chat.search("x.test", "1.0"))
     assert opened == ["https://example.org/a?b=1", "http://x.test"]
     assert window.chat.tag_cget("url", "underline") in ("1", 1, True)
+
+
+def joined_sessions(broker, names: list[str]) -> list:
+    """Real client sessions (in this process: lighter than a process each), joined."""
+    from client_session import ClientSession, Joined
+    sessions = [ClientSession("127.0.0.1", broker.port, name).start() for name in names]
+    for session in sessions:
+        wait_until(lambda: any(isinstance(e, Joined) for e in drain(session)), 10,
+                   f"{session.name} to join")
+    return sessions
+
+
+def drain(session) -> list:
+    events = []
+    while not session.events.empty():
+        events.append(session.events.get_nowait())
+    return events
+
+
+def test_the_people_list_shows_the_count_at_once_and_loads_the_names_when_shown(make_broker,
+                                                                                  root):
+    broker = make_broker("--heartbeat-interval", "0.2", "--presence-threshold", "3")
+    others = joined_sessions(broker, ["p1", "p2", "p3"])
+    try:
+        window = open_chat(root, broker, "alice")
+        assert window.users_label.cget("text") == "ONLINE · 4"  # the welcome's count
+        pump_until(root, lambda: window.user_list.get(0, "end") == (
+            "alice (you)", "p1", "p2", "p3"), what="the names, asked when shown")
+        # above the threshold nobody is announced: the count comes, not the names
+        others[0].close()
+        pump_until(root, lambda: window.users_label.cget("text") == "ONLINE · 3",
+                   what="the published count")
+        assert "p1" in window.user_list.get(0, "end") and "p1 left" not in chat_text(window)
+        join_room(root, window, "#lab")
+        click_sidebar(root, window, "#general")  # shown again: loaded again
+        pump_until(root, lambda: window.user_list.get(0, "end") == ("alice (you)", "p2", "p3"),
+                   what="the names as they are now")
+    finally:
+        for session in others:
+            session.close()

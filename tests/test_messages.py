@@ -13,15 +13,15 @@ ALL_MESSAGES = [
     m.Say("id1", "héllo 世界 🎉"), m.Say("id2", "hi", room="#ci"), m.Say("id3", "psst", to="bob"),
     m.Who(), m.Who("#ci"), m.Ping(), m.Fetch(3, 9), m.Fetch(3, 9, stream="@bob"), m.Bye(),
     m.JoinRoom("#ci"), m.PartRoom("#ci"), m.SetTopic("#ci", "builds"), m.ListRooms(),
-    m.Welcome("alice", "ep", ["alice", "bob"], "tok", 1.0, 3, 4096, [ROOM], 4, True),
+    m.Welcome("alice", "ep", 2, "tok", 1.0, 3, 4096, [ROOM], 4, True),
     m.Ack("id1", 5), m.Error("name_taken", "taken"), m.Error("rate_limited", "slow", "x", 0.5),
     m.Users(["a", "b"]), m.Users(["a"], "#ci"), ROOM, m.Parted("#ci"), m.RoomList([ROOM, ROOM]),
-    m.History([m.Join(1, 2.0, "a", "#ci"), m.Message(2, 3.0, "a", "t", "#ci"),
+    m.History([m.Presence(1, 2.0, ["a"], [], "#ci"), m.Message(2, 3.0, "a", "t", "#ci"),
                m.Topic(3, 4.0, "a", "x", "#ci")], 1, 3, stream="#ci"),
     m.Message(4, 5.0, "alice", "psst", to="bob"), m.Position("@bob", 4),
 ]
-EVENTS = [m.Message(1, 2.5, "alice", "hi", "#general"), m.Join(2, 3.0, "bob", "#general"),
-          m.Leave(3, 4.0, "bob", "timeout", "#general"), m.Topic(4, 4.5, "bob", "t", "#general"),
+EVENTS = [m.Message(1, 2.5, "alice", "hi", "#general"), m.Presence(2, 3.0, ["bob"], [], "#general"),
+          m.Presence(3, 4.0, [], [["bob", "timeout"]], "#general"), m.Topic(4, 4.5, "bob", "t", "#general"),
           m.Heartbeat("ep", 5.0), m.Position("#general", 4), m.Shutdown(6.0)]
 
 

@@ -28,7 +28,7 @@ def test_events_round_trip_per_stream_and_survive_a_reopen(tmp_path):
     store = EventStore(path)
     epoch = store.epoch()
     store.append(records(m.GENERAL_ROOM, 1, 5))
-    store.append(records("#lab", 1, 3) + [Persist("#lab", m.Leave(4, WALL, "ann", "quit", "#Lab")),
+    store.append(records("#lab", 1, 3) + [Persist("#lab", m.Presence(4, WALL, [], [["ann", "quit"]], "#Lab")),
                                            Persist("#lab", m.Topic(5, WALL, "ann", "hw", "#Lab"))])
     store.append(records("@ann", 1, 1))
     store.close()
@@ -37,7 +37,7 @@ def test_events_round_trip_per_stream_and_survive_a_reopen(tmp_path):
     assert again.streams() == [m.GENERAL_ROOM, "#lab", "@ann"]
     assert [e.seq for e in again.recent_events(m.GENERAL_ROOM, 3)] == [3, 4, 5]
     lab = again.recent_events("#lab", 10)
-    assert lab[-2:] == [m.Leave(4, WALL, "ann", "quit", "#Lab"), m.Topic(5, WALL, "ann", "hw",
+    assert lab[-2:] == [m.Presence(4, WALL, [], [["ann", "quit"]], "#Lab"), m.Topic(5, WALL, "ann", "hw",
                                                                           "#Lab")]
     assert lab[0] == m.Message(1, WALL + 1, "bob", "t1", "#lab")
     assert again.recent_events("@ann", 1) == [m.Message(1, WALL + 1, "bob", "t1", to="ann")]
@@ -65,7 +65,7 @@ def test_a_file_from_before_streams_is_migrated_into_the_main_stream(tmp_path):
     """)
     store = EventStore(path)
     assert store.epoch() == "oldepoch"
-    assert store.recent_events(m.GENERAL_ROOM, 10) == [m.Join(1, 1.0, "ann", m.GENERAL_ROOM),
+    assert store.recent_events(m.GENERAL_ROOM, 10) == [m.Presence(1, 1.0, ["ann"], [], m.GENERAL_ROOM),
                                                       m.Message(2, 2.0, "ann", "hello",
                                                                 m.GENERAL_ROOM)]
     assert store.recent_ids(m.GENERAL_ROOM, 10) == [(("ann", "m1"), 2)]
@@ -108,7 +108,7 @@ def test_a_restarted_core_continues_every_room_and_direct_messages(tmp_path):
     from broker_core import BrokerCore
     path = str(tmp_path / "chat.db")
     store = EventStore(path)
-    store.append([Persist("#lab", m.Join(1, WALL, "ann", "#Lab")),
+    store.append([Persist("#lab", m.Presence(1, WALL, ["ann"], [], "#Lab")),
                   Persist("#lab", m.Topic(2, WALL, "ann", "homework", "#Lab")),
                   *records("@bob", 1, 2)])
     core = BrokerCore()

@@ -72,7 +72,7 @@ def test_commands_stay_local_and_line_editing_and_history_work(chat):
     term.type("/frobnicate now" + ENTER)
     term.wait_for("unknown command /frobnicate (not sent", 10, "the local error")
     term.type("/users" + ENTER)
-    term.wait_for("online: ears, typist", 10, "who is online")
+    term.wait_for("online (2): ears, typist", 10, "who is online")
     term.type("//slash at the start" + ENTER)
     wait_until(lambda: sent_by_typist(ears), 10, "the // line")
     term.type("helo" + LEFT + "l" + ENTER)  # the arrow moves the cursor, it is not text

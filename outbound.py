@@ -1,0 +1,426 @@
+"""What the broker queues for clients: counted in wire bytes, bounded per connection and in total.
+
+A client that asks and never reads makes the broker hold every reply it is
+sent: libzmq queues it (up to the ROUTER's high-water mark, 1000 replies of
+up to a few hundred KiB each), then the kernel's send buffer. A subscriber
+that never reads holds its XPUB queue (64 frames of up to 64 KiB). Nothing
+in libzmq bounds these in bytes, and libzmq has no call to drop one peer.
+
+This module keeps the books, in the broker's thread:
+
+* **Replies.** For each routing id, the descriptor its connection arrived on
+  (ZMQ_SRCFD of its first frame, taken once, when the id is new) and the
+  bytes handed to libzmq for it, as they go on the wire (payload plus ZMTP
+  framing, plus the CurveZMQ box when encrypted). The kernel counts what the
+  client's TCP has acknowledged (``tcpi_bytes_acked`` of TCP_INFO); what is
+  sent and not yet acknowledged is still held, by libzmq or by the kernel.
+  Past ``PEER_BYTES`` (``NOT_JOINED_BYTES`` for a connection without a
+  session) that peer's replies are not built; still over after ``SLOW_S``,
+  it is disconnected.
+* **Broadcasts.** The XPUB filters by topic inside libzmq, so the bytes each
+  subscriber is sent are not known here; what it can hold is: its queue
+  (``subscriber_bytes``, the XPUB's high-water mark times the largest
+  frame) and its kernel send queue. A subscriber whose kernel queue is
+  backed up (``BACKED_UP_BYTES``), or not empty while its acknowledged
+  bytes have not moved since the previous sweep (*stalled*), is counted at
+  that bound; one that keeps up, at nothing. Stalled for ``STALL_S``, it is
+  disconnected, like NATS's slow consumer (its client reconnects and
+  repairs from history).
+* **In total.** When the sum passes ``HIGH_WATER`` of the budget, the
+  largest holders are disconnected first until it is under ``LOW_WATER``.
+* **Joining.** A request connection that has no session ``join_deadline``
+  seconds after it was accepted (or after its session ended) is
+  disconnected.
+
+Disconnecting is ``shutdown(SHUT_RDWR)`` on libzmq's own descriptor, as
+admission.py does: libzmq reads end-of-file, closes the descriptor and
+frees the peer's queue. Descriptors are reused by the kernel, so before
+acting on one its socket's inode is compared with the one it had when first
+seen. The sweep runs at most once per heartbeat interval; per reply
+the cost is a dictionary lookup and an addition, and a TCP_INFO reading only
+for a peer that looks over its limit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import socket
+import struct
+import termios
+from dataclasses import dataclass
+
+# Bytes sent to one joined connection and not yet acknowledged, past which
+# its replies are not built. Ample for a client that reads (a history page
+# is at most a few hundred KiB); Redis cuts a pub/sub client at 32 MB hard
+# or 8 MB for 60 s, NATS a slow consumer at 64 MiB pending: 4 MiB lets a
+# 512 MiB budget hold 128 such connections before the largest are cut.
+PEER_BYTES = 4 * 1024 * 1024
+# The same for a connection that has not joined: room for one reply of any
+# size (a `who` of thousands of names) and a burst of small refusals, not
+# for a pile of them (SECURITY.md: it holds next to nothing).
+NOT_JOINED_BYTES = 32 * 1024
+# Seconds a connection may stay over its limit (not reading) before it is
+# disconnected: a client that is merely slow catches up well within this.
+SLOW_S = 3.0
+# Seconds a subscriber may make no progress with data waiting for it before
+# it is disconnected (NATS's default write deadline is 10 s; a stalled
+# subscriber already has its broadcasts dropped by the XPUB).
+STALL_S = 5.0
+# The total is brought back under LOW_WATER of the budget once it passes
+# HIGH_WATER: a margin for what arrives before the next sweep.
+HIGH_WATER = 0.9
+LOW_WATER = 0.7
+# A subscriber whose kernel send queue holds this much is behind: its XPUB
+# queue may be full too, so it counts at its bound in the total.
+BACKED_UP_BYTES = 256 * 1024
+# A connection that has not joined this many seconds after it was accepted
+# (or after its session ended) is disconnected.
+JOIN_DEADLINE_S = 30.0
+# Bytes freed by disconnections after which the allocator is asked to give
+# memory back to the system (glibc keeps freed memory otherwise).
+TRIM_BYTES = 8 * 1024 * 1024
+
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked is the u64 at offset 120
+# (Linux 4.1 and later); 232 bytes covers it on every kernel since.
+TCP_INFO_LEN = 232
+BYTES_ACKED_OFFSET = 120
+# A ZMTP 3 frame header: flags and a 1-byte size up to 255, else an 8-byte size.
+SHORT_FRAME_MAX = 255
+# A CurveZMQ MESSAGE command around a frame: name length and "MESSAGE" (8),
+# nonce (8), MAC (16), flags (1) (RFC 26).
+CURVE_OVERHEAD = 33
+
+
+def wire_bytes(payload: int, curve: bool) -> int:
+    """Bytes a one-frame reply of ``payload`` bytes takes on the wire."""
+    body = payload + CURVE_OVERHEAD if curve else payload
+    return body + (2 if body <= SHORT_FRAME_MAX else 9)
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``1G``, ``65536``, ``64KiB``: a size in bytes (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    value = float(number) * units[unit]
+    if value < 1:
+        raise ValueError(f"not a size: {text!r}")
+    return int(value)
+
+
+# libc's getsockopt and shutdown, called on libzmq's descriptors directly:
+# a Python socket object on them costs ~20 us to make and would close the
+# descriptor if it were ever collected undetached.
+_libc = ctypes.CDLL(None, use_errno=True)
+_getsockopt = _libc.getsockopt
+_getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                        ctypes.POINTER(ctypes.c_uint32)]
+_shutdown = _libc.shutdown
+_shutdown.argtypes = [ctypes.c_int, ctypes.c_int]
+_info = ctypes.create_string_buffer(TCP_INFO_LEN)  # one thread (the broker's) uses these
+_info_len = ctypes.c_uint32()
+
+
+def identity(fd: int) -> int | None:
+    """What tells this connection from a later one on the same descriptor
+    number: its socket's device and inode (the kernel numbers sockets
+    afresh)."""
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return None
+    return hash((status.st_dev, status.st_ino))  # a file elsewhere may share the number
+
+
+def _acked(fd: int) -> int | None:
+    """tcpi_bytes_acked of descriptor ``fd``, or None when it is no TCP socket."""
+    _info_len.value = TCP_INFO_LEN
+    if _getsockopt(fd, socket.IPPROTO_TCP, socket.TCP_INFO, _info, ctypes.byref(_info_len)):
+        return None
+    if _info_len.value < BYTES_ACKED_OFFSET + 8:
+        return None  # a kernel older than 4.1
+    return struct.unpack_from("Q", _info, BYTES_ACKED_OFFSET)[0]
+
+
+def _reading(fd: int) -> tuple[int, int, int] | None:
+    """(identity, bytes acknowledged, bytes in the send queue) of descriptor
+    ``fd``, or None when it is no TCP connection any more."""
+    ino = identity(fd)
+    acked = None if ino is None else _acked(fd)
+    if acked is None:
+        return None
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return None
+    return ino, acked, queued
+
+
+def disconnect(fd: int, ino: int) -> bool:
+    """End the TCP connection on libzmq's descriptor ``fd`` if it is still
+    the one with identity ``ino``; libzmq then closes it and frees its queue."""
+    if identity(fd) != ino:
+        return False  # closed, or the descriptor was reused by another connection
+    return _shutdown(fd, socket.SHUT_RDWR) == 0
+
+
+def give_memory_back() -> None:
+    """Ask glibc to return freed memory to the system (malloc_trim(0)):
+    otherwise the memory of a pile of replies stays the process's after
+    they are freed."""
+    trim = getattr(_libc, "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
+
+
+@dataclass(slots=True)
+class ReplyBooks:
+    """One request connection, as first seen."""
+
+    fd: int
+    ino: int  # its identity then, to recognise a reused descriptor
+    acked_base: int  # tcpi_bytes_acked then (the handshake)
+    sent: int = 0  # wire bytes handed to libzmq since
+    acked: int = 0  # of those, acknowledged at the last reading
+    joined: bool = False  # had a session at its last reply
+    over_since: float | None = None
+    # Disconnected: no more replies; forgotten once libzmq has closed it.
+    cut: bool = False
+
+    @property
+    def outstanding(self) -> int:
+        return self.sent - self.acked
+
+    @property
+    def limit(self) -> int:
+        return PEER_BYTES if self.joined else NOT_JOINED_BYTES
+
+
+@dataclass(slots=True)
+class SubscriberBooks:
+    ino: int
+    acked: int
+    stalled_since: float | None = None
+    held: int = 0  # counted in the total at the last sweep
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """A connection to disconnect: ``routing_id`` is None for a subscriber."""
+
+    fd: int
+    ino: int  # the connection's identity (see identity())
+    peer: tuple | None  # its address, for the log
+    routing_id: bytes | None
+    held: int  # bytes counted against it
+    reason: str
+
+
+class Outbound:
+    """The books of everything queued for clients, and who to cut."""
+
+    def __init__(self, budget: int, subscriber_bytes: int, curve: bool = False,
+                 join_deadline: float = JOIN_DEADLINE_S):
+        self.budget = budget
+        self.subscriber_bytes = subscriber_bytes
+        self.curve = curve
+        self.join_deadline = join_deadline
+        self.replies: dict[bytes, ReplyBooks] = {}
+        # Routing ids over their limit: their requests are not handled at
+        # all (building a history page costs even when it is not sent),
+        # until a sweep finds them under it again, or they are cut.
+        self.over: set[bytes] = set()
+        self.subscribers: dict[int, SubscriberBooks] = {}
+        # request descriptor -> monotonic time it was last seen with a session
+        self.last_joined: dict[int, float] = {}
+        # The total: counted at each sweep, and between sweeps kept up to
+        # date with what is sent (and acknowledged, where read). Past the
+        # budget, a peer holding more than NOT_JOINED_BYTES gets no reply.
+        self.held = 0
+        self.freed = 0  # bytes cut since the allocator last gave memory back
+
+    # --- per message -------------------------------------------------------
+
+    def first_seen(self, routing_id: bytes, fd: int | None) -> None:
+        """A routing id not in ``replies`` sent its first request on ``fd``
+        (None: unknown; then it is looked at again on its next request)."""
+        reading = None if fd is None or fd < 0 else _reading(fd)
+        if reading is not None:
+            self.replies[routing_id] = ReplyBooks(fd, reading[0], reading[1])
+
+    def may_reply(self, routing_id: bytes, joined: bool, now: float) -> bool:
+        """Whether a reply to ``routing_id`` may be built now: False while
+        it holds more than its limit (it is not reading)."""
+        books = self.replies.get(routing_id)
+        if books is None:
+            return True
+        if books.cut:
+            return False  # replies built before it was cut, in the same pass
+        books.joined = joined
+        limit = books.limit if self.held < self.budget else min(books.limit, NOT_JOINED_BYTES)
+        if books.outstanding < limit:
+            return True
+        acked = _acked(books.fd)
+        if acked is not None:
+            self._acked(books, acked)
+        if books.outstanding < limit:
+            books.over_since = None
+            return True
+        if books.over_since is None:
+            books.over_since = now
+        self.over.add(routing_id)
+        return False
+
+    def sent(self, routing_id: bytes, payload: int) -> None:
+        books = self.replies.get(routing_id)
+        if books is not None:
+            size = wire_bytes(payload, self.curve)
+            books.sent += size
+            self.held += size
+
+    def _acked(self, books: ReplyBooks, acked: int) -> None:
+        """The kernel says ``acked`` bytes of ``books`` are acknowledged."""
+        before = books.outstanding
+        books.acked = acked - books.acked_base
+        self.held -= before - books.outstanding
+
+    def forget(self, routing_id: bytes) -> None:
+        """The ROUTER no longer knows ``routing_id``."""
+        books = self.replies.pop(routing_id, None)
+        self.over.discard(routing_id)
+        if books is not None and not books.cut:
+            self.held -= max(0, books.outstanding)
+
+    # --- once per interval ------------------------------------------------------
+
+    def sweep(self, now: float, sessions, connections: dict) -> list[Cut]:
+        """Read the kernel's counts and decide whom to cut. ``sessions``:
+        the routing ids with a session; ``connections``: admission's
+        descriptor -> (port label, peer address, accepted at, identity) of
+        every live connection."""
+        cuts: dict[int, Cut] = {}
+        held = self._sweep_replies(now, sessions, connections, cuts)
+        held += self._sweep_subscribers(now, connections, cuts)
+        self._sweep_unjoined(now, connections, cuts)
+        if held > self.budget * HIGH_WATER:
+            self._cut_largest(held, connections, cuts)
+        for cut in cuts.values():
+            if cut.routing_id is not None:
+                self.replies[cut.routing_id].cut = True
+                self.over.add(cut.routing_id)  # what it still sent is not heard
+        cut_bytes = sum(cut.held for cut in cuts.values())
+        self.held = held - cut_bytes
+        self.freed += cut_bytes
+        return list(cuts.values())
+
+    def trim_due(self) -> bool:
+        """Whether enough was freed that the allocator should give it back."""
+        if self.freed < TRIM_BYTES:
+            return False
+        self.freed = 0
+        return True
+
+    def _sweep_replies(self, now: float, sessions, connections: dict,
+                       cuts: dict[int, Cut]) -> int:
+        held = 0
+        for routing_id, books in list(self.replies.items()):
+            reading = _reading(books.fd)
+            if reading is None or reading[0] != books.ino:
+                del self.replies[routing_id]
+                self.over.discard(routing_id)  # gone; its descriptor may be another's now
+                if not books.cut:
+                    self.freed += max(0, books.outstanding)
+                continue
+            if books.cut:
+                continue  # libzmq has not closed it yet; it is not counted any more
+            self._acked(books, reading[1])
+            books.joined = routing_id in sessions
+            if books.joined:
+                self.last_joined[books.fd] = now
+            if books.outstanding < books.limit:
+                books.over_since = None
+                self.over.discard(routing_id)
+            elif books.over_since is None:
+                books.over_since = now
+            elif now - books.over_since >= SLOW_S:
+                cuts[books.fd] = Cut(books.fd, books.ino, _address(connections, books.fd),
+                                     routing_id, books.outstanding,
+                                     f"has not read {books.outstanding:,} bytes of replies "
+                                     f"for {now - books.over_since:.0f} s")
+            held += max(0, books.outstanding)
+        return held
+
+    def _sweep_subscribers(self, now: float, connections: dict, cuts: dict[int, Cut]) -> int:
+        held = 0
+        live = set()
+        for fd, (label, peer, _, ino) in connections.items():
+            if label != "broadcast":
+                continue
+            reading = _reading(fd)
+            if reading is None or reading[0] != ino:
+                continue
+            live.add(fd)
+            books = self.subscribers.get(fd)
+            if books is None or books.ino != ino:
+                self.subscribers[fd] = SubscriberBooks(ino, reading[1])
+                continue
+            queued = reading[2]
+            stalled = queued > 0 and reading[1] == books.acked
+            books.acked = reading[1]
+            # Behind (its kernel queue backed up) or stalled, its XPUB queue
+            # may be full: counted at its bound. One that keeps up holds little.
+            books.held = (self.subscriber_bytes + queued
+                          if stalled or queued >= BACKED_UP_BYTES else 0)
+            held += books.held
+            if not stalled:
+                books.stalled_since = None
+                continue
+            if books.stalled_since is None:
+                books.stalled_since = now
+            if now - books.stalled_since >= STALL_S:
+                cuts[fd] = Cut(fd, ino, peer, None, books.held,
+                               f"subscriber has read nothing for {now - books.stalled_since:.0f} s")
+        for fd in list(self.subscribers):
+            if fd not in live:
+                self.freed += self.subscribers.pop(fd).held
+        return held
+
+    def _sweep_unjoined(self, now: float, connections: dict, cuts: dict[int, Cut]) -> None:
+        for fd, (label, peer, accepted, ino) in connections.items():
+            if label != "request" or fd in cuts:
+                continue
+            since = max(accepted, self.last_joined.get(fd, accepted))
+            if now - since >= self.join_deadline:
+                cuts[fd] = Cut(fd, ino, peer, None, 0,
+                               f"has not joined within {self.join_deadline:g} s")
+        for fd in list(self.last_joined):
+            if fd not in connections:
+                del self.last_joined[fd]
+
+    def _cut_largest(self, held: int, connections: dict, cuts: dict[int, Cut]) -> None:
+        """Cut the largest holders until the total is under LOW_WATER."""
+        held -= sum(cut.held for cut in cuts.values())
+        # (bytes, stalled, ...): of equal holders, the stalled go first
+        holders = [(books.outstanding, True, books.fd, books.ino, rid)
+                   for rid, books in self.replies.items()]
+        holders += [(books.held, books.stalled_since is not None, fd, books.ino, None)
+                    for fd, books in self.subscribers.items() if books.held]
+        holders.sort(key=lambda h: h[:2], reverse=True)
+        for size, _, fd, ino, rid in holders:
+            if rid is not None and self.replies[rid].cut:
+                continue
+            if held <= self.budget * LOW_WATER or size <= 0:
+                break
+            if fd in cuts:
+                continue
+            cuts[fd] = Cut(fd, ino, _address(connections, fd), rid, size,
+                           f"holds {size:,} bytes, the most while all hold {held:,} "
+                           f"(--max-memory {self.budget:,})")
+            held -= size
+
+
+def _address(connections: dict, fd: int) -> tuple | None:
+    record = connections.get(fd)
+    return record[1] if record else None
