@@ -396,11 +396,12 @@ class BrokerShell:
         return True
 
     def _send_replies(self, replies: list[Reply], now: float) -> list:
-        """Send each reply to its peer (a message sent to several, such as a
-        direct message to each connection of its addressee, encoded once);
-        the outputs of peers found gone."""
+        """Send each reply to its peer (a message sent to several in a row,
+        such as a direct message to each connection of its addressee, is
+        encoded once); the outputs of peers found gone. Only the last body
+        is kept: a pass of large histories never holds them all at once."""
         out: list = []
-        encoded: dict[int, bytes] = {}  # id of a message -> its frame
+        last, body = None, b""
         send, sessions = self.router.send, self.core.sessions
         for reply in replies:
             peer, message = reply.peer, reply.message
@@ -408,9 +409,8 @@ class BrokerShell:
                 self.core.warnings.warn(REPLY_DROPPED, peer.hex(),
                                         "it has not read its earlier replies", now)
                 continue
-            body = encoded.get(id(message))
-            if body is None:
-                body = encoded[id(message)] = m.encode(message)
+            if message is not last:
+                last, body = message, m.encode(message)
             try:
                 # Two sends, not send_multipart: a third of its cost. A full
                 # queue or a gone peer refuses the first frame (ROUTER_MANDATORY).
