@@ -53,10 +53,16 @@ SUB_QUEUE_FRAMES = 64
 # dropped under a burst; past it replies to that client are dropped and
 # logged, and the client resends what stays unacknowledged.
 REPLY_QUEUE = 1000
-# How long outputs may wait to share a PUB frame with others when a frame
-# went out just before. A lone message goes at once; a steady stream waits
-# at most this long, and pays a system call per subscriber less often.
+# How long outputs may wait to share a PUB frame with others under a
+# backlog, counted from the last frame. A pass that finds the loop idle
+# publishes at once (no added latency at chat rates); a backlog waits at
+# most this long, and pays a system call per subscriber less often.
 COALESCE_S = 0.002
+# Requests read in one pass that mark a backlog: at chat rates a pass finds
+# one, or two when arrivals jitter; a stream the loop cannot take one by one
+# finds many. 0 makes every pass wait when a frame went out just before
+# (fewer frames and less CPU at chat rates, ~1 ms more latency).
+BACKLOG_REQUESTS = 4
 # Connections waiting for accept() on each port. libzmq's default of 100
 # overflows when thousands connect at once (a school logging in at 8:59):
 # the kernel drops their SYNs and each client retries after 1, 3, 7, 15 s,
@@ -114,8 +120,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a room with more members announces no joins and leaves, only its "
                         "count once per heartbeat (default 500)")
     p.add_argument("--coalesce-ms", type=float, default=COALESCE_S * 1000, metavar="MS",
-                   help="longest wait to share a broadcast frame under a steady stream "
+                   help="longest wait to share a broadcast frame under a backlog "
                         f"(default {COALESCE_S * 1000:g}; 0 sends every pass at once)")
+    p.add_argument("--backlog-requests", type=int, default=BACKLOG_REQUESTS, metavar="N",
+                   help="requests one pass must find before its outputs wait to share a frame "
+                        f"(default {BACKLOG_REQUESTS}; 0: every pass waits when a frame went out "
+                        "less than --coalesce-ms before)")
     p.add_argument("--max-per-address", type=int, default=admission.MAX_PER_ADDRESS, metavar="N",
                    help="live connections from one address on each port; more are closed "
                         f"at once (default {admission.MAX_PER_ADDRESS})")
@@ -142,8 +152,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 "and --max-per-address must be at least 1")
     if args.presence_threshold < 0:
         p.error("--presence-threshold must not be negative")
-    if args.rate <= 0 or args.coalesce_ms < 0 or args.join_deadline <= 0:
-        p.error("--rate and --join-deadline must be positive and --coalesce-ms not negative")
+    if (args.rate <= 0 or args.coalesce_ms < 0 or args.join_deadline <= 0
+            or args.backlog_requests < 0):
+        p.error("--rate and --join-deadline must be positive, --coalesce-ms and "
+                "--backlog-requests not negative")
     if args.allow and not args.curve_secret:
         p.error("--allow needs --curve-secret")
     if args.backplane and args.db:
@@ -174,13 +186,14 @@ class BrokerShell:
                  allow_dir: str | None = None, coalesce: float = COALESCE_S,
                  max_per_address: int = admission.MAX_PER_ADDRESS,
                  max_memory: int = MAX_MEMORY, join_deadline: float = outbound.JOIN_DEADLINE_S,
-                 backplane=None):
+                 backlog_requests: int = BACKLOG_REQUESTS, backplane=None):
         self.core = core
         self.store = store
         self.backplane = backplane  # backplane.Backplane: the streams are shared in Redis
         self.store_failing = False  # the last write failed
         # outputs held to share PUB frames, and when they must go
         self.coalesce = coalesce
+        self.backlog_requests = backlog_requests
         self.held: list = []
         self.release_at: float | None = None  # monotonic, like every timer here
         self.last_publish = float("-inf")
@@ -261,40 +274,46 @@ class BrokerShell:
             # the times stamped on events for people to read.
             now, wall = time.monotonic(), time.time()
             out: list = []
-            backlog = False
+            read, more = 0, False
             if self.notifications in ready:
                 # Before the requests: the shared events take their places
                 # in the streams before this pass numbers anything new.
                 out += self.backplane.read(self.core)
             if self.router in ready:
-                requests, backlog = self._read_requests(now, wall)
-                out += requests
+                read, more = self._read_requests(out, now, wall)
             if self.pub in ready:
                 out += self._read_subscriptions(wall)
-            out += self.core.tick(now, wall, backlog)
+            out += self.core.tick(now, wall, more)
             if now >= self.next_books:
                 out += self._keep_books(now, wall)
             if self.backplane is not None:
                 self.backplane.tick(self.core, now, wall)
                 # Numbered in Redis now, before the next pass's notifications.
                 out = self._persist(out)
-            self._send_or_hold(out, now)
+            self._send_or_hold(out, now, self._backlog(read, more))
         self._release(time.monotonic())
         self._deliver(self.core.shutdown(time.time()), time.monotonic())
 
-    def _send_or_hold(self, outputs: list, now: float) -> None:
-        """Deliver at once when the last publish is a while ago; under a
-        steady stream, gather a few milliseconds into fewer PUB frames
-        (each frame costs a system call per subscriber)."""
+    def _backlog(self, read: int, more: bool) -> bool:
+        """Whether a pass that read ``read`` requests, and left ``more``
+        waiting, found a backlog (its outputs may wait to share a frame)."""
+        return more or read >= self.backlog_requests
+
+    def _send_or_hold(self, outputs: list, now: float, backlog: bool = False) -> None:
+        """Deliver at once when the loop is idle (a pass that found few
+        requests: what is held leaves too) or the last publish is a while
+        ago; under a ``backlog``, gather up to a few milliseconds into
+        fewer PUB frames (each frame costs a system call per subscriber)."""
         if outputs:
-            if self.release_at is None and now - self.last_publish >= self.coalesce:
-                self._deliver(outputs, now)
-            else:
-                self.held += outputs
-                if self.release_at is None:
-                    self.release_at = self.last_publish + self.coalesce
-        if self.release_at is not None and now >= self.release_at:
-            self._release(now)
+            self.held += outputs
+        if not self.held:
+            return
+        if backlog:
+            if self.release_at is None:
+                self.release_at = self.last_publish + self.coalesce
+            if now < self.release_at:
+                return
+        self._release(now)
 
     def _release(self, now: float) -> None:
         held, self.held, self.release_at = self.held, [], None
@@ -314,34 +333,32 @@ class BrokerShell:
         if self.store is not None:
             self.store.close()
 
-    def _read_requests(self, now: float, wall: float) -> tuple[list, bool]:
-        """Outputs of a batch of requests, and whether more are waiting."""
-        out: list = []
-        for _ in range(RECV_BATCH):
+    def _read_requests(self, out: list, now: float, wall: float) -> tuple[int, bool]:
+        """Handle a batch of requests, their outputs added to ``out``; how
+        many were read, and whether more are waiting."""
+        # Each frame received with copy=False, its own "more" flag read:
+        # recv_multipart costs twice as much per request (a getsockopt per
+        # frame). The routing id's frame carries the connection's metadata.
+        recv, handle, keys_checked = self.router.recv, self.core.handle, self.keys_checked
+        known, over = self.outbound.replies, self.outbound.over
+        for read in range(RECV_BATCH):
             try:
-                if self.keys_checked:
-                    parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    key = parts[0].get("User-Id")
-                    peer, *frames = [part.bytes for part in parts]
-                    if peer not in self.outbound.replies:
-                        self.outbound.first_seen(peer, source_fd(parts[0]))
-                else:
-                    peer, key = self.router.recv(zmq.NOBLOCK), None
-                    if peer in self.outbound.replies:
-                        frames = self.router.recv_multipart(zmq.NOBLOCK)
-                    else:  # new: the descriptor it came on, once (outbound.py)
-                        first = self.router.recv(zmq.NOBLOCK, copy=False)
-                        self.outbound.first_seen(peer, source_fd(first))
-                        frames = [first.bytes]
-                        if first.more:
-                            frames += self.router.recv_multipart(zmq.NOBLOCK)
+                id_frame = recv(_NOBLOCK, copy=False)
             except zmq.Again:
-                return out, False
-            if peer in self.outbound.over:  # not reading: not listened to either
+                return read, False
+            parts, part = [], id_frame
+            while part.more:  # a message's frames arrive together; a request has one
+                part = recv(_NOBLOCK, copy=False)
+                parts.append(part)
+            peer = id_frame.bytes
+            if peer not in known:  # new: the descriptor it came on, once (outbound.py)
+                self.outbound.first_seen(peer, source_fd(parts[0]) if parts else None)
+            if peer in over:  # not reading: not listened to either
                 self.core.warnings.warn(NOT_HEARD, peer.hex(), "it has not read its replies", now)
                 continue
-            out += self.core.handle(peer, frames, now, wall, key)
-        return out, True
+            key = id_frame.get("User-Id") if keys_checked else None
+            out += handle(peer, [p.bytes for p in parts], now, wall, key)
+        return RECV_BATCH, True
 
     def _read_subscriptions(self, wall: float) -> list:
         out: list = []
@@ -366,19 +383,19 @@ class BrokerShell:
             by_topic: dict[bytes, list[bytes]] = {}
             replies: list[Reply] = []
             for item in outputs:
-                if isinstance(item, Publish):
+                kind = type(item)
+                if kind is Publish:
                     by_topic.setdefault(item.topic, []).append(m.encode(item.event))
-                elif isinstance(item, Reply):
+                elif kind is Reply:
                     replies.append(item)
             for topic, encoded in by_topic.items():
                 for frame in frames_of(encoded):
-                    self.pub.send_multipart([topic, frame])
+                    self.pub.send(topic, zmq.SNDMORE)
+                    self.pub.send(frame)
                 self.last_publish = now
             # A peer found unreachable while replying becomes a leave, which
             # is delivered on the next turn of this loop.
-            outputs = []
-            for reply in replies:
-                outputs += self._send_reply(reply, now)
+            outputs = self._send_replies(replies, now)
 
     def _persist(self, outputs: list) -> list:
         """Store the new events among ``outputs`` (or have the backplane
@@ -408,24 +425,38 @@ class BrokerShell:
             self.store_failing = False
         return True
 
-    def _send_reply(self, reply: Reply, now: float) -> list:
-        if not self.outbound.may_reply(reply.peer, reply.peer in self.core.sessions, now):
-            self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(),
-                                    "it has not read its earlier replies", now)
-            return []
-        body = m.encode(reply.message)
-        try:
-            self.router.send_multipart([reply.peer, body], zmq.NOBLOCK)
-        except zmq.Again:
-            self.core.warnings.warn(REPLY_DROPPED, reply.peer.hex(), "its queue is full", now)
-            return []
-        except zmq.ZMQError as e:
-            if e.errno != zmq.EHOSTUNREACH:
-                raise
-            self.outbound.forget(reply.peer)
-            return self.core.peer_unreachable(reply.peer, time.time())
-        self.outbound.sent(reply.peer, len(body))
-        return []
+    def _send_replies(self, replies: list[Reply], now: float) -> list:
+        """Send each reply to its peer (a message sent to several in a row,
+        such as a direct message to each connection of its addressee, is
+        encoded once); the outputs of peers found gone. Only the last body
+        is kept: a pass of large histories never holds them all at once."""
+        out: list = []
+        last, body = None, b""
+        send, sessions = self.router.send, self.core.sessions
+        for reply in replies:
+            peer, message = reply.peer, reply.message
+            if not self.outbound.may_reply(peer, peer in sessions, now):
+                self.core.warnings.warn(REPLY_DROPPED, peer.hex(),
+                                        "it has not read its earlier replies", now)
+                continue
+            if message is not last:
+                last, body = message, m.encode(message)
+            try:
+                # Two sends, not send_multipart: a third of its cost. A full
+                # queue or a gone peer refuses the first frame (ROUTER_MANDATORY).
+                send(peer, _NOBLOCK_MORE)
+                send(body, _NOBLOCK)
+            except zmq.Again:
+                self.core.warnings.warn(REPLY_DROPPED, peer.hex(), "its queue is full", now)
+                continue
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                self.outbound.forget(peer)
+                out += self.core.peer_unreachable(peer, time.time())
+                continue
+            self.outbound.sent(peer, len(body))
+        return out
 
     def _keep_books(self, now: float, wall: float) -> list:
         """Once per heartbeat interval: disconnect the connections that hold
@@ -446,6 +477,11 @@ class BrokerShell:
         log.debug("outbound: %d connections hold %d bytes; %d subscribers",
                   len(self.outbound.replies), self.outbound.held, len(self.outbound.subscribers))
         return out
+
+
+# zmq's flags as plain ints: an enum's "|" costs microseconds per reply.
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 def source_fd(frame: zmq.Frame) -> int | None:
@@ -525,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         core = make_core(args, store, backplane.epoch() if backplane else None)
         shell = BrokerShell(core, args.host, args.port, args.pub_port, store, curve, args.allow,
                             args.coalesce_ms / 1000, args.max_per_address, args.max_memory,
-                            args.join_deadline, backplane)
+                            args.join_deadline, args.backlog_requests, backplane)
     except keys.KeyFileError as e:
         print(f"broker: {e}", file=sys.stderr)
         return 1

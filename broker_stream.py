@@ -38,7 +38,8 @@ SenderId = tuple[str, str]
 
 def event_bytes(event: Any) -> int:
     """What holding ``event`` in a history costs, in bytes."""
-    return EVENT_OVERHEAD_BYTES + len(getattr(event, "text", "").encode())
+    text = getattr(event, "text", "")
+    return EVENT_OVERHEAD_BYTES + (len(text) if text.isascii() else len(text.encode()))
 
 
 class Stream:

@@ -482,7 +482,10 @@ def _field_specs(cls: type) -> tuple[tuple[str, str, str, Any], ...]:
     )
 
 
-_COMPACT = {"separators": (",", ":"), "ensure_ascii": False}
+# One encoder for all frames: json.dumps with options builds one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# What _ENCODER writes for a str (quoted, escaped, non-ASCII kept as is).
+_json_str = json.encoder.encode_basestring
 
 
 def to_wire(msg: Any) -> dict:
@@ -500,7 +503,51 @@ def to_wire(msg: Any) -> dict:
 
 def encode(msg: Any) -> bytes:
     """One message as one UTF-8 JSON frame."""
-    return json.dumps(to_wire(msg), **_COMPACT).encode()
+    fast = _TEMPLATES.get(type(msg))
+    if fast is not None and (frame := fast(msg)) is not None:
+        return frame
+    return _ENCODER.encode(to_wire(msg)).encode()
+
+
+# --- templates for the messages sent once per chat message --------------------
+# Each writes the very bytes the generic path writes (tests/test_messages.py
+# compares them on hostile texts), from a pre-built text with the values
+# spliced in: no dict, no encoder object. A value of another type than the
+# wire's usual one (a bool, a NaN, a str subclass) gives None, and the
+# generic path encodes that message.
+
+def _plain_number(value: Any) -> str | None:
+    """What the encoder writes for an int or a finite float, else None."""
+    kind = type(value)
+    if kind is int or (kind is float and value - value == 0.0):  # not inf, not NaN
+        return repr(value)
+    return None
+
+
+def _optional_str(key: str, value: Any) -> str | None:
+    """``,"key":"value"`` of an optional str field; "" if it is None."""
+    if value is None:
+        return ""
+    return None if type(value) is not str else f',"{key}":{_json_str(value)}'
+
+
+def _message_template(msg: "Message") -> bytes | None:
+    seq, time = _plain_number(msg.seq), _plain_number(msg.time)
+    room, to = _optional_str("room", msg.room), _optional_str("to", msg.to)
+    if None in (seq, time, room, to) or type(msg.sender) is not str or type(msg.text) is not str:
+        return None
+    return (f'{{"type":"message","seq":{seq},"time":{time},"from":{_json_str(msg.sender)},'
+            f'"text":{_json_str(msg.text)}{room}{to}}}').encode()
+
+
+def _ack_template(msg: "Ack") -> bytes | None:
+    seq = _plain_number(msg.seq)
+    if seq is None or type(msg.id) is not str:
+        return None
+    return f'{{"type":"ack","id":{_json_str(msg.id)},"seq":{seq}}}'.encode()
+
+
+_TEMPLATES = {Message: _message_template, Ack: _ack_template}
 
 
 def join_events(encoded: list[bytes]) -> bytes:
@@ -570,17 +617,17 @@ _TYPE_NAMES = {"str": "a string of valid UTF-8 text",
                "list[list[str]]": "a list of [name, reason] pairs"}
 
 
-def _check_field(cls: type, name: str, value: Any, annotation: str) -> Any:
-    """Type-check one field against its annotation (a small, fixed set)."""
-    optional = annotation.endswith("| None")
-    if value is None:
-        if optional:
-            return None
-        raise ProtocolError(f"{cls.TYPE}: field {name!r} is missing")
-    base = annotation.removesuffix(" | None")
-    if not _TYPE_CHECKS[base](value):
-        raise ProtocolError(f"{cls.TYPE}: field {name!r} must be {_TYPE_NAMES.get(base, base)}")
-    return value
+@cache
+def _decode_specs(cls: type) -> tuple:
+    """Per field of a message type, what decoding needs, worked out once:
+    (name, wire name, value when absent, check, optional, nested types, type name)."""
+    specs = []
+    for name, wire_name, annotation, default in _field_specs(cls):
+        base = annotation.removesuffix(" | None")
+        specs.append((name, wire_name, None if default is MISSING else default,
+                      _TYPE_CHECKS[base], annotation.endswith("| None"), _NESTED.get(base),
+                      _TYPE_NAMES.get(base, base)))
+    return tuple(specs)
 
 
 def _build(types: dict[str, type], body: Any) -> Any:
@@ -591,26 +638,33 @@ def _build(types: dict[str, type], body: Any) -> Any:
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}"[:120], ErrorCode.UNKNOWN_TYPE)
     values = {}
-    for name, wire_name, annotation, default in _field_specs(cls):
-        if wire_name in body:
-            raw = body[wire_name]
-        elif default is not MISSING:
-            raw = default
-        else:
-            raw = None
-        value = _check_field(cls, name, raw, annotation)
-        nested = _NESTED.get(annotation.removesuffix(" | None"))
-        if nested is not None and value is not None:
+    # Type-check each field against its annotation (a small, fixed set).
+    for name, wire_name, absent, check, optional, nested, type_name in _decode_specs(cls):
+        value = body.get(wire_name, absent)
+        if value is None:
+            if not optional:
+                raise ProtocolError(f"{cls.TYPE}: field {name!r} is missing")
+        elif not check(value):
+            raise ProtocolError(f"{cls.TYPE}: field {name!r} must be {type_name}")
+        elif nested is not None:
             value = [_build(nested, item) for item in value]
         values[name] = value
     return cls(**values)
 
 
-def _check_request(msg: Any) -> Any:
-    """Limits that hold whatever the broker's settings are."""
-    token = getattr(msg, "resume", None) or getattr(msg, "session", None)
+def _check_token(msg: Any, token: str | None) -> None:
     if token is not None and not (len(token) <= MAX_TOKEN_CHARS and token.isascii()):
         raise ProtocolError(f"{msg.TYPE}: the session token is not one this broker gave")
+
+
+def _check_request(msg: Any) -> Any:
+    """Limits that hold whatever the broker's settings are."""
+    if type(msg) is Say:  # the request of every chat message: its own checks alone
+        _check_token(msg, msg.session)
+        if not 1 <= len(msg.id) <= MAX_MESSAGE_ID_CHARS:
+            raise ProtocolError(f"say: id must be 1 to {MAX_MESSAGE_ID_CHARS} characters")
+        return msg
+    _check_token(msg, getattr(msg, "resume", None) or getattr(msg, "session", None))
     stream = getattr(msg, "stream", None)
     if stream is not None and not 1 <= len(stream) <= MAX_STREAM_ID_CHARS:
         raise ProtocolError(f"{msg.TYPE}: stream must be 1 to {MAX_STREAM_ID_CHARS} characters")
@@ -626,9 +680,6 @@ def _check_request(msg: Any) -> Any:
     elif isinstance(msg, Who):
         if msg.after is not None and len(msg.after) > MAX_TOKEN_CHARS:
             raise ProtocolError(f"who: after must be at most {MAX_TOKEN_CHARS} characters")
-    elif isinstance(msg, Say):
-        if not 1 <= len(msg.id) <= MAX_MESSAGE_ID_CHARS:
-            raise ProtocolError(f"say: id must be 1 to {MAX_MESSAGE_ID_CHARS} characters")
     elif isinstance(msg, SetTopic):
         if len(msg.text.encode()) > MAX_TOPIC_BYTES:
             raise ProtocolError(f"topic: at most {MAX_TOPIC_BYTES} bytes", ErrorCode.TEXT_TOO_LONG)
@@ -723,9 +774,9 @@ def room_key(room: str) -> str:
 
 def text_problem(text: str, max_text_bytes: int) -> tuple[str, str] | None:
     """(code, reason) when ``text`` may not be sent, else None."""
-    if not text.strip():
+    if not text or text.isspace():  # what strip() would leave empty, with no copy
         return ErrorCode.TEXT_EMPTY, "message is empty"
-    size = len(text.encode("utf-8", "surrogatepass"))
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
     if size > max_text_bytes:
         return ErrorCode.TEXT_TOO_LONG, (
             f"message is {size} bytes; the limit is {max_text_bytes}"

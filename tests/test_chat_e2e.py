@@ -216,3 +216,14 @@ def test_interactive_chat_on_a_terminal(broker, clients):
         if chat.poll() is None:
             chat.kill()
         chat.communicate()
+
+
+def test_a_broker_that_always_coalesces_still_delivers_in_order(make_broker, clients):
+    """--backlog-requests 0: every pass waits up to --coalesce-ms after a frame."""
+    broker = make_broker("--backlog-requests", "0", "--coalesce-ms", "20")
+    listener = listen(broker, "ears")
+    clients.append(listener)
+    result = run_cli(broker, "send", name="mouth", input="one\ntwo\nthree\n")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: [r["text"] for r in listener.messages()] == ["one", "two", "three"], 10,
+               "every message, in order")

@@ -101,3 +101,56 @@ def test_text_limit_counts_utf8_bytes():
 def test_frame_limit_leaves_room_for_escaped_text():
     worst = m.encode(m.Say("x" * m.MAX_MESSAGE_ID_CHARS, "\x01" * 4096))
     assert len(worst) <= m.max_frame_bytes(4096)
+
+
+# --- the templates of messages.py: byte for byte what the generic encoder writes ---
+
+TEMPLATE_TEXTS = [
+    "plain", "", "quote \" backslash \\ slash /", "\\u0041 not an escape", "\"\\\"",
+    "controls \x00\x01\x08\t\n\x0c\r\x1b\x1f\x7f", "c1 \x85\x9b", "separators \u2028\u2029",
+    "bidi \u202e\u2066", "emoji 🎉👩‍👩‍👧 \U0001f600", "nbsp\u00a0zero\u200bwidth", "世界",
+    "\ufeff bom \ufffd", "\U0010ffff", "x" * 5000,
+]
+
+
+def generic_encoding(msg) -> bytes:
+    """What encode() wrote before it had templates: the dict through json.dumps."""
+    return json.dumps(m.to_wire(msg), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("text", TEMPLATE_TEXTS)
+def test_message_template_writes_the_generic_bytes(text):
+    for msg in (m.Message(7, 1764470000.123456, "alice", text, "#general"),
+                m.Message(2**53 - 1, 0.0, "bob.b-_9", text, to="carol"),
+                m.Message(1, 5, "a", text), m.Message(3, -1e-7, text, text, text, text)):
+        frame = m.encode(msg)
+        assert frame == generic_encoding(msg)
+        assert m.decode_reply([frame]) == msg
+
+
+@pytest.mark.parametrize("text", TEMPLATE_TEXTS)
+def test_ack_template_writes_the_generic_bytes(text):
+    msg = m.Ack(text, 12345)
+    assert m.encode(msg) == generic_encoding(msg)
+
+
+def test_templates_leave_odd_values_to_the_generic_encoder():
+    """A bool, NaN, infinity or str subclass would be written otherwise by
+    a template: such a message takes the generic path, same bytes as ever."""
+    class Name(str):
+        pass
+    for msg in (m.Message(True, 1.0, "a", "t"), m.Message(1, float("nan"), "a", "t"),
+                m.Message(1, float("inf"), "a", "t"), m.Message(1, 1.0, Name("a"), "t"),
+                m.Message(1, 1.0, "a", "t", room=Name("#r")), m.Ack("x", False)):
+        assert m.encode(msg) == generic_encoding(msg)
+
+
+def test_a_lone_surrogate_is_not_encoded_by_a_template_either():
+    """Decoding refuses such text; were one to reach the encoder, it fails
+    as the generic one does rather than write bytes that are not UTF-8."""
+    with pytest.raises(UnicodeEncodeError):
+        m.encode(m.Message(1, 1.0, "a", "bad \ud800"))
+    with pytest.raises(UnicodeEncodeError):
+        generic_encoding(m.Message(1, 1.0, "a", "bad \ud800"))
+    with pytest.raises(m.ProtocolError):
+        m.decode_request([b'{"type":"say","id":"1","text":"\\ud800"}'])
