@@ -184,7 +184,10 @@ class ReplyBooks:
     acked_base: int  # tcpi_bytes_acked then (the handshake)
     sent: int = 0  # wire bytes handed to libzmq since
     acked: int = 0  # of those, acknowledged at the last reading
-    joined: bool = False  # had a session at its last reply
+    # When it last had a session (monotonic): replies built then keep the
+    # joined limit for SLOW_S more, so a client kicked in the middle of a
+    # pass still gets that pass's replies and the reason it was kicked.
+    joined_at: float = float("-inf")
     over_since: float | None = None
     # Disconnected: no more replies; forgotten once libzmq has closed it.
     cut: bool = False
@@ -193,9 +196,8 @@ class ReplyBooks:
     def outstanding(self) -> int:
         return self.sent - self.acked
 
-    @property
-    def limit(self) -> int:
-        return PEER_BYTES if self.joined else NOT_JOINED_BYTES
+    def limit(self, now: float) -> int:
+        return PEER_BYTES if now - self.joined_at < SLOW_S else NOT_JOINED_BYTES
 
 
 @dataclass(slots=True)
@@ -258,8 +260,11 @@ class Outbound:
             return True
         if books.cut:
             return False  # replies built before it was cut, in the same pass
-        books.joined = joined
-        limit = books.limit if self.held < self.budget else min(books.limit, NOT_JOINED_BYTES)
+        if joined:
+            books.joined_at = now
+        limit = books.limit(now)
+        if self.held >= self.budget:
+            limit = min(limit, NOT_JOINED_BYTES)
         if books.outstanding < limit:
             return True
         acked = _acked(books.fd)
@@ -336,10 +341,10 @@ class Outbound:
             if books.cut:
                 continue  # libzmq has not closed it yet; it is not counted any more
             self._acked(books, reading[1])
-            books.joined = routing_id in sessions
-            if books.joined:
+            if routing_id in sessions:
+                books.joined_at = now
                 self.last_joined[books.fd] = now
-            if books.outstanding < books.limit:
+            if books.outstanding < books.limit(now):
                 books.over_since = None
                 self.over.discard(routing_id)
             elif books.over_since is None:
