@@ -40,23 +40,34 @@ from procs import LineReader  # noqa: E402
 from redis_proc import RedisServer  # noqa: E402
 
 STARTUP_TIMEOUT = 30.0
+# Ports tried before giving up on starting a broker.
+BIND_ATTEMPTS = 5
 ACK_DRAIN_SECONDS = 5.0
 DELIVERY_GRACE_SECONDS = 10.0
 RESULTS = BENCH / "backplane_results.json"
 
 
-def start_broker(stack: ExitStack, redis_url: str | None) -> dict:
-    port = free_port_pair()
-    args = [PYTHON, "broker.py", "--port", str(port), "--pub-port", str(port + 1),
-            "--log-level", "WARNING", *zchat_broker_args()]
-    if redis_url:
-        args += ["--backplane", redis_url]
-    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    stack.callback(stop, proc)
-    log = LineReader(proc.stderr)
-    log.wait_for(lambda l: "listening" in l, STARTUP_TIMEOUT, "the broker to listen")
-    return {"proc": proc, "port": port}
+def start_broker(stack: ExitStack, redis_url: str | None, *extra: str) -> dict:
+    """A broker on free ports (``extra``: more broker.py options), stopped
+    by its pid when ``stack`` closes. A port found free can be taken by
+    someone else's connection before the broker binds it (the free ports
+    are in the ephemeral range): then it tries other ports, a few times."""
+    for attempt in range(BIND_ATTEMPTS):
+        port = free_port_pair()
+        args = [PYTHON, "broker.py", "--port", str(port), "--pub-port", str(port + 1),
+                "--log-level", "WARNING", *zchat_broker_args(), *extra]
+        if redis_url:
+            args += ["--backplane", redis_url]
+        proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        stack.callback(stop, proc)
+        log = LineReader(proc.stderr)
+        log.wait_for(lambda l: "listening" in l or "cannot bind" in l, STARTUP_TIMEOUT,
+                     "the broker to listen")
+        if any("listening" in line for line in log.lines):
+            return {"proc": proc, "port": port}
+        stop(proc)
+    raise RuntimeError(f"no broker could bind in {BIND_ATTEMPTS} attempts: {log.lines[-3:]}")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -67,6 +78,14 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def update_results(key: str, value) -> None:
+    """Store one bench's figures under ``key`` in backplane_results.json,
+    keeping the other benches' figures there."""
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data[key] = value
+    RESULTS.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -166,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(x{result['us_per_delivery'] / results[0]['us_per_delivery']:.2f}), "
               f"cores {result['cpu']}", flush=True)
     work_dir.rmdir()
-    RESULTS.write_text(json.dumps({"results": results}, indent=2) + "\n")
+    update_results("results", results)
     return 0
 
 
