@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import queue
+import random
 import shutil
 import signal
 import socket
@@ -39,11 +40,35 @@ def new_secret_file() -> str:
     return str(SECRETS_DIR / f"secret-{next(_secret_numbers)}")
 
 
+def _ephemeral_ports() -> range:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+# Ports for brokers are taken below the kernel's ephemeral range. A client
+# that keeps reconnecting to a stopped broker's port in that range can be
+# given that very port as its own source port and connect to itself (TCP
+# simultaneous open): the port is then in use, and the broker restarted on
+# it fails with "Address already in use".
+EPHEMERAL = _ephemeral_ports()
+PORT_RANGE = range(10000, min(EPHEMERAL.start, 32768) - 1)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1, outside the ephemeral range, that nothing
+    listens on right now."""
+    while True:
+        port = random.choice(PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def free_port_pair() -> int:
