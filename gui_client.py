@@ -543,7 +543,7 @@ class InputField(tk.Text):
 
     def fit(self) -> None:
         """As many lines high as the text takes on screen, within bounds."""
-        height = min(MAX_INPUT_LINES, self._lines_on_screen_up_to(MAX_INPUT_LINES))
+        height = self._lines_on_screen_up_to(MAX_INPUT_LINES)
         if int(self.cget("height")) != height:
             self.around_resize(lambda: self.configure(height=height))
 
