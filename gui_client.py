@@ -548,11 +548,24 @@ class InputField(tk.Text):
 
     def fit(self) -> None:
         """As many lines high as the text takes on screen, within bounds."""
-        lines = self.count("1.0", "end-1c", "displaylines") or (0,)
-        between = lines[0] if isinstance(lines, tuple) else lines  # line breaks on screen
-        height = min(MAX_INPUT_LINES, max(1, between + 1))
+        height = self._lines_on_screen_up_to(MAX_INPUT_LINES)
         if int(self.cget("height")) != height:
             self.around_resize(lambda: self.configure(height=height))
+
+    def _lines_on_screen_up_to(self, most: int) -> int:
+        """How many lines on screen the text takes, or ``most`` when more.
+
+        Not a plain ``count -displaylines``: Tk counts a line's lines on
+        screen by laying it out again from its start for each one, so a
+        long line costs their number squared (a 32 KB paste froze the
+        window for half a minute). Past ``most`` the number does not
+        matter, and finding where the line ``most`` lines down starts lays
+        out only those."""
+        last_shown = self.index(f"1.0 + {most - 1} display lines")
+        if self.compare(f"{last_shown} display lineend", "<", "end-1c"):
+            return most  # text goes on below it
+        between = self.count("1.0", "end-1c", "displaylines") or (0,)  # at most most - 1
+        return 1 + (between[0] if isinstance(between, tuple) else between)
 
 
 @dataclass(frozen=True)

@@ -95,10 +95,15 @@ def click_text(text: tk.Text, index: str) -> None:
     text.event_generate("<ButtonRelease-1>", **at)
 
 
-def display_lines(window: ChatWindow, needle: str) -> int:
-    """How many lines on screen the chat's line holding ``needle`` takes."""
-    line = window.chat.search(needle, "1.0").split(".")[0]
-    return window.chat.count(f"{line}.0", f"{line}.end", "displaylines")[0] + 1
+def line_height(window: ChatWindow, needle: str) -> int:
+    """How tall on screen, in pixels, the chat's line holding ``needle`` is.
+
+    Not ``count -displaylines``: Tk counts a line's lines on screen by
+    laying it out again from its start for each one, and a 4 KB word at the
+    narrowest width, one character a line, took a minute to count."""
+    line = int(window.chat.search(needle, "1.0").split(".")[0])
+    chat = window.chat
+    return int(chat.tk.call(chat._w, "count", "-update", "-ypixels", f"{line}.0", f"{line + 1}.0"))
 
 
 def fill_the_view(root: tk.Tk, window: ChatWindow, broker, count: int = 60) -> None:
@@ -352,6 +357,35 @@ def test_a_refused_message_goes_back_into_the_field_or_is_offered_to_edit(broker
     assert window.entry.get() == TOO_LONG
 
 
+# A paste of this on one line: a log or an article, not even hostile. Tk
+# counts a line's lines on screen by laying it out again from its start for
+# each one, so the field's growing with it once froze the window for half a
+# minute at the narrowest width (about 2,000 lines on screen).
+LONG_PASTE = "pasted " * 4700  # 32 KB
+# A paste, and then a key typed after it, each shown within this (it takes
+# milliseconds; generous for a loaded machine).
+RESPONSIVE_SECONDS = 2.0
+
+
+def test_a_long_paste_into_the_field_leaves_the_window_responsive(broker, root):
+    window = open_chat(root, broker, "alice")
+    root.geometry("480x320")  # the narrowest window: the most lines on screen
+    pump_until(root, lambda: root.winfo_width() == 480, what="the narrow window")
+    entry = window.entry
+    entry.focus_force()
+    root.clipboard_clear()
+    root.clipboard_append(LONG_PASTE)
+    for what, act in [("the paste", lambda: entry.event_generate("<<Paste>>")),
+                      ("a key typed after it", lambda: entry.insert("end", "!"))]:
+        started = time.monotonic()
+        act()
+        root.update()  # the field fits itself to its text
+        took = time.monotonic() - started
+        assert took < RESPONSIVE_SECONDS, f"{what} took {took:.1f}s"
+    assert entry.get() == LONG_PASTE + "!"
+    assert int(entry.cget("height")) == gui_client.MAX_INPUT_LINES  # it grew, and no more
+
+
 def test_a_window_made_smaller_at_the_newest_line_still_shows_it(broker, root):
     window = open_chat(root, broker, "alice")
     root.geometry("480x600")
@@ -367,15 +401,15 @@ def test_a_window_made_smaller_at_the_newest_line_still_shows_it(broker, root):
 def test_the_view_keeps_following_when_a_refusal_makes_the_last_line_taller(broker, root):
     window = open_chat(root, broker, "alice")
     # Narrow: the refusal's mark is longer than a line on screen, so the
-    # refused line takes more lines on screen than it did while pending.
+    # refused line is taller (more lines on screen) than it was while pending.
     root.geometry("480x320")
     pump_until(root, lambda: root.winfo_width() == 480, what="the narrow window")
     fill_the_view(root, window, broker)
     type_into(window.entry, TOO_LONG)
     press_enter(window.entry)
-    while_pending = display_lines(window, "alice  x")
+    while_pending = line_height(window, "alice  x")
     pump_until(root, lambda: "not sent" in chat_text(window), what="the refusal")
-    assert display_lines(window, "alice  x") > while_pending  # what this test is about
+    assert line_height(window, "alice  x") > while_pending  # what this test is about
     assert run_cli(broker, "send", "after the refusal", name="bob").returncode == 0
     pump_until(root, lambda: shown_line(window, "after the refusal"), what="the next message")
     root.update()
