@@ -92,6 +92,27 @@ def action_text(action: str) -> str:
     return ACTION_PREFIX + action
 
 
+def text_sent(what: Command | str | None) -> str | None:
+    """The chat text a typed line sends (``parse``'s answer), or None: a
+    command that sends none."""
+    if isinstance(what, Command):
+        if what.name == "/me":
+            return action_text(what.rest)
+        return what.word(1) if what.name == "/msg" else None
+    return what
+
+
+def too_long(text: str, max_text: int) -> str | None:
+    """What to tell the user when ``text`` is over the broker's limit (the
+    welcome's max_text, in UTF-8 bytes as the broker measures), else None.
+    Said before sending: the broker would refuse it, and showing it as
+    sent first would put a huge line in the chat."""
+    size = m.text_bytes(text)
+    if size <= max_text:
+        return None
+    return f"too long: {size} bytes, the limit is {max_text} (not sent: shorten it)"
+
+
 def as_action(text: str) -> str | None:
     """The action of a ``/me`` text, or None for ordinary text."""
     return text[len(ACTION_PREFIX):] if text.startswith(ACTION_PREFIX) else None

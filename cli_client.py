@@ -577,9 +577,11 @@ BELL = "\a"
 class ChatRooms:
     """The conversations of the terminal chat: the rooms it is in and the
     people it talks to (``@name``), in the order opened, and the current one,
-    where typed lines go. Changed by the printer thread, read by the prompt."""
+    where typed lines go, and the broker's limit on a text (each welcome's
+    max_text). Changed by the printer thread, read by the prompt."""
 
-    def __init__(self, rooms: tuple[str, ...]):
+    def __init__(self, rooms: tuple[str, ...], max_text: int = m.DEFAULT_MAX_TEXT_BYTES):
+        self.max_text = max_text  # an int: read and set whole, no lock needed
         self._lock = threading.Lock()
         self._open = list(rooms)
         self._current = self._open[-1] if self._open else None
@@ -625,7 +627,8 @@ def run_chat(session: ClientSession, args: argparse.Namespace) -> int:
     joined = join(session, args.timeout)
     err(f"joined as {joined.name}; {joined.online} online (/users lists them). "
         "Type a message and Enter; /help lists the commands.")
-    return asyncio.run(chat_loop(session, joined.name, ChatRooms((m.GENERAL_ROOM,))))
+    rooms = ChatRooms((m.GENERAL_ROOM,), joined.max_text)
+    return asyncio.run(chat_loop(session, joined.name, rooms))
 
 
 def prompt_text(rooms: ChatRooms) -> str:
@@ -676,15 +679,18 @@ async def chat_loop(session: ClientSession, name: str, rooms: ChatRooms) -> int:
             printer = threading.Thread(target=print_chat_events,
                                        args=(session, sent, rooms, name, styled), daemon=True)
             printer.start()
+            draft = ""  # a line not sent, offered again to edit
             while True:
                 try:
-                    line = await prompt.prompt_async()
+                    line = await prompt.prompt_async(default=draft)
                 except EOFError:  # Ctrl-D on an empty line
                     return Exit.OK
                 except KeyboardInterrupt:  # Ctrl-C: the terminal sends it as a key
                     return Exit.INTERRUPTED
-                if chat_line(session, line, sent, rooms) == "/quit":
+                done = chat_line(session, line, sent, rooms)
+                if done == "/quit":
                     return Exit.OK
+                draft = line if done == KEEP_THE_LINE else ""
     except asyncio.CancelledError:
         if not stopped_by:
             raise
@@ -695,15 +701,25 @@ async def chat_loop(session: ClientSession, name: str, rooms: ChatRooms) -> int:
         install_stop_handlers()
 
 
+# chat_line's answer for a line not sent, to be edited: it goes back on the input line.
+KEEP_THE_LINE = "keep the line"
+
+
 def chat_line(session: ClientSession, line: str, sent: dict[str, str],
               rooms: ChatRooms) -> str | None:
-    """Act on one typed line; returns the command it was, if any. A line
-    whose first non-blank character is / is a command, never sent."""
+    """Act on one typed line; returns the command it was, if any, or
+    KEEP_THE_LINE. A line whose first non-blank character is / is a
+    command, never sent."""
     try:
         what = chat_commands.parse(line)
     except chat_commands.CommandError as problem:
         err(str(problem))
         return None
+    text = chat_commands.text_sent(what)
+    if text is not None and (problem := chat_commands.too_long(text, rooms.max_text)):
+        # Not sent to be refused and printed back whole: said now, kept.
+        err(problem)
+        return KEEP_THE_LINE
     if isinstance(what, chat_commands.Command):
         chat_command(session, what, sent, rooms)
         return what.name
@@ -762,7 +778,7 @@ def chat_command(session: ClientSession, command: chat_commands.Command, sent: d
         else:
             session.set_topic(current, command.rest)
     elif name == "/me":
-        send_to(session, chat_commands.action_text(command.rest), current, sent)
+        send_to(session, chat_commands.text_sent(command), current, sent)
 
 
 def chat_event_line(event, name: str, current: str | None, styled: bool,
@@ -811,6 +827,8 @@ def print_chat_events(session: ClientSession, sent: dict[str, str], rooms: ChatR
         elif isinstance(event, JoinRefused):
             err(f"cannot rejoin: {event.reason}")
         else:
+            if isinstance(event, Joined):  # perhaps another broker, with another limit
+                rooms.max_text = event.max_text
             report_status(event, False)
 
 

@@ -160,6 +160,9 @@ class Joined:
     resumed: bool
     broker_restarted: bool
     rooms: tuple = ()  # a messages.Room for each room we are in
+    # The largest text the broker takes, in UTF-8 bytes: a client checks
+    # what is typed against it before showing it as sent.
+    max_text: int = m.DEFAULT_MAX_TEXT_BYTES
 
 
 @dataclass(frozen=True)
@@ -639,7 +642,7 @@ class ClientCore:
         self.hello_sent_at = None
         self.backoff = RECONNECT_DELAY_FIRST
         self.outbox.send_again()
-        out += [Joined(w.name, w.online, w.resumed, restarted, tuple(w.rooms)),
+        out += [Joined(w.name, w.online, w.resumed, restarted, tuple(w.rooms), w.max_text),
                 StateChanged(State.CONNECTED, f"joined as {w.name}")]
         if self.recent:  # not asked yet, or not answered before we rejoined
             for reader, _ in positions[:-1]:

@@ -901,6 +901,7 @@ class ChatWindow:
     def __init__(self, root: tk.Tk, session: ClientSession, joined: Joined, wakeup: Wakeup):
         self.root, self.session = root, session
         self.name = joined.name
+        self.max_text = joined.max_text  # the broker's limit on a text, from each welcome
         self.fonts = FontCoverage()
         self.users_stale = False  # the lists as they were when the connection went down
         # Own messages shown at once and not yet acknowledged (the session
@@ -1208,6 +1209,8 @@ class ChatWindow:
             self.current.show_notice(str(problem), "error")  # the text stays, to correct
             self.current.scroll_to_newest()
             return "break"
+        if self._over_the_limit(chat_commands.text_sent(what)):
+            return "break"
         if what is not None:
             self.entry.delete(0, "end")
             if isinstance(what, chat_commands.Command):
@@ -1215,6 +1218,17 @@ class ChatWindow:
             else:
                 self.send_text(what)
         return "break"
+
+    def _over_the_limit(self, text: str | None) -> bool:
+        """True, telling the user, when ``text`` is longer than the broker
+        takes: it is not sent, and stays in the field to be shortened. (Shown
+        as sent first, a huge paste would freeze the window laying it out,
+        only for the broker to refuse it.)"""
+        problem = text is not None and chat_commands.too_long(text, self.max_text)
+        if problem:
+            self.current.show_notice(problem, "error")
+            self.current.scroll_to_newest()
+        return bool(problem)
 
     def send_text(self, text: str, conversation: Conversation | None = None) -> None:
         conversation = conversation or self.current
@@ -1269,7 +1283,7 @@ class ChatWindow:
             else:
                 self.session.set_topic(here.room, command.rest)
         elif command.name == "/me":
-            self.send_text(chat_commands.action_text(command.rest))
+            self.send_text(chat_commands.text_sent(command))
         elif command.name == "/quit":
             self.close()
             return
@@ -1559,6 +1573,7 @@ class ChatWindow:
 
     def _on_joined(self, event: Joined) -> None:
         self.name = event.name
+        self.max_text = event.max_text
         self.users_stale = False
         self._take_counts(event)
         self._pages.clear()  # answers to the connection before may never come

@@ -772,11 +772,16 @@ def room_key(room: str) -> str:
     return room.lower()
 
 
+def text_bytes(text: str) -> int:
+    """How long ``text`` is in UTF-8 bytes, the measure of every text limit."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def text_problem(text: str, max_text_bytes: int) -> tuple[str, str] | None:
     """(code, reason) when ``text`` may not be sent, else None."""
     if not text or text.isspace():  # what strip() would leave empty, with no copy
         return ErrorCode.TEXT_EMPTY, "message is empty"
-    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    size = text_bytes(text)
     if size > max_text_bytes:
         return ErrorCode.TEXT_TOO_LONG, (
             f"message is {size} bytes; the limit is {max_text_bytes}"

@@ -92,7 +92,8 @@ def test_the_ready_heartbeat_leads_to_hello_and_the_welcome_to_joined():
     assert Unsubscribe(topic) in out and requests(out) == [hello()]
     assert core.phase is Phase.HELLO
     out = core.receive_reply(reply(welcome(seq=4)), T0)
-    assert events(out) == [Joined("ann", 1, False, False, (m.Room(G, 4, "", 1),)),
+    # the broker's limit on a text goes to the caller too, to check what is typed
+    assert events(out) == [Joined("ann", 1, False, False, (m.Room(G, 4, "", 1),), max_text=100),
                            StateChanged(State.CONNECTED, "joined as ann")]
     assert core.phase is Phase.JOINED and core.streams[G].last_seq == 4
 
@@ -348,7 +349,7 @@ def test_a_heartbeat_of_a_new_epoch_rejoins_and_the_new_run_starts_afresh():
     out = core.receive_broadcast(broadcast([m.Heartbeat("e2", WALL)]), T0)
     assert requests(out) == [hello(resume="tok")]
     out = core.receive_reply(reply(welcome(seq=2, epoch="e2", token="t2")), T0)
-    assert events(out)[0] == Joined("ann", 1, False, True, (m.Room(G, 2, "", 1),))
+    assert events(out)[0] == Joined("ann", 1, False, True, (m.Room(G, 2, "", 1),), 100)
     assert events(core.receive_broadcast(broadcast([msg(3)]), T0)) == [msg(3)]
 
 
@@ -371,7 +372,7 @@ def test_a_hello_never_answered_is_said_again_on_new_sockets_though_a_new_run_he
                                  core.reconnect_at)
     assert requests(out) == [hello()]
     out = core.receive_reply(reply(welcome(epoch="e2")), core.reconnect_at)
-    assert Joined("ann", 1, False, False, (m.Room(G, 0, "", 1),)) in events(out)
+    assert Joined("ann", 1, False, False, (m.Room(G, 0, "", 1),), 100) in events(out)
 
 
 def test_a_heartbeat_of_a_run_that_did_not_welcome_us_is_no_sign_of_life():

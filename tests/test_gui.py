@@ -334,27 +334,39 @@ def test_closing_the_window_leaves_at_once_with_quit(broker, clients, root):
     assert '"reason": "quit"' in leave
 
 
-TOO_LONG = "x" * (m.DEFAULT_MAX_TEXT_BYTES + 4)
+# The window sends no text over the limit the broker's welcome gave (see
+# test_a_paste_over_the_limit_is_not_sent_and_stays_in_the_field). The
+# broker can still refuse one: typed while the connection was down, it goes
+# to a broker that came back with a smaller limit.
+SMALLER_LIMIT = 2048
 
 
-def test_a_refused_message_goes_back_into_the_field_or_is_offered_to_edit(broker, root):
+def test_a_refused_message_goes_back_into_the_field_or_is_offered_to_edit(make_broker, root):
+    broker = make_broker("--heartbeat-interval", "0.2")
     window = open_chat(root, broker, "alice")
-    type_into(window.entry, TOO_LONG)
-    press_enter(window.entry)
-    assert window.entry.get() == ""
-    line = pump_until(root, lambda: "not sent" in (shown_line(window, "alice  x") or "")
-                      and shown_line(window, "alice  x"), what="the refusal")
-    assert window.entry.get() == TOO_LONG  # the field was empty: the text is back
-    assert line.endswith("✗ not sent: message is 4100 bytes; the limit is 4096 · edit")
-    # Refused while something new is typed: the new text is left alone, and
-    # the refused one is offered back.
-    press_enter(window.entry)
-    window.entry.insert(0, "a new draft")
-    pump_until(root, lambda: chat_text(window).count("✗ not sent") == 2, what="the 2nd refusal")
-    assert window.entry.get() == "a new draft"
+    broker.kill()
+    pump_until(root, lambda: "next attempt in" in window.status.cget("text"),
+               what="reconnecting")
+    first, second = "x" * (SMALLER_LIMIT + 4), "y" * (SMALLER_LIMIT + 4)
+    for text in (first, second):  # within the limit the window knows
+        type_into(window.entry, text)
+        press_enter(window.entry)
+        assert window.entry.get() == ""
+    make_broker("--heartbeat-interval", "0.2", "--max-text", str(SMALLER_LIMIT),
+                port=broker.port)
+    pump_until(root, lambda: chat_text(window).count("✗ not sent") == 2, 15, "both refusals")
+    assert shown_line(window, "alice  x").endswith(
+        f"✗ not sent: message is {SMALLER_LIMIT + 4} bytes; the limit is {SMALLER_LIMIT} · edit")
+    # The first refusal found the field empty: its text is back. The second
+    # found the first's text there, left alone: its own is offered to edit.
+    assert window.entry.get() == first
     window.entry.delete(0, "end")
     click_text(window.chat, window.chat.tag_prevrange("link", "end")[0])
-    assert window.entry.get() == TOO_LONG
+    assert window.entry.get() == second
+    # The new welcome's limit holds from now on: over it, nothing goes.
+    press_enter(window.entry)
+    assert shown_line(window, f"too long: {SMALLER_LIMIT + 4} bytes, the limit is {SMALLER_LIMIT}")
+    assert window.entry.get() == second
 
 
 # A paste of this on one line: a log or an article, not even hostile. Tk
@@ -386,6 +398,43 @@ def test_a_long_paste_into_the_field_leaves_the_window_responsive(broker, root):
     assert int(entry.cget("height")) == gui_client.MAX_INPUT_LINES  # it grew, and no more
 
 
+# A paste far over the broker's limit (max_text): an article, a log.
+HUGE_PASTE = "pasted " * 15_000  # 105 KB
+
+
+def test_a_paste_over_the_limit_is_not_sent_and_stays_in_the_field(broker, root):
+    window = open_chat(root, broker, "alice")
+    root.geometry("480x320")  # the narrowest window: the most lines on screen
+    pump_until(root, lambda: root.winfo_width() == 480, what="the narrow window")
+    fill_the_view(root, window, broker)
+    entry = window.entry
+    entry.focus_force()
+    root.clipboard_clear()
+    root.clipboard_append(HUGE_PASTE)
+    size = len(HUGE_PASTE.encode())
+    for what, act in [("the paste", lambda: entry.event_generate("<<Paste>>")),
+                      ("Enter", lambda: press_enter(entry)),
+                      ("a scroll of the chat", lambda: window.chat.yview_scroll(-1, "pages")),
+                      ("a scroll back", lambda: window.chat.yview_scroll(1, "pages"))]:
+        started = time.monotonic()
+        act()
+        root.update()
+        took = time.monotonic() - started
+        assert took < RESPONSIVE_SECONDS, f"{what} took {took:.1f}s"
+    # Told at once, and nothing lost: the text waits in the field, to shorten.
+    limit = m.DEFAULT_MAX_TEXT_BYTES
+    assert shown_line(window, f"too long: {size} bytes, the limit is {limit}")
+    assert entry.get() == HUGE_PASTE
+    assert shown_line(window, "pasted") is None  # not in the chat, not sent
+    assert window.pending == {}
+    # Cut to the limit, it goes.
+    type_into(entry, HUGE_PASTE[:limit])
+    press_enter(entry)
+    pump_until(root, lambda: (shown_line(window, "alice  pasted") or "").endswith("✓"),
+               what="the shortened text delivered")
+    assert entry.get() == ""
+
+
 def test_a_window_made_smaller_at_the_newest_line_still_shows_it(broker, root):
     window = open_chat(root, broker, "alice")
     root.geometry("480x600")
@@ -404,13 +453,22 @@ def test_the_view_keeps_following_when_a_refusal_makes_the_last_line_taller(brok
     # refused line is taller (more lines on screen) than it was while pending.
     root.geometry("480x320")
     pump_until(root, lambda: root.winfo_width() == 480, what="the narrow window")
-    fill_the_view(root, window, broker)
-    type_into(window.entry, TOO_LONG)
+    # bob writes to alice, and is gone: the broker refuses her answer.
+    lines = "".join(f"line {i}\n" for i in range(60))
+    assert run_cli(broker, "send", "--to", "alice", name="bob", input=lines).returncode == 0
+    pump_until(root, lambda: "@bob" in window.conversations, what="bob's messages")
+    window.show(window.conversations["@bob"])
+    pump_until(root, lambda: shown_line(window, "line 59"), what="60 lines")
+    root.update()
+    assert window.is_at_bottom() and window.chat.yview()[0] > 0  # it scrolled, and followed
+    type_into(window.entry, "x" * 4000)
     press_enter(window.entry)
     while_pending = line_height(window, "alice  x")
-    pump_until(root, lambda: "not sent" in chat_text(window), what="the refusal")
+    pump_until(root, lambda: "not sent: bob is not online" in chat_text(window),
+               what="the refusal")
     assert line_height(window, "alice  x") > while_pending  # what this test is about
-    assert run_cli(broker, "send", "after the refusal", name="bob").returncode == 0
+    assert run_cli(broker, "send", "--to", "alice", "after the refusal",
+                   name="bob").returncode == 0
     pump_until(root, lambda: shown_line(window, "after the refusal"), what="the next message")
     root.update()
     assert window.is_at_bottom(), window.chat.yview()  # still following

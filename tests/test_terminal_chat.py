@@ -169,3 +169,29 @@ def test_switching_rooms_and_a_mention_while_a_line_is_half_typed(broker, chat, 
     term.wait_for(lambda t: t.rstrip().endswith("#lab>"), 10, "the prompt naming #lab")
     term.type("in the lab" + ENTER)
     lab_ears.out.wait_for(lambda l: '"in the lab"' in l, 10, "the line in #lab")
+
+
+BACKSPACE = "\x7f"
+
+
+def test_a_line_over_the_brokers_limit_stays_on_the_input_line_to_shorten(make_broker,
+                                                                          clients):
+    # A small limit, so the line fits on the screen; a paste of 100 KB takes the same path.
+    broker = make_broker("--heartbeat-interval", "0.2", "--max-text", "20")
+    ears = listen(broker, "ears")
+    clients.append(ears)
+    term = Terminal("cli_client.py", "--name", "typist", *broker.client_args)
+    try:
+        ears.out.wait_for(lambda l: '"typist"' in l and '"join"' in l, 15, "typist to join")
+        term.wait_for("#general>", 15, "the prompt")
+        term.type("a line over the limit" + ENTER)  # 21 bytes
+        shown = term.wait_for("too long: 21 bytes, the limit is 20", 10, "the local refusal")
+        assert "not sent (" not in shown  # not sent to be refused and printed back
+        # Nothing lost: the line is on the input line again, to shorten.
+        term.wait_for(input_line_holds("a line over the limit", after="the limit is 20"), 10,
+                      "the line offered again")
+        term.type(BACKSPACE * 6 + ENTER)
+        wait_until(lambda: sent_by_typist(ears), 10, "the shortened line")
+        assert sent_by_typist(ears) == ["a line over the"]
+    finally:
+        term.close()
