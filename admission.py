@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import socket
 import threading
 import time
 
@@ -48,7 +47,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from log_limit import Cause, LogLimiter
-from outbound import identity
+from outbound import identity, peer_address, refuse
 
 log = logging.getLogger("zchat.broker")
 
@@ -150,27 +149,21 @@ class Admission(threading.Thread):
 
     def _accepted(self, label: str, fd: int) -> None:
         self._forget(fd)  # a record left by a connection whose close we missed
-        # libzmq's own descriptor, borrowed and handed back by detach(): a
-        # duplicate would need a free file, which is what runs out.
-        try:
-            conn = socket.socket(fileno=fd)
-        except OSError:
-            return  # closed already: nothing to count
-        try:
-            peer = conn.getpeername()
-            ino = identity(fd)
-            if ino is None:
-                return  # closed already
-            refusal = self._refusal(label, peer[0], fd)
-            if refusal is not None:
-                conn.shutdown(socket.SHUT_RDWR)
-                self.refused += 1
-                self.limiter.warn(refusal[0], peer[0], refusal[1], time.monotonic())
-                return
-        except OSError:
+        # libzmq's own descriptor, read with libc's calls: a Python socket
+        # object on it costs ~20 us to make and detach, and a duplicate would
+        # need a free file, which is what runs out.
+        peer = peer_address(fd)
+        if peer is None:
             return  # closed already (or not a TCP socket any more): nothing to count
-        finally:
-            conn.detach()
+        ino = identity(fd)
+        if ino is None:
+            return  # closed already
+        refusal = self._refusal(label, peer[0], fd)
+        if refusal is not None:
+            refuse(fd)
+            self.refused += 1
+            self.limiter.warn(refusal[0], peer[0], refusal[1], time.monotonic())
+            return
         self.connections[fd] = (label, peer, time.monotonic(), ino)
         key = (label, peer[0])
         self.per_address[key] = self.per_address.get(key, 0) + 1
