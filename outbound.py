@@ -94,6 +94,9 @@ BYTES_ACKED_OFFSET = 120
 UNACKED_OFFSET = 24
 NOTSENT_OFFSET = 144
 _BYTES_ACKED = struct.Struct("Q")
+# tcpi_unacked, tcpi_bytes_acked and tcpi_notsent_bytes in one unpack, from UNACKED_OFFSET
+_QUEUE_AND_ACKED = struct.Struct(f"=I{BYTES_ACKED_OFFSET - UNACKED_OFFSET - 4}x"
+                                 f"Q{NOTSENT_OFFSET - BYTES_ACKED_OFFSET - 8}xI")
 _QUEUE_EMPTY_LEN = NOTSENT_OFFSET + 4
 # A ZMTP 3 frame header: flags and a 1-byte size up to 255, else an 8-byte size.
 SHORT_FRAME_MAX = 255
@@ -197,10 +200,8 @@ def _acked_if_idle(fd: int) -> int | None:
         return None
     if _info_len.value < _QUEUE_EMPTY_LEN:
         return None  # a kernel older than 4.6
-    if _info[UNACKED_OFFSET:UNACKED_OFFSET + 4] != b"\0\0\0\0" or \
-            _info[NOTSENT_OFFSET:NOTSENT_OFFSET + 4] != b"\0\0\0\0":
-        return None
-    return _BYTES_ACKED.unpack_from(_info, BYTES_ACKED_OFFSET)[0]
+    unacked, acked, notsent = _QUEUE_AND_ACKED.unpack_from(_info, UNACKED_OFFSET)
+    return acked if unacked == 0 and notsent == 0 else None
 
 
 def _reading(fd: int) -> tuple[int, int, int] | None:
