@@ -47,8 +47,9 @@ WAITING = {"poll", "epoll_wait", "__poll"}  # a thread waiting, not working
 
 def thread_times(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of each thread of ``pid`` so far, by role:
-    ``python`` (the main thread), ``zmq-io`` (every libzmq I/O thread),
-    ``other`` (the rest)."""
+    ``python`` (the main thread: the broker's loop), ``zmq-io`` (every
+    libzmq I/O thread), ``zmq-other`` (libzmq's reaper), ``other`` (the
+    other Python threads: admission's monitor reader)."""
     out: dict[str, float] = collections.Counter()
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -60,13 +61,13 @@ def thread_times(pid: int) -> dict[str, float]:
         fields = stat.rsplit(")", 1)[1].split()
         cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
         role = ("python" if int(tid) == pid else "zmq-io" if comm.startswith("ZMQbg/IO")
-                else "other")
+                else "zmq-other" if comm.startswith("ZMQbg") else "other")
         out[role] += cpu
     return out
 
 
 def delta(after: dict, before: dict) -> dict:
-    return {k: round(after.get(k, 0) - before.get(k, 0), 2) for k in ("python", "zmq-io", "other")}
+    return {k: round(after.get(k, 0) - before.get(k, 0), 2) for k in ("python", "zmq-io", "zmq-other", "other")}
 
 
 class Broker:
@@ -202,6 +203,8 @@ def step(directory: Path, clients: int, opts) -> dict:
                   "idle_pct": {k: round(100 * v / idle_wall, 1) for k, v in idle.items()},
                   "idle_pct_total": round(100 * sum(idle.values()) / idle_wall, 1),
                   "in_session_after_idle": sum(s["in_session"] for s in stats),
+                  "generator_ping_late_max_s": round(max(s.get("ping_late_max_s", 0)
+                                                         for s in stats), 2),
                   "errors": dict(errors), "load": os.getloadavg()[0]}
         if spied is not None:
             result["profile"] = spied
@@ -230,7 +233,10 @@ def main(argv=None) -> int:
                 print(json.dumps(r), flush=True)
                 say(f"{directory.name} {clients}: joined {r['joined']} in {r['wall_s']} s, "
                     f"CPU {r['storm_cpu_s']} s {r['storm_cpu']}, idle {r['idle_pct_total']}% "
-                    f"{r['idle_pct']}, generator {r['generator_cpu_s']} s, load {r['load']:.1f}")
+                    f"{r['idle_pct']}, generator {r['generator_cpu_s']} s, its pings up to "
+                    f"{r['generator_ping_late_max_s']} s late, in session after idle "
+                    f"{r['in_session_after_idle']}, {r['errors'] or 'no errors'}, "
+                    f"load {r['load']:.1f}")
     return 0
 
 
