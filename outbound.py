@@ -447,13 +447,16 @@ class Outbound:
                     live.add(fd)
                     books.acked, books.held, books.stalled_since = acked, 0, None
                     continue
+            if books is None or books.ino != ino:  # new: where it starts from
+                acked = _acked(fd) if identity(fd) == ino else None
+                if acked is not None:
+                    live.add(fd)
+                    self.subscribers[fd] = SubscriberBooks(ino, acked)
+                continue
             reading = _reading(fd)
             if reading is None or reading[0] != ino:
                 continue
             live.add(fd)
-            if books is None or books.ino != ino:
-                self.subscribers[fd] = SubscriberBooks(ino, reading[1])
-                continue
             queued = reading[2]
             stalled = queued > 0 and reading[1] == books.acked
             books.acked = reading[1]

@@ -59,15 +59,19 @@ def thread_times(pid: int) -> dict[str, float]:
             continue  # a thread that ended
         comm = stat[stat.index("(") + 1:stat.rindex(")")]
         fields = stat.rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        user, system = int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
         role = ("python" if int(tid) == pid else "zmq-io" if comm.startswith("ZMQbg/IO")
                 else "zmq-other" if comm.startswith("ZMQbg") else "other")
-        out[role] += cpu
+        out[role] += user + system
+        out[role + " sys"] += system
     return out
 
 
-def delta(after: dict, before: dict) -> dict:
-    return {k: round(after.get(k, 0) - before.get(k, 0), 2) for k in ("python", "zmq-io", "zmq-other", "other")}
+ROLES = ("python", "zmq-io", "zmq-other", "other")
+
+
+def delta(after: dict, before: dict, roles=ROLES) -> dict:
+    return {k: round(after.get(k, 0) - before.get(k, 0), 2) for k in roles}
 
 
 class Broker:
@@ -173,7 +177,9 @@ def step(directory: Path, clients: int, opts) -> dict:
             spied = perf(broker.pid, opts.join_timeout * 0.5)
         replies = [w.reply(opts.join_timeout + READY_TIMEOUT) for w in workers]
         storm_wall = time.monotonic() - t0
-        storm = delta(thread_times(broker.pid), before)
+        storm_after = thread_times(broker.pid)
+        storm = delta(storm_after, before)
+        storm_sys = delta(storm_after, before, [r + " sys" for r in ROLES])
         gen = sum(common.cpu_seconds(w.pid) for w in workers) - sum(gen_before)
         joined = sum(r["joined"] for r in replies)
         ends = [r["start_ns"] / 1e9 + r["done_s"][-1] for r in replies if r["done_s"]]
@@ -198,7 +204,7 @@ def step(directory: Path, clients: int, opts) -> dict:
             errors.update(r["errors"])
             errors.update(r["failures"])
         result = {"broker": str(directory), "clients": clients, "joined": joined,
-                  "wall_s": round(wall, 2), "storm_cpu": storm,
+                  "wall_s": round(wall, 2), "storm_cpu": storm, "storm_sys": storm_sys,
                   "storm_cpu_s": round(sum(storm.values()), 2), "generator_cpu_s": round(gen, 2),
                   "idle_pct": {k: round(100 * v / idle_wall, 1) for k, v in idle.items()},
                   "idle_pct_total": round(100 * sum(idle.values()) / idle_wall, 1),
