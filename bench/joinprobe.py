@@ -31,12 +31,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import common
-from common import BENCH, CLOCK_TICKS, PYTHON, ROOT, Worker
+from common import CLOCK_TICKS, PYTHON, ROOT, Worker
 from rawbench import CLIENTS_PER_PROC, READY_TIMEOUT, START_SECONDS, ns, say
 from tests.procs import LineReader, free_port_pair
 
@@ -108,7 +109,7 @@ def profile(pid: int, seconds: float, top: int = 30) -> dict:
     spy = shutil.which("py-spy", path=str(Path(PYTHON).parent)) or shutil.which("py-spy")
     if spy is None:
         return {"error": "py-spy not found"}
-    raw = Path(f"/tmp/joinprobe-{pid}.txt")
+    raw = Path(tempfile.gettempdir()) / f"joinprobe-{pid}.txt"
     subprocess.run([spy, "record", "--pid", str(pid), "--native", "--format", "raw",
                     "--rate", str(PROFILE_RATE), "--duration", str(math.ceil(seconds)),
                     "--output", str(raw)], capture_output=True, timeout=seconds + 30)
@@ -137,7 +138,7 @@ def perf(pid: int, seconds: float, top: int = 40) -> list[str]:
     symbols with the most samples, by thread name (comm)."""
     if shutil.which("perf") is None:
         return ["perf not found"]
-    data = f"/tmp/joinprobe-{pid}.perf"
+    data = str(Path(tempfile.gettempdir()) / f"joinprobe-{pid}.perf")
     subprocess.run(["perf", "record", "-F", "999", "-p", str(pid), "-o", data, "--", "sleep",
                     str(seconds)], capture_output=True, timeout=seconds + 30)
     report = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
