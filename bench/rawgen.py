@@ -482,6 +482,9 @@ class Proc:
         self.acks = 0
         self.replies = RespLineCounter()
         self.pings: deque = deque()
+        # the latest a ping went out after it fell due (ns): a starved
+        # generator, not the server, is then why a client timed out
+        self.ping_late_ns = 0
         self.task = None  # what answers the current command, when it is done
         self.stdin_buf = b""
         self.running = True
@@ -519,7 +522,8 @@ class Proc:
     def _ping_tick(self) -> None:
         t = now_ns()
         while self.pings and self.pings[0][0] <= t:
-            _, client = self.pings.popleft()
+            due, client = self.pings.popleft()
+            self.ping_late_ns = max(self.ping_late_ns, t - due)
             client.ping()
             self.pings.append((t + self.heartbeat_ns, client))
         for c in self.clients:
@@ -572,7 +576,8 @@ class Proc:
         """What the clients saw so far, and how many hold a session now."""
         self.answer({"errors": dict(self.errors), "failures": dict(self.failures),
                      "in_session": sum(1 for c in self.clients
-                                       if getattr(c, "session", None))})
+                                       if getattr(c, "session", None)),
+                     "ping_late_max_s": self.ping_late_ns / 1e9})
 
     # -- listening ---------------------------------------------------------------
 

@@ -133,3 +133,39 @@ def test_a_connection_whose_session_just_ended_still_gets_the_replies_of_that_pa
         assert not books.may_reply(routing_id, False, now + outbound.SLOW_S + 1)
     finally:
         ctx.destroy(linger=0)
+
+
+        assert outbound._acked_if_idle(a.fileno()) is None
+        assert outbound.peer_address(a.fileno()) is None
+
+
+def tcp_pair():
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return server, client
+
+
+def test_one_tcp_info_tells_an_empty_send_queue_from_a_full_one():
+    """The sweep's one-call reading of a subscriber must agree with the full
+    one (TIOCOUTQ): acknowledged bytes while nothing is queued, None while
+    something is."""
+    server, client = tcp_pair()
+    with server, client:
+        fd = server.fileno()
+        server.sendall(b"x" * 1000)
+        wait_until(lambda: outbound._reading(fd)[2] == 0, 5, "the bytes acknowledged")
+        assert outbound._acked_if_idle(fd) == outbound._reading(fd)[1] == 1000
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            while True:  # the client reads nothing: fill its window and our queue
+                server.send(b"y" * 65536)
+        assert outbound._reading(fd)[2] > 0
+        assert outbound._acked_if_idle(fd) is None
+
+
+def test_the_peer_address_is_what_getpeername_says():
+    server, client = tcp_pair()
+    with server, client:
+        assert outbound.peer_address(server.fileno()) == server.getpeername()
