@@ -108,33 +108,6 @@ def test_reading_a_descriptor_that_is_no_tcp_connection_gives_nothing():
     a, b = socket.socketpair()
     with a, b:
         assert outbound._reading(a.fileno()) is None
-
-
-def test_a_connection_whose_session_just_ended_still_gets_the_replies_of_that_pass():
-    """A client kicked for flooding gets its last replies and the reason, built
-    in the same pass while it was joined: the books must not judge those by
-    the small limit of a connection that never joined (it has had no chance
-    to read them yet)."""
-    ctx = zmq.Context()
-    try:
-        router, dealer = pair(ctx, curve=False)
-        dealer.send(b"hello")
-        routing_id = router.recv()
-        fd = router.recv(copy=False).get(zmq.SRCFD)
-        books = outbound.Outbound(1 << 30, 0, False)
-        books.first_seen(routing_id, fd)
-        now = 100.0
-        # One pass: many replies, counted as handed to libzmq, none sent yet.
-        while books.replies[routing_id].outstanding < 2 * outbound.NOT_JOINED_BYTES:
-            assert books.may_reply(routing_id, True, now)
-            books.sent(routing_id, 100)
-        assert books.may_reply(routing_id, False, now)  # kicked in this pass: the reason goes
-        # A connection that stays without a session is held to the small limit.
-        assert not books.may_reply(routing_id, False, now + outbound.SLOW_S + 1)
-    finally:
-        ctx.destroy(linger=0)
-
-
         assert outbound._acked_if_idle(a.fileno()) is None
         assert outbound.peer_address(a.fileno()) is None
 
@@ -169,3 +142,28 @@ def test_the_peer_address_is_what_getpeername_says():
     server, client = tcp_pair()
     with server, client:
         assert outbound.peer_address(server.fileno()) == server.getpeername()
+
+
+def test_a_connection_whose_session_just_ended_still_gets_the_replies_of_that_pass():
+    """A client kicked for flooding gets its last replies and the reason, built
+    in the same pass while it was joined: the books must not judge those by
+    the small limit of a connection that never joined (it has had no chance
+    to read them yet)."""
+    ctx = zmq.Context()
+    try:
+        router, dealer = pair(ctx, curve=False)
+        dealer.send(b"hello")
+        routing_id = router.recv()
+        fd = router.recv(copy=False).get(zmq.SRCFD)
+        books = outbound.Outbound(1 << 30, 0, False)
+        books.first_seen(routing_id, fd)
+        now = 100.0
+        # One pass: many replies, counted as handed to libzmq, none sent yet.
+        while books.replies[routing_id].outstanding < 2 * outbound.NOT_JOINED_BYTES:
+            assert books.may_reply(routing_id, True, now)
+            books.sent(routing_id, 100)
+        assert books.may_reply(routing_id, False, now)  # kicked in this pass: the reason goes
+        # A connection that stays without a session is held to the small limit.
+        assert not books.may_reply(routing_id, False, now + outbound.SLOW_S + 1)
+    finally:
+        ctx.destroy(linger=0)
