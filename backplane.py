@@ -41,6 +41,7 @@ import messages as m
 from backplane_core import Follower, Repair, Shared
 from broker_core import BrokerCore, Persist, Reply
 from broker_stream import ACCEPTED_IDS_REMEMBERED
+from log_limit import Outage
 from store import StoreError
 
 log = logging.getLogger("zchat.backplane")
@@ -288,7 +289,10 @@ class Backplane:
         # who is online on each other broker: broker id -> name key -> name
         self.others: dict[str, dict[str, str]] = {}
         self.online_elsewhere: dict[str, int] = {}  # name key -> other brokers it is on
-        self.failing = False  # the last script failed
+        where = self.where.replace("%", "%%")  # it goes into a format string
+        self.outage = Outage(log, f"backplane: Redis at {where} does not take events, refusing "
+                             "messages, joins and topics until it does: %s",
+                             "backplane: Redis takes events again")
         # Redis came back without the chat's data: numbers would start again
         # under the same epoch, so the broker stops rather than mislead clients.
         self.lost = False
@@ -423,14 +427,9 @@ class Backplane:
         try:
             result = self.append_script(args=argv)
         except redis.RedisError as e:
-            if not self.failing:
-                log.error("backplane: Redis at %s does not take events, refusing messages, "
-                          "joins and topics until it does: %s", self.where, e)
-            self.failing = True
+            self.outage.failed(e)
             return None
-        if self.failing:
-            log.warning("backplane: Redis takes events again")
-            self.failing = False
+        self.outage.worked()
         return result
 
     # --- brokers alive and dead --------------------------------------------------------

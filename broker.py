@@ -31,7 +31,7 @@ import messages as m
 import outbound
 from broker_core import BrokerConfig, BrokerCore, Persist, Publish, Reply
 from broker_stream import ACCEPTED_IDS_REMEMBERED
-from log_limit import Cause, LogLimiter
+from log_limit import Cause, LogLimiter, Outage
 from store import EventStore, StoreError
 
 log = logging.getLogger("zchat.broker")
@@ -190,7 +190,9 @@ class BrokerShell:
         self.core = core
         self.store = store
         self.backplane = backplane  # backplane.Backplane: the streams are shared in Redis
-        self.store_failing = False  # the last write failed
+        self.store_outage = Outage(log, "cannot store events, refusing messages, joins and "
+                                   "topics until it can (retried with every message and "
+                                   "heartbeat): %s", "storing events again")
         # outputs held to share PUB frames, and when they must go
         self.coalesce = coalesce
         self.backlog_requests = backlog_requests
@@ -415,14 +417,9 @@ class BrokerShell:
         try:
             self.store.append(records)
         except StoreError as e:
-            if not self.store_failing:
-                log.error("cannot store events, refusing messages, joins and topics until it "
-                          "can (retried with every message and heartbeat): %s", e)
-            self.store_failing = True
+            self.store_outage.failed(e)
             return False
-        if self.store_failing:
-            log.warning("storing events again")
-            self.store_failing = False
+        self.store_outage.worked()
         return True
 
     def _send_replies(self, replies: list[Reply], now: float) -> list:

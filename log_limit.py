@@ -87,3 +87,23 @@ class LogLimiter:
         self.repeats.clear()
         self.others.clear()
         self.interval_ends = None
+
+
+class Outage:
+    """A resource the broker depends on (the disk, Redis) that may fail on
+    every use for a while: logged once when it starts failing and once when
+    it works again, however many uses fail in between."""
+
+    def __init__(self, log: logging.Logger, failing: str, recovered: str):
+        self.log, self.failing_text, self.recovered_text = log, failing, recovered
+        self.failing = False  # the last use failed
+
+    def failed(self, error: Exception) -> None:
+        if not self.failing:
+            self.log.error(self.failing_text, error)
+        self.failing = True
+
+    def worked(self) -> None:
+        if self.failing:
+            self.log.warning(self.recovered_text)
+        self.failing = False
