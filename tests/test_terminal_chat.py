@@ -4,6 +4,7 @@ A real broker, a real `listen --json` client as the other side, and the chat
 on a pseudo-terminal that answers as a terminal does.
 """
 
+import contextlib
 import json
 import signal
 import termios
@@ -19,8 +20,8 @@ UP, LEFT = "\x1b[A", "\x1b[D"
 ENTER = "\r"  # what the Enter key sends in raw mode
 
 
-@pytest.fixture
-def chat(broker, clients):
+@contextlib.contextmanager
+def typist_chat(broker, clients):
     """A listener "ears", then "typist" chatting on a terminal, at its prompt."""
     ears = listen(broker, "ears")
     clients.append(ears)
@@ -31,6 +32,12 @@ def chat(broker, clients):
         yield term, ears
     finally:
         term.close()
+
+
+@pytest.fixture
+def chat(broker, clients):
+    with typist_chat(broker, clients) as chatting:
+        yield chatting
 
 
 def input_line_holds(typed: str, after: str = "", prompt_text: str = "#general>"):
@@ -178,12 +185,7 @@ def test_a_line_over_the_brokers_limit_stays_on_the_input_line_to_shorten(make_b
                                                                           clients):
     # A small limit, so the line fits on the screen; a paste of 100 KB takes the same path.
     broker = make_broker("--heartbeat-interval", "0.2", "--max-text", "20")
-    ears = listen(broker, "ears")
-    clients.append(ears)
-    term = Terminal("cli_client.py", "--name", "typist", *broker.client_args)
-    try:
-        ears.out.wait_for(lambda l: '"typist"' in l and '"join"' in l, 15, "typist to join")
-        term.wait_for("#general>", 15, "the prompt")
+    with typist_chat(broker, clients) as (term, ears):
         term.type("a line over the limit" + ENTER)  # 21 bytes
         shown = term.wait_for("too long: 21 bytes, the limit is 20", 10, "the local refusal")
         assert "not sent (" not in shown  # not sent to be refused and printed back
@@ -193,5 +195,3 @@ def test_a_line_over_the_brokers_limit_stays_on_the_input_line_to_shorten(make_b
         term.type(BACKSPACE * 6 + ENTER)
         wait_until(lambda: sent_by_typist(ears), 10, "the shortened line")
         assert sent_by_typist(ears) == ["a line over the"]
-    finally:
-        term.close()
