@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import platform
 import queue
 import resource
 import signal
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import zmq
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -281,3 +284,27 @@ class Target:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc, grace=10)  # a profiled broker needs time to write
+
+
+# --- reporting -----------------------------------------------------------------
+
+
+def machine() -> dict:
+    with open("/proc/cpuinfo") as f:
+        models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    return {"cpu": models[0] if models else platform.processor(), "cores": os.cpu_count(),
+            "memory_gib": round(mem_kb / 2**20, 1), "kernel": platform.release(),
+            "python": platform.python_version(), "pyzmq": zmq.__version__,
+            "libzmq": zmq.zmq_version(), "load_average_at_start": os.getloadavg()}
+
+
+def fmt(value, spec: str = ".1f", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -40,8 +40,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import common
-from common import BENCH, Target, Worker, cpu_times, open_files, stop_process
-from run import fmt, machine, table
+from common import (BENCH, Target, Worker, cpu_times, fmt, machine, open_files, stop_process,
+                    table)
 from tests.procs import free_port_pair
 
 SERVERS = ("zchat", "redis", "c-forwarder")

@@ -25,15 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import sys
 import time
 from pathlib import Path
 
 import common
+from common import fmt, machine, table
 import scenarios
-import zmq
 
 SCENARIOS = ("throughput", "latency", "cpu", "scale", "profile", "gui")
 
@@ -108,17 +107,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.silent = False
     args.progress = sys.stderr
     return args
-
-
-def machine() -> dict:
-    with open("/proc/cpuinfo") as f:
-        models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    with open("/proc/meminfo") as f:
-        mem_kb = int(f.readline().split()[1])
-    return {"cpu": models[0] if models else platform.processor(), "cores": os.cpu_count(),
-            "memory_gib": round(mem_kb / 2**20, 1), "kernel": platform.release(),
-            "python": platform.python_version(), "pyzmq": zmq.__version__,
-            "libzmq": zmq.zmq_version(), "load_average_at_start": os.getloadavg()}
 
 
 def run(args) -> dict:
@@ -217,16 +205,6 @@ def variant_costs(results: dict) -> list[dict]:
                 "p99_ratio": _ratio(t["latency"]["p99_ms"], z["latency"]["p99_ms"]),
             })
     return out
-
-
-def fmt(value, spec: str = ".1f", none: str = "-") -> str:
-    return none if value is None else format(value, spec)
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def report(results: dict, args) -> str:
