@@ -422,8 +422,7 @@ class BrokerCore:
                 message = _unavailable(None, retry)
             else:
                 message = self._as_stored(message, stored)
-            out.append(replace(item, message=message) if isinstance(item, Reply)
-                       else replace(item, event=message))
+            out.append(_with_message(item, message))
         return out
 
     def _rewind(self, unwritten: list[Persist]) -> dict[str, int]:
@@ -529,8 +528,11 @@ class BrokerCore:
         The events come back through ``receive`` in the shared order, so
         here each stream goes back to before them, their publishes and
         deliveries are dropped, and each acknowledgement gets its shared
-        seq. Positions already given (welcomes, room answers) are at most
-        the shared seq before the new events, as a position must be.
+        seq. Every position and history told in the pass (welcomes, room
+        answers, positions, fetch and recent answers) is cut back to the
+        shared seq before the new events: a local number is provisional,
+        and at it another broker's event may be the shared one. A topic
+        set in the pass is the old one again until its event comes back.
 
         ``names_taken``: name keys that another broker holds for someone
         else (with another secret): the pass's new connections under them
@@ -540,14 +542,7 @@ class BrokerCore:
         records = [o for o in outputs if isinstance(o, Persist)]
         if not records and not names_taken:
             return outputs
-        first: dict[str, int] = {}
-        for record in records:
-            first.setdefault(record.stream, record.event.seq - 1)
-        for stream_id, seq in first.items():
-            forgotten = [r.sender_id for r in records if r.stream == stream_id and r.sender_id]
-            self.history_bytes -= self.streams[stream_id].truncate(seq, forgotten)
-            if (room := self.rooms.get(stream_id)) is not None:
-                self._forget_if_unused(room)
+        shared_until = self._rewind(records)
         acks = {(r.sender_id, r.event.seq): abs(seqs[id(r.event)])
                 for r in records if r.sender_id}
         undone = {id(r.event) for r in records}
@@ -568,6 +563,8 @@ class BrokerCore:
                 shared = acks.get(((session.user.name_key, message.id), message.seq))
                 if shared is not None:
                     item = replace(item, message=replace(message, seq=shared))
+            else:
+                item = _with_message(item, self._as_stored(message, shared_until))
             out.append(item)
         return out
 
@@ -1184,6 +1181,13 @@ def _users_page(listed: list[tuple[str, str]], after: str | None, room: str | No
         end += 1
     cursor = listed[end - 1][0] if end < len(listed) else None
     return m.Users([name for _, name in listed[start:end]], room, len(listed), cursor)
+
+
+def _with_message(item: Reply | Publish, message: Any) -> Reply | Publish:
+    """``item`` carrying ``message`` instead (a reply's message, a publish's event)."""
+    if isinstance(item, Reply):
+        return replace(item, message=message)
+    return replace(item, event=message)
 
 
 def _unavailable(id: str | None, retry_after: float) -> m.Error:

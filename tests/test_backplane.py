@@ -4,6 +4,7 @@ Real redis-server and broker processes on free loopback ports, real
 command-line clients; every wait is on a condition with a deadline.
 """
 
+import difflib
 import json
 import subprocess
 import time
@@ -135,7 +136,8 @@ def test_three_brokers_two_rooms_every_listener_sees_every_message_once_in_one_o
     for room in rooms:
         orders = [[(r["seq"], r["from"], r["text"]) for r in lst.messages()
                    if r["room"] == room] for lst in listeners]
-        assert all(order == orders[0] for order in orders), f"{room}: orders differ"
+        assert all(order == orders[0] for order in orders), orders_differ(
+            room, orders, listeners, brokers)
         assert len(orders[0]) == len({(f, t) for _, f, t in orders[0]}) == 180
         assert all(t.startswith(room) for _, _, t in orders[0])
         seqs = [seq for seq, _, _ in orders[0]]
@@ -143,6 +145,25 @@ def test_three_brokers_two_rooms_every_listener_sees_every_message_once_in_one_o
         for n in range(3):
             assert [t for _, f, t in orders[0] if f == f"s{n}{room[1]}"] == [
                 f"{room} {n}:{i}" for i in range(60)]
+
+
+def orders_differ(room, orders, listeners, brokers) -> str:
+    """Why the listeners' orders of ``room`` differ: each differing one's diff
+    against the first, and the stderr of its listener and of the brokers."""
+    lines = [f"{room}: orders differ"]
+    for n, order in enumerate(orders):
+        if order != orders[0]:
+            diff = difflib.unified_diff([repr(e) for e in orders[0]], [repr(e) for e in order],
+                                        "listener 0", f"listener {n}", lineterm="", n=2)
+            lines += [*diff, f"listener {n} stderr:", *listeners[n].err.lines[-20:]]
+    lines += ["listener 0 stderr:", *listeners[0].err.lines[-20:]]
+    for n, broker in enumerate(brokers):
+        lines += [f"broker {n} log:", *broker_log(broker)[-20:]]
+    return "\n".join(lines)
+
+
+def broker_log(broker) -> list[str]:
+    return list(broker.log.lines) if broker.log is not None else []
 
 
 def test_a_name_in_use_on_one_broker_cannot_be_taken_on_another(shared, clients):

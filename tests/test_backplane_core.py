@@ -159,3 +159,28 @@ def test_who_pages_through_everyone_online_on_every_broker():
     assert names == sorted(names, key=m.name_key) and len(set(names)) == 2001
     welcome = next(o.message for o in hello(core, b"r", "cy") if isinstance(o, Reply))
     assert welcome.online == 2002
+
+
+def test_answers_in_the_pass_of_a_new_event_never_show_its_local_number():
+    """A fetch or a position in the pass that numbered a message here tells
+    only of the shared stream: the local number is provisional (Redis gives
+    another, and another broker's event may be the shared one at it), so a
+    reader given it would see a different event at that seq than the others."""
+    core = BrokerCore(elsewhere={})
+    al = next(o.message for o in hello(core, b"p", "al") if isinstance(o, Reply))
+    bo = next(o.message for o in hello(core, b"q", "bo") if isinstance(o, Reply))
+    records = [o for o in core.tick(1.0, 100.0) if isinstance(o, Persist)]
+    core.handed_over(records, {id(r.event): 1 for r in records})
+    core.receive("#general", m.Presence(1, 0.0, ["al", "bo"], [], "#general"), None)
+    out = core.handle(b"p", [m.encode(m.Say("x", "mine", session=al.resume))], 2.0, 100.0)
+    out += core.handle(b"q", [m.encode(m.Fetch(1, 5, session=bo.resume))], 2.0, 100.0)
+    out += core.tick(60.0, 100.0)  # a heartbeat: positions announced
+    seqs = {id(o.event): 3 for o in out if isinstance(o, Persist)}  # another's message is 2
+    assert seqs
+    out = core.handed_over(out, seqs)
+    history = next(o.message for o in out if isinstance(o, Reply)
+                   and isinstance(o.message, m.History))
+    assert history.events == [] and history.until == 1
+    positions = [o.event for o in out if isinstance(o, Publish)
+                 and isinstance(o.event, m.Position)]
+    assert positions and all(p.seq <= 1 for p in positions)
