@@ -286,6 +286,17 @@ class Target:
             stop_process(self.proc, grace=10)  # a profiled broker needs time to write
 
 
+def unwind_on_signals(*signals: int) -> None:
+    """SIGTERM (and any of ``signals``) raises KeyboardInterrupt in the main
+    thread, which unwinds through every ``finally`` and ExitStack: every child
+    process a bench started is stopped by its pid, even when the bench is
+    killed by a timeout."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    for sig in {signal.SIGTERM, *signals}:
+        signal.signal(sig, interrupt)
+
+
 # --- reporting -----------------------------------------------------------------
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -170,13 +169,10 @@ def report(results: dict, args) -> str:
     return "\n".join(lines)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # unwinds through every finally: children stopped
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    common.unwind_on_signals()
     common.raise_open_file_limit()
     scenarios.Target = make_target(args.trees, args.options)
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "fixed": [],

@@ -620,14 +620,10 @@ def run(args) -> dict:
     return results
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # unwinds through every ExitStack: servers and workers stopped
-
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background
+    common.unwind_on_signals(signal.SIGINT)  # SIGINT too: ignored when started in the background
     if args.report:
         results = json.loads(args.report.read_text())
         results["raw_ratios"] = ratios(results)

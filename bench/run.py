@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -299,13 +298,10 @@ def report(results: dict, args) -> str:
     return "\n\n".join(parts)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # unwinds through every finally: children stopped
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    common.unwind_on_signals()
     try:
         results = run(args)
     except KeyboardInterrupt:  # every process was stopped on the way out
