@@ -7,6 +7,11 @@ outputs. It never reads the clock, never touches a socket or a file, and
 never raises on a peer's input, so the ZeroMQ loop in broker.py stays a thin
 shell and the tests can drive the logic directly.
 
+BrokerCore is the one object the shell talks to. Two of its jobs live in
+modules of their own, which it inherits: presence (broker_presence.py) and
+its side of the Redis backplane (broker_backplane.py); its outputs and the
+causes of its warnings are in broker_outputs.py (imported from here too).
+
 Two clocks: ``now`` is monotonic and drives every timer (heartbeats,
 liveness, rate limits); ``wall`` is the wall clock and is only stamped on
 events for people to read. A wall clock that jumps moves no timer.
@@ -37,7 +42,8 @@ Theory of operation
   announced in one Presence event per room when the pass ends
   (``flush_presence``, called by ``tick``), or before anything else is
   numbered in that room. A room above ``presence_threshold`` names nobody
-  and publishes its count (Members) at most once per heartbeat interval.
+  and publishes its count (Members) at most once per heartbeat interval
+  (broker_presence.py).
 * A resume token from the welcome lets a client that lost its connection
   take its session back from a new routing id before it times out, without
   a leave/join pair.
@@ -60,29 +66,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import messages as m
+from broker_backplane import BackplaneSeam
 from broker_model import MIN_RETRY_AFTER, Room, Session, TokenBucket, User
+from broker_outputs import (KICKED, LOG_QUOTE_CHARS, NO_TOKEN, NOT_STORED, RATE_LIMITED, REFUSED,
+                            Persist, Publish, Reply, with_message)
+from broker_presence import RoomPresence
 from broker_stream import Stream
-from log_limit import Cause, LogLimiter
+from log_limit import LogLimiter
 
 log = logging.getLogger("zchat.broker")
 
-# Longest string from a peer quoted in a log line.
-LOG_QUOTE_CHARS = 80
-# Names one log line of joins or leaves shows before it counts the rest.
-LOG_NAMES = 10
-# Warnings a peer can repeat at will: each is logged once per peer and
-# interval, then summed up (log_limit.py), so that no flood floods the log.
-REFUSED = Cause("refused from {peer}: {detail}",
-                "refused {count} more requests from {peer} in the last {seconds} s")
-NO_TOKEN = Cause("request for {detail} without its session token from {peer}",
-                 "{count} more requests without their session token from {peer} "
-                 "in the last {seconds} s")
-RATE_LIMITED = Cause("rate limited {peer} for {detail}",
-                     "rate limited {peer} {count} more times in the last {seconds} s")
-KICKED = Cause("disconnecting {peer}: {detail}",
-               "disconnected {peer} {count} more times for flooding in the last {seconds} s")
-NOT_STORED = Cause("could not store {detail}: messages, joins and topics refused",
-                   "could not store the events of {count} more passes in the last {seconds} s")
 # Refusals in a row (no message accepted in between) that mark a flood. A
 # client that honours retry_after has at most its send window (200) refused
 # at once, so a polite client never comes near it.
@@ -141,47 +134,8 @@ class BrokerConfig:
         return self.heartbeat_interval / 4
 
 
-# The outputs below are built for every message: plain slotted dataclasses,
-# which cost a third of frozen ones to build (a frozen one sets each field
-# through object.__setattr__). Nothing changes an output once returned.
-
-
-@dataclass(slots=True)
-class Reply:
-    """Send ``message`` to the one peer with routing id ``peer``."""
-
-    peer: bytes
-    message: Any
-
-
-@dataclass(slots=True)
-class Publish:
-    """Broadcast ``event`` on the PUB socket under ``topic``."""
-
-    event: Any
-    topic: bytes
-
-
-@dataclass(slots=True)
-class Persist:
-    """Write a new sequenced event of stream ``stream`` to durable storage.
-
-    Comes before the Publish, the Ack and the direct deliveries of the same
-    event: the shell writes everything to persist before it sends anything,
-    so no client hears of an event that a crash could still lose.
-    ``sender_id`` is the sender's (name key, message id) of a chat message,
-    so a restarted broker still recognises a resend; ``previous_topic``, of
-    a Topic event, is the topic it replaced, restored if the write fails.
-    """
-
-    stream: str
-    event: Any
-    sender_id: tuple[str, str] | None = None
-    previous_topic: str | None = None
-
-
 @dataclass
-class BrokerCore:
+class BrokerCore(RoomPresence, BackplaneSeam):
     config: BrokerConfig = field(default_factory=BrokerConfig)
     epoch: str = field(default_factory=lambda: secrets.token_hex(8))
     # routing id -> session, oldest activity first
@@ -326,25 +280,6 @@ class BrokerCore:
             out += self._end_session(oldest, m.LeaveReason.TIMEOUT, wall)
         return out
 
-    def flush_presence(self, wall: float) -> list:
-        """Announce the joins and leaves of this pass: one presence event per
-        room (the shell's tick calls it at the end of every pass)."""
-        out: list = []
-        while self.presence_due:
-            key = next(iter(self.presence_due))
-            out += self._announce_presence(self.presence_due.pop(key), wall)
-        self._log_pass()
-        return out
-
-    def _log_pass(self) -> None:
-        """``join ann, bob and 998 more``: one line per kind per pass."""
-        for verb, names in self.pass_log.items():
-            if names:
-                more = len(names) - LOG_NAMES
-                log.info("%s %s%s", verb, ", ".join(names[:LOG_NAMES]),
-                         f" and {more} more" if more > 0 else "")
-                names.clear()
-
     def next_deadline(self) -> float:
         """When tick() next has work to do (monotonic)."""
         if self.presence_due:  # joins or leaves to announce (a peer found gone)
@@ -422,7 +357,7 @@ class BrokerCore:
                 message = _unavailable(None, retry)
             else:
                 message = self._as_stored(message, stored)
-            out.append(_with_message(item, message))
+            out.append(with_message(item, message))
         return out
 
     def _rewind(self, unwritten: list[Persist]) -> dict[str, int]:
@@ -515,121 +450,6 @@ class BrokerCore:
                            first=min(message.first, until + 1), until=until)
         return message
 
-    # --- the backplane (several brokers, one chat: backplane.py) -------------------
-
-    def handed_over(self, outputs: list, seqs: dict[int, int],
-                    names_taken: frozenset[str] = frozenset()) -> list:
-        """The Persist outputs among ``outputs`` were numbered by the shared
-        backplane instead of here. ``seqs`` maps each one's event (by ``id``)
-        to the seq it got there: positive, a new event; negative, a resend of
-        a message accepted earlier as that seq (nothing new); 0, part of such
-        a resend (a direct message's copy for the addressee).
-
-        The events come back through ``receive`` in the shared order, so
-        here each stream goes back to before them, their publishes and
-        deliveries are dropped, and each acknowledgement gets its shared
-        seq. Every position and history told in the pass (welcomes, room
-        answers, positions, fetch and recent answers) is cut back to the
-        shared seq before the new events: a local number is provisional,
-        and at it another broker's event may be the shared one. A topic
-        set in the pass is the old one again until its event comes back.
-
-        ``names_taken``: name keys that another broker holds for someone
-        else (with another secret): the pass's new connections under them
-        are forgotten and refused ``name_taken`` (the backplane numbered
-        none of their joins).
-        """
-        records = [o for o in outputs if isinstance(o, Persist)]
-        if not records and not names_taken:
-            return outputs
-        shared_until = self._rewind(records)
-        acks = {(r.sender_id, r.event.seq): abs(seqs[id(r.event)])
-                for r in records if r.sender_id}
-        undone = {id(r.event) for r in records}
-        out: list = []
-        for item in outputs:
-            if isinstance(item, Persist):
-                continue
-            message = item.message if isinstance(item, Reply) else item.event
-            if id(message) in undone:
-                continue
-            if (isinstance(message, m.Welcome) and m.name_key(message.name) in names_taken
-                    and self._undo_hello(item.peer, message)):
-                self.warnings.warn(REFUSED, item.peer.hex(), "name taken on another broker",
-                                   self.last_now)
-                item = replace(item, message=m.Error(m.ErrorCode.NAME_TAKEN,
-                                                     f"the name {message.name} is taken"))
-            elif isinstance(message, m.Ack) and (session := self.sessions.get(item.peer)):
-                shared = acks.get(((session.user.name_key, message.id), message.seq))
-                if shared is not None:
-                    item = replace(item, message=replace(message, seq=shared))
-            else:
-                item = _with_message(item, self._as_stored(message, shared_until))
-            out.append(item)
-        return out
-
-    def receive(self, stream_id: str, event: Any, sender_id: tuple[str, str] | None) -> list:
-        """A sequenced event of a shared stream, numbered by the backplane,
-        next in that stream's order (backplane_core.Follower sees to it):
-        kept in the history, then published on the room's topic, or, of a
-        user's direct messages, given to that user's sessions here."""
-        created = stream_id not in self.streams
-        stream = self.open_stream(stream_id)
-        if event.seq != stream.seq + 1:  # the events between are gone from the backplane
-            while stream.history:
-                self.history_bytes -= stream.drop_oldest()
-            stream.seq = event.seq - 1
-        self._number(stream, lambda seq: event, sender_id)
-        room = self.rooms.get(stream_id)
-        if room is None:
-            user = self.by_name.get(stream_id[len(m.DM_STREAM_PREFIX):])
-            return [] if user is None else [Reply(s.peer, event) for s in user.sessions
-                                            if not s.quiet]
-        if created and event.room:
-            room.name = event.room  # as it was created
-        out: list = []
-        if isinstance(event, m.Topic):
-            room.topic = event.text
-        elif isinstance(event, m.Presence):
-            # A room whose count was being published announces people again:
-            # its count goes first (at once), as the presence counts on it.
-            out += self._publish_count_now(room)
-            for name in event.joined:
-                room.shared_in(m.name_key(name), name)
-            for name, _ in event.left:
-                room.shared_out(m.name_key(name))
-        return [*out, Publish(event, stream.topic)]
-
-    def counted(self, stream_id: str, room_name: str, joined: list[tuple[str, str]],
-                left: list[str]) -> None:
-        """With a backplane: people entered (name key, name) and left (name
-        keys) a room above the threshold on some broker, where the backplane
-        stored no presence event: its count is published (``Members``, at
-        most once per heartbeat interval, as of a room here)."""
-        if stream_id.startswith(m.DM_STREAM_PREFIX):
-            return
-        created = stream_id not in self.rooms
-        room = self._open_room(room_name)
-        if created:
-            room.name = room_name  # as it was created
-        for name_key, name in joined:
-            room.shared_in(name_key, name)
-        for name_key in left:
-            room.shared_out(name_key)
-        room.counting = True
-        self.counts_due[stream_id] = room
-
-    def _publish_count_now(self, room: Room) -> list:
-        """A counting room's count, unless its subscribers have it already."""
-        key = m.room_key(room.name)
-        if not room.counting and key not in self.counts_due:
-            return []
-        self.counts_due.pop(key, None)
-        room.counting = False
-        if room.count() == room.count_published:
-            return []
-        room.count_published, room.count_published_at = room.count(), self.last_now
-        return [Publish(m.Members(room.name, room.count()), room.stream.topic)]
 
     def shutdown(self, wall: float) -> list:
         """The broker is going away: tell everyone."""
@@ -816,47 +636,6 @@ class BrokerCore:
         self._forget_if_unused(room)
         return gone
 
-    def _presence_changed(self, room: Room) -> None:
-        self.presence_due[m.room_key(room.name)] = room
-
-    def _announce_presence(self, room: Room, wall: float) -> list:
-        """One room's joins and leaves of this pass: a presence event, or,
-        for a room above the threshold, its count at the next heartbeat.
-        With a backplane always the event: Redis, which knows the members on
-        every broker, stores it or has the count published (``counted``)."""
-        key = m.room_key(room.name)
-        if self.rooms.get(key) is not room:
-            return []  # entered and left in this pass, and forgotten
-        joined, left = room.take_changes()
-        if self.elsewhere is None and (room.counting
-                                       or len(room.members) > self.config.presence_threshold):
-            # Too big: its count is published instead (_publish_counts), and
-            # when it comes back to the threshold, that count first.
-            room.counting = True
-            self.counts_due[key] = room
-            return []
-        if not joined and not left:
-            return []
-        return self._append(room.stream, lambda seq: m.Presence(seq, wall, joined, left, room.name))
-
-    def _publish_counts(self, now: float) -> list:
-        """The count of each counting room that changed, on its topic, at
-        most once per heartbeat interval (at once after a quiet interval, so
-        that those timed out together are counted gone without delay). A
-        room back at the threshold announces each change again after it."""
-        out = []
-        for key, room in list(self.counts_due.items()):
-            if now < room.count_published_at + self.config.heartbeat_interval:
-                continue
-            del self.counts_due[key]
-            count = room.count()
-            if self.rooms.get(key) is not room or count == room.count_published:
-                continue
-            room.count_published, room.count_published_at = count, now
-            room.counting = count > self.config.presence_threshold
-            out.append(Publish(m.Members(room.name, count), room.stream.topic))
-        return out
-
     def _forget_if_unused(self, room: Room) -> None:
         """A room nobody is in and nothing was said in goes (with a
         backplane, once nobody is in it on any broker either)."""
@@ -971,14 +750,6 @@ class BrokerCore:
 
     # --- queries ------------------------------------------------------------------
 
-    def _on_who(self, peer: bytes, session: Session | None, who: m.Who, now: float,
-                wall: float) -> list:
-        if who.room is None:
-            return [Reply(peer, _users_page(self.online_listed(), who.after, None))]
-        room = self.rooms.get(m.room_key(who.room))
-        listed = [] if room is None else room.who_listed()
-        return [Reply(peer, _users_page(listed, who.after, room.name if room else who.room))]
-
     def _on_ping(self, peer: bytes, session: Session | None, ping: m.Ping, now: float,
                  wall: float) -> list:
         # A ping from an unknown peer means the broker lost its session
@@ -1013,16 +784,6 @@ class BrokerCore:
     def user_names(self) -> list[str]:
         """Everyone online (on every broker, with a backplane), sorted by name key."""
         return [name for _, name in self.online_listed()]
-
-    def online_listed(self) -> list[tuple[str, str]]:
-        """(name key, name) of everyone online, sorted: here, or with a
-        backplane on every broker (built again only after a change)."""
-        if self.elsewhere is None:
-            return self.online
-        if self.everyone_online is None:
-            everyone = {**self.elsewhere, **dict(self.online)}
-            self.everyone_online = sorted(everyone.items())
-        return self.everyone_online
 
     def _room_of(self, session: Session | None, room: str) -> Room | None:
         return None if session is None else session.rooms.get(m.room_key(room))
@@ -1096,13 +857,6 @@ class BrokerCore:
             del self.by_name[user.name_key]  # the name is free again
         self._online_changed(user.name_key)
 
-    def _online_changed(self, name_key: str) -> None:
-        """With a backplane: the user's standing here changed (online,
-        offline, the name given up), for the backplane to tell the others."""
-        if self.presence_log is not None:
-            self.presence_log.append(name_key)
-            self.everyone_online = None
-
     def _append(self, stream: Stream, make_event, sender_id: tuple[str, str] | None = None,
                 previous_topic: str | None = None) -> list:
         """Number a new event in a room's stream: persist it, then publish it.
@@ -1167,27 +921,6 @@ class BrokerCore:
         self.warnings.warn(REFUSED, who or peer.hex(), f"{reason[:LOG_QUOTE_CHARS]} ({code})",
                            self.last_now)
         return [Reply(peer, m.Error(code, reason, id))]
-
-
-def _users_page(listed: list[tuple[str, str]], after: str | None, room: str | None) -> m.Users:
-    """The names of ``listed`` (sorted (name key, name) pairs) after the
-    name key ``after``, as many as fit in WHO_PAGE_BYTES."""
-    start = 0 if after is None else bisect.bisect_right(listed, after, key=lambda e: e[0])
-    end, size = start, 0
-    while end < len(listed):
-        size += len(listed[end][1]) + 3  # names are ASCII: quotes and a comma
-        if end > start and size > m.WHO_PAGE_BYTES:
-            break
-        end += 1
-    cursor = listed[end - 1][0] if end < len(listed) else None
-    return m.Users([name for _, name in listed[start:end]], room, len(listed), cursor)
-
-
-def _with_message(item: Reply | Publish, message: Any) -> Reply | Publish:
-    """``item`` carrying ``message`` instead (a reply's message, a publish's event)."""
-    if isinstance(item, Reply):
-        return replace(item, message=message)
-    return replace(item, event=message)
 
 
 def _unavailable(id: str | None, retry_after: float) -> m.Error:

@@ -1,9 +1,10 @@
 """The broker's tables: users, their connections, rooms, and rate limits.
 
 Plain data with the little logic that belongs to each record (a token
-bucket's arithmetic, a room's public view). BrokerCore (broker_core.py)
-owns every instance and keeps them consistent; nothing here touches a
-socket, a clock or another table.
+bucket's arithmetic, a room's public view). BrokerCore (broker_core.py,
+with broker_presence.py and broker_backplane.py) owns every instance and
+keeps them consistent; nothing here touches a socket, a clock or another
+table.
 """
 
 from __future__ import annotations

@@ -1,0 +1,145 @@
+"""The broker core's side of the backplane (several brokers, one chat).
+
+With ``--backplane`` every stream is numbered in Redis (backplane.py, the
+I/O; backplane_core.py, the order in which events come back). What
+BrokerCore does for it lives here: ``handed_over`` takes back a pass's
+events that the backplane numbered instead, ``receive`` takes a shared
+event in the shared order, ``counted`` the people in a room above the
+presence threshold, and ``presence_log`` / ``elsewhere`` tell the
+backplane whose standing changed here and who is online on the others.
+
+BackplaneSeam is a part of BrokerCore (broker_core.py), which inherits it:
+its methods use the core's tables and its rewinding after a write that
+did not happen (``_rewind``, ``_undo_hello``, ``_as_stored``). No I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import messages as m
+from broker_outputs import REFUSED, Persist, Publish, Reply, with_message
+
+
+class BackplaneSeam:
+    """What BrokerCore does for the backplane: hand-over, shared events, counts."""
+
+    def online_listed(self) -> list[tuple[str, str]]:
+        """(name key, name) of everyone online, sorted: here, or with a
+        backplane on every broker (built again only after a change)."""
+        if self.elsewhere is None:
+            return self.online
+        if self.everyone_online is None:
+            everyone = {**self.elsewhere, **dict(self.online)}
+            self.everyone_online = sorted(everyone.items())
+        return self.everyone_online
+
+    def _online_changed(self, name_key: str) -> None:
+        """With a backplane: the user's standing here changed (online,
+        offline, the name given up), for the backplane to tell the others."""
+        if self.presence_log is not None:
+            self.presence_log.append(name_key)
+            self.everyone_online = None
+
+    def handed_over(self, outputs: list, seqs: dict[int, int],
+                    names_taken: frozenset[str] = frozenset()) -> list:
+        """The Persist outputs among ``outputs`` were numbered by the shared
+        backplane instead of here. ``seqs`` maps each one's event (by ``id``)
+        to the seq it got there: positive, a new event; negative, a resend of
+        a message accepted earlier as that seq (nothing new); 0, part of such
+        a resend (a direct message's copy for the addressee).
+
+        The events come back through ``receive`` in the shared order, so
+        here each stream goes back to before them, their publishes and
+        deliveries are dropped, and each acknowledgement gets its shared
+        seq. Every position and history told in the pass (welcomes, room
+        answers, positions, fetch and recent answers) is cut back to the
+        shared seq before the new events: a local number is provisional,
+        and at it another broker's event may be the shared one. A topic
+        set in the pass is the old one again until its event comes back.
+
+        ``names_taken``: name keys that another broker holds for someone
+        else (with another secret): the pass's new connections under them
+        are forgotten and refused ``name_taken`` (the backplane numbered
+        none of their joins).
+        """
+        records = [o for o in outputs if isinstance(o, Persist)]
+        if not records and not names_taken:
+            return outputs
+        shared_until = self._rewind(records)
+        acks = {(r.sender_id, r.event.seq): abs(seqs[id(r.event)])
+                for r in records if r.sender_id}
+        undone = {id(r.event) for r in records}
+        out: list = []
+        for item in outputs:
+            if isinstance(item, Persist):
+                continue
+            message = item.message if isinstance(item, Reply) else item.event
+            if id(message) in undone:
+                continue
+            if (isinstance(message, m.Welcome) and m.name_key(message.name) in names_taken
+                    and self._undo_hello(item.peer, message)):
+                self.warnings.warn(REFUSED, item.peer.hex(), "name taken on another broker",
+                                   self.last_now)
+                item = replace(item, message=m.Error(m.ErrorCode.NAME_TAKEN,
+                                                     f"the name {message.name} is taken"))
+            elif isinstance(message, m.Ack) and (session := self.sessions.get(item.peer)):
+                shared = acks.get(((session.user.name_key, message.id), message.seq))
+                if shared is not None:
+                    item = replace(item, message=replace(message, seq=shared))
+            else:
+                item = with_message(item, self._as_stored(message, shared_until))
+            out.append(item)
+        return out
+
+    def receive(self, stream_id: str, event: Any, sender_id: tuple[str, str] | None) -> list:
+        """A sequenced event of a shared stream, numbered by the backplane,
+        next in that stream's order (backplane_core.Follower sees to it):
+        kept in the history, then published on the room's topic, or, of a
+        user's direct messages, given to that user's sessions here."""
+        created = stream_id not in self.streams
+        stream = self.open_stream(stream_id)
+        if event.seq != stream.seq + 1:  # the events between are gone from the backplane
+            while stream.history:
+                self.history_bytes -= stream.drop_oldest()
+            stream.seq = event.seq - 1
+        self._number(stream, lambda seq: event, sender_id)
+        room = self.rooms.get(stream_id)
+        if room is None:
+            user = self.by_name.get(stream_id[len(m.DM_STREAM_PREFIX):])
+            return [] if user is None else [Reply(s.peer, event) for s in user.sessions
+                                            if not s.quiet]
+        if created and event.room:
+            room.name = event.room  # as it was created
+        out: list = []
+        if isinstance(event, m.Topic):
+            room.topic = event.text
+        elif isinstance(event, m.Presence):
+            # A room whose count was being published announces people again:
+            # its count goes first (at once), as the presence counts on it.
+            out += self._publish_count_now(room)
+            for name in event.joined:
+                room.shared_in(m.name_key(name), name)
+            for name, _ in event.left:
+                room.shared_out(m.name_key(name))
+        return [*out, Publish(event, stream.topic)]
+
+    def counted(self, stream_id: str, room_name: str, joined: list[tuple[str, str]],
+                left: list[str]) -> None:
+        """With a backplane: people entered (name key, name) and left (name
+        keys) a room above the threshold on some broker, where the backplane
+        stored no presence event: its count is published (``Members``, at
+        most once per heartbeat interval, as of a room here)."""
+        if stream_id.startswith(m.DM_STREAM_PREFIX):
+            return
+        created = stream_id not in self.rooms
+        room = self._open_room(room_name)
+        if created:
+            room.name = room_name  # as it was created
+        for name_key, name in joined:
+            room.shared_in(name_key, name)
+        for name_key in left:
+            room.shared_out(name_key)
+        room.counting = True
+        self.counts_due[stream_id] = room
