@@ -27,9 +27,10 @@ PYTHON = sys.executable
 # Each client process is a person of its own: it gets its own secret file
 # (identity.py) unless a test gives ZCHAT_SECRET_FILE, and two processes
 # given the same file are one person. None of them touches the real
-# ~/.config. The files live in a directory removed when the run ends.
-SECRETS_DIR = Path(tempfile.mkdtemp(prefix="zchat-secrets-"))
-atexit.register(shutil.rmtree, SECRETS_DIR, True)
+# ~/.config. The files live in a directory removed when the run ends, made
+# only when a first file is needed: the benches import this module in every
+# worker process, and a worker stopped by a signal never runs atexit.
+_secrets_dir: Path | None = None
 _secret_numbers = itertools.count(1)
 # How long a broker that does not stop gets to print its stacks before it is killed.
 STACK_DUMP_S = 5
@@ -37,7 +38,11 @@ STACK_DUMP_S = 5
 
 def new_secret_file() -> str:
     """The path of a secret file nobody uses yet (made by the first client given it)."""
-    return str(SECRETS_DIR / f"secret-{next(_secret_numbers)}")
+    global _secrets_dir
+    if _secrets_dir is None:
+        _secrets_dir = Path(tempfile.mkdtemp(prefix="zchat-secrets-"))
+        atexit.register(shutil.rmtree, _secrets_dir, True)
+    return str(_secrets_dir / f"secret-{next(_secret_numbers)}")
 
 
 def _ephemeral_ports() -> range:
