@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import messages as m  # noqa: E402
 from common import stop_process  # noqa: E402
+from tests.procs import free_port_pair  # noqa: E402
+from tests.raw_peer import rss_mib, unread_socket  # noqa: E402
 
 HISTORY = 1000
 TEXT = "x" * 4096
@@ -48,26 +50,6 @@ BROADCASTS_PER_S = 100
 HOG_REQUESTS_PER_ROUND = 20
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def free_port_pair() -> int:
-    import socket
-    while True:
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
 
 
 class Broker:
@@ -97,12 +79,12 @@ class Peer:
     """A joined DEALER with its session token."""
 
     def __init__(self, ctx: zmq.Context, port: int, name: str, reads: bool = True):
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        if not reads:
-            self.sock.setsockopt(zmq.RCVHWM, 1)
-            self.sock.setsockopt(zmq.RCVBUF, 4096)
-        self.sock.connect(f"tcp://127.0.0.1:{port}")
+        if reads:
+            self.sock = ctx.socket(zmq.DEALER)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.connect(f"tcp://127.0.0.1:{port}")
+        else:
+            self.sock = unread_socket(ctx, zmq.DEALER, port)
         self.sock.send(m.encode(m.Hello(name, secret="b" * 32)))
         if not self.sock.poll(10_000):
             raise SystemExit(f"{name} was not welcomed")
@@ -142,13 +124,7 @@ class Attack:
         self.joined = 0
         self.subs = []
         for _ in range(subscribers):
-            sub = ctx.socket(zmq.SUB)
-            sub.setsockopt(zmq.LINGER, 0)
-            sub.setsockopt(zmq.RCVHWM, 1)
-            sub.setsockopt(zmq.RCVBUF, 4096)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
-            sub.connect(f"tcp://127.0.0.1:{port + 1}")
-            self.subs.append(sub)
+            self.subs.append(unread_socket(ctx, zmq.SUB, port + 1))
         self.broadcaster = Peer(ctx, port, "broadcaster")
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)

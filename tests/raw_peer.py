@@ -157,6 +157,20 @@ def send_tcp_garbage(port: int, payload: bytes, timeout: float = 2.0) -> None:
         sock.close()
 
 
+def unread_socket(ctx: zmq.Context, kind: int, port: int) -> zmq.Socket:
+    """A DEALER or SUB on 127.0.0.1:``port`` that takes next to nothing off the
+    wire (a queue of one message, a 4 KiB kernel buffer): what the broker
+    sends it piles up in the broker. A SUB subscribes to everything."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 1)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    if kind == zmq.SUB:
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    return sock
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of a process (VmRSS), in MiB."""
     with open(f"/proc/{pid}/status") as status:

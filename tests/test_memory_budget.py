@@ -25,7 +25,7 @@ import messages as m
 import outbound
 from procs import listen, run_cli, wait_until
 from raw_peer import (SESSION_TOKENS, frame_of, join, raw_dealer, receive_reply, request,
-                      rss_mib, send_body)
+                      rss_mib, send_body, unread_socket)
 from test_idle_connections import GREETING, READY
 
 pytestmark = pytest.mark.slow
@@ -51,12 +51,7 @@ IDLE_CPU = 0.2
 def hog_socket(ctx: zmq.Context, port: int) -> zmq.Socket:
     """A DEALER that takes next to nothing off the wire: its replies pile up
     in the broker."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, 1)
-    sock.setsockopt(zmq.RCVBUF, 4096)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    return sock
+    return unread_socket(ctx, zmq.DEALER, port)
 
 
 def fill_history(port: int, text: str) -> None:
@@ -305,12 +300,7 @@ def test_a_subscriber_that_never_reads_is_disconnected(make_broker, clients):
     normal = NormalClient(broker, clients)
     ctx = zmq.Context()
     try:
-        stalled = ctx.socket(zmq.SUB)
-        stalled.setsockopt(zmq.LINGER, 0)
-        stalled.setsockopt(zmq.RCVHWM, 1)
-        stalled.setsockopt(zmq.RCVBUF, 4096)
-        stalled.setsockopt(zmq.SUBSCRIBE, b"")
-        stalled.connect(f"tcp://127.0.0.1:{broker.pub_port}")
+        stalled = unread_socket(ctx, zmq.SUB, broker.pub_port)
         talker = ctx.socket(zmq.DEALER)
         talker.setsockopt(zmq.LINGER, 0)
         talker.connect(f"tcp://127.0.0.1:{broker.port}")
