@@ -79,6 +79,10 @@ MAX_CHAT_LINES = 20_000
 TRIM_CHUNK_LINES = 1_000
 
 TITLE = "zchat"
+# Narrower than this, the window has no room for the people list beside a
+# readable chat (sidebar 180 px + list ~170 px left the chat 90 px at the
+# 480 px minimum): the list steps aside and ``/users`` still names them.
+PEOPLE_LIST_MIN_WINDOW_PX = 720
 COLORS = {
     "ok": "#1e8e3e", "warn": "#b06000", "bad": "#c5221f", "muted": "#80868b",
     "own": "#1a73e8", "chat_bg": "#ffffff", "side_bg": "#f1f3f4", "text": "#202124",
@@ -1075,8 +1079,9 @@ class ChatWindow:
         ttk.Separator(self.chat_area).grid(row=0, column=0, sticky="sew")
 
     def _build_user_list(self) -> None:
-        side = ttk.Frame(self.root, style="Side.TFrame", padding=(10, 8))
+        side = self.people_panel = ttk.Frame(self.root, style="Side.TFrame", padding=(10, 8))
         side.grid(row=0, column=2, sticky="ns")
+        self.root.bind("<Configure>", self._fit_to_width, add="+")
         side.rowconfigure(1, weight=1)
         self.users_label = ttk.Label(side, style="Side.TLabel")
         self.users_label.grid(row=0, column=0, sticky="w", pady=(0, 6))
@@ -1086,6 +1091,17 @@ class ChatWindow:
                                     selectforeground=COLORS["text"])
         self.user_list.grid(row=1, column=0, sticky="ns")
         self.user_list.bind("<Double-Button-1>", self._on_person_chosen)
+
+    def _fit_to_width(self, event: tk.Event) -> None:
+        """The people list is shown only where the chat keeps room to read."""
+        if event.widget is not self.root:
+            return  # a child's <Configure>, which the root's bindtag sees too
+        wide = event.width >= PEOPLE_LIST_MIN_WINDOW_PX
+        if wide != bool(self.people_panel.winfo_manager()):
+            if wide:
+                self.people_panel.grid()
+            else:
+                self.people_panel.grid_remove()
 
     def _build_input(self) -> None:
         bar = ttk.Frame(self.root, padding=(10, 8))
