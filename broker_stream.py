@@ -24,9 +24,11 @@ import messages as m
 # resends only what is unacknowledged, at most its in-flight window, so a
 # window far wider than any client's is enough.
 ACCEPTED_IDS_REMEMBERED = 50_000
-# Text carried by one history reply: enough for hundreds of ordinary lines,
-# while a client that asks and never reads holds at most broker.REPLY_QUEUE.
-REPLY_TEXT_BYTES = 64 * 1024
+# Events carried by one history reply, in bytes as sent (each event's JSON):
+# enough for hundreds of ordinary lines, while a client that asks and never
+# reads holds at most broker.REPLY_QUEUE. Counted encoded, since a text of
+# control characters is six times longer in JSON than in characters.
+REPLY_BYTES = 64 * 1024
 
 # What one held event counts against the broker's history budget beyond its
 # text: the object and its other fields, roughly.
@@ -132,12 +134,12 @@ class Stream:
 
 
 def _within_reply_size(events) -> list:
-    """The leading events whose text fits in one reply (at least one)."""
+    """The leading events that fit in one reply, encoded (at least one)."""
     taken: list = []
     size = 0
     for event in events:
-        size += len(getattr(event, "text", ""))
-        if taken and size > REPLY_TEXT_BYTES:
+        size += len(m.encode(event)) + 1  # and the comma between
+        if taken and size > REPLY_BYTES:
             break
         taken.append(event)
     return taken
