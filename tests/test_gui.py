@@ -15,6 +15,7 @@ from tkinter import font as tkfont
 import pytest
 
 import gui_client
+import gui_input
 import messages as m
 from client_session import login_name
 from gui_client import COLORS, App, ChatWindow
@@ -400,7 +401,7 @@ def test_a_long_paste_into_the_field_leaves_the_window_responsive(broker, root):
         took = time.monotonic() - started
         assert took < RESPONSIVE_SECONDS, f"{what} took {took:.1f}s"
     assert entry.get() == LONG_PASTE + "!"
-    assert int(entry.cget("height")) == gui_client.MAX_INPUT_LINES  # it grew, and no more
+    assert int(entry.cget("height")) == gui_input.MAX_INPUT_LINES  # it grew, and no more
 
 
 # A paste far over the broker's limit (max_text): an article, a log.
