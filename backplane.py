@@ -19,6 +19,12 @@ it goes out. Each broker thus holds a copy of every stream's last events,
 loaded from Redis when it starts, from which it answers ``fetch`` and
 ``recent``.
 
+Each broker also keeps a record of each of its sessions in Redis (written
+by the same script, deleted when the session ends, or by the reaper of a
+broker that died), so that a client that fails over to another broker
+resumes its session there with its token (``hand_over`` looks the token
+up, the core's ``session_found`` takes the session over).
+
 Redis is imported only here, and this module only when ``--backplane`` is
 given. The URL may carry a password; it is passed to redis-py, never logged.
 """

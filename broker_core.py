@@ -46,7 +46,8 @@ Theory of operation
   (broker_presence.py).
 * A resume token from the welcome lets a client that lost its connection
   take its session back from a new routing id before it times out, without
-  a leave/join pair.
+  a leave/join pair; with a backplane, on another broker too, whose
+  session record the backplane reads (``FindSession``, ``session_found``).
 * When the shell cannot write a pass's events (``--db`` on a full disk),
   ``persist_failed`` puts the core back to what is stored: every stream
   touched is rewound, messages (to rooms and people) are refused
