@@ -345,8 +345,9 @@ class Backplane:
         self.changed: set[str] = set()  # name keys whose standing here changed
         # token -> session whose record is to be written (or deleted)
         self.sessions_changed: dict[str, Any] = {}
-        # routing id -> the broker whose session it took over (this pass)
-        self.adopting: dict[bytes, str] = {}
+        # name key -> the broker whose session of it this one took over,
+        # until the pass that claims the name is stored
+        self.adopting: dict[str, str] = {}
         # who is online on each other broker: broker id -> name key -> name
         self.others: dict[str, dict[str, str]] = {}
         self.online_elsewhere: dict[str, int] = {}  # name key -> other brokers it is on
@@ -486,7 +487,7 @@ class Backplane:
             if type(item) is not FindSession:
                 out.append(item)
             elif found is None:
-                out += core.session_not_found(item)
+                out += core.session_lookup_failed(item)
             else:
                 record = found[id(item)]
                 answer = core.session_found(item, record)

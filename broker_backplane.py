@@ -90,7 +90,7 @@ class BackplaneSeam:
         return self._on_hello(find.peer, self.sessions.get(find.peer), find.hello, self.last_now,
                               self.last_wall, find.client_key, looked_up=True, record=record)
 
-    def session_not_found(self, find: FindSession) -> list:
+    def session_lookup_failed(self, find: FindSession) -> list:
         """The backplane could not look the token of ``find`` up (Redis is
         down): the hello is refused ``unavailable``, to be said again."""
         return [Reply(find.peer, unavailable(None, self.config.heartbeat_interval,

@@ -70,8 +70,7 @@ import messages as m
 from broker_backplane import BackplaneSeam, SessionRecord
 from broker_model import MIN_RETRY_AFTER, Room, Session, TokenBucket, User
 from broker_outputs import (KICKED, LOG_QUOTE_CHARS, NO_TOKEN, NOT_STORED, RATE_LIMITED, REFUSED,
-                            FindSession, Persist, Publish, Reply, with_message)
-from broker_outputs import unavailable as _unavailable
+                            FindSession, Persist, Publish, Reply, unavailable, with_message)
 from broker_presence import RoomPresence
 from broker_stream import Stream
 from log_limit import LogLimiter
@@ -351,7 +350,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
             if id(message) in undone:  # published, or a direct message's delivery
                 continue
             if isinstance(message, m.Ack) and (message.id, message.seq) in refused_acks:
-                message = _unavailable(message.id, retry)
+                message = unavailable(message.id, retry)
                 session = self.sessions.get(item.peer)
                 if session is not None and item.peer not in blocked:
                     # the order is kept, as after a rate refusal: its first
@@ -360,7 +359,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
                     blocked.add(item.peer)
             elif id(message) in refused or (isinstance(message, m.Room) and (
                     item.peer, m.room_key(message.room)) in refused_rooms):
-                message = _unavailable(None, retry)
+                message = unavailable(None, retry)
             else:
                 message = self._as_stored(message, stored)
             out.append(with_message(item, message))

@@ -266,7 +266,7 @@ def test_a_secretless_session_is_taken_over_by_its_token():
 
 def test_a_lookup_that_fails_refuses_the_hello_unavailable():
     core = shared_core()
-    out = core.session_not_found(resuming_hello(core)[0])
+    out = core.session_lookup_failed(resuming_hello(core)[0])
     assert welcome_of(out).code == m.ErrorCode.UNAVAILABLE and b"p" not in core.sessions
 
 
