@@ -546,3 +546,23 @@ def test_a_token_whose_broker_was_reaped_gives_a_new_session(failover_brokers, r
         request(dealer, {"type": "bye"}, timeout=0.2)
     wait_until(lambda: store.keys("zchat:session:*") == [], 10, "every record deleted")
     assert store.keys("zchat:b:*:sessions") == []
+
+
+def test_a_resume_while_redis_is_down_is_refused_unavailable_then_taken_over(
+        failover_brokers, redis_server):
+    """The record cannot be read while Redis is down: the hello is refused
+    ``unavailable`` (the client says it again later), not given a new
+    session that would show its user leaving and joining."""
+    from raw_peer import join, raw_dealer, request
+    a, b, _ = failover_brokers
+    with raw_dealer(a.port) as first:
+        early = join(first, "early", secret="e" * 20)
+        kill(a)
+    redis_server.stop()  # SIGTERM: its AOF is written out, the records with it
+    with raw_dealer(b.port) as dealer:
+        refused = request(dealer, {"type": "hello", "name": "early", "v": m.PROTOCOL_VERSION,
+                                   "secret": "e" * 20, "resume": early.resume}, timeout=10)
+        assert isinstance(refused, m.Error) and refused.code == m.ErrorCode.UNAVAILABLE
+        redis_server.start()
+        again = join(dealer, "early", secret="e" * 20, resume=early.resume)
+        assert again.resumed and again.resume == early.resume
