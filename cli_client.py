@@ -470,7 +470,10 @@ def report_status(event, as_json: bool) -> None:
     if isinstance(event, StateChanged) and event.state == State.RECONNECTING:
         err(f"connection lost ({event.detail}); retrying in {event.retry_in:.1f}s")
     elif isinstance(event, Joined):  # the first welcome was taken by join()
-        err("reconnected" + (" (the broker restarted)" if event.broker_restarted else ""))
+        if event.broker_restarted:
+            err("reconnected (the broker restarted)")
+        else:  # resumed: the broker (perhaps another of the chat) held the session
+            err("reconnected (" + ("session resumed" if event.resumed else "a new session") + ")")
     elif isinstance(event, Missed):
         if as_json:
             out(json.dumps({"type": "gap", "first": event.first, "last": event.last,
