@@ -227,7 +227,6 @@ class BrokerShell:
         # it watches from before the first connection can arrive.
         self.admission = admission.Admission({"request": self.router, "broadcast": self.pub},
                                              max_per_address)
-        self.admission.start()
         # The books of what is queued for each client (outbound.py), swept
         # once per heartbeat interval.
         self.outbound = outbound.Outbound(max_memory, SUB_QUEUE_FRAMES * FRAME_BYTES,
@@ -247,6 +246,8 @@ class BrokerShell:
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
         self.poller.register(self._wake_r, zmq.POLLIN)
+        for monitor in self.admission.sockets():
+            self.poller.register(monitor, zmq.POLLIN)
         self.notifications = None
         if backplane is not None:
             self.notifications = backplane.start(self.ctx, core)
@@ -277,6 +278,8 @@ class BrokerShell:
             now, wall = time.monotonic(), time.time()
             out: list = []
             read, more = 0, False
+            # New connections counted (or refused) before anything they sent.
+            self.admission.read(ready)
             if self.notifications in ready:
                 # Before the requests: the shared events take their places
                 # in the streams before this pass numbers anything new.
@@ -322,7 +325,7 @@ class BrokerShell:
         self._deliver(held, now)
 
     def close(self) -> None:
-        self.admission.stop()
+        self.admission.close()
         self.router.close(linger=0)
         self.pub.close()
         if self.auth is not None:
