@@ -96,8 +96,11 @@ class Admission:
     """
 
     def __init__(self, sockets: dict[str, zmq.Socket], max_per_address: int = MAX_PER_ADDRESS,
-                 headroom: int = FILE_HEADROOM):
+                 headroom: int = FILE_HEADROOM, listener=None):
         self.max_per_address = max_per_address
+        # Told of each connection counted and forgotten (outbound.Outbound):
+        # listener.accepted(fd, label, accepted at, identity), listener.closed(fd, label)
+        self.listener = listener
         self.headroom = headroom
         self.watched = list(sockets.values())
         self.monitors = {label: _monitor(sock) for label, sock in sockets.items()}
@@ -170,9 +173,12 @@ class Admission:
             self.refused += 1
             self.limiter.warn(refusal[0], peer[0], refusal[1], time.monotonic())
             return
-        self.connections[fd] = (label, peer, time.monotonic(), ino)
+        accepted_at = time.monotonic()
+        self.connections[fd] = (label, peer, accepted_at, ino)
         key = (label, peer[0])
         self.per_address[key] = self.per_address.get(key, 0) + 1
+        if self.listener is not None:
+            self.listener.accepted(fd, label, accepted_at, ino)
 
     def _refusal(self, label: str, host: str, fd: int) -> tuple[Cause, str] | None:
         live = self.per_address.get((label, host), 0)
@@ -194,6 +200,8 @@ class Admission:
         self.per_address[key] -= 1
         if not self.per_address[key]:
             del self.per_address[key]
+        if self.listener is not None:
+            self.listener.closed(fd, label)
 
 
 # zmq's constants as plain ints: an enum's comparison costs a microsecond per event.

@@ -223,14 +223,15 @@ class BrokerShell:
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.HANDSHAKE_IVL, admission.HANDSHAKE_S * 1000)
             sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
-        # Counts connections per address and refuses the excess (admission.py);
-        # it watches from before the first connection can arrive.
-        self.admission = admission.Admission({"request": self.router, "broadcast": self.pub},
-                                             max_per_address)
         # The books of what is queued for each client (outbound.py), swept
         # once per heartbeat interval.
         self.outbound = outbound.Outbound(max_memory, SUB_QUEUE_FRAMES * FRAME_BYTES,
                                           curve is not None, join_deadline)
+        # Counts connections per address and refuses the excess (admission.py),
+        # and tells the books of each; it watches from before the first
+        # connection can arrive.
+        self.admission = admission.Admission({"request": self.router, "broadcast": self.pub},
+                                             max_per_address, listener=self.outbound)
         self.next_books = 0.0
         self.cut_log = LogLimiter(log)
         # Only a broker that binds names to keys needs each frame's key.
@@ -397,6 +398,7 @@ class BrokerShell:
                 for frame in frames_of(encoded):
                     self.pub.send(topic, zmq.SNDMORE)
                     self.pub.send(frame)
+                    self.outbound.published += len(frame)
                 self.last_publish = now
             # A peer found unreachable while replying becomes a leave, which
             # is delivered on the next turn of this loop.
