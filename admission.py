@@ -113,6 +113,7 @@ class Admission:
         self.per_address: dict[tuple[str, str], int] = {}
         self.refused = 0
         self.limiter = LogLimiter(log)
+        self.file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # soft
 
     def sockets(self) -> list[zmq.Socket]:
         """The monitors, to poll for POLLIN."""
@@ -140,6 +141,8 @@ class Admission:
 
     def _drain(self, label: str, monitor: zmq.Socket) -> None:
         recv = monitor.recv_multipart
+        # once per batch, not per connection: the limit seldom changes
+        self.file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         for _ in range(READ_BATCH):
             try:
                 frames = recv(_NOBLOCK)
@@ -185,7 +188,7 @@ class Admission:
         if live >= self.max_per_address:
             return TOO_MANY_FROM_ADDRESS, (f"{live} connections from this address on the "
                                            f"{label} port already (--max-per-address)")
-        soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        soft_limit = self.file_limit
         if soft_limit != resource.RLIM_INFINITY and fd >= soft_limit - self.headroom:
             return NEAR_FILE_LIMIT, (f"{fd + 1} files open, within {self.headroom} of the "
                                      f"file limit {soft_limit}")

@@ -244,6 +244,19 @@ def _reading(fd: int) -> tuple[int, int, int] | None:
     return ino, acked, queued
 
 
+def _acked_of(fd: int, ino: int, connections: dict) -> int | None:
+    """tcpi_bytes_acked of the connection with identity ``ino`` on ``fd``,
+    or None when it is gone. Admission's record of ``fd`` (in
+    ``connections``) stands for its identity when it names ``ino``: one
+    system call, not two (it lags a descriptor's reuse by a moment at most:
+    a reading a sweep late, and a cut checks the identity first)."""
+    record = connections.get(fd)
+    if record is None or record[3] != ino:
+        if identity(fd) != ino:
+            return None
+    return _acked(fd)
+
+
 def disconnect(fd: int, ino: int) -> bool:
     """End the TCP connection on libzmq's descriptor ``fd`` if it is still
     the one with identity ``ino``; libzmq then closes it and frees its queue."""
@@ -477,8 +490,8 @@ class Outbound:
             books = self.replies.get(routing_id)
             if books is None:
                 continue
-            reading = _reading(books.fd)
-            if reading is None or reading[0] != books.ino:
+            reading = _acked_of(books.fd, books.ino, connections)
+            if reading is None:
                 del self.replies[routing_id]
                 self.over.discard(routing_id)  # gone; its descriptor may be another's now
                 self._unmap(books.fd, routing_id)
@@ -488,7 +501,7 @@ class Outbound:
             if books.cut:
                 self.unsettled.add(routing_id)  # libzmq has not closed it yet; not counted
                 continue
-            self._acked(books, reading[1])
+            self._acked(books, reading)
             if routing_id in sessions:
                 books.joined_at = now
             if books.outstanding < books.limit(now):
@@ -545,7 +558,8 @@ class Outbound:
                 books.acked, books.held, books.stalled_since = acked, 0, None
                 return books
         if books is None or books.ino != ino:  # new: where it starts from
-            acked = _acked(fd) if identity(fd) == ino else None
+            # admission's record stands for its identity (see _acked_of)
+            acked = _acked(fd)
             if books is not None:
                 self.freed += self.subscribers.pop(fd).held
             if acked is None:
