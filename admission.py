@@ -157,7 +157,7 @@ class Admission:
             if event == _ACCEPTED:
                 self._accepted(label, value)
             elif event == _DISCONNECTED:
-                self._forget(value)
+                self._forget(value, label)
 
     def _accepted(self, label: str, fd: int) -> None:
         self._forget(fd)  # a record left by a connection whose close we missed
@@ -194,10 +194,15 @@ class Admission:
                                      f"file limit {soft_limit}")
         return None
 
-    def _forget(self, fd: int) -> None:
-        record = self.connections.pop(fd, None)
-        if record is None:
+    def _forget(self, fd: int, label: str | None = None) -> None:
+        """Forget the connection on ``fd``; with ``label``, only one on that
+        port: each port's events come in order, but not the two ports'
+        together, so a closed subscriber's descriptor may already be a new
+        request connection's when its disconnection is read."""
+        record = self.connections.get(fd)
+        if record is None or label is not None and record[0] != label:
             return
+        del self.connections[fd]
         label, peer = record[:2]
         key = (label, peer[0])
         self.per_address[key] -= 1

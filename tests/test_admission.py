@@ -112,5 +112,33 @@ def test_the_loop_counts_and_forgets_connections():
         ctx.term()
 
 
+def test_a_disconnection_on_one_port_leaves_the_other_ports_connection_counted():
+    """The ports' monitors are read one after the other: a subscriber's
+    descriptor, closed and at once reused by a request connection, may be
+    read accepted on the request port before it is read disconnected on the
+    broadcast port. That disconnection is not the request connection's."""
+    from admission import Admission
+
+    ctx = zmq.Context()
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.XPUB)
+    admission = Admission({"request": router, "broadcast": pub})
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as server, \
+                socket.create_connection(server.getsockname(), timeout=5):
+            conn, _ = server.accept()
+            with conn:
+                admission._accepted("request", conn.fileno())
+                admission._forget(conn.fileno(), "broadcast")  # the earlier subscriber's
+                assert admission.per_address == {("request", "127.0.0.1"): 1}
+                assert conn.fileno() in admission.live()
+                admission._forget(conn.fileno(), "request")
+                assert not admission.per_address and not admission.live()
+    finally:
+        admission.close()
+        router.close()
+        pub.close()
+        ctx.term()
+
+
 if __name__ == "__main__":
     events_unread_then_close()
