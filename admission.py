@@ -140,24 +140,38 @@ class Admission:
         return self.connections
 
     def _drain(self, label: str, monitor: zmq.Socket) -> None:
-        recv = monitor.recv_multipart
-        # once per batch, not per connection: the limit seldom changes
+        """Handle the events waiting on ``monitor`` (found readable). Each
+        frame is received with copy=False and its own "more" flag read,
+        and the end is found by asking the socket whether more is waiting,
+        not by the zmq.Again of one receive too many: recv_multipart and
+        that exception cost more than the rest of an accept's handling
+        (one after another, each join is a pass of its own)."""
+        recv, more_waiting = monitor.recv, monitor.get
+        # once per batch, not per connection: it may have been lowered since
+        # the last (by prlimit), and a connection let in then is never judged again
         self.file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        for _ in range(READ_BATCH):
-            try:
-                frames = recv(_NOBLOCK)
-            except zmq.Again:
-                return
-            # The event's first frame, read here: pyzmq's parse_monitor_message
-            # makes a zmq.Event flag of the descriptor number, which costs more
-            # (~12 us) than all the rest of an accept's handling together.
-            if len(frames) != 2 or len(frames[0]) != MONITOR_HEAD.size:
-                continue  # not an event of libzmq 4.x: nothing to count
-            event, value = MONITOR_HEAD.unpack(frames[0])
-            if event == _ACCEPTED:
-                self._accepted(label, value)
-            elif event == _DISCONNECTED:
-                self._forget(value, label)
+        try:
+            for _ in range(READ_BATCH):
+                frames = [recv(_NOBLOCK, copy=False)]
+                while frames[-1].more:  # an event's frames arrive together
+                    frames.append(recv(_NOBLOCK, copy=False))
+                self._event(label, frames)
+                if not more_waiting(_EVENTS) & _POLLIN:
+                    return
+        except zmq.Again:  # poll's word was stale: nothing to read after all
+            return
+
+    def _event(self, label: str, frames: list) -> None:
+        # The event's first frame, read here: pyzmq's parse_monitor_message
+        # makes a zmq.Event flag of the descriptor number, which costs more
+        # (~12 us) than all the rest of an accept's handling together.
+        if len(frames) != 2 or len(frames[0]) != MONITOR_HEAD.size:
+            return  # not an event of libzmq 4.x: nothing to count
+        event, value = MONITOR_HEAD.unpack(frames[0].buffer)
+        if event == _ACCEPTED:
+            self._accepted(label, value)
+        elif event == _DISCONNECTED:
+            self._forget(value, label)
 
     def _accepted(self, label: str, fd: int) -> None:
         self._forget(fd)  # a record left by a connection whose close we missed
@@ -216,6 +230,8 @@ class Admission:
 _NOBLOCK = int(zmq.NOBLOCK)
 _ACCEPTED = int(zmq.EVENT_ACCEPTED)
 _DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def _monitor(sock: zmq.Socket) -> zmq.Socket:

@@ -345,6 +345,8 @@ class Outbound:
         # every other routing id are settled (ReplyBooks.settled).
         self.unsettled: set[bytes] = set()
         self.by_fd: dict[int, bytes] = {}  # request descriptor -> routing id of its books
+        # request descriptor -> identity, as admission read it when accepted
+        self.request_ino: dict[int, int] = {}
         self.subscribers: dict[int, SubscriberBooks] = {}
         # Subscriber descriptors the next sweep reads even when it is quiet:
         # new, closed, or behind or stalled at their last reading.
@@ -370,6 +372,7 @@ class Outbound:
         if label == "broadcast":
             self.subscribers_due.add(fd)
         else:
+            self.request_ino[fd] = ino
             heapq.heappush(self.join_checks, (accepted_at + self.join_deadline, fd, ino, False))
 
     def closed(self, fd: int, label: str) -> None:
@@ -378,8 +381,10 @@ class Outbound:
         if label == "broadcast":
             if fd in self.subscribers:
                 self.subscribers_due.add(fd)
-        elif (routing_id := self.by_fd.get(fd)) is not None:
-            self.unsettled.add(routing_id)
+        else:
+            self.request_ino.pop(fd, None)
+            if (routing_id := self.by_fd.get(fd)) is not None:
+                self.unsettled.add(routing_id)
 
     # --- per message -------------------------------------------------------
 
@@ -388,8 +393,12 @@ class Outbound:
         (None: unknown; then it is looked at again on its next request)."""
         if fd is None or fd < 0:
             return
-        # identity and acknowledged bytes only: its send queue does not matter yet
-        ino = identity(fd)
+        # identity and acknowledged bytes only: its send queue does not matter
+        # yet. The identity admission read stands for fstat's (see _acked_of:
+        # a stale one makes the next sweep drop these books, to start again).
+        ino = self.request_ino.get(fd)
+        if ino is None:
+            ino = identity(fd)
         acked = None if ino is None else _acked(fd)
         if acked is not None:
             self.replies[routing_id] = ReplyBooks(fd, ino, acked)
