@@ -141,24 +141,26 @@ class Admission:
 
     def _drain(self, label: str, monitor: zmq.Socket) -> None:
         """Handle the events waiting on ``monitor`` (found readable). Each
-        frame is received with copy=False and its own "more" flag read,
-        and the end is found by asking the socket whether more is waiting,
-        not by the zmq.Again of one receive too many: recv_multipart and
-        that exception cost more than the rest of an accept's handling
-        (one after another, each join is a pass of its own)."""
+        frame is received with copy=False and its own "more" flag read
+        (recv_multipart costs a getsockopt per frame). One after another,
+        each join is a pass of its own that finds one event: after the
+        first, the socket is asked whether more are waiting, rather than
+        paying the zmq.Again of one receive too many (pyzmq builds an
+        exception and an errno enum); in a storm, where a pass finds many,
+        that exception ends the read once instead of a question per event."""
         recv, more_waiting = monitor.recv, monitor.get
         # once per batch, not per connection: it may have been lowered since
         # the last (by prlimit), and a connection let in then is never judged again
         self.file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         try:
-            for _ in range(READ_BATCH):
+            for read in range(READ_BATCH):
+                if read == 1 and not more_waiting(_EVENTS) & _POLLIN:
+                    return
                 frames = [recv(_NOBLOCK, copy=False)]
                 while frames[-1].more:  # an event's frames arrive together
                     frames.append(recv(_NOBLOCK, copy=False))
                 self._event(label, frames)
-                if not more_waiting(_EVENTS) & _POLLIN:
-                    return
-        except zmq.Again:  # poll's word was stale: nothing to read after all
+        except zmq.Again:  # all read
             return
 
     def _event(self, label: str, frames: list) -> None:
