@@ -403,10 +403,11 @@ class BrokerShell:
                 elif kind is Reply:
                     replies.append(item)
             for topic, encoded in by_topic.items():
+                # what subscribers may be sent (outbound.QUIET_BYTES), less the brackets and commas
+                self.outbound.published += sum(map(len, encoded))
                 for frame in frames_of(encoded):
                     self.pub.send(topic, zmq.SNDMORE)
                     self.pub.send(frame)
-                    self.outbound.published += len(frame)
                 self.last_publish = now
             # A peer found unreachable while replying becomes a leave, which
             # is delivered on the next turn of this loop.
