@@ -64,6 +64,18 @@ def test_a_reply_is_bounded_in_encoded_bytes_not_characters():
             assert len(m.encode(reply)) <= REPLY_BYTES + 200, (text[:1], len(m.encode(reply)))
 
 
+def test_the_sizes_worked_out_for_replies_go_with_their_events():
+    stream = filled(30, history=10)
+    stream.fetch(0, 30)
+    stream.truncate(27, [])
+    for i in range(25):  # the held events change twice over
+        stream.append(lambda seq: m.Message(seq, WALL, "bob", "again"), ("bob", f"re{i}"))
+        stream.recent(10)
+    assert set(stream._encoded_sizes) == {e.seq for e in stream.history}
+    assert all(event is held for (event, _), held in zip(
+        (stream._encoded_sizes[e.seq] for e in stream.history), stream.history))
+
+
 def test_recent_gives_the_last_messages_oldest_first_and_skips_presence():
     stream = filled(4)
     stream.append(lambda seq: m.Presence(seq, WALL, ["ann"], []))
