@@ -266,7 +266,12 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         if not backlog and now >= self.next_sweep:
             self.next_sweep = now + self.config.sweep_period
             out += self._sweep(now, wall)
-        return out + self.flush_presence(wall) + self._publish_counts(now)
+        # Most passes have nothing for either: skipped, they cost nothing.
+        if self.presence_due or any(self.pass_log.values()):
+            out += self.flush_presence(wall)
+        if self.counts_due:
+            out += self._publish_counts(now)
+        return out
 
     def _sweep(self, now: float, wall: float) -> list:
         """End the sessions silent for too long: the oldest activity is first
