@@ -368,7 +368,8 @@ class BrokerShell:
                 self.core.warnings.warn(NOT_HEARD, peer.hex(), "it has not read its replies", now)
                 continue
             key = id_frame.get("User-Id") if keys_checked else None
-            out += handle(peer, [p.bytes for p in parts], now, wall, key)
+            frames = [parts[0].bytes] if len(parts) == 1 else [p.bytes for p in parts]
+            out += handle(peer, frames, now, wall, key)
         return RECV_BATCH, True
 
     def _read_subscriptions(self, wall: float) -> list:

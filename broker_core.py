@@ -867,7 +867,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         """Number a new event in a room's stream: persist it, then publish it.
         The room's leaves whose write failed come first, so that the order
         stays true (a name that left is not seen to join before it left)."""
-        out = self._record_leaves(stream.id)
+        out = self._record_leaves(stream.id) if self.unrecorded_leaves else []
         if (room := self.presence_due.pop(stream.id, None)) is not None:
             # this pass's joins go before what the people who joined say
             out += self._announce_presence(room, self.last_wall)
@@ -899,7 +899,8 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         before = stream.bytes
         event = stream.append(make_event, sender_id)
         self.history_bytes += stream.bytes - before
-        self._keep_within_history_budget()
+        if self.history_bytes > self.config.history_bytes:
+            self._keep_within_history_budget()
         self.to_announce[stream.id] = POSITION_REPEATS
         return event
 

@@ -565,11 +565,21 @@ def _reject_constant(name: str) -> Any:
 # NaN and Infinity are not JSON; accepted, they would break timers. One
 # decoder for all frames: json.loads with options builds one per call.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+# Its C scanner alone: JSONDecoder.decode adds two Python calls and two
+# regular expressions (for whitespace around the value) to every frame.
+_SCAN_ONCE = _DECODER.scan_once
 
 
 def _parse_json(frame: bytes) -> Any:
     try:
-        return _DECODER.decode(frame.decode("utf-8"))
+        text = frame.decode("utf-8")
+        try:
+            value, end = _SCAN_ONCE(text, 0)  # one value filling the frame, as encode() writes it
+        except StopIteration:  # nothing that starts a value at 0 (leading whitespace?)
+            end = -1
+        if end != len(text):  # anything else: the decoder accepts or refuses it as before
+            value = _DECODER.decode(text)
+        return value
     except UnicodeDecodeError:
         raise ProtocolError("frame is not valid UTF-8") from None
     except (ValueError, RecursionError):
