@@ -647,7 +647,7 @@ def _build(types: dict[str, type], body: Any) -> Any:
     cls = types.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}"[:120], ErrorCode.UNKNOWN_TYPE)
-    values = {}
+    values = []  # in the order of the fields, which is that of the dataclass's __init__
     # Type-check each field against its annotation (a small, fixed set).
     for name, wire_name, absent, check, optional, nested, type_name in _decode_specs(cls):
         value = body.get(wire_name, absent)
@@ -658,8 +658,8 @@ def _build(types: dict[str, type], body: Any) -> Any:
             raise ProtocolError(f"{cls.TYPE}: field {name!r} must be {type_name}")
         elif nested is not None:
             value = [_build(nested, item) for item in value]
-        values[name] = value
-    return cls(**values)
+        values.append(value)
+    return cls(*values)  # by position: keywords cost a dict and their matching
 
 
 def _check_token(msg: Any, token: str | None) -> None:
