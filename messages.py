@@ -170,17 +170,19 @@ def message(cls: type) -> type:
     every chat message builds three (its say, its event and its ack).
     Equality, hashing, repr and FrozenInstanceError are dataclass's own."""
     cls = dataclass(frozen=True, slots=True)(cls)
-    names = [f.name for f in fields(cls)]
-    scope = {f"_set_{name}": cls.__dict__[name].__set__ for name in names}
-    params = []
+    scope: dict[str, Any] = {}
+    params, body = [], ["\n    pass"]
     for f in fields(cls):
+        if not f.init or f.default_factory is not MISSING:
+            raise TypeError(f"{cls.__name__}.{f.name}: a message field takes a plain default")
+        scope[f"_set_{f.name}"] = cls.__dict__[f.name].__set__
         if f.default is MISSING:
             params.append(f.name)
         else:
             scope[f"_default_{f.name}"] = f.default
             params.append(f"{f.name}=_default_{f.name}")
-    body = "".join(f"\n    _set_{name}(self, {name})" for name in names) or "\n    pass"
-    exec(f"def __init__(self, {', '.join(params)}):{body}", scope)
+        body.append(f"\n    _set_{f.name}(self, {f.name})")
+    exec(f"def __init__(self, {', '.join(params)}):{''.join(body)}", scope)
     init = scope["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     cls.__init__ = init
