@@ -144,17 +144,18 @@ class Admission:
         frame is received with copy=False and its own "more" flag read
         (recv_multipart costs a getsockopt per frame). One after another,
         each join is a pass of its own that finds one event: after the
-        first, the socket is asked whether more are waiting, rather than
+        first, the socket is asked whether more are waiting (a zmq_poll of it
+        alone, cheaper than getsockopt(EVENTS)), rather than
         paying the zmq.Again of one receive too many (pyzmq builds an
         exception and an errno enum); in a storm, where a pass finds many,
         that exception ends the read once instead of a question per event."""
-        recv, more_waiting = monitor.recv, monitor.get
+        recv, monitor_only = monitor.recv, [(monitor, _POLLIN)]
         # once per batch, not per connection: it may have been lowered since
         # the last (by prlimit), and a connection let in then is never judged again
         self.file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         try:
             for read in range(READ_BATCH):
-                if read == 1 and not more_waiting(_EVENTS) & _POLLIN:
+                if read == 1 and not zmq.zmq_poll(monitor_only, 0):
                     return
                 frames = [recv(_NOBLOCK, copy=False)]
                 while frames[-1].more:  # an event's frames arrive together
@@ -232,7 +233,6 @@ class Admission:
 _NOBLOCK = int(zmq.NOBLOCK)
 _ACCEPTED = int(zmq.EVENT_ACCEPTED)
 _DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
-_EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 

@@ -16,6 +16,7 @@ import ctypes
 import faulthandler
 import logging
 import math
+import os
 import secrets
 import signal
 import socket
@@ -63,6 +64,13 @@ COALESCE_S = 0.002
 # finds many. 0 makes every pass wait when a frame went out just before
 # (fewer frames and less CPU at chat rates, ~1 ms more latency).
 BACKLOG_REQUESTS = 4
+# The scheduling policy of libzmq's I/O thread. Every send wakes it; under
+# the default policy the woken thread preempts the loop's thread when both
+# share a core, in the middle of a PUB fan-out (~7 switches per chat message
+# at 100 msg/s x 50 subscribers, each leaving the loop's caches cold).
+# SCHED_BATCH forgoes only that wake-up preemption: the I/O thread still
+# runs at once on an idle core, or as soon as the loop's thread waits.
+IO_THREAD_POLICY = getattr(os, "SCHED_BATCH", None)  # Linux only
 # Connections waiting for accept() on each port. libzmq's default of 100
 # overflows when thousands connect at once (a school logging in at 8:59):
 # the kernel drops their SYNs and each client retries after 1, 3, 7, 15 s,
@@ -201,6 +209,8 @@ class BrokerShell:
         self.last_publish = float("-inf")
         seed_routing_ids()
         self.ctx = zmq.Context()
+        if IO_THREAD_POLICY is not None:  # before the first socket starts the I/O thread
+            self.ctx.set(zmq.THREAD_SCHED_POLICY, IO_THREAD_POLICY)
         self.auth = None
         if allow_dir:
             # ZAP: libzmq asks this thread about each client key at handshake.
@@ -243,16 +253,20 @@ class BrokerShell:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.stopping = False
-        self.poller = zmq.Poller()
-        self.poller.register(self.router, zmq.POLLIN)
-        self.poller.register(self.pub, zmq.POLLIN)
-        self.poller.register(self._wake_r, zmq.POLLIN)
-        for monitor in self.admission.sockets():
-            self.poller.register(monitor, zmq.POLLIN)
+        # What each pass waits on, as zmq_poll takes it: zmq.Poller.poll
+        # is a layer of Python over the same call, paid on every wake-up.
+        self.poll_items = [(self.router, _POLLIN), (self.pub, _POLLIN), (self._wake_r, _POLLIN)]
+        self.router_only = self.poll_items[:1]
+        # admission's monitors: new and closed connections, read in this loop
+        self.poll_items += [(monitor, _POLLIN) for monitor in self.admission.sockets()]
         self.notifications = None
         if backplane is not None:
             self.notifications = backplane.start(self.ctx, core)
-            self.poller.register(self.notifications, zmq.POLLIN)
+            self.poll_items.append((self.notifications, _POLLIN))
+        # The sends of libzmq's binding itself: pyzmq's Socket.send adds a
+        # Python call per frame for DRAFT options this broker does not use.
+        self._pub_send = super(zmq.Socket, self.pub).send
+        self._router_send = super(zmq.Socket, self.router).send
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
@@ -273,7 +287,7 @@ class BrokerShell:
             # Rounded up: pyzmq truncates to whole milliseconds, and a wait of
             # 0 ms would spin until the deadline.
             wait_ms = math.ceil(max(0.0, (deadline - time.monotonic()) * 1000))
-            ready = dict(self.poller.poll(wait_ms))
+            ready = dict(zmq.zmq_poll(self.poll_items, wait_ms))
             # Two clocks: monotonic for every timer, the wall clock only for
             # the times stamped on events for people to read.
             now, wall = time.monotonic(), time.time()
@@ -348,6 +362,11 @@ class BrokerShell:
         recv, handle, keys_checked = self.router.recv, self.core.handle, self.keys_checked
         known, over = self.outbound.replies, self.outbound.over
         for read in range(RECV_BATCH):
+            # At chat rates a pass finds one request: polling for another
+            # costs half the zmq.Again a further recv would raise (and
+            # getsockopt(EVENTS) builds an enum on every call).
+            if read == 1 and not zmq.zmq_poll(self.router_only, 0):
+                return 1, False
             try:
                 id_frame = recv(_NOBLOCK, copy=False)
             except zmq.Again:
@@ -363,20 +382,21 @@ class BrokerShell:
                 self.core.warnings.warn(NOT_HEARD, peer.hex(), "it has not read its replies", now)
                 continue
             key = id_frame.get("User-Id") if keys_checked else None
-            out += handle(peer, [p.bytes for p in parts], now, wall, key)
+            frames = [parts[0].bytes] if len(parts) == 1 else [p.bytes for p in parts]
+            out += handle(peer, frames, now, wall, key)
         return RECV_BATCH, True
 
     def _read_subscriptions(self, wall: float) -> list:
         """Answer the ready probes among the (un)subscriptions waiting on the
         XPUB (found readable). One after another, each join's probe is a
         pass that finds one: after the first, the socket is asked whether
-        more are waiting rather than paying the zmq.Again of one receive
-        too many (as admission.py reads its monitors)."""
+        more are waiting (a zmq_poll of it alone) rather than paying the
+        zmq.Again of one receive too many (as admission.py reads its monitors)."""
         out: list = []
-        recv, more_waiting = self.pub.recv, self.pub.get
+        recv, pub_only = self.pub.recv, [(self.pub, _POLLIN)]
         try:
             for read in range(RECV_BATCH):
-                if read == 1 and not more_waiting(_EVENTS) & _POLLIN:
+                if read == 1 and not zmq.zmq_poll(pub_only, 0):
                     break
                 frame = recv(_NOBLOCK)
                 if frame[:1] == b"\x01":  # a subscription (b"\x00" unsubscribes)
@@ -406,8 +426,8 @@ class BrokerShell:
                 # what subscribers may be sent (outbound.QUIET_BYTES), less the brackets and commas
                 self.outbound.published += sum(map(len, encoded))
                 for frame in frames_of(encoded):
-                    self.pub.send(topic, zmq.SNDMORE)
-                    self.pub.send(frame)
+                    self._pub_send(topic, _SNDMORE)
+                    self._pub_send(frame)
                 self.last_publish = now
             # A peer found unreachable while replying becomes a leave, which
             # is delivered on the next turn of this loop.
@@ -418,6 +438,8 @@ class BrokerShell:
         number them); what to carry out then."""
         if self.backplane is not None:
             return self.backplane.hand_over(self.core, outputs)
+        if self.store is None:
+            return outputs
         to_persist = [item for item in outputs if isinstance(item, Persist)]
         if not to_persist or self._stored(to_persist):
             return outputs
@@ -443,7 +465,7 @@ class BrokerShell:
         is kept: a pass of large histories never holds them all at once."""
         out: list = []
         last, body = None, b""
-        send, sessions = self.router.send, self.core.sessions
+        send, sessions = self._router_send, self.core.sessions
         for reply in replies:
             peer, message = reply.peer, reply.message
             if not self.outbound.may_reply(peer, peer in sessions, now):
@@ -493,7 +515,7 @@ class BrokerShell:
 # zmq's flags as plain ints: an enum's "|" costs microseconds per reply.
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
-_EVENTS = int(zmq.EVENTS)
+_SNDMORE = int(zmq.SNDMORE)
 _POLLIN = int(zmq.POLLIN)
 
 

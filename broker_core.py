@@ -271,7 +271,12 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         if not backlog and now >= self.next_sweep:
             self.next_sweep = now + self.config.sweep_period
             out += self._sweep(now, wall)
-        return out + self.flush_presence(wall) + self._publish_counts(now)
+        # Most passes have nothing for either: skipped, they cost nothing.
+        if self.presence_due or any(self.pass_log.values()):
+            out += self.flush_presence(wall)
+        if self.counts_due:
+            out += self._publish_counts(now)
+        return out
 
     def _sweep(self, now: float, wall: float) -> list:
         """End the sessions silent for too long: the oldest activity is first
@@ -898,7 +903,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         """Number a new event in a room's stream: persist it, then publish it.
         The room's leaves whose write failed come first, so that the order
         stays true (a name that left is not seen to join before it left)."""
-        out = self._record_leaves(stream.id)
+        out = self._record_leaves(stream.id) if self.unrecorded_leaves else []
         if (room := self.presence_due.pop(stream.id, None)) is not None:
             # this pass's joins go before what the people who joined say
             out += self._announce_presence(room, self.last_wall)
@@ -930,7 +935,8 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         before = stream.bytes
         event = stream.append(make_event, sender_id)
         self.history_bytes += stream.bytes - before
-        self._keep_within_history_budget()
+        if self.history_bytes > self.config.history_bytes:
+            self._keep_within_history_budget()
         self.to_announce[stream.id] = POSITION_REPEATS
         return event
 

@@ -162,7 +162,34 @@ class ProtocolError(Exception):
 # --- message types ------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+def message(cls: type) -> type:
+    """A message type: a frozen dataclass with slots, whose ``__init__``
+    sets each slot through its own descriptor. The frozen ``__init__`` that
+    dataclass writes looks up ``object.__setattr__`` and then the slot by
+    name for every field, which made building a message cost 2-3x as much;
+    every chat message builds three (its say, its event and its ack).
+    Equality, hashing, repr and FrozenInstanceError are dataclass's own."""
+    cls = dataclass(frozen=True, slots=True)(cls)
+    scope: dict[str, Any] = {}
+    params, body = [], ["\n    pass"]
+    for f in fields(cls):
+        if not f.init or f.default_factory is not MISSING:
+            raise TypeError(f"{cls.__name__}.{f.name}: a message field takes a plain default")
+        scope[f"_set_{f.name}"] = cls.__dict__[f.name].__set__
+        if f.default is MISSING:
+            params.append(f.name)
+        else:
+            scope[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        body.append(f"\n    _set_{f.name}(self, {f.name})")
+    exec(f"def __init__(self, {', '.join(params)}):{''.join(body)}", scope)
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init
+    return cls
+
+
+@message
 class Hello:
     """Client asks to join under ``name`` (or resume its session)."""
 
@@ -180,7 +207,7 @@ class Hello:
     rooms: list[str] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Say:
     """Client sends chat text; ``id`` is chosen by the client, unique per name."""
 
@@ -192,7 +219,7 @@ class Say:
     to: str | None = None  # a direct message to this name
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Who:
     """Anyone asks who is online (no join needed)."""
 
@@ -201,7 +228,7 @@ class Who:
     after: str | None = None  # the cursor of the previous page (its ``next``)
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class JoinRoom:
     """Client enters a room, creating it if it does not exist."""
 
@@ -210,7 +237,7 @@ class JoinRoom:
     session: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class PartRoom:
     """Client leaves a room."""
 
@@ -219,7 +246,7 @@ class PartRoom:
     session: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class SetTopic:
     """Client sets the topic of a room it is in."""
 
@@ -229,14 +256,14 @@ class SetTopic:
     session: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class ListRooms:
     """Anyone asks which rooms exist (no join needed)."""
 
     TYPE: ClassVar[str] = "rooms"
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Ping:
     """Client heartbeat; any request counts as one too."""
 
@@ -244,7 +271,7 @@ class Ping:
     session: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Fetch:
     """Client asks for the events with ``after < seq <= until`` (gap repair)."""
 
@@ -255,7 +282,7 @@ class Fetch:
     stream: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Recent:
     """Client asks for the last ``count`` chat messages (history on joining)."""
 
@@ -265,7 +292,7 @@ class Recent:
     stream: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Bye:
     """Client leaves; others see the reason ``quit``."""
 
@@ -273,7 +300,7 @@ class Bye:
     session: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Room:
     """A room as its members see it: its position (the last seq so far),
     topic and number of people in it. Answers ``join`` and ``topic``."""
@@ -285,7 +312,7 @@ class Room:
     members: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Parted:
     """Broker answers ``part``."""
 
@@ -293,7 +320,7 @@ class Parted:
     room: str
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class RoomList:
     """Broker answers ``rooms``: every room with its topic and member count."""
 
@@ -301,7 +328,7 @@ class RoomList:
     rooms: list[Room]
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Welcome:
     """Broker accepts a hello: the rooms this connection is in, with their
     positions, and the position of the user's direct messages."""
@@ -320,7 +347,7 @@ class Welcome:
     v: int = PROTOCOL_VERSION
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Ack:
     """Broker accepted the message ``id`` and broadcast it as ``seq``."""
 
@@ -329,7 +356,7 @@ class Ack:
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Error:
     """Broker refuses a request; ``id`` names the refused message, if any."""
 
@@ -340,7 +367,7 @@ class Error:
     retry_after: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Users:
     """Broker answers ``who``: one page of names, sorted by name key.
     ``next``, present when more follow, is the ``after`` of the next page."""
@@ -352,7 +379,7 @@ class Users:
     next: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class History:
     """Broker answers ``fetch`` (or ``recent``, then ``recent`` is true).
     ``first`` is the oldest seq it still holds."""
@@ -365,7 +392,7 @@ class History:
     stream: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Message:
     """A chat message, stamped by the broker with sender, time and seq."""
 
@@ -390,7 +417,7 @@ LEAVE_REASONS = frozenset({LeaveReason.QUIT, LeaveReason.TIMEOUT, LeaveReason.DI
                            LeaveReason.KICKED, LeaveReason.PART})
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Presence:
     """Who entered and who left a room since its last presence event (one
     pass of the broker's loop): ``joined`` names, and ``left`` as
@@ -408,7 +435,7 @@ class Presence:
         return [(n, None) for n in self.joined] + [(n, r) for n, r in self.left]
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Topic:
     """Someone set a room's topic."""
 
@@ -420,7 +447,7 @@ class Topic:
     room: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Members:
     """How many people are in a room that is too big to announce each join
     and leave (not sequenced; at most once per heartbeat interval)."""
@@ -430,7 +457,7 @@ class Members:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Heartbeat:
     """Broker is alive; ``epoch`` names this run of it."""
 
@@ -442,7 +469,7 @@ class Heartbeat:
     seq: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Position:
     """The last seq of a stream, so a reader notices a lost tail: on a
     room's topic after it changed, and to a user alone for direct messages."""
@@ -452,7 +479,7 @@ class Position:
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Shutdown:
     """Broker is going away (SIGINT/SIGTERM)."""
 
@@ -565,11 +592,21 @@ def _reject_constant(name: str) -> Any:
 # NaN and Infinity are not JSON; accepted, they would break timers. One
 # decoder for all frames: json.loads with options builds one per call.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+# Its C scanner alone: JSONDecoder.decode adds two Python calls and two
+# regular expressions (for whitespace around the value) to every frame.
+_SCAN_ONCE = _DECODER.scan_once
 
 
 def _parse_json(frame: bytes) -> Any:
     try:
-        return _DECODER.decode(frame.decode("utf-8"))
+        text = frame.decode("utf-8")
+        try:
+            value, end = _SCAN_ONCE(text, 0)  # one value filling the frame, as encode() writes it
+        except StopIteration:  # nothing that starts a value at 0 (leading whitespace?)
+            end = -1
+        if end != len(text):  # anything else: the decoder accepts or refuses it as before
+            value = _DECODER.decode(text)
+        return value
     except UnicodeDecodeError:
         raise ProtocolError("frame is not valid UTF-8") from None
     except (ValueError, RecursionError):
@@ -637,7 +674,7 @@ def _build(types: dict[str, type], body: Any) -> Any:
     cls = types.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}"[:120], ErrorCode.UNKNOWN_TYPE)
-    values = {}
+    values = []  # in the order of the fields, which is that of the dataclass's __init__
     # Type-check each field against its annotation (a small, fixed set).
     for name, wire_name, absent, check, optional, nested, type_name in _decode_specs(cls):
         value = body.get(wire_name, absent)
@@ -648,8 +685,8 @@ def _build(types: dict[str, type], body: Any) -> Any:
             raise ProtocolError(f"{cls.TYPE}: field {name!r} must be {type_name}")
         elif nested is not None:
             value = [_build(nested, item) for item in value]
-        values[name] = value
-    return cls(**values)
+        values.append(value)
+    return cls(*values)  # by position: keywords cost a dict and their matching
 
 
 def _check_token(msg: Any, token: str | None) -> None:

@@ -1,5 +1,6 @@
 """The wire protocol with no sockets: encoding, decoding, validation."""
 
+import dataclasses
 import json
 
 import pytest
@@ -29,6 +30,25 @@ EVENTS = [m.Message(1, 2.5, "alice", "hi", "#general"), m.Presence(2, 3.0, ["bob
 def test_every_message_round_trips(msg):
     decode = m.decode_request if type(msg) in m.REQUEST_TYPES.values() else m.decode_reply
     assert decode([m.encode(msg)]) == msg
+
+
+@pytest.mark.parametrize("msg", ALL_MESSAGES + EVENTS, ids=lambda x: type(x).__name__)
+def test_a_message_is_built_alike_by_position_and_by_name_and_stays_frozen(msg):
+    values = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    cls = type(msg)
+    assert cls(*values.values()) == cls(**values) == msg
+    for name in values:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(msg, name, None)
+
+
+def test_a_message_keeps_its_defaults_and_refuses_missing_or_unknown_fields():
+    assert m.Say("1", "hi") == m.Say(id="1", text="hi", session=None, room=None, to=None)
+    assert m.Hello("ann").v == m.PROTOCOL_VERSION
+    with pytest.raises(TypeError):
+        m.Message(1, 2.0, "ann")  # no text
+    with pytest.raises(TypeError):
+        m.Say("1", "hi", colour="red")
 
 
 def test_events_round_trip_as_one_broadcast_frame():
