@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+from functools import partial
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -271,13 +272,16 @@ class BrokerShell:
             # Rounded up: pyzmq truncates to whole milliseconds, and a wait of
             # 0 ms would spin until the deadline.
             wait_ms = math.ceil(max(0.0, (deadline - time.monotonic()) * 1000))
+            if self.backplane is not None and self.backplane.waiting:
+                wait_ms = 0  # notifications set aside while following a stream
             ready = dict(self.poller.poll(wait_ms))
             # Two clocks: monotonic for every timer, the wall clock only for
             # the times stamped on events for people to read.
             now, wall = time.monotonic(), time.time()
             out: list = []
             read, more = 0, False
-            if self.notifications in ready:
+            if self.notifications in ready or self.backplane is not None \
+                    and self.backplane.waiting:
                 # Before the requests: the shared events take their places
                 # in the streams before this pass numbers anything new.
                 out += self.backplane.read(self.core)
@@ -342,6 +346,8 @@ class BrokerShell:
         # recv_multipart costs twice as much per request (a getsockopt per
         # frame). The routing id's frame carries the connection's metadata.
         recv, handle, keys_checked = self.router.recv, self.core.handle, self.keys_checked
+        if self.backplane is not None:  # a request may need a stream followed first
+            handle = partial(self.backplane.handle, self.core)
         known, over = self.outbound.replies, self.outbound.over
         for read in range(RECV_BATCH):
             try:
@@ -369,6 +375,8 @@ class BrokerShell:
                 frame = self.pub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if self.backplane is not None:  # a room's topic: followed before the probe
+                self.backplane.subscription(self.core, frame)
             if frame[:1] == b"\x01":  # a subscription (b"\x00" unsubscribes)
                 out += self.core.ready_probe(frame[1:], wall)
         return out

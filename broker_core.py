@@ -177,6 +177,13 @@ class BrokerCore(RoomPresence, BackplaneSeam):
     # With a backplane: (name key, name) of everyone online on any broker,
     # sorted, built when asked after a change (None: to build again)
     everyone_online: list | None = None
+    # With a backplane: the streams this broker follows (None without one:
+    # every stream is here), the room keys a subscriber here subscribed to,
+    # and the streams a client here stopped needing, for the shell to check
+    # (broker_backplane.py)
+    following: set[str] | None = None
+    subscribed_rooms: set[str] = field(default_factory=set)
+    unwanted: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.general = self._open_room(m.GENERAL_ROOM)
@@ -370,6 +377,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         for stream_id, seq in stored.items():
             forgotten = [r.sender_id for r in unwritten if r.stream == stream_id and r.sender_id]
             self.history_bytes -= self.streams[stream_id].truncate(seq, forgotten)
+            self._drop_unfollowed(stream_id)
         for record in reversed(unwritten):  # the first change's previous topic wins
             if isinstance(record.event, m.Topic):
                 self.rooms[record.stream].topic = record.previous_topic or ""
@@ -501,6 +509,8 @@ class BrokerCore(RoomPresence, BackplaneSeam):
                                 f"the broker is full ({self.config.max_users} connections)")
         if (problem := self._rooms_problem(rooms)):
             return self._refuse(peer, m.ErrorCode.TOO_MANY_ROOMS, problem)
+        if (follow := self._to_follow([*map(m.room_key, rooms), m.dm_stream(hello.name)])):
+            return follow
         if user is None:
             user = self.by_name[name_key] = User(
                 hello.name, name_key, hello.secret, TokenBucket(self.config.burst, now))
@@ -561,6 +571,8 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         key = m.room_key(join.room)
         if key in session.rooms:  # already in it: the answer is the same
             return [Reply(peer, session.rooms[key].info())]
+        if (follow := self._to_follow([key])):
+            return follow
         if (refusal := self._spend(session, now)):
             return refusal
         if (problem := self._rooms_problem([*session.rooms, key])):
@@ -630,6 +642,8 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         entry undone because it could not be stored). An empty room in which
         nothing happened goes."""
         room.sessions -= 1
+        if not room.sessions:
+            self._note_unwanted(room.stream.id)
         gone = not session.quiet and room.remove_member(session.user.name_key, reason)
         if gone and reason is not None:
             self._presence_changed(room)
@@ -855,6 +869,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
                 del self.online[bisect.bisect_left(self.online, (user.name_key, user.name))]
         if not user.sessions:
             del self.by_name[user.name_key]  # the name is free again
+            self._note_unwanted(m.dm_stream(user.name))
         self._online_changed(user.name_key)
 
     def _append(self, stream: Stream, make_event, sender_id: tuple[str, str] | None = None,

@@ -3,8 +3,8 @@ and the causes of the warnings it logs.
 
 Every method of the broker's core (broker_core.py and the parts it is made
 of, broker_presence.py and broker_backplane.py) returns a list of Persist,
-Publish and Reply; the shell (broker.py, backplane.py) writes, publishes
-and sends them. Nothing here does I/O.
+Publish and Reply (with a backplane, sometimes one Follow instead); the
+shell (broker.py, backplane.py) writes, publishes and sends them. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -67,6 +67,16 @@ class Persist:
     event: Any
     sender_id: tuple[str, str] | None = None
     previous_topic: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """With a backplane: the request needs these streams here (a room it
+    enters, the user's direct messages), which this broker does not follow
+    yet. Returned alone, with nothing changed: the shell starts following
+    them (subscribe, then load from Redis) and hands the request in again."""
+
+    streams: tuple[str, ...]
 
 
 def with_message(item: Reply | Publish, message: Any) -> Reply | Publish:
