@@ -390,6 +390,7 @@ class Backplane:
         self.reader = threading.Thread(target=self._read_notifications, args=(ctx,),
                                        name="backplane-reader", daemon=True)
         self.reader.start()
+        self._await_subscription()
         core.presence_log = []
         core.elsewhere = {}
         core.following = set()
@@ -405,6 +406,19 @@ class Backplane:
             raise BackplaneError(f"cannot load the streams from {self.where}: {e}") from None
         log.info("backplane: sharing the chat through Redis at %s", self.where)
         return self.pair
+
+    def _await_subscription(self) -> None:
+        """Wait (briefly) until the reader subscribed to the shared channel,
+        so that what is loaded next misses nothing told after; past the wait
+        its SUBSCRIBED, when it comes, resyncs instead."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S + FOLLOW_TIMEOUT_S
+        while (wait_ms := math.ceil((deadline - time.monotonic()) * 1000)) > 0 \
+                and self.pair.poll(wait_ms):
+            frame = self.pair.recv()
+            if frame == SUBSCRIBED:
+                self.subscribed = True
+                return
+            self.waiting.append(frame)
 
     def close(self) -> None:
         self._stopping.set()
@@ -860,6 +874,7 @@ class Backplane:
         pair.connect(READER_ADDRESS)
         channels: set[str] = set()  # the streams' channels the broker follows
         pubsub = None
+        waiting = _Waiting(pair)
         try:
             while not self._stopping.is_set():
                 try:
@@ -869,7 +884,7 @@ class Backplane:
                         # then a resync) comes once every stream's is live
                         pubsub.subscribe(*sorted(channels), EVENTS_CHANNEL)
                     self._pass_on(pubsub, pair)
-                    self._wait(pubsub, pair)
+                    waiting.wait(pubsub)
                     self._take_requests(pubsub, pair, channels)
                 except redis.RedisError:
                     if pubsub is not None:
@@ -891,17 +906,6 @@ class Backplane:
                 stream = _channel_stream(message["channel"])
                 self._hand_on(pair, SUBSCRIBED if stream is None else FOLLOW + stream.encode())
 
-    def _wait(self, pubsub, pair: zmq.Socket) -> None:
-        """Until Redis or the broker has something, or the broker may be stopping."""
-        poller = zmq.Poller()
-        poller.register(pair, zmq.POLLIN)
-        connection = pubsub.connection
-        sock = getattr(connection, "_sock", None)
-        if sock is None:
-            raise redis.ConnectionError("the subscription's connection is closed")
-        poller.register(sock.fileno(), zmq.POLLIN)
-        poller.poll(READER_POLL_S * 1000)
-
     def _take_requests(self, pubsub, pair: zmq.Socket, channels: set[str]) -> None:
         """Subscribe and unsubscribe as the broker asks (+ or - a stream)."""
         while pair.poll(0):
@@ -913,3 +917,25 @@ class Backplane:
             else:
                 channels.discard(channel)
                 pubsub.unsubscribe(channel)
+
+
+class _Waiting:
+    """The reader's wait until Redis or the broker has something (or the
+    broker may be stopping): the PAIR and the pub/sub connection's socket,
+    polled at once (registered again when redis-py connected anew)."""
+
+    def __init__(self, pair: zmq.Socket):
+        self.pair = pair
+        self.poller: zmq.Poller | None = None
+        self.fd = -1
+
+    def wait(self, pubsub) -> None:
+        sock = getattr(pubsub.connection, "_sock", None)
+        if sock is None:
+            raise redis.ConnectionError("the subscription's connection is closed")
+        if sock.fileno() != self.fd or self.poller is None:
+            self.fd = sock.fileno()
+            self.poller = zmq.Poller()
+            self.poller.register(self.pair, zmq.POLLIN)
+            self.poller.register(self.fd, zmq.POLLIN)
+        self.poller.poll(READER_POLL_S * 1000)
