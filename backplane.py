@@ -370,6 +370,10 @@ class Backplane:
         self.subscribed = False  # the reader's subscription is live (SUBSCRIBED, no LOST since)
         # stream -> since when (monotonic) no client here needs it: dropped after a linger
         self.unwanted: dict[str, float] = {}
+        # Requests of this batch that wait for streams to be followed (handle),
+        # with the streams each needs, and their connections.
+        self.deferred: list[tuple] = []
+        self.deferred_peers: set[bytes] = set()
 
     # --- start and stop ------------------------------------------------------------
 
@@ -450,17 +454,38 @@ class Backplane:
 
     def handle(self, core: BrokerCore, peer: bytes, frames: list[bytes], now: float,
                wall: float, client_key: str | None = None) -> list:
-        """``core.handle``, following first the streams the request needs
-        (a hello's rooms and direct messages, a joined room); if they cannot
-        be followed now, the request is refused ``unavailable``."""
+        """``core.handle``, unless the request needs streams not followed
+        yet (a hello's rooms and direct messages, a joined room): then it
+        waits, with whatever its connection sends after it in the batch,
+        for ``handle_deferred``, which follows all of the batch's at once
+        (a join storm costs a round trip to Redis per batch, not per hello)."""
+        if self.deferred and peer in self.deferred_peers:
+            self.deferred.append((peer, frames, now, wall, client_key, ()))
+            return []
         out = core.handle(peer, frames, now, wall, client_key)
         if out and type(out[0]) is Follow:
-            if not self.follow(core, out[0].streams):
-                return [Reply(peer, m.Error(m.ErrorCode.UNAVAILABLE,
-                                            "the broker cannot reach its backplane now; "
-                                            "try again later",
-                                            retry_after=core.config.heartbeat_interval))]
-            out = core.handle(peer, frames, now, wall, client_key)
+            self.deferred.append((peer, frames, now, wall, client_key, out[0].streams))
+            self.deferred_peers.add(peer)
+            return []
+        return out
+
+    def handle_deferred(self, core: BrokerCore) -> list:
+        """Follow the streams the batch's deferred requests need, then hand
+        them in again, in their order; a request whose streams cannot be
+        followed now is refused ``unavailable``."""
+        out: list = []
+        while self.deferred:
+            batch, self.deferred = self.deferred, []
+            self.deferred_peers = set()
+            streams = dict.fromkeys(s for *_, needs in batch for s in needs)
+            followed = self.follow(core, list(streams))
+            for peer, frames, now, wall, client_key, needs in batch:
+                if needs and not followed:
+                    out.append(Reply(peer, m.Error(
+                        m.ErrorCode.UNAVAILABLE, "the broker cannot reach its backplane now; "
+                        "try again later", retry_after=core.config.heartbeat_interval)))
+                else:  # another stream needed now (a join after a hello): the next round
+                    out += self.handle(core, peer, frames, now, wall, client_key)
         return out
 
     def subscription(self, core: BrokerCore, frame: bytes) -> None:

@@ -287,6 +287,8 @@ class BrokerShell:
                 out += self.backplane.read(self.core)
             if self.router in ready:
                 read, more = self._read_requests(out, now, wall)
+                if self.backplane is not None:  # the hellos and joins that needed a stream
+                    out += self.backplane.handle_deferred(self.core)
             if self.pub in ready:
                 out += self._read_subscriptions(wall)
             out += self.core.tick(now, wall, more)

@@ -9,6 +9,7 @@ condition with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
@@ -231,3 +232,24 @@ def secret_file(client) -> str:
     with open(f"/proc/{client.proc.pid}/environ", "rb") as f:
         env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
     return env[b"ZCHAT_SECRET_FILE"].decode()
+
+
+def test_hellos_sent_at_once_are_all_welcomed_each_before_what_its_connection_sent_next(
+        shared, rdb):
+    """Hellos that need streams followed wait for them together (one round
+    trip to Redis for the batch); what a connection sends right after its
+    hello is answered after its welcome."""
+    from raw_peer import frame_of, receive_reply
+    a = shared()
+    with contextlib.ExitStack() as stack:
+        dealers = [stack.enter_context(raw_dealer(a.port)) for _ in range(20)]
+        for n, dealer in enumerate(dealers):
+            dealer.send(frame_of({"type": "hello", "name": f"p{n}", "v": m.PROTOCOL_VERSION,
+                                  "rooms": [f"#r{n}"]}))
+            dealer.send(frame_of({"type": "rooms"}))
+        for n, dealer in enumerate(dealers):
+            welcome, listed = receive_reply(dealer, 10), receive_reply(dealer, 10)
+            assert isinstance(welcome, m.Welcome) and welcome.rooms[0].room == f"#r{n}"
+            assert isinstance(listed, m.RoomList)
+            assert f"#r{n}" in [r.room for r in listed.rooms]
+        assert subscribers(rdb, "#r7") == 1 and subscribers(rdb, "@p7") == 1
