@@ -571,12 +571,14 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         key = m.room_key(join.room)
         if key in session.rooms:  # already in it: the answer is the same
             return [Reply(peer, session.rooms[key].info())]
-        if (follow := self._to_follow([key])):
+        if (problem := self._rooms_problem([*session.rooms, key])):
+            return self._refuse(peer, m.ErrorCode.TOO_MANY_ROOMS, problem, who=session.name)
+        # A join to be refused for rate (the bucket is spent) costs no load
+        # from the backplane; one that may go is handed in again, and spends then.
+        if now >= session.user.bucket.limited_until and (follow := self._to_follow([key])):
             return follow
         if (refusal := self._spend(session, now)):
             return refusal
-        if (problem := self._rooms_problem([*session.rooms, key])):
-            return self._refuse(peer, m.ErrorCode.TOO_MANY_ROOMS, problem, who=session.name)
         room = self._open_room(join.room)
         session.rooms[key] = room
         before = room.stream.seq  # the answer precedes the own join
