@@ -253,3 +253,24 @@ def test_hellos_sent_at_once_are_all_welcomed_each_before_what_its_connection_se
             assert isinstance(listed, m.RoomList)
             assert f"#r{n}" in [r.room for r in listed.rooms]
         assert subscribers(rdb, "#r7") == 1 and subscribers(rdb, "@p7") == 1
+
+
+def test_a_users_direct_messages_are_loaded_where_the_user_connects_next(shared, rdb):
+    """bob's direct messages were all on A; his next connection, on B, is
+    welcomed at their position as Redis has it and fetches them there."""
+    a, b = shared(), shared()
+    secret = "s" * 20
+    with raw_dealer(a.port) as bob_on_a, raw_dealer(a.port) as alice:
+        join(bob_on_a, "bob", secret=secret)
+        join(alice, "alice", quiet=True)
+        for n in range(3):
+            ack = request(alice, {"type": "say", "id": f"d{n}", "to": "bob", "text": f"dm {n}"})
+            assert type(ack).__name__ == "Ack", ack
+        assert subscribers(rdb, "@bob") == 1  # A's alone
+        with raw_dealer(b.port) as bob_on_b:
+            welcome = join(bob_on_b, "bob", secret=secret)
+            assert welcome.dm_seq == int(rdb.get("zchat:{@bob}:n")) == 3
+            history = request(bob_on_b, {"type": "fetch", "stream": "@bob", "after": 0,
+                                         "until": 3})
+            assert [e.text for e in history.events] == ["dm 0", "dm 1", "dm 2"]
+            assert subscribers(rdb, "@bob") == 2
