@@ -374,6 +374,8 @@ class Backplane:
         # with the streams each needs, and their connections.
         self.deferred: list[tuple] = []
         self.deferred_peers: set[bytes] = set()
+        # Rooms whose topic a subscriber here subscribed to in this pass, to follow
+        self.to_follow: dict[str, None] = {}
 
     # --- start and stop ------------------------------------------------------------
 
@@ -470,14 +472,20 @@ class Backplane:
         return out
 
     def handle_deferred(self, core: BrokerCore) -> list:
-        """Follow the streams the batch's deferred requests need, then hand
-        them in again, in their order; a request whose streams cannot be
-        followed now is refused ``unavailable``."""
+        """Follow the streams the pass's deferred requests need, and the
+        rooms subscribed to, then hand the requests in again, in their
+        order; a request whose streams cannot be followed now is refused
+        ``unavailable`` (a room subscribed to is tried again at the next
+        heartbeat)."""
         out: list = []
+        rooms, self.to_follow = self.to_follow, {}
+        if rooms and not self.deferred:
+            self.follow(core, list(rooms))
         while self.deferred:
             batch, self.deferred = self.deferred, []
             self.deferred_peers = set()
-            streams = dict.fromkeys(s for *_, needs in batch for s in needs)
+            streams = {**rooms, **dict.fromkeys(s for *_, needs in batch for s in needs)}
+            rooms = {}
             followed = self.follow(core, list(streams))
             for peer, frames, now, wall, client_key, needs in batch:
                 if needs and not followed:
@@ -490,10 +498,11 @@ class Backplane:
 
     def subscription(self, core: BrokerCore, frame: bytes) -> None:
         """A (un)subscription from the XPUB: a room's topic subscribed to
-        here is followed from now on, before the probes behind it are answered."""
+        here is followed from now on (by ``handle_deferred``, in the same
+        pass: before the probes behind it are answered)."""
         key = core.subscribed(frame[1:], frame[:1] == b"\x01")
         if key is not None:
-            self.follow(core, [key])
+            self.to_follow[key] = None
 
     def follow(self, core: BrokerCore, streams) -> bool:
         """Follow ``streams`` from now on: subscribe to their channels (the

@@ -287,10 +287,10 @@ class BrokerShell:
                 out += self.backplane.read(self.core)
             if self.router in ready:
                 read, more = self._read_requests(out, now, wall)
-                if self.backplane is not None:  # the hellos and joins that needed a stream
-                    out += self.backplane.handle_deferred(self.core)
             if self.pub in ready:
                 out += self._read_subscriptions(wall)
+            if self.backplane is not None:  # the streams that hellos, joins and SUBs need
+                out += self.backplane.handle_deferred(self.core)
             out += self.core.tick(now, wall, more)
             if now >= self.next_books:
                 out += self._keep_books(now, wall)
