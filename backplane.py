@@ -84,10 +84,11 @@ READER_ADDRESS = "inproc://zchat-backplane"
 # What the reader sends besides notifications.
 SUBSCRIBED = b"!"  # (re)subscribed: what was published meanwhile is lost, resync
 LOST = b"?"  # the subscription broke
-# Both ways, + a stream id: the broker asks the reader to subscribe to the
-# stream's channel, and the reader says when Redis confirmed it.
+# The broker asks the reader to subscribe to streams' channels ([FOLLOW,
+# stream ids...], one message) and the reader says when Redis confirmed
+# each (FOLLOW + a stream id, one frame each).
 FOLLOW = b"+"
-DROP = b"-"  # the broker asks the reader to unsubscribe from a stream's channel
+DROP = b"-"  # [DROP, stream ids...]: the broker asks the reader to unsubscribe
 # The broker's wait for Redis to confirm a subscription it asked for (a
 # hello or join waits for it): as long as it waits for any script.
 FOLLOW_TIMEOUT_S = SOCKET_TIMEOUT_S
@@ -513,20 +514,19 @@ class Backplane:
             return True
         if not self.subscribed:  # the reader has no subscription: nothing to wait for
             return False
-        for stream in wanted:
-            self.pair.send(FOLLOW + stream.encode())
+        self.pair.send_multipart([FOLLOW, *(s.encode() for s in wanted)])
         try:
             confirmed = self._confirmed(set(wanted)) and self._load_streams(core, wanted)
         except redis.RedisError as e:
-            log.warning("backplane: cannot load %s now: %s", ", ".join(wanted), e)
+            log.warning("backplane: cannot load %d stream(s) now: %s", len(wanted), e)
             confirmed = False
+        if not confirmed:
+            self.pair.send_multipart([DROP, *(s.encode() for s in wanted)])
+            return False
         now = time.monotonic()
         for stream in wanted:
-            if confirmed:
-                self.unwanted[stream] = now  # dropped after the linger if nobody needs it
-            else:
-                self.pair.send(DROP + stream.encode())
-        return confirmed
+            self.unwanted[stream] = now  # dropped after the linger if nobody needs it
+        return True
 
     def _confirmed(self, pending: set[str]) -> bool:
         """Wait until the reader says each of ``pending`` is subscribed to;
@@ -565,12 +565,12 @@ class Backplane:
                           {k.decode(): v.decode() for k, v in members.items()}
                           if stream_is_room(stream) else None)
             self.follower.restart(stream, seq)
-        log.debug("backplane: following %s", ", ".join(streams))
+        log.debug("backplane: following %d more stream(s)", len(streams))
         return True
 
     def unfollow(self, core: BrokerCore, stream: str) -> None:
         """Stop following ``stream``: unsubscribe, and forget its events."""
-        self.pair.send(DROP + stream.encode())
+        self.pair.send_multipart([DROP, stream.encode()])
         core.unfollowed(stream)
         self.follower.forget(stream)
         log.debug("backplane: no longer following %s", stream)
@@ -941,16 +941,17 @@ class Backplane:
                 self._hand_on(pair, SUBSCRIBED if stream is None else FOLLOW + stream.encode())
 
     def _take_requests(self, pubsub, pair: zmq.Socket, channels: set[str]) -> None:
-        """Subscribe and unsubscribe as the broker asks (+ or - a stream)."""
+        """Subscribe and unsubscribe as the broker asks ([+ or -, streams...]):
+        one command per request, however many streams it names."""
         while pair.poll(0):
-            frame = pair.recv()
-            channel = stream_channel(frame[1:].decode())
-            if frame[:1] == FOLLOW:
-                channels.add(channel)
-                pubsub.subscribe(channel)
+            verb, *streams = pair.recv_multipart()
+            named = [stream_channel(s.decode()) for s in streams]
+            if verb == FOLLOW:
+                channels.update(named)
+                pubsub.subscribe(*named)
             else:
-                channels.discard(channel)
-                pubsub.unsubscribe(channel)
+                channels.difference_update(named)
+                pubsub.unsubscribe(*named)
 
 
 class _Waiting:
