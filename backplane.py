@@ -554,16 +554,17 @@ class Backplane:
         for stream in streams:
             pipe.get(stream_key(stream, "n"))
             pipe.xrevrange(stream_key(stream, "x"), count=self.history)
-            pipe.hgetall(stream_key(stream, "members"))
-        results = pipe.execute()
-        for n, stream in enumerate(streams):
-            counter, entries, members = results[3 * n:3 * n + 3]
+            if stream_is_room(stream):
+                pipe.hgetall(stream_key(stream, "members"))
+        results = iter(pipe.execute())
+        for stream in streams:
+            seq, entries = int(next(results) or 0), next(results)
+            members = ({k.decode(): v.decode() for k, v in next(results).items()}
+                       if stream_is_room(stream) else None)
             shared = [s for s in (self._from_entry(stream, e) for e in reversed(entries)) if s]
-            seq = int(counter or 0)
             core.followed(stream, [s.event for s in shared],
                           [(s.sender_id, s.event.seq) for s in shared if s.sender_id], seq,
-                          {k.decode(): v.decode() for k, v in members.items()}
-                          if stream_is_room(stream) else None)
+                          members)
             self.follower.restart(stream, seq)
         log.debug("backplane: following %d more stream(s)", len(streams))
         return True
