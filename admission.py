@@ -27,10 +27,17 @@ any handshake. The thread borrows libzmq's descriptor for these two calls
 and never closes it (a duplicate would need a free file, which is what runs
 out).
 
-The event is read a moment after libzmq sent it: the connection that holds
-the descriptor by then is the one judged, by its own address; a descriptor
-already closed is not counted. Refusals are logged
-at most a few lines per interval (log_limit.LogLimiter).
+The broker's loop reads the monitors with its other sockets (``sockets``,
+``read``), at the start of each pass: no thread of its own, whose passes
+would take the GIL from the loop at every hand-over (a storm of joins once
+spent a tenth of the loop's time waiting for it). libzmq sends each event
+from its I/O thread with a blocking send, holding the socket's monitor
+lock; the monitors' queues are unbounded so that this send never waits for
+a busy loop (and ``close`` never waits for the lock). The event is read a
+moment after libzmq sent it: the connection that holds the descriptor by
+then is the one judged, by its own address; a descriptor already closed is
+not counted. Refusals are logged at most a few lines per interval
+(log_limit.LogLimiter).
 
 A connection that opens TCP and never completes the ZeroMQ handshake is
 closed by libzmq after ``HANDSHAKE_S`` (ZMQ_HANDSHAKE_IVL, set by the broker).
@@ -41,7 +48,6 @@ from __future__ import annotations
 import logging
 import resource
 import struct
-import threading
 import time
 
 import zmq
@@ -65,8 +71,13 @@ HANDSHAKE_S = 10
 # A monitor event's first frame: the event (u16) and its value (u32, here the
 # descriptor), in the machine's byte order, unpadded (zmq_socket_monitor(3)).
 MONITOR_HEAD = struct.Struct("=Hi")
-# How often the thread wakes to see whether it should stop and to flush the log.
-POLL_MS = 200
+# A monitor's queue: unbounded (0), so that libzmq's I/O thread never blocks
+# sending an event while the loop is busy (and holds the monitor's lock meanwhile).
+# An event is two small frames; the file limit bounds the connections they tell of.
+MONITOR_QUEUE = 0
+# Events read from one monitor in one pass, so that a storm of connections
+# cannot hold up the requests: the rest wait for the next pass.
+READ_BATCH = 1000
 
 TOO_MANY_FROM_ADDRESS = Cause(
     "connection from {peer} refused: {detail}",
@@ -76,85 +87,93 @@ NEAR_FILE_LIMIT = Cause(
     "refused {count} more connections near the file limit from {peer} in the last {seconds} s")
 
 
-class Admission(threading.Thread):
+class Admission:
     """Counts and refuses connections on ``sockets`` (port label -> socket).
 
-    Construct it in the thread that owns the sockets, before they bind;
-    ``start()`` it, and ``stop()`` it before closing them.
+    Construct it in the thread that owns the sockets, before they bind; poll
+    ``sockets()`` with the others, ``read`` those found ready, and ``close``
+    it before closing the sockets.
     """
 
     def __init__(self, sockets: dict[str, zmq.Socket], max_per_address: int = MAX_PER_ADDRESS,
-                 headroom: int = FILE_HEADROOM):
-        super().__init__(name="zchat-admission", daemon=True)
+                 headroom: int = FILE_HEADROOM, listener=None):
         self.max_per_address = max_per_address
+        # Told of each connection counted and forgotten (outbound.Outbound):
+        # listener.accepted(fd, label, accepted at, identity), listener.closed(fd, label)
+        self.listener = listener
         self.headroom = headroom
         self.watched = list(sockets.values())
-        # The monitor sockets are made here and used only by the thread from
-        # start() on (a socket may move between threads before use).
-        self.monitors = {
-            label: sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-            for label, sock in sockets.items()}
+        self.monitors = {label: _monitor(sock) for label, sock in sockets.items()}
+        self.labels = {monitor: label for label, monitor in self.monitors.items()}
         # descriptor -> (port label, peer address as (host, port), monotonic
         # time accepted, its socket's inode to tell it from a later connection
-        # on the same descriptor); the broker's thread reads copies of it
-        # (outbound.py)
+        # on the same descriptor); outbound.py reads it
         self.connections: dict[int, tuple[str, tuple, float, int]] = {}
         # (port label, host) -> live connections
         self.per_address: dict[tuple[str, str], int] = {}
         self.refused = 0
         self.limiter = LogLimiter(log)
-        self.stopping = threading.Event()
+        self.file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # soft
 
-    def run(self) -> None:
-        poller = zmq.Poller()
-        labels = {}
-        for label, monitor in self.monitors.items():
-            poller.register(monitor, zmq.POLLIN)
-            labels[monitor] = label
-        try:
-            while not self.stopping.is_set():
-                for monitor, _ in poller.poll(POLL_MS):
-                    self._drain(labels[monitor], monitor)
-                self.limiter.flush(time.monotonic())
-        finally:
-            for monitor in self.monitors.values():
-                monitor.close(linger=0)
+    def sockets(self) -> list[zmq.Socket]:
+        """The monitors, to poll for POLLIN."""
+        return list(self.monitors.values())
 
-    def stop(self) -> None:
-        """Detach the monitors, then stop the thread; the sockets stay open.
+    def read(self, ready) -> None:
+        """Take the events of the monitors among ``ready`` (sockets found
+        readable), and log what is due."""
+        for monitor, label in self.labels.items():
+            if monitor in ready:
+                self._drain(label, monitor)
+        self.limiter.flush(time.monotonic())
 
-        In this order: libzmq sends each monitor event from its I/O thread
-        with a blocking send, holding the socket's monitor lock. With the
-        thread gone, an event (a peer leaving as the broker stops) would
-        wait for a reader forever, and disable_monitor() for that lock,
-        holding the GIL: the broker could not exit.
-        """
+    def close(self) -> None:
+        """Detach the monitors and close them; the sockets stay open."""
         for sock in self.watched:
             sock.disable_monitor()
-        self.stopping.set()
-        self.join()
+        for monitor in self.monitors.values():
+            monitor.close(linger=0)
+        self.limiter.flush(time.monotonic())
 
     def live(self) -> dict[int, tuple[str, tuple, float, int]]:
-        """A copy of ``connections``, safe to read from another thread
-        (copying a dict is one step under the GIL)."""
-        return self.connections.copy()
+        """The live connections (``connections``; not to be changed)."""
+        return self.connections
 
     def _drain(self, label: str, monitor: zmq.Socket) -> None:
-        while True:
-            try:
-                frames = monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            # The event's first frame, read here: pyzmq's parse_monitor_message
-            # makes a zmq.Event flag of the descriptor number, which costs more
-            # (~12 us) than all the rest of an accept's handling together.
-            if len(frames) != 2 or len(frames[0]) != MONITOR_HEAD.size:
-                continue  # not an event of libzmq 4.x: nothing to count
-            event, value = MONITOR_HEAD.unpack(frames[0])
-            if event == zmq.EVENT_ACCEPTED:
-                self._accepted(label, value)
-            elif event == zmq.EVENT_DISCONNECTED:
-                self._forget(value)
+        """Handle the events waiting on ``monitor`` (found readable). Each
+        frame is received with copy=False and its own "more" flag read
+        (recv_multipart costs a getsockopt per frame). One after another,
+        each join is a pass of its own that finds one event: after the
+        first, the socket is asked whether more are waiting, rather than
+        paying the zmq.Again of one receive too many (pyzmq builds an
+        exception and an errno enum); in a storm, where a pass finds many,
+        that exception ends the read once instead of a question per event."""
+        recv, more_waiting = monitor.recv, monitor.get
+        # once per batch, not per connection: it may have been lowered since
+        # the last (by prlimit), and a connection let in then is never judged again
+        self.file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        try:
+            for read in range(READ_BATCH):
+                if read == 1 and not more_waiting(_EVENTS) & _POLLIN:
+                    return
+                frames = [recv(_NOBLOCK, copy=False)]
+                while frames[-1].more:  # an event's frames arrive together
+                    frames.append(recv(_NOBLOCK, copy=False))
+                self._event(label, frames)
+        except zmq.Again:  # all read
+            return
+
+    def _event(self, label: str, frames: list) -> None:
+        # The event's first frame, read here: pyzmq's parse_monitor_message
+        # makes a zmq.Event flag of the descriptor number, which costs more
+        # (~12 us) than all the rest of an accept's handling together.
+        if len(frames) != 2 or len(frames[0]) != MONITOR_HEAD.size:
+            return  # not an event of libzmq 4.x: nothing to count
+        event, value = MONITOR_HEAD.unpack(frames[0].buffer)
+        if event == _ACCEPTED:
+            self._accepted(label, value)
+        elif event == _DISCONNECTED:
+            self._forget(value, label)
 
     def _accepted(self, label: str, fd: int) -> None:
         self._forget(fd)  # a record left by a connection whose close we missed
@@ -173,28 +192,57 @@ class Admission(threading.Thread):
             self.refused += 1
             self.limiter.warn(refusal[0], peer[0], refusal[1], time.monotonic())
             return
-        self.connections[fd] = (label, peer, time.monotonic(), ino)
+        accepted_at = time.monotonic()
+        self.connections[fd] = (label, peer, accepted_at, ino)
         key = (label, peer[0])
         self.per_address[key] = self.per_address.get(key, 0) + 1
+        if self.listener is not None:
+            self.listener.accepted(fd, label, accepted_at, ino)
 
     def _refusal(self, label: str, host: str, fd: int) -> tuple[Cause, str] | None:
         live = self.per_address.get((label, host), 0)
         if live >= self.max_per_address:
             return TOO_MANY_FROM_ADDRESS, (f"{live} connections from this address on the "
                                            f"{label} port already (--max-per-address)")
-        soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        soft_limit = self.file_limit
         if soft_limit != resource.RLIM_INFINITY and fd >= soft_limit - self.headroom:
             return NEAR_FILE_LIMIT, (f"{fd + 1} files open, within {self.headroom} of the "
                                      f"file limit {soft_limit}")
         return None
 
-    def _forget(self, fd: int) -> None:
-        record = self.connections.pop(fd, None)
-        if record is None:
+    def _forget(self, fd: int, label: str | None = None) -> None:
+        """Forget the connection on ``fd``; with ``label``, only one on that
+        port: each port's events come in order, but not the two ports'
+        together, so a closed subscriber's descriptor may already be a new
+        request connection's when its disconnection is read."""
+        record = self.connections.get(fd)
+        if record is None or label is not None and record[0] != label:
             return
+        del self.connections[fd]
         label, peer = record[:2]
         key = (label, peer[0])
         self.per_address[key] -= 1
         if not self.per_address[key]:
             del self.per_address[key]
+        if self.listener is not None:
+            self.listener.closed(fd, label)
 
+
+# zmq's constants as plain ints: an enum's comparison costs a microsecond per event.
+_NOBLOCK = int(zmq.NOBLOCK)
+_ACCEPTED = int(zmq.EVENT_ACCEPTED)
+_DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
+def _monitor(sock: zmq.Socket) -> zmq.Socket:
+    """A PAIR socket receiving ``sock``'s accepts and disconnections, with an
+    unbounded queue (MONITOR_QUEUE: libzmq sums both ends' limits of an
+    inproc pipe, or leaves it unbounded when either is 0)."""
+    address = f"inproc://admission-{id(sock):x}"
+    sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+    monitor = sock.context.socket(zmq.PAIR)
+    monitor.setsockopt(zmq.RCVHWM, MONITOR_QUEUE)
+    monitor.connect(address)
+    return monitor

@@ -28,13 +28,19 @@ linger of one expiry (a client that comes back meanwhile finds it still
 followed). What every broker needs (who is online, each room's members
 and topic, big rooms' counts) goes on one shared channel.
 
+Each broker also keeps a record of each of its sessions in Redis (written
+by the same script, deleted when the session ends, or by the reaper of a
+broker that died), so that a client that fails over to another broker
+resumes its session there with its token (``hand_over`` looks the token
+up, follows the streams the record's session needs that are not followed
+here yet, then the core's ``session_found`` takes the session over).
+
 Redis is imported only here, and this module only when ``--backplane`` is
 given. The URL may carry a password; it is passed to redis-py, never logged.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -50,8 +56,9 @@ import zmq
 
 import messages as m
 from backplane_core import Follower, Repair, Shared, stream_is_room
-from broker_core import BrokerCore, Persist, Reply
-from broker_outputs import Follow
+from broker_backplane import SessionRecord, secret_digest, token_digest
+from broker_core import BrokerCore, FindSession, Persist, Reply
+from broker_outputs import Follow, unavailable
 from broker_stream import ACCEPTED_IDS_REMEMBERED
 from log_limit import Outage
 from store import StoreError
@@ -69,6 +76,25 @@ REAP_PREFIX = KEY_PREFIX + "reap:"  # + a dead broker's id: the lock of the one 
 # How long the reaping lock holds: far longer than reaping takes, so that
 # no second broker announces the same leaves; past it the lock is gone.
 REAP_LOCK_MS = 60_000
+SESSION_PREFIX = KEY_PREFIX + "session:"  # + a token's digest: that session's record
+
+# Deletes the session records a dead broker still owns (a client that
+# failed over in time has its record written by its new broker, which
+# owns it now), and that broker's set of them. ARGV: key prefix, broker.
+REAP_SESSIONS_SCRIPT = """
+local prefix, broker = ARGV[1], ARGV[2]
+local owned = prefix .. 'b:' .. broker .. ':sessions'
+local gone = 0
+for _, token in ipairs(redis.call('SMEMBERS', owned)) do
+  local record = prefix .. 'session:' .. token
+  if redis.call('HGET', record, 'broker') == broker then
+    redis.call('DEL', record)
+    gone = gone + 1
+  end
+end
+redis.call('DEL', owned)
+return gone
+"""
 # Longest wait for Redis on the broker's loop: every pass that has new
 # events waits for its script, so a Redis that hangs must not hold every
 # client for long; past it the pass's messages are refused `unavailable`.
@@ -100,11 +126,17 @@ FOLLOW_TIMEOUT_S = SOCKET_TIMEOUT_S
 # merely lapsed, say while Redis restarted, still holds its names until it
 # is reaped), the presence threshold (--presence-threshold: members above
 # which a room's presence is counted, not stored); then the names this
-# broker now holds, as a count and (name
-# key, secret digest) each; the names it gave up, as a count and name
+# broker now holds, as a count and (name key, secret digest, the broker
+# whose session of it this one took over, whose hold then does not count
+# against it, or "") each; the names it gave up, as a count and name
 # keys; who is now online here or
 # not, as a count and (name key, name or "" for offline) each, kept in a
-# hash per broker and told to the others; then six per new event:
+# hash per broker and told to the others; the session records to write,
+# as a count and (token digest, name key or "" to delete it, secret
+# digest, quiet "1" or "", rooms as JSON) each: the record is this
+# broker's (owner "broker", and in its set b:ID:sessions, which the reaper
+# of a dead broker deletes), a record of a refused name is not written,
+# and one is deleted only by its owner; then six per new event:
 # stream, kind, name key, message id, the event's JSON with seq 0, and the
 # broker on whose behalf (this one, or a dead one whose users leave).
 #
@@ -141,12 +173,12 @@ local prefix, history, remember = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local me, brokers, threshold = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local taken, refused, i = {}, {}, 8
 for _ = 1, tonumber(ARGV[7]) do
-  local key, digest = ARGV[i], ARGV[i+1]
+  local key, digest, from = ARGV[i], ARGV[i+1], ARGV[i+2]
   local holders = prefix .. 'name:' .. key
   local held = redis.call('HGETALL', holders)
   local free = true
   for h = 1, #held, 2 do
-    if held[h] ~= me then
+    if held[h] ~= me and held[h] ~= from then
       if redis.call('SISMEMBER', brokers, held[h]) == 0 then
         redis.call('HDEL', holders, held[h])
       elseif digest == '' or held[h+1] ~= digest then
@@ -160,7 +192,7 @@ for _ = 1, tonumber(ARGV[7]) do
     taken[#taken+1] = key
     refused[key] = true
   end
-  i = i + 2
+  i = i + 3
 end
 local released = tonumber(ARGV[i])
 for r = 1, released do redis.call('HDEL', prefix .. 'name:' .. ARGV[i+r], me) end
@@ -175,6 +207,21 @@ for _ = 1, tonumber(ARGV[i]) do
   end
   presence[#presence+1] = {me, key, name}
   i = i + 2
+end
+i = i + 1
+local mine = prefix .. 'b:' .. me .. ':sessions'
+for _ = 1, tonumber(ARGV[i]) do
+  local token, key = ARGV[i+1], ARGV[i+2]
+  local record = prefix .. 'session:' .. token
+  if key == '' then
+    redis.call('SREM', mine, token)
+    if redis.call('HGET', record, 'broker') == me then redis.call('DEL', record) end
+  elseif not refused[key] then
+    redis.call('HSET', record, 'broker', me, 'key', key, 'digest', ARGV[i+3],
+               'quiet', ARGV[i+4], 'rooms', ARGV[i+5])
+    redis.call('SADD', mine, token)
+  end
+  i = i + 5
 end
 i = i + 1
 local results, notes, order, counts, skipping = {}, {}, {}, {}, false
@@ -313,13 +360,23 @@ def _channel_stream(channel: bytes) -> str | None:
 
 
 def _digest(core: BrokerCore, user) -> str:
-    """What proves a user's further connections on other brokers: a digest
-    of the secret (the secret itself stays with the broker), or "" when
-    there is none (the name takes one connection at a time). With
-    ``--allow``, the client's key proved the name on every broker."""
-    if core.config.names_by_key:
-        return "key"
-    return hashlib.sha256(user.secret.encode()).hexdigest() if user.secret else ""
+    """What proves a user's further connections on other brokers."""
+    return secret_digest(bool(core.config.names_by_key), user.secret)
+
+
+def _record(fields: dict) -> SessionRecord | None:
+    """A session record as read from Redis (HGETALL); None if there is
+    none, or (a log line) if it is not one."""
+    if not fields:
+        return None
+    try:
+        rooms = json.loads(fields[b"rooms"])
+        return SessionRecord(fields[b"key"].decode(), fields[b"digest"].decode(),
+                             fields[b"quiet"] == b"1", tuple(str(r) for r in rooms),
+                             fields[b"broker"].decode())
+    except (KeyError, ValueError, TypeError):
+        log.error("backplane: a session record is not one, ignored")
+        return None
 
 
 def _event_json(event: Any) -> str:
@@ -346,10 +403,16 @@ class Backplane:
         self.where = f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}"
         self.history = history
         self.append_script = self.redis.register_script(APPEND_SCRIPT)
+        self.reap_sessions_script = self.redis.register_script(REAP_SESSIONS_SCRIPT)
         self.follower = Follower()
         self.id = secrets.token_hex(8)  # this broker run, among those on the Redis
         self.claims: set[str] = set()  # name keys to hold for this broker's users
         self.changed: set[str] = set()  # name keys whose standing here changed
+        # token -> session whose record is to be written (or deleted)
+        self.sessions_changed: dict[str, Any] = {}
+        # name key -> the broker whose session of it this one took over,
+        # until the pass that claims the name is stored
+        self.adopting: dict[str, str] = {}
         # who is online on each other broker: broker id -> name key -> name
         self.others: dict[str, dict[str, str]] = {}
         self.online_elsewhere: dict[str, int] = {}  # name key -> other brokers it is on
@@ -401,6 +464,7 @@ class Backplane:
         core.presence_log = []
         core.elsewhere = {}
         core.following = set()
+        core.session_log = {}
         for room in core.rooms.values():  # #general: everyone in it, as Redis says
             room.share({})
         try:
@@ -490,9 +554,8 @@ class Backplane:
             followed = self.follow(core, list(streams))
             for peer, frames, now, wall, client_key, needs in batch:
                 if needs and not followed:
-                    out.append(Reply(peer, m.Error(
-                        m.ErrorCode.UNAVAILABLE, "the broker cannot reach its backplane now; "
-                        "try again later", retry_after=core.config.heartbeat_interval)))
+                    out.append(Reply(peer, unavailable(None, core.config.heartbeat_interval,
+                                                       "reach its backplane")))
                 else:  # another stream needed now (a join after a hello): the next round
                     out += self.handle(core, peer, frames, now, wall, client_key)
         return out
@@ -597,28 +660,105 @@ class Backplane:
 
     def hand_over(self, core: BrokerCore, outputs: list) -> list:
         """Have Redis number and store the new events among ``outputs`` (one
-        script, with the names this broker now holds and those it gave up);
-        what to carry out then: the core's handed_over, or, when Redis did
-        not take them, its persist_failed (messages refused ``unavailable``)."""
-        records = [o for o in outputs if isinstance(o, Persist)]
-        self.claims |= {core.sessions[o.peer].user.name_key for o in outputs
-                        if isinstance(o, Reply) and isinstance(o.message, m.Welcome)
-                        and not o.message.resumed and o.peer in core.sessions}
+        script, with the names this broker now holds and those it gave up,
+        and the session records that changed); what to carry out then: the
+        core's handed_over, or, when Redis did not take them, its
+        persist_failed (messages refused ``unavailable``). A hello that
+        resumes a session of another broker is first looked up."""
+        records: list[Persist] = []
+        finding = False
+        for item in outputs:
+            kind = type(item)
+            if kind is Persist:
+                records.append(item)
+            elif kind is Reply and type(item.message) is m.Welcome:
+                self._claim(core, item)
+            elif kind is FindSession:
+                finding = True
+        if finding:
+            return self.hand_over(core, self._find_sessions(core, outputs))
         self.changed.update(core.presence_log)
         core.presence_log.clear()
-        if not (records or self.claims or self.changed):
+        self.sessions_changed.update(core.session_log)
+        core.session_log.clear()
+        if not (records or self.claims or self.changed or self.sessions_changed):
             return outputs
-        claims = [(key, _digest(core, core.by_name[key])) for key in sorted(self.claims)
-                  if key in core.by_name]
+        claims = [(key, _digest(core, core.by_name[key]), self.adopting.get(key, ""))
+                  for key in sorted(self.claims) if key in core.by_name]
         releases = sorted(self.changed - core.by_name.keys())
         result = self._run(core, claims, releases, self._presence(core),
-                           [self._argv(r, self.id) for r in records])
+                           self._session_records(core), [self._argv(r, self.id) for r in records])
         if result is None:
             return core.persist_failed(outputs)
-        self.claims, self.changed = set(), set()
+        self.claims, self.changed, self.sessions_changed, self.adopting = set(), set(), {}, {}
         taken, seqs = result
         return core.handed_over(outputs, {id(r.event): seq for r, seq in zip(records, seqs)},
                                 frozenset(key.decode() for key in taken))
+
+    def _claim(self, core: BrokerCore, welcome: Reply) -> None:
+        """A welcome of a connection new here (or of a session taken over
+        from another broker): its name is to be held for it."""
+        session = core.sessions.get(welcome.peer)
+        if session is not None and (not welcome.message.resumed
+                                    or session.adopted is welcome.message):
+            self.claims.add(session.user.name_key)
+
+    def _find_sessions(self, core: BrokerCore, outputs: list) -> list:
+        """Each FindSession among ``outputs`` replaced by the core's answer
+        once its token's record is read (one round trip for them all): the
+        session taken over, a new session, or, with Redis down, a refusal.
+        Lookup first, then following: a session's streams (its record's
+        rooms, its user's direct messages) not followed here yet are
+        followed for them all at once, and the core is given the same
+        record again, so the welcome comes from loaded streams."""
+        finds = [o for o in outputs if type(o) is FindSession]
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for find in finds:
+                pipe.hgetall(SESSION_PREFIX + token_digest(find.hello.resume))
+            records = list(map(_record, pipe.execute()))
+        except redis.RedisError as e:
+            self.outage.failed(e)
+            answers = {id(find): core.session_lookup_failed(find) for find in finds}
+        else:
+            answers = self._sessions_found(core, finds, records)
+        out: list = []
+        for item in outputs:
+            out += answers[id(item)] if type(item) is FindSession else [item]
+        # the joins of the sessions taken over go to Redis with this pass
+        return out + core.flush_presence(core.last_wall)
+
+    def _sessions_found(self, core: BrokerCore, finds: list, records: list) -> dict[int, list]:
+        """The core's answer to each of ``finds`` given its record (by the
+        find's id), the streams the sessions need followed first."""
+        answers: dict[int, list] = {}
+        waiting: list[tuple[FindSession, SessionRecord | None]] = []
+        streams: dict[str, None] = {}
+        for find, record in zip(finds, records):
+            answer = core.session_found(find, record)
+            if answer and type(answer[0]) is Follow:
+                waiting.append((find, record))
+                streams.update(dict.fromkeys(answer[0].streams))
+            else:
+                answers[id(find)] = self._adopted(core, find, record, answer)
+        followed = not streams or self.follow(core, list(streams))
+        for find, record in waiting:
+            answer = core.session_found(find, record) if followed else []
+            if not answer or type(answer[0]) is Follow:
+                answer = [Reply(find.peer, unavailable(None, core.config.heartbeat_interval,
+                                                       "reach its backplane"))]
+            answers[id(find)] = self._adopted(core, find, record, answer)
+        return answers
+
+    def _adopted(self, core: BrokerCore, find: FindSession, record: SessionRecord | None,
+                 answer: list) -> list:
+        """``answer``; if it takes over ``record``'s session, its name is
+        claimed from the broker that held it (which then does not count)."""
+        session = core.sessions.get(find.peer)
+        if session is not None and any(type(o) is Reply and o.message is session.adopted
+                                       for o in answer):
+            self.adopting[session.user.name_key] = record.broker
+        return answer
 
     def _argv(self, record: Persist, actor: str) -> list:
         """The six script arguments of one new event."""
@@ -638,6 +778,19 @@ class Backplane:
             kind = ""
         return [record.stream, kind, key, mid, _event_json(event), actor]
 
+    def _session_records(self, core: BrokerCore) -> list[list]:
+        """The script's arguments for each session whose record changed:
+        its record as it is now, or its deletion once it ended here."""
+        out = []
+        for token, session in self.sessions_changed.items():
+            if core.sessions.get(session.peer) is session:
+                rooms = json.dumps([room.name for room in session.rooms.values()])
+                out.append([token_digest(token), session.user.name_key,
+                            _digest(core, session.user), "1" if session.quiet else "", rooms])
+            else:
+                out.append([token_digest(token), "", "", "", ""])
+        return out
+
     def _presence(self, core: BrokerCore) -> list[tuple[str, str]]:
         """(name key, name if online here else "") of each user whose
         standing here changed."""
@@ -648,16 +801,19 @@ class Backplane:
         return out
 
     def _run(self, core: BrokerCore, claims: list, releases: list, presence: list,
-             events: list[list]):
+             sessions: list[list], events: list[list]):
         """One run of the script; None if Redis did not take it (logged when
         it starts and stops failing)."""
         argv: list[Any] = [KEY_PREFIX, self.history, ACCEPTED_IDS_REMEMBERED, self.id,
                            BROKERS_KEY, core.config.presence_threshold, len(claims)]
-        for key, digest in claims:
-            argv += [key, digest]
+        for claim in claims:
+            argv += claim
         argv += [len(releases), *releases, len(presence)]
         for key, name in presence:
             argv += [key, name]
+        argv.append(len(sessions))
+        for record in sessions:
+            argv += record
         for event in events:
             argv += event
         try:
@@ -721,7 +877,7 @@ class Backplane:
             room = core.rooms.get(stream)
             presence = m.Presence(0, wall, [], leaves, room.name if room else stream)
             events.append(self._argv(Persist(stream, presence), broker))
-        if events and self._run(core, [], [], [], events) is None:
+        if events and self._run(core, [], [], [], [], events) is None:
             self.redis.delete(REAP_PREFIX + broker)  # another pass tries again
             return
         online = f"{KEY_PREFIX}b:{broker}:online"
@@ -729,9 +885,10 @@ class Backplane:
         self.redis.delete(online)
         if gone:
             self.redis.publish(EVENTS_CHANNEL, json.dumps({"e": [], "p": gone}))
+        sessions = self.reap_sessions_script(args=[KEY_PREFIX, broker])
         self.redis.srem(BROKERS_KEY, broker)
-        log.info("backplane: broker %s is gone: %d of its users' rooms left", broker,
-                 len(memberships))
+        log.info("backplane: broker %s is gone: %d of its users' rooms left, %d of its "
+                 "sessions ended", broker, len(memberships), sessions)
 
     # --- notifications -------------------------------------------------------------------
 

@@ -224,15 +224,15 @@ class BrokerShell:
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.HANDSHAKE_IVL, admission.HANDSHAKE_S * 1000)
             sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
-        # Counts connections per address and refuses the excess (admission.py);
-        # it watches from before the first connection can arrive.
-        self.admission = admission.Admission({"request": self.router, "broadcast": self.pub},
-                                             max_per_address)
-        self.admission.start()
         # The books of what is queued for each client (outbound.py), swept
         # once per heartbeat interval.
         self.outbound = outbound.Outbound(max_memory, SUB_QUEUE_FRAMES * FRAME_BYTES,
                                           curve is not None, join_deadline)
+        # Counts connections per address and refuses the excess (admission.py),
+        # and tells the books of each; it watches from before the first
+        # connection can arrive.
+        self.admission = admission.Admission({"request": self.router, "broadcast": self.pub},
+                                             max_per_address, listener=self.outbound)
         self.next_books = 0.0
         self.cut_log = LogLimiter(log)
         # Only a broker that binds names to keys needs each frame's key.
@@ -248,6 +248,8 @@ class BrokerShell:
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
         self.poller.register(self._wake_r, zmq.POLLIN)
+        for monitor in self.admission.sockets():
+            self.poller.register(monitor, zmq.POLLIN)
         self.notifications = None
         if backplane is not None:
             self.notifications = backplane.start(self.ctx, core)
@@ -280,6 +282,8 @@ class BrokerShell:
             now, wall = time.monotonic(), time.time()
             out: list = []
             read, more = 0, False
+            # New connections counted (or refused) before anything they sent.
+            self.admission.read(ready)
             if self.notifications in ready or self.backplane is not None \
                     and self.backplane.waiting:
                 # Before the requests: the shared events take their places
@@ -328,7 +332,7 @@ class BrokerShell:
         self._deliver(held, now)
 
     def close(self) -> None:
-        self.admission.stop()
+        self.admission.close()
         self.router.close(linger=0)
         self.pub.close()
         if self.auth is not None:
@@ -371,16 +375,24 @@ class BrokerShell:
         return RECV_BATCH, True
 
     def _read_subscriptions(self, wall: float) -> list:
+        """Answer the ready probes among the (un)subscriptions waiting on the
+        XPUB (found readable). One after another, each join's probe is a
+        pass that finds one: after the first, the socket is asked whether
+        more are waiting rather than paying the zmq.Again of one receive
+        too many (as admission.py reads its monitors)."""
         out: list = []
-        for _ in range(RECV_BATCH):
-            try:
-                frame = self.pub.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if self.backplane is not None:  # a room's topic: followed before the probe
-                self.backplane.subscription(self.core, frame)
-            if frame[:1] == b"\x01":  # a subscription (b"\x00" unsubscribes)
-                out += self.core.ready_probe(frame[1:], wall)
+        recv, more_waiting = self.pub.recv, self.pub.get
+        try:
+            for read in range(RECV_BATCH):
+                if read == 1 and not more_waiting(_EVENTS) & _POLLIN:
+                    break
+                frame = recv(_NOBLOCK)
+                if self.backplane is not None:  # a room's topic: followed before the probe
+                    self.backplane.subscription(self.core, frame)
+                if frame[:1] == b"\x01":  # a subscription (b"\x00" unsubscribes)
+                    out += self.core.ready_probe(frame[1:], wall)
+        except zmq.Again:  # all read
+            pass
         return out
 
     def _deliver(self, outputs: list, now: float) -> None:
@@ -401,6 +413,8 @@ class BrokerShell:
                 elif kind is Reply:
                     replies.append(item)
             for topic, encoded in by_topic.items():
+                # what subscribers may be sent (outbound.QUIET_BYTES), less the brackets and commas
+                self.outbound.published += sum(map(len, encoded))
                 for frame in frames_of(encoded):
                     self.pub.send(topic, zmq.SNDMORE)
                     self.pub.send(frame)
@@ -489,6 +503,8 @@ class BrokerShell:
 # zmq's flags as plain ints: an enum's "|" costs microseconds per reply.
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def source_fd(frame: zmq.Frame) -> int | None:

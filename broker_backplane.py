@@ -7,6 +7,9 @@ events that the backplane numbered instead, ``receive`` takes a shared
 event in the shared order, ``counted`` the people in a room above the
 presence threshold, and ``presence_log`` / ``elsewhere`` tell the
 backplane whose standing changed here and who is online on the others.
+``session_log`` tells it whose session record to write or delete, and
+``session_found`` takes over a session of another broker whose record the
+backplane read (a client that failed over, resuming with its token).
 
 Each broker follows only the streams its clients need (``following``): a
 room while a connection here is in it or a subscriber here subscribes to
@@ -19,7 +22,11 @@ Streams nobody here needs any more are noted in ``unwanted`` for the
 shell to drop (after a linger), which frees their history. Every room's
 name, topic and members stay known whether followed or not
 (``room_known``, ``room_changed``, ``topic_changed``): ``rooms`` and
-``who`` answer for every room.
+``who`` answer for every room. A session taken over from another broker
+needs the rooms of its record: ``session_found`` gives one ``Follow`` of
+those not followed here (and of the user's direct messages), and the
+shell gives it the same record again once they are followed, so the
+welcome (``resumed``) is built from loaded streams.
 
 BackplaneSeam is a part of BrokerCore (broker_core.py), which inherits it:
 its methods use the core's tables and its rewinding after a write that
@@ -28,11 +35,44 @@ did not happen (``_rewind``, ``_undo_hello``, ``_as_stored``). No I/O.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import hashlib
+from dataclasses import dataclass, replace
 from typing import Any
 
 import messages as m
-from broker_outputs import REFUSED, Follow, Persist, Publish, Reply, with_message
+from broker_outputs import (REFUSED, FindSession, Follow, Persist, Publish, Reply, unavailable,
+                            with_message)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A session as the backplane keeps it in Redis, for whichever broker
+    the client moves to: who it is (name key and the digest of its
+    user's secret, as ``secret_digest``), whether it is quiet, its rooms
+    (as created, in order entered), and the broker that holds it."""
+
+    name_key: str
+    digest: str
+    quiet: bool
+    rooms: tuple[str, ...]
+    broker: str
+
+
+def secret_digest(names_by_key: bool, secret: str | None) -> str:
+    """What proves a user on other brokers (in the name's claim and the
+    session records): a digest of the secret (the secret itself stays with
+    the broker), or "" when there is none (the name takes one connection
+    at a time). With ``--allow`` (``names_by_key``), the client's key
+    proved the name on every broker: "key"."""
+    if names_by_key:
+        return "key"
+    return hashlib.sha256(secret.encode()).hexdigest() if secret else ""
+
+
+def token_digest(token: str) -> str:
+    """The key of a session's record: a digest of its token, so that
+    Redis's data never holds the token that takes the session over."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class BackplaneSeam:
@@ -179,6 +219,32 @@ class BackplaneSeam:
         if self.presence_log is not None:
             self.presence_log.append(name_key)
             self.everyone_online = None
+
+    def _session_changed(self, session: Any) -> None:
+        """With a backplane: the session's record (its rooms, or whether it
+        exists) is to be written again."""
+        if self.session_log is not None:
+            self.session_log[session.secret] = session
+
+    def session_found(self, find: FindSession, record: SessionRecord | None) -> list:
+        """The hello of ``find`` again, with the record of its resume token
+        as the backplane found it (None: none, a new session then); or one
+        Follow of the streams that session needs, with nothing changed, for
+        the shell to follow before it calls again with the same record."""
+        return self._on_hello(find.peer, self.sessions.get(find.peer), find.hello, self.last_now,
+                              self.last_wall, find.client_key, looked_up=True, record=record)
+
+    def session_lookup_failed(self, find: FindSession) -> list:
+        """The backplane could not look the token of ``find`` up (Redis is
+        down): the hello is refused ``unavailable``, to be said again."""
+        return [Reply(find.peer, unavailable(None, self.config.heartbeat_interval,
+                                             "look your session up"))]
+
+    def _record_matches(self, record: SessionRecord, hello: m.Hello, name_key: str) -> bool:
+        """Whether a record found for ``hello``'s token is its user's: the
+        same name, and the same secret (or, with --allow, the key checked)."""
+        return record.name_key == name_key and record.digest == secret_digest(
+            bool(self.config.names_by_key), hello.secret)
 
     def handed_over(self, outputs: list, seqs: dict[int, int],
                     names_taken: frozenset[str] = frozenset()) -> list:

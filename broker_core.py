@@ -46,7 +46,8 @@ Theory of operation
   (broker_presence.py).
 * A resume token from the welcome lets a client that lost its connection
   take its session back from a new routing id before it times out, without
-  a leave/join pair.
+  a leave/join pair; with a backplane, on another broker too, whose
+  session record the backplane reads (``FindSession``, ``session_found``).
 * When the shell cannot write a pass's events (``--db`` on a full disk),
   ``persist_failed`` puts the core back to what is stored: every stream
   touched is rewound, messages (to rooms and people) are refused
@@ -66,10 +67,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import messages as m
-from broker_backplane import BackplaneSeam
+from broker_backplane import BackplaneSeam, SessionRecord
 from broker_model import MIN_RETRY_AFTER, Room, Session, TokenBucket, User
 from broker_outputs import (KICKED, LOG_QUOTE_CHARS, NO_TOKEN, NOT_STORED, RATE_LIMITED, REFUSED,
-                            Persist, Publish, Reply, with_message)
+                            FindSession, Persist, Publish, Reply, unavailable, with_message)
 from broker_presence import RoomPresence
 from broker_stream import Stream
 from log_limit import LogLimiter
@@ -184,6 +185,10 @@ class BrokerCore(RoomPresence, BackplaneSeam):
     following: set[str] | None = None
     subscribed_rooms: set[str] = field(default_factory=set)
     unwanted: set[str] = field(default_factory=set)
+    # With a backplane: the sessions whose record (rooms, existence) changed
+    # (token -> session), which the backplane drains to write or delete
+    # their records in Redis, for another broker to take them over.
+    session_log: dict[str, Session] | None = None
 
     def __post_init__(self) -> None:
         self.general = self._open_room(m.GENERAL_ROOM)
@@ -352,7 +357,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
             if id(message) in undone:  # published, or a direct message's delivery
                 continue
             if isinstance(message, m.Ack) and (message.id, message.seq) in refused_acks:
-                message = _unavailable(message.id, retry)
+                message = unavailable(message.id, retry)
                 session = self.sessions.get(item.peer)
                 if session is not None and item.peer not in blocked:
                     # the order is kept, as after a rate refusal: its first
@@ -361,7 +366,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
                     blocked.add(item.peer)
             elif id(message) in refused or (isinstance(message, m.Room) and (
                     item.peer, m.room_key(message.room)) in refused_rooms):
-                message = _unavailable(None, retry)
+                message = unavailable(None, retry)
             else:
                 message = self._as_stored(message, stored)
             out.append(with_message(item, message))
@@ -389,11 +394,13 @@ class BrokerCore(RoomPresence, BackplaneSeam):
     def _undo_hello(self, peer: bytes, message: Any) -> bool:
         """If ``message`` welcomes a new connection, forget that connection,
         as if it had never said hello (nothing of it is stored)."""
-        if not isinstance(message, m.Welcome) or message.resumed:
+        if not isinstance(message, m.Welcome):
             return False
         session = self.sessions.get(peer)
         if session is None or session.secret != message.resume:
             return False
+        if message.resumed and session.adopted is not message:
+            return False  # resumed here: the session was stored before
         for room in session.rooms.values():
             self._leave_room(session, room)
         session.rooms.clear()
@@ -466,7 +473,10 @@ class BrokerCore(RoomPresence, BackplaneSeam):
     # --- joining ----------------------------------------------------------------
 
     def _on_hello(self, peer: bytes, session: Session | None, hello: m.Hello, now: float,
-                  wall: float, client_key: str | None) -> list:
+                  wall: float, client_key: str | None, looked_up: bool = False,
+                  record: SessionRecord | None = None) -> list:
+        """``looked_up``: with a backplane, the hello's resume token was
+        looked up in Redis, and ``record`` is what was found (or None)."""
         if hello.v != m.PROTOCOL_VERSION:
             return self._refuse(peer, m.ErrorCode.BAD_VERSION,
                                 f"this broker speaks protocol {m.PROTOCOL_VERSION}, not {hello.v}")
@@ -477,11 +487,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         for room in rooms:
             if (problem := m.room_problem(room)):
                 return self._refuse(peer, m.ErrorCode.ROOM_INVALID, problem)
-        # one room named twice (in any case) is entered once
-        first_named: dict[str, str] = {}
-        for room in rooms:
-            first_named.setdefault(m.room_key(room), room)
-        rooms = list(first_named.values())
+        rooms = _distinct(rooms)
         name_key = m.name_key(hello.name)
         if session is not None:  # this routing id already speaks for a user
             if session.user.name_key == name_key and _tokens_match(hello.resume, session.secret):
@@ -500,21 +506,42 @@ class BrokerCore(RoomPresence, BackplaneSeam):
                            None)
             if resumed is not None:
                 return self._resume(resumed, peer, now)
-            # With --allow the key already proved who this is.
-            if not (self.config.names_by_key or _tokens_match(hello.secret, user.secret)):
-                return self._refuse(peer, m.ErrorCode.NAME_TAKEN,
-                                    f"the name {user.name} is taken")
+        if hello.resume and self.session_log is not None and not looked_up:
+            # Perhaps a session of another broker of the chat (which died):
+            # the backplane reads its record and hands it to session_found.
+            return [FindSession(peer, hello, client_key)]
+        if record is not None and not self._record_matches(record, hello, name_key):
+            record = None  # someone else's token: a new session, if the name is free
+        # With --allow the key already proved who this is.
+        if user is not None and not (self.config.names_by_key
+                                     or _tokens_match(hello.secret, user.secret)):
+            return self._refuse(peer, m.ErrorCode.NAME_TAKEN, f"the name {user.name} is taken")
+        if record is not None:  # as the session was on its broker
+            rooms = _distinct([room for room in record.rooms if not m.room_problem(room)])
         if len(self.sessions) >= self.config.max_users:
             return self._refuse(peer, m.ErrorCode.SERVER_FULL,
                                 f"the broker is full ({self.config.max_users} connections)")
         if (problem := self._rooms_problem(rooms)):
             return self._refuse(peer, m.ErrorCode.TOO_MANY_ROOMS, problem)
+        # after the lookup: a session taken over needs its record's rooms
         if (follow := self._to_follow([*map(m.room_key, rooms), m.dm_stream(hello.name)])):
             return follow
+        return self._start_session(peer, user, hello, rooms, now, wall, record)
+
+    def _start_session(self, peer: bytes, user: User | None, hello: m.Hello, rooms: list[str],
+                       now: float, wall: float, record: SessionRecord | None) -> list:
+        """A new connection of ``hello``'s user (``user`` if it has others
+        here) in ``rooms``: a new session, or, with ``record``, the session
+        of another broker taken over with its token, quiet flag and rooms
+        (welcomed ``resumed``; its joins are no news to the backplane, where
+        its user is still in those rooms through the other broker)."""
+        name_key = m.name_key(hello.name)
         if user is None:
             user = self.by_name[name_key] = User(
                 hello.name, name_key, hello.secret, TokenBucket(self.config.burst, now))
-        session = Session(user, peer, secrets.token_hex(16), now, quiet=hello.quiet)
+        token = hello.resume if record is not None else secrets.token_hex(16)
+        quiet = record.quiet if record is not None else hello.quiet
+        session = Session(user, peer, token, now, quiet=quiet)
         self.sessions[peer] = session
         user.sessions.append(session)
         if not session.quiet:
@@ -529,8 +556,14 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         for room in entered:
             session.rooms[m.room_key(room.name)] = room
             joins += self._enter(session, room, wall)
-        self.pass_log["join"].append(user.name + (" (quiet)" if session.quiet else ""))
-        return [Reply(peer, self._welcome(session, resumed=False, positions=positions)), *joins]
+        self._session_changed(session)
+        welcome = self._welcome(session, resumed=record is not None, positions=positions)
+        if record is not None:
+            session.adopted = welcome
+            self.pass_log["resume"].append(user.name + " (from another broker)")
+        else:
+            self.pass_log["join"].append(user.name + (" (quiet)" if session.quiet else ""))
+        return [Reply(peer, welcome), *joins]
 
     def _rooms_problem(self, rooms: list[str]) -> str | None:
         """Why a connection may not be in all these rooms, if it may not."""
@@ -547,6 +580,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         session.last_seen = now
         self.sessions[peer] = session
         self.pass_log["resume"].append(session.name)
+        self._session_changed(session)  # its record is this broker's again
         return [Reply(peer, self._welcome(session, resumed=True))]
 
     def _welcome(self, session: Session, resumed: bool,
@@ -628,6 +662,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
     def _enter(self, session: Session, room: Room, wall: float) -> list:
         """``session`` is now in ``room``: a join when its user was not."""
         room.sessions += 1
+        self._session_changed(session)
         if not session.quiet and room.add_member(session.user.name_key, session.user.name):
             self._presence_changed(room)
         return []
@@ -646,6 +681,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         room.sessions -= 1
         if not room.sessions:
             self._note_unwanted(room.stream.id)
+        self._session_changed(session)
         gone = not session.quiet and room.remove_member(session.user.name_key, reason)
         if gone and reason is not None:
             self._presence_changed(room)
@@ -864,6 +900,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         """Forget a connection that is in no room any more."""
         user = session.user
         del self.sessions[session.peer]
+        self._session_changed(session)
         user.sessions.remove(session)
         if not session.quiet:
             user.visible -= 1
@@ -940,9 +977,12 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         return [Reply(peer, m.Error(code, reason, id))]
 
 
-def _unavailable(id: str | None, retry_after: float) -> m.Error:
-    return m.Error(m.ErrorCode.UNAVAILABLE, "the broker cannot store this now; try again later",
-                   id, retry_after)
+def _distinct(rooms: list[str]) -> list[str]:
+    """One room named twice (in any case) is entered once."""
+    first_named: dict[str, str] = {}
+    for room in rooms:
+        first_named.setdefault(m.room_key(room), room)
+    return list(first_named.values())
 
 
 def _tokens_match(given: str | None, token: str | None) -> bool:

@@ -74,6 +74,10 @@ class Session:
     # until this one is sent again, so a client's messages keep their order
     # however late it learns of the refusal.
     blocked_on: str | None = None
+    # With a backplane: the welcome that took this session over from
+    # another broker (a new connection here, though ``resumed``), so that
+    # it is undone like a new one if the pass cannot be stored.
+    adopted: object = None
 
     @property
     def name(self) -> str:

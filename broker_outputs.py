@@ -3,8 +3,9 @@ and the causes of the warnings it logs.
 
 Every method of the broker's core (broker_core.py and the parts it is made
 of, broker_presence.py and broker_backplane.py) returns a list of Persist,
-Publish and Reply (with a backplane, sometimes one Follow instead); the
-shell (broker.py, backplane.py) writes, publishes and sends them. Nothing here does I/O.
+Publish and Reply (with a backplane, sometimes one Follow instead, or a
+FindSession); the shell (broker.py, backplane.py) writes, publishes and
+sends them, follows the streams and looks the sessions up. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import messages as m
 from log_limit import Cause
 
 # Longest string from a peer quoted in a log line.
@@ -77,6 +79,26 @@ class Follow:
     them (subscribe, then load from Redis) and hands the request in again."""
 
     streams: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class FindSession:
+    """With a backplane: ``peer``'s hello carries a resume token this broker
+    does not know, perhaps of a session on another broker (one that died):
+    the shell reads that session's record from Redis and gives it to the
+    core's ``session_found``, whose outputs take this one's place (or, if
+    they are one Follow, which the shell follows before it gives the same
+    record to ``session_found`` again)."""
+
+    peer: bytes
+    hello: Any
+    client_key: str | None = None
+
+
+def unavailable(id: str | None, retry_after: float, what: str = "store this") -> m.Error:
+    """The refusal of what the broker cannot store (or look up) now."""
+    return m.Error(m.ErrorCode.UNAVAILABLE, f"the broker cannot {what} now; try again later",
+                   id, retry_after)
 
 
 def with_message(item: Reply | Publish, message: Any) -> Reply | Publish:

@@ -24,9 +24,11 @@ import messages as m
 # resends only what is unacknowledged, at most its in-flight window, so a
 # window far wider than any client's is enough.
 ACCEPTED_IDS_REMEMBERED = 50_000
-# Text carried by one history reply: enough for hundreds of ordinary lines,
-# while a client that asks and never reads holds at most broker.REPLY_QUEUE.
-REPLY_TEXT_BYTES = 64 * 1024
+# Events carried by one history reply, in bytes as sent (each event's JSON):
+# enough for hundreds of ordinary lines, while a client that asks and never
+# reads holds at most broker.REPLY_QUEUE. Counted encoded, since a text of
+# control characters is six times longer in JSON than in characters.
+REPLY_BYTES = 64 * 1024
 
 # What one held event counts against the broker's history budget beyond its
 # text: the object and its other fields, roughly.
@@ -55,6 +57,10 @@ class Stream:
         self.bytes = 0  # what the history holds, by event_bytes
         self.ids_remembered = ids_remembered
         self.accepted_ids: OrderedDict[SenderId, int] = OrderedDict()
+        # seq -> (held event, its JSON's length), worked out when a reply
+        # first carries it: a client asking for the same history again and
+        # again costs a lookup per event, not an encoding.
+        self._encoded_sizes: dict[int, tuple[Any, int]] = {}
 
     def restore(self, events: list, accepted_ids: Iterable[tuple[SenderId, int]]) -> None:
         """Continue a stored history: its last events and accepted message ids."""
@@ -82,7 +88,9 @@ class Stream:
 
     def drop_oldest(self) -> int:
         """Forget the oldest held event (the history budget is spent); what it freed."""
-        freed = event_bytes(self.history.popleft())
+        event = self.history.popleft()
+        self._encoded_sizes.pop(event.seq, None)
+        freed = event_bytes(event)
         self.bytes -= freed
         return freed
 
@@ -92,7 +100,9 @@ class Stream:
         the history freed."""
         freed = 0
         while self.history and self.history[-1].seq > seq:
-            freed += event_bytes(self.history.pop())
+            event = self.history.pop()
+            self._encoded_sizes.pop(event.seq, None)
+            freed += event_bytes(event)
         self.bytes -= freed
         self.seq = min(self.seq, seq)
         for sender_id in sender_ids:
@@ -113,7 +123,7 @@ class Stream:
         first = self.first_held()
         start = min(max(after + 1, first), self.seq + 1)
         until = min(until, self.seq, start - 1 + m.MAX_FETCH_EVENTS)
-        events = _within_reply_size(islice(self.history, start - first,
+        events = self._within_reply_size(islice(self.history, start - first,
                                            max(start, until + 1) - first))
         if events and len(events) < until - start + 1:
             until = events[-1].seq  # cut short by size: the client asks again
@@ -122,22 +132,27 @@ class Stream:
     def recent(self, count: int) -> m.History:
         """The last ``count`` chat messages (not joins and leaves), oldest first."""
         newest_first = (e for e in reversed(self.history) if isinstance(e, m.Message))
-        found = _within_reply_size(islice(newest_first, count))
+        found = self._within_reply_size(islice(newest_first, count))
         return m.History(found[::-1], self.first_held(), self.seq, recent=True, stream=self.id)
+
+    def _within_reply_size(self, events) -> list:
+        """The leading events that fit in one reply, encoded (at least one)."""
+        taken: list = []
+        size = 0
+        for event in events:
+            size += self._encoded_size(event) + 1  # and the comma between
+            if taken and size > REPLY_BYTES:
+                break
+            taken.append(event)
+        return taken
+
+    def _encoded_size(self, event: Any) -> int:
+        known = self._encoded_sizes.get(event.seq)
+        if known is None or known[0] is not event:
+            known = self._encoded_sizes[event.seq] = (event, len(m.encode(event)))
+        return known[1]
 
     def _remember(self, sender_id: SenderId, seq: int) -> None:
         self.accepted_ids[sender_id] = seq
         if len(self.accepted_ids) > self.ids_remembered:
             self.accepted_ids.popitem(last=False)
-
-
-def _within_reply_size(events) -> list:
-    """The leading events whose text fits in one reply (at least one)."""
-    taken: list = []
-    size = 0
-    for event in events:
-        size += len(getattr(event, "text", ""))
-        if taken and size > REPLY_TEXT_BYTES:
-            break
-        taken.append(event)
-    return taken

@@ -13,45 +13,32 @@ goodbye: the broker is told at once (others see ``left (quit)``). ``send``
 and ``topic`` connect quietly (never announced or listed); ``listen`` and
 the chat are members others see. Every connection presents the user's
 secret (identity.py), so one person may run several at once under one name.
-The connection logic lives in client_session.py, shared with the window.
+The connection logic lives in client_session.py, shared with the window;
+the terminal chat in terminal_chat.py; what the commands share (exit
+statuses, signals, output, waiting for answers) in cli_common.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
-import queue
 import signal
 import socket
 import sys
-import threading
 import time
 
-import chat_commands
 import identity
 import keys
 import messages as m
-from client_session import (Acked, BrokerRefused, ClientSession, Earlier, Joined, JoinRefused,
-                            Missed, Refused, RoomJoined, RoomParted, State, StateChanged,
-                            add_connection_arguments, ask_broker, choose_brokers,
+from cli_common import (SHOWN_EVENTS, CliError, Exit, Stop, await_answer, err,
+                        install_stop_handlers, join, join_refused_status, next_event, out,
+                        report_status, stop_deferred)
+from client_session import (Acked, BrokerRefused, ClientSession, Earlier, JoinRefused, Refused,
+                            RoomJoined, add_connection_arguments, ask_broker, choose_brokers,
                             encryption_from_args, list_users, login_name)
 from display import event_line, event_records, visible
-
-
-class Exit:
-    """Exit statuses, one per cause (also in --help and README.md)."""
-
-    OK = 0
-    FAILED = 1  # unexpected failure
-    USAGE = 2
-    UNREACHABLE = 3  # broker unreachable, or messages not accepted within --timeout
-    NAME_REFUSED = 4  # name taken, invalid, or broker full
-    MESSAGE_REFUSED = 5  # the broker refused a message or a request (a room, a topic)
-    INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2, as shells report it
-    TERMINATED = 143  # SIGTERM (kill, timeout, systemd): 128 + 15, as shells report it
-
+from terminal_chat import run_chat
 
 EXIT_HELP = """exit status:
   0    success (send: the broker accepted every message)
@@ -83,51 +70,6 @@ USAGE = """%(prog)s [OPTIONS]                  chat interactively (needs a termi
 DESCRIPTION = """zchat command-line client. With no command and a terminal on stdin it is
 an interactive chat: messages appear above the line you type, which has line
 editing and history (up/down); /help lists the chat's commands."""
-
-
-class Stop(BaseException):
-    """SIGINT or SIGTERM arrived: leave at once, as a goodbye.
-
-    A BaseException, like KeyboardInterrupt, so no ``except Exception``
-    swallows it."""
-
-    def __init__(self, status: int):
-        super().__init__(status)
-        self.status = status
-
-
-STOP_STATUS = {signal.SIGINT: Exit.INTERRUPTED, signal.SIGTERM: Exit.TERMINATED}
-
-
-def raise_stop(signum: int, frame) -> None:
-    raise Stop(STOP_STATUS[signum])
-
-
-def install_stop_handlers() -> None:
-    for signum in STOP_STATUS:
-        signal.signal(signum, raise_stop)
-
-
-@contextlib.contextmanager
-def stop_deferred():
-    """Hold back SIGINT and SIGTERM for a few statements that must not be
-    cut in half (a message handed to the session and its record kept); a
-    signal that arrived meanwhile is raised at the end."""
-    arrived: list[int] = []
-    for signum in STOP_STATUS:
-        signal.signal(signum, lambda signum, frame: arrived.append(signum))
-    try:
-        yield
-    finally:
-        install_stop_handlers()
-        if arrived:
-            raise Stop(STOP_STATUS[arrived[0]])
-
-
-class CliError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class _OptionalEverywhere(argparse.ArgumentParser):
@@ -230,67 +172,6 @@ def user_name(text: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(f"{text!r} is not a user name: {problem}")
     return text
-
-
-def out(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def err(line: str) -> None:
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
-def next_event(session: ClientSession, timeout: float | None):
-    try:
-        return session.events.get(timeout=timeout)
-    except queue.Empty:
-        return None
-
-
-def join(session: ClientSession, timeout: float) -> Joined:
-    """Wait for the welcome; a refusal or silence becomes a CliError."""
-    deadline = time.monotonic() + timeout
-    while (remaining := deadline - time.monotonic()) > 0:
-        event = next_event(session, remaining)
-        if isinstance(event, Joined):
-            return event
-        if isinstance(event, JoinRefused):
-            raise CliError(join_refused_status(event), f"cannot join as {session.name}: "
-                                                       f"{event.reason}{refusal_hint(event)}")
-    hint = " or wrong --server-key" if session.encryption else ""
-    raise CliError(Exit.UNREACHABLE, f"broker at {session.address} unreachable{hint} "
-                                     f"(no answer within {timeout:g}s; is broker.py running "
-                                     "there, and is that its --port?)")
-
-
-def refusal_hint(event: JoinRefused) -> str:
-    """What to do about a refused name, where there is something to do."""
-    if event.code == m.ErrorCode.NAME_TAKEN:
-        return (" by someone with another secret (to be the same person on another machine, "
-                "copy your ~/.config/zchat/secret there, or set ZCHAT_SECRET_FILE; "
-                "otherwise choose another --name)")
-    return ""
-
-
-# Refusals of a hello that are about its rooms, not about the name.
-ROOM_REFUSALS = {m.ErrorCode.ROOM_INVALID, m.ErrorCode.TOO_MANY_ROOMS}
-
-
-def join_refused_status(event: JoinRefused) -> int:
-    return Exit.MESSAGE_REFUSED if event.code in ROOM_REFUSALS else Exit.NAME_REFUSED
-
-
-def await_answer(session: ClientSession, timeout: float, answers: tuple[type, ...]):
-    """The first event of one of these types; silence for ``timeout`` is a CliError."""
-    deadline = time.monotonic() + timeout
-    while (remaining := deadline - time.monotonic()) > 0:
-        event = next_event(session, remaining)
-        if isinstance(event, answers):
-            return event
-    raise CliError(Exit.UNREACHABLE, f"no answer from the broker at {session.address} "
-                                     f"within {timeout:g}s")
 
 
 # --- send -------------------------------------------------------------------------
@@ -442,13 +323,6 @@ def run_send(session: ClientSession, args: argparse.Namespace) -> int:
     return Exit.MESSAGE_REFUSED if tally.refused else Exit.OK
 
 
-# --- listen -------------------------------------------------------------------------
-
-
-# What listen and the chat print as it happens.
-SHOWN_EVENTS = (m.Message, m.Presence, m.Topic)
-
-
 def print_event(event, as_json: bool, earlier: bool = False,
                 unmarked_room: str | None = None) -> None:
     if as_json:
@@ -458,27 +332,6 @@ def print_event(event, as_json: bool, earlier: bool = False,
             out(json.dumps(record))
     else:
         out(event_line(event, unmarked_room))
-
-
-def stream_name(stream: str) -> str:
-    """A stream as people call it: a room, or their direct messages."""
-    return "your direct messages" if stream.startswith(m.DM_STREAM_PREFIX) else stream
-
-
-def report_status(event, as_json: bool) -> None:
-    """Connection news and losses go to stderr (a gap also to --json stdout)."""
-    if isinstance(event, StateChanged) and event.state == State.RECONNECTING:
-        err(f"connection lost ({event.detail}); retrying in {event.retry_in:.1f}s")
-    elif isinstance(event, Joined):  # the first welcome was taken by join()
-        err("reconnected" + (" (the broker restarted)" if event.broker_restarted else ""))
-    elif isinstance(event, Missed):
-        if as_json:
-            out(json.dumps({"type": "gap", "first": event.first, "last": event.last,
-                            "stream": event.stream}))
-        err(f"{event.count} message(s) of {stream_name(event.stream)} were lost: no longer in "
-            "the broker's history")
-    elif isinstance(event, BrokerRefused):
-        err(f"refused by the broker: {event.reason} ({event.code})")
 
 
 def listened_rooms(args: argparse.Namespace) -> tuple[str, ...]:
@@ -560,276 +413,6 @@ def run_topic(session: ClientSession, args: argparse.Namespace) -> int:
     if isinstance(answer, BrokerRefused):
         raise CliError(Exit.MESSAGE_REFUSED, f"topic not set: {answer.reason} ({answer.code})")
     return Exit.OK
-
-
-# --- interactive ----------------------------------------------------------------------
-
-CHAT_HELP = "\n".join([chat_commands.HELP,
-                       "  Alt+1..9 switches to the conversation with that number (/rooms "
-                       "lists the rooms);",
-                       "  Ctrl-C and Ctrl-D on an empty line leave too; up/down recall "
-                       "earlier lines."])
-# A mention on a terminal: bold yellow (never in a pipe, where escapes are noise).
-MENTION_STYLE, PLAIN_STYLE = "\x1b[1;33m", "\x1b[0m"
-BELL = "\a"
-
-
-class ChatRooms:
-    """The conversations of the terminal chat: the rooms it is in and the
-    people it talks to (``@name``), in the order opened, and the current one,
-    where typed lines go, and the broker's limit on a text (each welcome's
-    max_text). Changed by the printer thread, read by the prompt."""
-
-    def __init__(self, rooms: tuple[str, ...], max_text: int = m.DEFAULT_MAX_TEXT_BYTES):
-        self.max_text = max_text  # an int: read and set whole, no lock needed
-        self._lock = threading.Lock()
-        self._open = list(rooms)
-        self._current = self._open[-1] if self._open else None
-
-    @property
-    def current(self) -> str | None:
-        with self._lock:
-            return self._current
-
-    def find(self, conversation: str) -> str | None:
-        """The conversation as opened, or None."""
-        with self._lock:
-            return next((c for c in self._open if m.room_key(c) == m.room_key(conversation)),
-                        None)
-
-    def nth(self, number: int) -> str | None:
-        """The conversation numbered ``number`` (from 1), or None."""
-        with self._lock:
-            return self._open[number - 1] if 0 < number <= len(self._open) else None
-
-    def entered(self, conversation: str) -> None:
-        """In ``conversation`` now (again): it becomes the current one."""
-        known = self.find(conversation)
-        with self._lock:
-            if known is None:
-                self._open.append(conversation)
-            self._current = known or conversation
-
-    def left(self, conversation: str) -> None:
-        with self._lock:
-            self._open = [c for c in self._open if m.room_key(c) != m.room_key(conversation)]
-            if self._current is not None and m.room_key(self._current) == m.room_key(conversation):
-                self._current = self._open[-1] if self._open else None
-
-
-def is_direct(conversation: str | None) -> bool:
-    return conversation is not None and conversation.startswith(m.DM_STREAM_PREFIX)
-
-
-def run_chat(session: ClientSession, args: argparse.Namespace) -> int:
-    """The terminal chat, on prompt_toolkit: the line being typed stays at
-    the bottom, intact, while what arrives is printed above it."""
-    joined = join(session, args.timeout)
-    err(f"joined as {joined.name}; {joined.online} online (/users lists them). "
-        "Type a message and Enter; /help lists the commands.")
-    rooms = ChatRooms((m.GENERAL_ROOM,), joined.max_text)
-    return asyncio.run(chat_loop(session, joined.name, rooms))
-
-
-def prompt_text(rooms: ChatRooms) -> str:
-    """``#general> ``: the conversation typed lines go to."""
-    return f"{rooms.current or '(no room)'}> "
-
-
-def switch_keys(rooms: ChatRooms):
-    """Alt+1..9: the conversation with that number becomes the current one."""
-    from prompt_toolkit.key_binding import KeyBindings
-
-    bindings = KeyBindings()
-    for number in range(1, 10):
-        @bindings.add("escape", str(number))
-        def _switch(event, number=number) -> None:
-            if (conversation := rooms.nth(number)) is not None:
-                rooms.entered(conversation)
-                event.app.invalidate()  # the prompt names it
-    return bindings
-
-
-async def chat_loop(session: ClientSession, name: str, rooms: ChatRooms) -> int:
-    # Imported here: only the interactive chat needs it, scripts start faster.
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.patch_stdout import patch_stdout
-
-    # A signal ends the prompt by cancelling this task, so prompt_toolkit
-    # restores the terminal before we leave.
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    stopped_by: list[int] = []
-
-    def stop(status: int) -> None:
-        stopped_by.append(status)
-        task.cancel()
-
-    for signum, status in STOP_STATUS.items():
-        loop.add_signal_handler(signum, stop, status)
-    # erase_when_done: the broker's echo shows the line
-    prompt = PromptSession(lambda: prompt_text(rooms), erase_when_done=True,
-                           key_bindings=switch_keys(rooms))
-    sent: dict[str, str] = {}  # message id -> text, until acknowledged
-    # raw: our highlighting reaches the terminal (others' text is made
-    # safe by visible() before it is printed)
-    styled = sys.stdout.isatty()
-    try:
-        with patch_stdout(raw=styled):
-            printer = threading.Thread(target=print_chat_events,
-                                       args=(session, sent, rooms, name, styled), daemon=True)
-            printer.start()
-            draft = ""  # a line not sent, offered again to edit
-            while True:
-                try:
-                    line = await prompt.prompt_async(default=draft)
-                except EOFError:  # Ctrl-D on an empty line
-                    return Exit.OK
-                except KeyboardInterrupt:  # Ctrl-C: the terminal sends it as a key
-                    return Exit.INTERRUPTED
-                done = chat_line(session, line, sent, rooms)
-                if done == "/quit":
-                    return Exit.OK
-                draft = line if done == KEEP_THE_LINE else ""
-    except asyncio.CancelledError:
-        if not stopped_by:
-            raise
-        return stopped_by[0]
-    finally:
-        for signum in STOP_STATUS:
-            loop.remove_signal_handler(signum)
-        install_stop_handlers()
-
-
-# chat_line's answer for a line not sent, to be edited: it goes back on the input line.
-KEEP_THE_LINE = "keep the line"
-
-
-def chat_line(session: ClientSession, line: str, sent: dict[str, str],
-              rooms: ChatRooms) -> str | None:
-    """Act on one typed line; returns the command it was, if any, or
-    KEEP_THE_LINE. A line whose first non-blank character is / is a
-    command, never sent."""
-    try:
-        what = chat_commands.parse(line)
-    except chat_commands.CommandError as problem:
-        err(str(problem))
-        return None
-    text = chat_commands.text_sent(what)
-    if text is not None and (problem := chat_commands.too_long(text, rooms.max_text)):
-        # Not sent to be refused and printed back whole: said now, kept.
-        err(problem)
-        return KEEP_THE_LINE
-    if isinstance(what, chat_commands.Command):
-        chat_command(session, what, sent, rooms)
-        return what.name
-    if what is not None:
-        send_to(session, what, rooms.current, sent)
-    return None
-
-
-def send_to(session: ClientSession, text: str, conversation: str | None,
-            sent: dict[str, str]) -> None:
-    """``text`` to a room, or to a person (``@name``)."""
-    if conversation is None:
-        err("you are in no room: /join ROOM, or /msg NAME TEXT (not sent)")
-    elif is_direct(conversation):
-        sent[session.send(text, to=conversation[1:])] = text
-    else:
-        sent[session.send(text, room=conversation)] = text
-
-
-def chat_command(session: ClientSession, command: chat_commands.Command, sent: dict[str, str],
-                 rooms: ChatRooms) -> None:
-    """One /command, its words checked by chat_commands.parse."""
-    name, first, current = command.name, command.word(0), rooms.current
-    if name == "/help":
-        out("commands:\n" + CHAT_HELP)
-    elif name == "/users":
-        session.who(first)
-    elif name == "/rooms":
-        session.list_rooms()
-    elif name in ("/join", "/switch"):
-        if rooms.find(first):  # already in it: typing goes there now
-            rooms.entered(rooms.find(first))
-            out(f"* typing to {rooms.current}")
-        elif name == "/join" and not is_direct(first):
-            session.join_room(first)
-        else:
-            err(f"you are not in {visible(first)} (/join it, or /msg someone)")
-    elif name == "/part":
-        conversation = rooms.find(first or current or "")
-        if conversation is None:
-            err(f"you are not in {visible(first or 'any room')}")
-        elif is_direct(conversation):  # a conversation with someone: closed here
-            rooms.left(conversation)
-            out(f"* typing to {rooms.current or 'no room'}")
-        else:
-            session.part_room(conversation)
-    elif name == "/msg":
-        if command.word(1):
-            sent[session.send(command.word(1), to=first)] = command.word(1)
-        else:  # a conversation with the person: what is typed goes to them
-            rooms.entered(m.DM_STREAM_PREFIX + first)
-            out(f"* typing to {first} alone")
-    elif name == "/topic":
-        if current is None or is_direct(current):
-            err("not in a room: a topic is a room's")
-        else:
-            session.set_topic(current, command.rest)
-    elif name == "/me":
-        send_to(session, chat_commands.text_sent(command), current, sent)
-
-
-def chat_event_line(event, name: str, current: str | None, styled: bool,
-                    alerts: chat_commands.Alerts) -> str:
-    """An event as the terminal chat prints it: a room other than the
-    current one named; a mention highlighted, and a mention or a direct
-    message to us ringing the bell once per burst, on a terminal only."""
-    line = event_line(event, None if is_direct(current) else current)
-    if not styled or not isinstance(event, m.Message) or event.sender == name:
-        return line
-    mentioned = chat_commands.mentions(name, event.text)
-    if mentioned:
-        line = MENTION_STYLE + line + PLAIN_STYLE
-    if (mentioned or event.to is not None) and alerts.due():
-        line = BELL + line
-    return line
-
-
-def print_chat_events(session: ClientSession, sent: dict[str, str], rooms: ChatRooms,
-                      name: str, styled: bool) -> None:
-    alerts = chat_commands.Alerts()
-    while True:
-        event = session.events.get()
-        if isinstance(event, SHOWN_EVENTS):
-            out(chat_event_line(event, name, rooms.current, styled, alerts))
-        elif isinstance(event, m.Users):
-            where = f"in {event.room}" if event.room else "online"
-            out(f"{where} ({event.count}): " + ", ".join(visible(u) for u in event.users))
-            if event.next is not None:  # one page of many: the next one follows
-                session.who(event.room, after=event.next)
-        elif isinstance(event, m.RoomList):
-            out("\n".join(["rooms (people in each):", *(
-                f"  {r.room} ({r.members})" + (f": {visible(r.topic)}" if r.topic else "")
-                for r in event.rooms)]))
-        elif isinstance(event, RoomJoined):
-            rooms.entered(event.room.room)
-            topic = f"; topic: {visible(event.room.topic)}" if event.room.topic else ""
-            out(f"* typing to {event.room.room}{topic}")
-        elif isinstance(event, RoomParted):
-            rooms.left(event.room)
-            out(f"* you left {event.room}; typing to {rooms.current or 'no room'}")
-        elif isinstance(event, Acked):
-            sent.pop(event.id, None)
-        elif isinstance(event, Refused):
-            err(f"not sent ({event.reason}): {visible(sent.pop(event.id, ''))}")
-        elif isinstance(event, JoinRefused):
-            err(f"cannot rejoin: {event.reason}")
-        else:
-            if isinstance(event, Joined):  # perhaps another broker, with another limit
-                rooms.max_text = event.max_text
-            report_status(event, False)
 
 
 # --- main ------------------------------------------------------------------------------

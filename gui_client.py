@@ -16,6 +16,11 @@ while the window is not focused a mention or a direct message rings the
 bell and calls ``notify_desktop`` once per burst. Links open through
 ``open_link`` on a click. (The tests patch those two hooks.)
 
+Its parts: gui_login.py (the dialog), gui_conversation.py (one conversation's
+widget and lines), gui_input.py (the field), gui_pump.py (how the session's
+events reach Tk), gui_style.py (colours, theme, font coverage); this module
+is the window that holds them (ChatWindow), and the program (App, main).
+
 Threads: Tk is touched by the main thread alone. The session's worker thread
 owns the sockets (client_session.py); when it has queued events it writes a
 byte into a pipe Tk watches (Wakeup), and the window then reads
@@ -28,68 +33,41 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import ctypes
-import ctypes.util
 import html
 import itertools
-import os
-import queue
-import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import tkinter as tk
-import webbrowser
 import zlib
 from collections import OrderedDict
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable
 from tkinter import font as tkfont
 from tkinter import ttk
 from tkinter.scrolledtext import ScrolledText
 
 import chat_commands
-import identity
 import messages as m
 import keys
 from client_core import BrokerRefused, RoomJoined, RoomParted
 from client_session import (Acked, ClientSession, Earlier, Encryption, Joined, JoinRefused,
                             Missed, Refused, State, StateChanged, add_connection_arguments,
-                            choose_brokers, encryption_from_args, login_name)
+                            choose_brokers, encryption_from_args)
 from display import clock, presence_text, visible
+from gui_conversation import Conversation, OwnLine
+from gui_input import InputField
+from gui_login import LoginDialog, warn
+from gui_pump import EVENTS_PER_TICK, SAFETY_POLL_MS, EventPump, Wakeup, take_events
+from gui_style import COLORS, SENDER_COLORS, TITLE, FontCoverage, apply_style
 
-# The worker's wakeups drive the reading of events, a few ms after the first
-# one so that a stream of arrivals makes batches rather than one redraw per
-# message; the slow poll is only a safety net. Under a backlog the window
-# comes back as soon as Tk has redrawn and handled input. While
-# reconnecting, the status line counts down.
-WAKE_DELAY_MS = 10
-SAFETY_POLL_MS = 1000
+# While reconnecting, the status line counts down.
 COUNTDOWN_REFRESH_MS = 200
-# Bounds on one tick, so input and redraws are never held up for long.
-EVENTS_PER_TICK = 300
-TICK_BUDGET_S = 0.02
-# Earlier messages shown on joining, so a newcomer sees the conversation.
-RECENT_ON_JOIN = 50
-# Scrollback kept; the oldest lines go in chunks, not one per message.
-MAX_CHAT_LINES = 20_000
-TRIM_CHUNK_LINES = 1_000
 
-TITLE = "zchat"
-COLORS = {
-    "ok": "#1e8e3e", "warn": "#b06000", "bad": "#c5221f", "muted": "#80868b",
-    "own": "#1a73e8", "chat_bg": "#ffffff", "side_bg": "#f1f3f4", "text": "#202124",
-    "code_bg": "#f1f3f4", "mention_bg": "#fef7e0",
-    # the sidebar of conversations: dark, as chat programs have it
-    "nav_bg": "#2b2d31", "nav_text": "#e8eaed", "nav_muted": "#9aa0a6",
-    "nav_selected": "#404249", "nav_mention": "#fdd663",
-}
-# Other people's names, each always in the same colour.
-SENDER_COLORS = ["#8430ce", "#00796b", "#c2185b", "#5d4037", "#0b8043", "#3949ab", "#e8710a",
-                 "#00838f"]
+# Narrower than this, the window has no room for the people list beside a
+# readable chat (sidebar 180 px + list ~170 px left the chat 90 px at the
+# 480 px minimum): the list steps aside and ``/users`` still names them.
+PEOPLE_LIST_MIN_WINDOW_PX = 720
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,388 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def take_events(events: queue.Queue, limit: int, budget_s: float = TICK_BUDGET_S):
-    """Events already queued, at most ``limit`` of them and for ``budget_s``."""
-    deadline = time.monotonic() + budget_s
-    for _ in range(limit):
-        try:
-            yield events.get_nowait()
-        except queue.Empty:
-            return
-        if time.monotonic() > deadline:
-            return
-
-
-def apply_style(root: tk.Misc) -> None:
-    """A flat theme and slightly larger type than Tk's defaults."""
-    style = ttk.Style(root)
-    if "clam" in style.theme_names():
-        style.theme_use("clam")
-    for name in ("TkDefaultFont", "TkTextFont"):
-        tkfont.nametofont(name, root=root).configure(size=10)
-    style.configure("Status.TLabel", foreground=COLORS["muted"])
-    style.configure("Side.TFrame", background=COLORS["side_bg"])
-    style.configure("Side.TLabel", background=COLORS["side_bg"], foreground=COLORS["muted"])
-    style.configure("Problem.TLabel", foreground=COLORS["bad"])
-    style.configure("Busy.TLabel", foreground=COLORS["muted"])
-    style.configure("Marker.TButton", foreground="#ffffff", background=COLORS["own"])
-
-
-# --- characters no font can draw ----------------------------------------------------------
-
-# Beyond Unicode's first plane: most emoji, where an empty box is likeliest.
-ASTRAL_CHARACTER = re.compile("[\U00010000-\U0010FFFF]")
-
-
-class FontCoverage:
-    """Which characters some installed font can draw, asked of fontconfig:
-    for a character its font lacks, Tk's text (through Xft) takes the first
-    font fontconfig offers that has it, and draws an empty box when none
-    does. Monochrome fonts such as Debian's fonts-symbola cover most emoji."""
-
-    def __init__(self):
-        self._known: dict[str, bool] = {}
-        self._fc = self._load_fontconfig()
-
-    @staticmethod
-    def _load_fontconfig():
-        try:
-            fc = ctypes.CDLL(ctypes.util.find_library("fontconfig") or "libfontconfig.so.1")
-        except OSError:
-            return None  # not an X11 Tk: its text finds fonts otherwise
-        pointer = ctypes.c_void_p
-        for function, result, arguments in [
-                ("FcCharSetCreate", pointer, []),
-                ("FcCharSetAddChar", ctypes.c_int, [pointer, ctypes.c_uint32]),
-                ("FcCharSetDestroy", None, [pointer]),
-                ("FcPatternCreate", pointer, []),
-                ("FcPatternAddCharSet", ctypes.c_int, [pointer, ctypes.c_char_p, pointer]),
-                ("FcPatternDestroy", None, [pointer]),
-                ("FcObjectSetCreate", pointer, []),
-                ("FcObjectSetDestroy", None, [pointer]),
-                ("FcFontList", pointer, [pointer, pointer, pointer]),
-                ("FcFontSetDestroy", None, [pointer])]:
-            getattr(fc, function).restype = result
-            getattr(fc, function).argtypes = arguments
-        return fc
-
-    def has(self, char: str) -> bool:
-        """True when an installed font has ``char`` (or when we cannot tell)."""
-        if char not in self._known:
-            self._known[char] = self._fc is None or self._fonts_with(ord(char)) > 0
-        return self._known[char]
-
-    def _fonts_with(self, code: int) -> int:
-        fc = self._fc
-        charset, pattern, fields = fc.FcCharSetCreate(), fc.FcPatternCreate(), fc.FcObjectSetCreate()
-        try:
-            fc.FcCharSetAddChar(charset, code)
-            fc.FcPatternAddCharSet(pattern, b"charset", charset)
-            fonts = fc.FcFontList(None, pattern, fields)
-            if not fonts:
-                return 0
-            count = ctypes.cast(fonts, ctypes.POINTER(ctypes.c_int))[0]  # FcFontSet.nfont
-            fc.FcFontSetDestroy(fonts)
-            return count
-        finally:
-            fc.FcObjectSetDestroy(fields)
-            fc.FcPatternDestroy(pattern)
-            fc.FcCharSetDestroy(charset)
-
-    def drawable(self, text: str) -> str:
-        """``text`` with each emoji (or other character beyond the first
-        plane) that no installed font has written as ``[U+1F389]``."""
-        if text.isascii():
-            return text
-        return ASTRAL_CHARACTER.sub(self._placeholder, text)
-
-    def _placeholder(self, match: re.Match) -> str:
-        char = match.group()
-        return char if self.has(char) else f"[U+{ord(char):04X}]"
-
-
-# --- waking Tk's loop from the session's thread -----------------------------------------
-
-
-class Wakeup:
-    """Wakes Tk's loop when a session's worker thread has queued events.
-
-    The worker thread calls ``notify`` (the session's ``on_event``), which
-    only writes a byte into a pipe; Tk watches the other end
-    (``createfilehandler``) and calls ``handler`` from its own loop, in the
-    main thread. Not ``event_generate`` from the worker: tkinter hands such a
-    call over to the main thread and blocks the worker until Tk's
-    ``mainloop`` runs it, and fails after a second when nobody is in
-    ``mainloop``.
-    """
-
-    def __init__(self, root: tk.Misc):
-        self._tk = root.tk
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-        os.set_blocking(self._write_fd, False)
-        # notify never writes to a closed descriptor, whose number the
-        # process may already have given to another file.
-        self._lock = threading.Lock()
-        self._open = True
-        self.handler: Callable[[], None] | None = None
-        self._tk.createfilehandler(self._read_fd, tk.READABLE, self._on_readable)
-
-    def notify(self) -> None:
-        """Safe from any thread; returns at once."""
-        with self._lock:
-            if self._open:
-                try:
-                    os.write(self._write_fd, b"\0")
-                except BlockingIOError:
-                    pass  # the pipe is full: Tk has a wakeup coming anyway
-
-    def _on_readable(self, fd, mask) -> None:
-        try:
-            while os.read(self._read_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        if self.handler is not None:
-            self.handler()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._open:
-                self._open = False
-                self._tk.deletefilehandler(self._read_fd)
-                os.close(self._read_fd)
-                os.close(self._write_fd)
-        # The session's thread may outlive the window and hold the last
-        # reference to us: Tcl aborts if that thread frees the interpreter.
-        self._tk = self.handler = None
-
-
-class EventPump:
-    """Calls ``read_batch`` from Tk's loop: soon after a wakeup, again at once
-    (after a redraw) while ``events`` still holds a backlog, and at the
-    latest every ``idle_ms()`` ms."""
-
-    def __init__(self, root: tk.Misc, wakeup: Wakeup, events: queue.Queue,
-                 read_batch: Callable[[], None], idle_ms: Callable[[], int] = lambda: SAFETY_POLL_MS):
-        self.root, self.wakeup, self.events = root, wakeup, events
-        self.read_batch, self.idle_ms = read_batch, idle_ms
-        self._job = None
-        self._due = False  # a batch is already on its way
-        self.stopped = False
-        wakeup.handler = self._on_wakeup
-        self._on_wakeup()  # events may already be waiting
-
-    def _on_wakeup(self) -> None:
-        if not self._due and not self.stopped:
-            self._cancel()
-            self._due = True
-            # A timer, not an idle handler: the redraw of the last batch (an
-            # idle handler) and other timers get their turn between batches.
-            self._job = self.root.after(WAKE_DELAY_MS, self._run)
-
-    def _run(self) -> None:
-        self._job, self._due = None, False
-        try:
-            self.read_batch()
-        finally:  # a failing handler must not stop the reading
-            if self.stopped:
-                pass
-            elif self.events.empty():
-                self._job = self.root.after(self.idle_ms(), self._run)
-            else:
-                # A backlog: let Tk redraw and take input first (idle handlers
-                # queued by the inserts run before this one), then come back.
-                self._due = True
-                self._job = self.root.after_idle(self._run_after_input)
-
-    def _run_after_input(self) -> None:
-        self._job = self.root.after(1, self._run)
-
-    def _cancel(self) -> None:
-        if self._job is not None:
-            self.root.after_cancel(self._job)
-            self._job = None
-
-    def stop(self) -> None:
-        self.stopped = True
-        self._cancel()
-        if self.wakeup.handler == self._on_wakeup:
-            self.wakeup.handler = None
-
-
-# --- the join dialog -------------------------------------------------------------------
-
-
-class LoginDialog:
-    """Asks for a name and the broker's address, then joins.
-
-    Calls ``on_joined(session, joined)`` once the broker welcomed us, or
-    ``on_cancel()``. Given a name, it joins at once and only shows itself
-    when the name is refused or the broker cannot be reached; without one it
-    suggests the login name, as the command line's default.
-    """
-
-    def __init__(self, root: tk.Tk, host: str, port: int, name: str | None,
-                 on_joined, on_cancel, wakeup: Wakeup, encryption: Encryption | None = None,
-                 pub_port: int | None = None, alternates: tuple = ()):
-        self.on_joined, self.on_cancel = on_joined, on_cancel
-        # --pub-port belongs to the broker given on the command line only
-        self.pub_port_of = {(host, port): pub_port} if pub_port else {}
-        # and so do the other brokers of its chat, to fail over to
-        self.alternates_of = {(host, port): alternates}
-        self.wakeup = wakeup
-        self.encryption = encryption
-        self.session: ClientSession | None = None
-        self.pump: EventPump | None = None
-        self.refused = False
-        self.top = tk.Toplevel(root)
-        self.top.title(f"Join {TITLE}")
-        self.top.resizable(False, False)
-        self.top.protocol("WM_DELETE_WINDOW", self.cancel)
-        self.top.bind("<Destroy>", self._on_destroy)
-        # No tk.StringVar here or below: its __del__ calls Tcl from whichever
-        # thread the garbage collector happens to run in.
-        self._build(name or login_name(), host, str(port))
-        if name:
-            self.top.withdraw()
-            self.submit()
-        else:
-            self.name_entry.select_range(0, "end")  # typing replaces the suggestion
-            self.name_entry.focus_force()
-
-    def _build(self, name: str, host: str, port: str) -> None:
-        frame = ttk.Frame(self.top, padding=16)
-        frame.grid(sticky="nsew")
-        self.fields = []
-        for row, (label, value, width) in enumerate(
-                [("Name", name, 24), ("Host", host, 24), ("Port", port, 8)]):
-            ttk.Label(frame, text=label).grid(row=row, column=0, sticky="w", pady=3)
-            entry = ttk.Entry(frame, width=width)
-            entry.insert(0, value)
-            entry.grid(row=row, column=1, sticky="w", padx=(8, 0), pady=3)
-            self.fields.append(entry)
-        self.name_entry, self.host_entry, self.port_entry = self.fields
-        self.message = ttk.Label(frame, text="Choose a name to chat with.", wraplength=300,
-                                 style="Busy.TLabel")
-        self.message.grid(row=3, column=0, columnspan=2, sticky="w", pady=(8, 8))
-        buttons = ttk.Frame(frame)
-        buttons.grid(row=4, column=0, columnspan=2, sticky="e")
-        self.join_button = ttk.Button(buttons, text="Join", command=self.submit, default="active")
-        self.join_button.pack(side="right")
-        ttk.Button(buttons, text="Cancel", command=self.cancel).pack(side="right", padx=(0, 6))
-        self.top.bind("<Return>", self.submit)
-        self.top.bind("<Escape>", lambda event: self.cancel())
-
-    def submit(self, event=None) -> str:
-        name, host = self.name_entry.get().strip(), self.host_entry.get().strip()
-        port = self._port()
-        if not name:
-            self._show_problem("Please enter a name.")
-        elif port is None:
-            self._show_problem("The port must be a number from 1 to 65535.")
-        else:
-            self._join(host, port, name)
-        return "break"
-
-    def _port(self) -> int | None:
-        text = self.port_entry.get().strip()
-        return int(text) if text.isdigit() and 1 <= int(text) <= 65535 else None
-
-    def _join(self, host: str, port: int, name: str) -> None:
-        if self.session and self.refused and self.session.address == f"{host}:{port}":
-            self.session.join(name)  # same broker: only the name changes
-        else:
-            self._close_session()
-            self.session = ClientSession(host, port, name, recent=RECENT_ON_JOIN,
-                                         pub_port=self.pub_port_of.get((host, port)),
-                                         alternates=self.alternates_of.get((host, port), ()),
-                                         encryption=self.encryption,
-                                         on_event=self.wakeup.notify,
-                                         secret=identity.load_secret_or_none(warn)).start()
-            self.pump = EventPump(self.top, self.wakeup, self.session.events, self._read_events)
-        self.refused = False
-        self._set_busy(True, f"Joining {host}:{port} as {name}…")
-
-    def _read_events(self) -> None:
-        for event in take_events(self.session.events, EVENTS_PER_TICK):
-            if isinstance(event, Joined):
-                self._finish(event)
-                return
-            if isinstance(event, JoinRefused):
-                self._on_refused(event)
-            elif isinstance(event, StateChanged) and event.state == State.RECONNECTING:
-                self._on_unreachable(event)
-
-    def _on_refused(self, event: JoinRefused) -> None:
-        self.refused = True
-        self._set_busy(False)
-        self._show_problem(f"{event.reason}. Please choose another name.")
-        self.name_entry.select_range(0, "end")
-
-    def _on_unreachable(self, event: StateChanged) -> None:
-        # Still trying; meanwhile the user may correct the address.
-        self._set_busy(False)
-        self._show_problem(f"Cannot reach the broker at {self.session.address} ({event.detail}); "
-                           f"trying again in {event.retry_in:.1f} s.")
-
-    def _finish(self, joined: Joined) -> None:
-        self._stop_pump()  # the chat window reads the session's events from now on
-        session, self.session = self.session, None  # handed over: not closed with us
-        self.top.destroy()
-        self.on_joined(session, joined)
-
-    def cancel(self) -> None:
-        self.top.destroy()
-        self.on_cancel()
-
-    def _set_busy(self, busy: bool, text: str | None = None) -> None:
-        for widget in (*self.fields, self.join_button):
-            widget.state(["disabled"] if busy else ["!disabled"])
-        if text is not None:
-            self.message.configure(style="Busy.TLabel", text=text)
-
-    def _show_problem(self, text: str) -> None:
-        self.message.configure(style="Problem.TLabel", text=text)
-        self.top.deiconify()
-        self.name_entry.focus_force()
-
-    def _stop_pump(self) -> None:
-        if self.pump is not None:
-            self.pump.stop()
-            self.pump = None
-
-    def _close_session(self) -> None:
-        self._stop_pump()
-        if self.session is not None:
-            self.session.close()
-            self.session = None
-
-    def _on_destroy(self, event) -> None:
-        if event.widget is self.top:
-            self._close_session()
-
-
 # --- the chat window --------------------------------------------------------------------
 
-# The Text mark where new lines go: the end, or above the own messages held
-# at the bottom until they are sent (see Conversation.held).
-FLOW_END = "flow_end"
-# The field to write in grows with what is typed, up to this many lines.
-MAX_INPUT_LINES = 6
-# A message longer than this many lines is folded: only the first
-# FOLD_SHOWN_LINES show, with "show more", so one paste does not fill the screen.
-FOLD_OVER_LINES = 30
-FOLD_SHOWN_LINES = 20
 NOTIFICATION_TEXT_CHARS = 200
-URL = re.compile(r"https?://[^\s<>\"'`]+[^\s<>\"'`.,;:!?)\]}]")
-CODE_FENCE = "```"
-CODE_INDENT = ("    ", "\t")
-
-
-def open_link(url: str) -> None:
-    """Opens a link the user clicked in the browser (the tests patch this)."""
-    webbrowser.open(url)
 
 
 def notify_desktop(title: str, body: str) -> None:
@@ -505,393 +104,6 @@ def count_label(title: str, unread: int, mentioned: int) -> str:
     """``#general 3 · @1``: a conversation with its unread and mention counts."""
     counts = f" {unread}" if unread else ""
     return f"{title}{counts} · @{mentioned}" if mentioned else f"{title}{counts}"
-
-
-class InputField(tk.Text):
-    """Where the user writes: a Text that grows with what is typed, up to
-    MAX_INPUT_LINES. It also answers the Entry's get/insert/delete (index
-    0: the start, "end": the end) and state/instate, so it is driven as one."""
-
-    def __init__(self, master, around_resize: Callable[[Callable[[], None]], None], **options):
-        """``around_resize(change)``: calls ``change`` (the field's new
-        height, taken from the chat above it) keeping that chat's view."""
-        super().__init__(master, height=1, wrap="word", undo=True, **options)
-        self.around_resize = around_resize
-        self.bind("<<Modified>>", self._on_modified, add="+")
-
-    @staticmethod
-    def _position(index):
-        return "1.0" if index == 0 else "end-1c" if index == "end" else index
-
-    def get(self, first=None, last=None) -> str:
-        if first is None:
-            return super().get("1.0", "end-1c")
-        return super().get(self._position(first), None if last is None else self._position(last))
-
-    def insert(self, index, chars, *args) -> None:
-        super().insert(self._position(index), chars, *args)
-
-    def delete(self, first, last=None) -> None:
-        super().delete(self._position(first), None if last is None else self._position(last))
-
-    def state(self, spec: list[str]) -> None:
-        self.configure(state="disabled" if "disabled" in spec else "normal")
-
-    def instate(self, spec: list[str]) -> bool:
-        disabled = self.cget("state") == "disabled"
-        return all(disabled == (flag == "disabled") for flag in spec)
-
-    def _on_modified(self, event) -> None:
-        if self.edit_modified():
-            self.edit_modified(False)
-            self.after_idle(self.fit)
-
-    def fit(self) -> None:
-        """As many lines high as the text takes on screen, within bounds."""
-        height = self._lines_on_screen_up_to(MAX_INPUT_LINES)
-        if int(self.cget("height")) != height:
-            self.around_resize(lambda: self.configure(height=height))
-
-    def _lines_on_screen_up_to(self, most: int) -> int:
-        """How many lines on screen the text takes, or ``most`` when more.
-
-        Not a plain ``count -displaylines``: Tk counts a line's lines on
-        screen by laying it out again from its start for each one, so a
-        long line costs their number squared (a 32 KB paste froze the
-        window for half a minute). Past ``most`` the number does not
-        matter, and finding where the line ``most`` lines down starts lays
-        out only those."""
-        last_shown = self.index(f"1.0 + {most - 1} display lines")
-        if self.compare(f"{last_shown} display lineend", "<", "end-1c"):
-            return most  # text goes on below it
-        between = self.count("1.0", "end-1c", "displaylines") or (0,)  # at most most - 1
-        return 1 + (between[0] if isinstance(between, tuple) else between)
-
-
-@dataclass(frozen=True)
-class OwnLine:
-    """One of our messages shown before the broker has it."""
-
-    key: str  # names its Text tags
-    text: str
-    typed_at: float
-    conversation: "Conversation"
-
-
-class Conversation:
-    """One conversation: a room, or the direct messages with one person.
-
-    Each has its own Text widget, so that switching is only showing another
-    widget (re-rendering thousands of lines would not be instant), and keeps
-    its own scroll position, "new messages" marker, unread counts and the
-    marks of our own lines in it.
-    """
-
-    def __init__(self, window: "ChatWindow", key: str, room: str | None = None,
-                 peer: str | None = None):
-        self.window = window
-        self.key, self.room, self.peer = key, room, peer
-        self.unread = 0
-        self.mentions = 0
-        self.members: list[str] = []  # a room's, in the order shown
-        self.member_count = 0  # a room's, as the broker last said (a list may be older)
-        self.topic = ""
-        self.parted = False  # the last room, left: kept on screen, greyed
-        self.following = True  # showing the newest: new lines scroll it
-        self.lines_added = 0
-        # Own messages typed while the connection was down (and any typed
-        # after them until they went out) stay below everything else until
-        # their broadcast shows where they were sent: line key -> line.
-        self.held: OrderedDict[str, OwnLine] = OrderedDict()
-        self.held_acked: dict[int, str] = {}  # seq -> key of a held line acknowledged
-        # Seqs of own messages acknowledged before their broadcast came.
-        self.acked_seqs: set[int] = set()
-        self.folds: dict[str, list] = {}  # fold tag -> the parts "show more" adds
-        self._write_depth = 0
-        self._build(window.chat_area)
-
-    @property
-    def title(self) -> str:
-        return self.room or self.peer
-
-    def _build(self, parent) -> None:
-        window = self.window
-        self.chat = ScrolledText(parent, wrap="word", state="disabled", font=window.chat_font,
-                                 relief="flat", borderwidth=0, padx=12, pady=8,
-                                 background=COLORS["chat_bg"], foreground=COLORS["text"],
-                                 highlightthickness=0, spacing1=2, spacing3=2, cursor="arrow")
-        self.chat.configure(yscrollcommand=self._on_chat_scrolled)
-        # Whether the newest line was in view when the view last changed: a
-        # resize must keep it there, as chat windows do (Tk keeps the top line).
-        self.newest_in_view = True
-        self.chat.bind("<Configure>", self._on_chat_resized, add="+")
-        self.chat.vbar.configure(width=10, relief="flat", borderwidth=0, elementborderwidth=0,
-                                 troughcolor=COLORS["chat_bg"], background="#dadce0",
-                                 activebackground="#bdc1c6", highlightthickness=0)
-        self.chat.mark_set(FLOW_END, "end")  # right gravity: stays after what goes in at it
-        self._configure_tags()
-        self.new_marker = ttk.Button(self.chat, text="↓ New messages", style="Marker.TButton",
-                                     command=self.scroll_to_newest, cursor="hand2")
-
-    def _configure_tags(self) -> None:
-        window = self.window
-        bold, italic = (*window.chat_font, "bold"), (*window.chat_font, "italic")
-        small = (window.font_family, 9)
-        tag = self.chat.tag_configure
-        tag("line", lmargin2=64)  # wrapped lines indent past the time
-        tag("cont", lmargin1=64, lmargin2=64)  # a message's further lines too
-        tag("time", foreground=COLORS["muted"], font=small)
-        tag("own", foreground=COLORS["own"], font=bold)
-        for number, color in enumerate(SENDER_COLORS):
-            tag(f"sender{number}", foreground=color, font=bold)
-        tag("presence", foreground=COLORS["muted"], font=italic)
-        tag("action", font=italic)
-        tag("notice", foreground=COLORS["warn"], font=italic)
-        tag("error", foreground=COLORS["bad"])
-        tag("earlier", foreground=COLORS["muted"])
-        tag("code", font=window.code_font, background=COLORS["code_bg"])
-        tag("mention", background=COLORS["mention_bg"])
-        tag("pending", foreground=COLORS["muted"], font=small)
-        tag("queued", foreground=COLORS["warn"], font=small)
-        tag("delivered", foreground=COLORS["ok"], font=small)
-        tag("refused", foreground=COLORS["bad"], font=small)
-        tag("link", foreground=COLORS["own"], font=small, underline=True)
-        tag("url", foreground=COLORS["own"], underline=True)
-        tag("more", foreground=COLORS["own"], font=small, underline=True)
-        for clickable in ("link", "url", "more"):
-            self.chat.tag_bind(clickable, "<Enter>",
-                               lambda event: self.chat.configure(cursor="hand2"))
-            self.chat.tag_bind(clickable, "<Leave>",
-                               lambda event: self.chat.configure(cursor="arrow"))
-        self.chat.tag_bind("url", "<Button-1>", self._on_url_clicked)
-        self.chat.tag_bind("more", "<Button-1>", self._on_more_clicked)
-
-    # --- showing and hiding ---------------------------------------------------------
-
-    def show(self) -> None:
-        self.chat.frame.grid(row=1, column=0, sticky="nsew")
-        if self.following:
-            self.chat.update_idletasks()
-            self.scroll_to_newest()
-
-    def hide(self) -> None:
-        self.following = self.is_at_bottom()
-        self.chat.frame.grid_remove()
-
-    def destroy(self) -> None:
-        self.chat.frame.destroy()
-
-    # --- lines --------------------------------------------------------------------
-
-    @contextmanager
-    def writable(self):
-        """The chat area is read-only for the user; open it for our own
-        writes (once for a whole batch of events: see ChatWindow._show_events)."""
-        if self.window.batching:
-            if self not in self.window.opened:  # closed by the window after the batch
-                self.window.opened.add(self)
-                self._open()
-            yield
-            return
-        self._open()
-        try:
-            yield
-        finally:
-            self.close_for_writing()
-
-    def _open(self) -> None:
-        self._write_depth += 1
-        if self._write_depth == 1:
-            self.chat.configure(state="normal")
-
-    def close_for_writing(self) -> None:
-        self._write_depth -= 1
-        if self._write_depth == 0:
-            self.chat.configure(state="disabled")
-
-    def append(self, parts: list) -> None:
-        """One line of (text, tags) pairs at the end of the chat (above held lines)."""
-        with self.writable():
-            self.chat.insert(FLOW_END, *parts, "\n", ("line",))
-        self.lines_added += 1
-        self.window.touched.add(self)
-
-    def show_notice(self, text: str, style: str = "notice") -> None:
-        self.append([f"{clock(time.time())}  ", ("line", "time"), text, ("line", style)])
-
-    def trim_scrollback(self) -> None:
-        lines = int(self.chat.index("end-1c").split(".")[0])
-        if lines > MAX_CHAT_LINES + TRIM_CHUNK_LINES:
-            with self.writable():
-                self.chat.delete("1.0", f"{lines - MAX_CHAT_LINES}.0")
-
-    def message_parts(self, when: float, sender: str, text: str,
-                      style: tuple[str, ...] = ()) -> list:
-        """A message as (text, tags) pairs: time, sender, then its text, line
-        by line; ``style``: tags over the whole text (earlier, mention)."""
-        window = self.window
-        sender_tag = window.sender_tag(sender)
-        parts = [f"{clock(when)}  ", ("line", "time")]
-        action = chat_commands.as_action(text)
-        if action is not None:  # /me: "* alice waves"
-            parts += ["* ", ("line", "action", *style), window.shown(sender), ("line", sender_tag),
-                      " " + window.shown(action), ("line", "action", *style)]
-            return parts
-        parts += [window.shown(sender), ("line", sender_tag)]
-        lines = self._text_lines(text, style)
-        if len(lines) == 1:
-            return parts + ["  ", ("line", *style), *lines[0]]
-        parts += ["\n", ("line",)]  # a message of several lines starts below its sender
-        folded = lines[FOLD_SHOWN_LINES:] if len(lines) > FOLD_OVER_LINES else []
-        parts += self._joined(lines[:len(lines) - len(folded)])
-        if folded:
-            fold = f"fold-{next(window.line_keys)}"
-            self.folds[fold] = ["\n", ("line",), *self._joined(folded)]
-            parts += ["\n", ("line",), f"show more ({len(folded)} more lines)",
-                      ("line", "cont", "more", fold)]
-        return parts
-
-    @staticmethod
-    def _joined(lines: list[list]) -> list:
-        parts = []
-        for number, line in enumerate(lines):
-            if number:
-                # a code line's line break in the code style too: its
-                # background then reaches the right edge, a block
-                parts += ["\n", ("line", "code") if "code" in parts[-1] else ("line",)]
-            parts += line
-        return parts
-
-    def _text_lines(self, text: str, style: tuple[str, ...]) -> list[list]:
-        """Each line of ``text`` as parts: code (indented by four spaces, or
-        between ``` fences) in monospace, links clickable."""
-        several = "\n" in text
-        base = ("line", "cont", *style) if several else ("line", *style)
-        lines, in_fence = [], False
-        for line in text.split("\n"):
-            fence = line.lstrip().startswith(CODE_FENCE)
-            shown = self.window.shown(line, keep="\t")
-            if in_fence or fence or (several and line.startswith(CODE_INDENT)):
-                lines.append([shown or " ", (*base, "code")])
-            else:
-                lines.append(self._with_links(shown, base))
-            if fence and line.strip().count(CODE_FENCE) % 2:
-                in_fence = not in_fence
-        return lines
-
-    @staticmethod
-    def _with_links(text: str, tags: tuple[str, ...]) -> list:
-        parts, at = [], 0
-        for found in URL.finditer(text):
-            if found.start() > at:
-                parts += [text[at:found.start()], tags]
-            parts += [found.group(), (*tags, "url")]
-            at = found.end()
-        if at < len(text) or not parts:
-            parts += [text[at:], tags]
-        return parts
-
-    def _on_url_clicked(self, event) -> str:
-        at = self.chat.index(f"@{event.x},{event.y}")
-        found = self.chat.tag_prevrange("url", f"{at}+1c")
-        if found:
-            open_link(self.chat.get(*found))
-        return "break"
-
-    def _on_more_clicked(self, event) -> str:
-        at = self.chat.index(f"@{event.x},{event.y}")
-        fold = next((t for t in self.chat.tag_names(at) if t.startswith("fold-")), None)
-        if fold is not None and fold in self.folds:
-            start, end = self.chat.tag_ranges(fold)[:2]
-            with self.writable():
-                self.chat.delete(f"{start}-1c", end)  # the line break before it too
-                self.chat.insert(f"{start}-1c", *self.folds.pop(fold))
-            self.chat.tag_delete(fold)
-        return "break"
-
-    # --- own lines held at the bottom while they wait for the connection ------------
-
-    def append_held(self, parts: list, own: OwnLine) -> None:
-        """Our line below everything, where it stays until it is sent: what
-        arrives meanwhile (the reconnection, what others said) goes above it."""
-        start = self.chat.index("end-1c")
-        tag = f"held-{own.key}"
-        parts = [part if isinstance(part, str) else (*part, tag) for part in parts]
-        with self.writable():
-            self.chat.insert("end", *parts, "\n", ("line", tag))
-        if not self.held:
-            self.chat.mark_set(FLOW_END, start)
-        self.held[own.key] = own
-        self.lines_added += 1
-
-    def release_held(self, line: str, when: float) -> None:
-        """Moves held line ``line`` up to where the chat has got to, as pending."""
-        own = self.held.pop(line, None)
-        if own is None:
-            return
-        tag = f"held-{line}"
-        ranges = self.chat.tag_ranges(tag)
-        with self.writable():
-            if ranges:
-                self.chat.delete(ranges[0], ranges[-1])
-            self.chat.tag_delete(tag, f"status-{line}")
-            self.append(self.window.own_pending_parts(own, when))
-
-    def stop_holding(self) -> None:
-        for line in self.held:
-            self.chat.tag_delete(f"held-{line}")
-        self.held.clear()
-        self.held_acked.clear()
-        self.chat.mark_set(FLOW_END, "end")
-
-    def set_mark(self, line: str, text: str, style: str, final: bool,
-                 link: tuple[str, Callable[[], None]] | None = None) -> None:
-        """The delivery mark after our line ``line``; ``link``: a clickable
-        (text, action) after it."""
-        tag = f"status-{line}"
-        ranges = self.chat.tag_ranges(tag)
-        held = (f"held-{line}",) if line in self.held else ()
-        if ranges:
-            with self.writable():
-                self.chat.delete(*ranges)
-                parts = [text, ("line", "status", style, *held) if final
-                         else ("line", "status", tag, style, *held)]
-                if link is not None:
-                    link_tag = f"link-{line}"
-                    self.chat.tag_bind(link_tag, "<Button-1>", lambda event: link[1]())
-                    parts += [link[0], ("line", "status", "link", link_tag, *held)]
-                self.chat.insert(ranges[0], *parts)
-        if final:
-            self.chat.tag_delete(tag)  # many live tags would slow the Text widget
-
-    def deliver(self, own: OwnLine, when: float) -> None:
-        """Our line ``own`` is in the conversation: where it was sent, marked ✓."""
-        self.release_held(own.key, when)
-        self.set_mark(own.key, "  ✓", "delivered", final=True)
-
-    # --- scrolling ------------------------------------------------------------------
-
-    def is_at_bottom(self) -> bool:
-        return self.chat.yview()[1] >= 1.0
-
-    def scroll_to_newest(self) -> None:
-        self.chat.see("end")
-        self.new_marker.place_forget()
-
-    def _on_chat_scrolled(self, first: str, last: str) -> None:
-        self.chat.vbar.set(first, last)
-        self.newest_in_view = float(last) >= 1.0
-        if self.newest_in_view:
-            self.new_marker.place_forget()
-
-    def _on_chat_resized(self, event) -> None:
-        # Runs before Tk redraws at the new size, so newest_in_view still
-        # tells where the view was.
-        if self.newest_in_view:
-            self.chat.see("end")
-
-    def show_new_marker(self) -> None:
-        self.new_marker.place(relx=1.0, rely=1.0, x=-16, y=-10, anchor="se")
 
 
 class ChatWindow:
@@ -1075,8 +287,9 @@ class ChatWindow:
         ttk.Separator(self.chat_area).grid(row=0, column=0, sticky="sew")
 
     def _build_user_list(self) -> None:
-        side = ttk.Frame(self.root, style="Side.TFrame", padding=(10, 8))
+        side = self.people_panel = ttk.Frame(self.root, style="Side.TFrame", padding=(10, 8))
         side.grid(row=0, column=2, sticky="ns")
+        self.root.bind("<Configure>", self._fit_to_width, add="+")
         side.rowconfigure(1, weight=1)
         self.users_label = ttk.Label(side, style="Side.TLabel")
         self.users_label.grid(row=0, column=0, sticky="w", pady=(0, 6))
@@ -1086,6 +299,17 @@ class ChatWindow:
                                     selectforeground=COLORS["text"])
         self.user_list.grid(row=1, column=0, sticky="ns")
         self.user_list.bind("<Double-Button-1>", self._on_person_chosen)
+
+    def _fit_to_width(self, event: tk.Event) -> None:
+        """The people list is shown only where the chat keeps room to read."""
+        if event.widget is not self.root:
+            return  # a child's <Configure>, which the root's bindtag sees too
+        wide = event.width >= PEOPLE_LIST_MIN_WINDOW_PX
+        if wide != bool(self.people_panel.winfo_manager()):
+            if wide:
+                self.people_panel.grid()
+            else:
+                self.people_panel.grid_remove()
 
     def _build_input(self) -> None:
         bar = ttk.Frame(self.root, padding=(10, 8))
@@ -1727,10 +951,6 @@ class App:
             self.wakeup.close()
 
 
-def warn(why: str) -> None:
-    print(f"gui_client.py: {why}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -1753,3 +973,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

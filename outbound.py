@@ -29,8 +29,8 @@ This module keeps the books, in the broker's thread:
 * **In total.** When the sum passes ``HIGH_WATER`` of the budget, the
   largest holders are disconnected first until it is under ``LOW_WATER``.
 * **Joining.** A request connection that has no session ``join_deadline``
-  seconds after it was accepted (or after its session ended) is
-  disconnected.
+  seconds after it was accepted (or after its session ended: up to a
+  ``JOIN_CHECKS``-th of that later) is disconnected.
 
 Disconnecting is ``shutdown(SHUT_RDWR)`` on libzmq's own descriptor, as
 admission.py does: libzmq reads end-of-file, closes the descriptor and
@@ -40,22 +40,29 @@ seen. The sweep runs at most once per heartbeat interval; per reply
 the cost is a dictionary lookup and an addition, and a TCP_INFO reading only
 for a peer that looks over its limit.
 
-The sweep visits every connection, so what it costs per idle connection is
-kept small (with 5,000 clients it once took more of the broker's idle
-thread than their pings did): a request connection that had everything
-acknowledged at its last reading and was sent nothing since, on a descriptor
-admission still holds for the same socket, is not read at all; a subscriber
-is read with one TCP_INFO call, which says whether its send queue is empty,
-and only one whose queue is not empty is read in full (identity, TCP_INFO,
-TIOCOUTQ). Admission's record can lag behind a descriptor's reuse by a
-moment: such a reading is at worst a sweep late, and nothing is cut on it
-(a cut checks the identity first).
+The sweep does not visit every connection (with 5,000 idle clients,
+visiting each once a second took more of the broker's loop than their
+pings did). admission.py tells the books of each connection accepted and
+closed (``accepted``, ``closed``). A request connection is read only when
+it was sent something since its last reading, was over its limit or cut,
+or closed: one that had everything acknowledged and was sent nothing since
+cannot have changed. Subscribers are read when new or closed, when behind or
+stalled at their last reading, and all of them once ``QUIET_BYTES`` were
+published since they were last all read (a subscriber that kept up then
+holds at most that much now); one is read with one TCP_INFO call, which
+says whether its send queue is empty, and only one whose queue is not empty
+is read in full (identity, TCP_INFO, TIOCOUTQ). The join deadline is a heap
+of checks: a connection is looked at when its deadline falls due, and a
+joined one again ``JOIN_CHECKS`` times per deadline. Admission's record can
+lag behind a descriptor's reuse by a moment: such a reading is at worst a
+sweep late, and nothing is cut on it (a cut checks the identity first).
 """
 
 from __future__ import annotations
 
 import ctypes
 import fcntl
+import heapq
 import os
 import socket
 import struct
@@ -90,6 +97,14 @@ BACKED_UP_BYTES = 256 * 1024
 # A connection that has not joined this many seconds after it was accepted
 # (or after its session ended) is disconnected.
 JOIN_DEADLINE_S = 30.0
+# Bytes published (all topics together) since every subscriber was last read,
+# below which a sweep reads only the subscribers that were behind or stalled:
+# one that kept up then holds at most this now. At idle (a heartbeat a
+# second) that is one full reading every few minutes instead of every sweep.
+QUIET_BYTES = 64 * 1024
+# How often per join deadline a joined request connection is looked at again:
+# one whose session ended is cut at most 1/JOIN_CHECKS of the deadline late.
+JOIN_CHECKS = 4
 # Bytes freed by disconnections after which the allocator is asked to give
 # memory back to the system (glibc keeps freed memory otherwise).
 TRIM_BYTES = 8 * 1024 * 1024
@@ -229,6 +244,19 @@ def _reading(fd: int) -> tuple[int, int, int] | None:
     return ino, acked, queued
 
 
+def _acked_of(fd: int, ino: int, connections: dict) -> int | None:
+    """tcpi_bytes_acked of the connection with identity ``ino`` on ``fd``,
+    or None when it is gone. Admission's record of ``fd`` (in
+    ``connections``) stands for its identity when it names ``ino``: one
+    system call, not two (it lags a descriptor's reuse by a moment at most:
+    a reading a sweep late, and a cut checks the identity first)."""
+    record = connections.get(fd)
+    if record is None or record[3] != ino:
+        if identity(fd) != ino:
+            return None
+    return _acked(fd)
+
+
 def disconnect(fd: int, ino: int) -> bool:
     """End the TCP connection on libzmq's descriptor ``fd`` if it is still
     the one with identity ``ino``; libzmq then closes it and frees its queue."""
@@ -312,14 +340,51 @@ class Outbound:
         # all (building a history page costs even when it is not sent),
         # until a sweep finds them under it again, or they are cut.
         self.over: set[bytes] = set()
+        # Routing ids whose books the next sweep reads: sent something since
+        # their last reading, cut, or their connection closed. The books of
+        # every other routing id are settled (ReplyBooks.settled).
+        self.unsettled: set[bytes] = set()
+        self.by_fd: dict[int, bytes] = {}  # request descriptor -> routing id of its books
+        # request descriptor -> identity, as admission read it when accepted
+        self.request_ino: dict[int, int] = {}
         self.subscribers: dict[int, SubscriberBooks] = {}
-        # request descriptor -> monotonic time it was last seen with a session
-        self.last_joined: dict[int, float] = {}
+        # Subscriber descriptors the next sweep reads even when it is quiet:
+        # new, closed, or behind or stalled at their last reading.
+        self.subscribers_due: set[int] = set()
+        # Bytes handed to the XPUB since the start, and that count when a
+        # sweep last read every subscriber.
+        self.published = 0
+        self.published_read = 0
+        # A heap of (when, request descriptor, its identity, joined then):
+        # when to look whether that connection has a session (JoinCheck).
+        self.join_checks: list[tuple[float, int, int, bool]] = []
         # The total: counted at each sweep, and between sweeps kept up to
         # date with what is sent (and acknowledged, where read). Past the
         # budget, a peer holding more than NOT_JOINED_BYTES gets no reply.
         self.held = 0
         self.freed = 0  # bytes cut since the allocator last gave memory back
+
+    # --- connections, as admission.py sees them ---------------------------------
+
+    def accepted(self, fd: int, label: str, accepted_at: float, ino: int) -> None:
+        """A new connection on descriptor ``fd``: a subscriber is read at the
+        next sweep; a request connection must join by the deadline."""
+        if label == "broadcast":
+            self.subscribers_due.add(fd)
+        else:
+            self.request_ino[fd] = ino
+            heapq.heappush(self.join_checks, (accepted_at + self.join_deadline, fd, ino, False))
+
+    def closed(self, fd: int, label: str) -> None:
+        """libzmq closed the connection on ``fd``: its books are read (and
+        found gone) at the next sweep."""
+        if label == "broadcast":
+            if fd in self.subscribers:
+                self.subscribers_due.add(fd)
+        else:
+            self.request_ino.pop(fd, None)
+            if (routing_id := self.by_fd.get(fd)) is not None:
+                self.unsettled.add(routing_id)
 
     # --- per message -------------------------------------------------------
 
@@ -328,11 +393,16 @@ class Outbound:
         (None: unknown; then it is looked at again on its next request)."""
         if fd is None or fd < 0:
             return
-        # identity and acknowledged bytes only: its send queue does not matter yet
-        ino = identity(fd)
+        # identity and acknowledged bytes only: its send queue does not matter
+        # yet. The identity admission read stands for fstat's (see _acked_of:
+        # a stale one makes the next sweep drop these books, to start again).
+        ino = self.request_ino.get(fd)
+        if ino is None:
+            ino = identity(fd)
         acked = None if ino is None else _acked(fd)
         if acked is not None:
             self.replies[routing_id] = ReplyBooks(fd, ino, acked)
+            self.by_fd[fd] = routing_id
 
     def may_reply(self, routing_id: bytes, joined: bool, now: float) -> bool:
         """Whether a reply to ``routing_id`` may be built now: False while
@@ -366,6 +436,7 @@ class Outbound:
             size = wire_bytes(payload, self.curve)
             books.sent += size
             self.held += size
+            self.unsettled.add(routing_id)
 
     def _acked(self, books: ReplyBooks, acked: int) -> None:
         """The kernel says ``acked`` bytes of ``books`` are acknowledged."""
@@ -378,8 +449,15 @@ class Outbound:
         """The ROUTER no longer knows ``routing_id``."""
         books = self.replies.pop(routing_id, None)
         self.over.discard(routing_id)
-        if books is not None and not books.cut:
-            self.held -= max(0, books.outstanding)
+        self.unsettled.discard(routing_id)
+        if books is not None:
+            self._unmap(books.fd, routing_id)
+            if not books.cut:
+                self.held -= max(0, books.outstanding)
+
+    def _unmap(self, fd: int, routing_id: bytes) -> None:
+        if self.by_fd.get(fd) == routing_id:
+            del self.by_fd[fd]
 
     # --- once per interval ------------------------------------------------------
 
@@ -391,13 +469,14 @@ class Outbound:
         cuts: dict[int, Cut] = {}
         held = self._sweep_replies(now, sessions, connections, cuts)
         held += self._sweep_subscribers(now, connections, cuts)
-        self._sweep_unjoined(now, connections, cuts)
+        self._sweep_unjoined(now, sessions, connections, cuts)
         if held > self.budget * HIGH_WATER:
             self._cut_largest(held, connections, cuts)
         for cut in cuts.values():
             if cut.routing_id is not None:
                 self.replies[cut.routing_id].cut = True
                 self.over.add(cut.routing_id)  # what it still sent is not heard
+                self.unsettled.add(cut.routing_id)  # read until libzmq has closed it
         cut_bytes = sum(cut.held for cut in cuts.values())
         self.held = held - cut_bytes
         self.freed += cut_bytes
@@ -412,28 +491,28 @@ class Outbound:
 
     def _sweep_replies(self, now: float, sessions, connections: dict,
                        cuts: dict[int, Cut]) -> int:
+        """Read the books that may have changed (``unsettled``, ``over``):
+        a settled connection holds nothing and cannot be over its limit."""
         held = 0
-        for routing_id, books in list(self.replies.items()):
-            record = connections.get(books.fd)
-            # Most connections are idle: all acknowledged at the last reading,
-            # nothing sent since, and admission still knows the same
-            # connection on that descriptor. Its counts cannot have moved:
-            # three system calls less per connection and interval.
-            if books.cut or not (books.settled and record is not None
-                                 and record[3] == books.ino):
-                reading = _reading(books.fd)
-                if reading is None or reading[0] != books.ino:
-                    del self.replies[routing_id]
-                    self.over.discard(routing_id)  # gone; its descriptor may be another's now
-                    if not books.cut:
-                        self.freed += max(0, books.outstanding)
-                    continue
-                if books.cut:
-                    continue  # libzmq has not closed it yet; it is not counted any more
-                self._acked(books, reading[1])
+        due, self.unsettled = self.unsettled | self.over, set()
+        for routing_id in due:
+            books = self.replies.get(routing_id)
+            if books is None:
+                continue
+            reading = _acked_of(books.fd, books.ino, connections)
+            if reading is None:
+                del self.replies[routing_id]
+                self.over.discard(routing_id)  # gone; its descriptor may be another's now
+                self._unmap(books.fd, routing_id)
+                if not books.cut:
+                    self.freed += max(0, books.outstanding)
+                continue
+            if books.cut:
+                self.unsettled.add(routing_id)  # libzmq has not closed it yet; not counted
+                continue
+            self._acked(books, reading)
             if routing_id in sessions:
                 books.joined_at = now
-                self.last_joined[books.fd] = now
             if books.outstanding < books.limit(now):
                 books.over_since = None
                 self.over.discard(routing_id)
@@ -444,67 +523,100 @@ class Outbound:
                                      routing_id, books.outstanding,
                                      f"has not read {books.outstanding:,} bytes of replies "
                                      f"for {now - books.over_since:.0f} s")
+            if not books.settled:
+                self.unsettled.add(routing_id)
             held += max(0, books.outstanding)
         return held
 
     def _sweep_subscribers(self, now: float, connections: dict, cuts: dict[int, Cut]) -> int:
+        """Read the subscribers that may hold something: every one when
+        QUIET_BYTES or more were published since they were all read, else
+        only those in ``subscribers_due`` (one that kept up then can hold no
+        more than what was published since)."""
+        if self.published - self.published_read < QUIET_BYTES:
+            due = self.subscribers_due
+        else:
+            due = {fd for fd, record in connections.items() if record[0] == "broadcast"}
+            due.update(self.subscribers)
+            self.published_read = self.published
+        self.subscribers_due = set()
         held = 0
-        live = set()
-        for fd, (label, peer, _, ino) in connections.items():
-            if label != "broadcast":
-                continue
-            books = self.subscribers.get(fd)
-            if books is not None and books.ino == ino:
-                # The common case, in one system call: a subscriber that keeps
-                # up has an empty send queue, so it is neither behind nor
-                # stalled and holds nothing.
-                acked = _acked_if_idle(fd)
-                if acked is not None:
-                    live.add(fd)
-                    books.acked, books.held, books.stalled_since = acked, 0, None
-                    continue
-            if books is None or books.ino != ino:  # new: where it starts from
-                acked = _acked(fd) if identity(fd) == ino else None
-                if acked is not None:
-                    live.add(fd)
-                    self.subscribers[fd] = SubscriberBooks(ino, acked)
-                continue
-            reading = _reading(fd)
-            if reading is None or reading[0] != ino:
-                continue
-            live.add(fd)
-            queued = reading[2]
-            stalled = queued > 0 and reading[1] == books.acked
-            books.acked = reading[1]
-            # Behind (its kernel queue backed up) or stalled, its XPUB queue
-            # may be full: counted at its bound. One that keeps up holds little.
-            books.held = (self.subscriber_bytes + queued
-                          if stalled or queued >= BACKED_UP_BYTES else 0)
-            held += books.held
-            if not stalled:
-                books.stalled_since = None
-                continue
-            if books.stalled_since is None:
-                books.stalled_since = now
-            if now - books.stalled_since >= STALL_S:
-                cuts[fd] = Cut(fd, ino, peer, None, books.held,
-                               f"subscriber has read nothing for {now - books.stalled_since:.0f} s")
-        for fd in list(self.subscribers):
-            if fd not in live:
-                self.freed += self.subscribers.pop(fd).held
+        for fd in due:
+            books = self._read_subscriber(fd, connections.get(fd), now, cuts)
+            if books is not None and (books.held or books.stalled_since is not None):
+                self.subscribers_due.add(fd)
+                held += books.held
         return held
 
-    def _sweep_unjoined(self, now: float, connections: dict, cuts: dict[int, Cut]) -> None:
-        for fd, (label, peer, accepted, ino) in connections.items():
-            if label != "request" or fd in cuts:
-                continue
-            since = max(accepted, self.last_joined.get(fd, accepted))
-            if now - since >= self.join_deadline:
-                cuts[fd] = Cut(fd, ino, peer, None, 0,
+    def _read_subscriber(self, fd: int, record: tuple | None, now: float,
+                         cuts: dict[int, Cut]) -> SubscriberBooks | None:
+        """Read subscriber ``fd`` (admission's ``record`` of it): its books,
+        or None when it is gone (its books dropped)."""
+        books = self.subscribers.get(fd)
+        if record is None or record[0] != "broadcast":
+            if books is not None:
+                self.freed += self.subscribers.pop(fd).held
+            return None
+        _, peer, _, ino = record
+        if books is not None and books.ino == ino:
+            # The common case, in one system call: a subscriber that keeps
+            # up has an empty send queue, so it is neither behind nor
+            # stalled and holds nothing.
+            acked = _acked_if_idle(fd)
+            if acked is not None:
+                books.acked, books.held, books.stalled_since = acked, 0, None
+                return books
+        if books is None or books.ino != ino:  # new: where it starts from
+            # admission's record stands for its identity (see _acked_of)
+            acked = _acked(fd)
+            if books is not None:
+                self.freed += self.subscribers.pop(fd).held
+            if acked is None:
+                return None
+            books = self.subscribers[fd] = SubscriberBooks(ino, acked)
+            return books
+        reading = _reading(fd)
+        if reading is None or reading[0] != ino:
+            self.freed += self.subscribers.pop(fd).held
+            return None
+        queued = reading[2]
+        stalled = queued > 0 and reading[1] == books.acked
+        books.acked = reading[1]
+        # Behind (its kernel queue backed up) or stalled, its XPUB queue
+        # may be full: counted at its bound. One that keeps up holds little.
+        books.held = (self.subscriber_bytes + queued
+                      if stalled or queued >= BACKED_UP_BYTES else 0)
+        if not stalled:
+            books.stalled_since = None
+            return books
+        if books.stalled_since is None:
+            books.stalled_since = now
+        if now - books.stalled_since >= STALL_S:
+            cuts[fd] = Cut(fd, ino, peer, None, books.held,
+                           f"subscriber has read nothing for {now - books.stalled_since:.0f} s")
+        return books
+
+    def _sweep_unjoined(self, now: float, sessions, connections: dict,
+                        cuts: dict[int, Cut]) -> None:
+        """Cut the request connections due in ``join_checks`` that have had
+        no session for ``join_deadline``: a joined one is looked at again
+        JOIN_CHECKS times per deadline, and once found without its session,
+        given the whole deadline from then."""
+        checks = self.join_checks
+        while checks and checks[0][0] <= now:
+            _, fd, ino, was_joined = heapq.heappop(checks)
+            record = connections.get(fd)
+            if record is None or record[3] != ino or fd in cuts:
+                continue  # closed: a later connection on ``fd`` has checks of its own
+            routing_id = self.by_fd.get(fd)
+            books = self.replies.get(routing_id) if routing_id is not None else None
+            if books is not None and books.ino == ino and routing_id in sessions:
+                heapq.heappush(checks, (now + self.join_deadline / JOIN_CHECKS, fd, ino, True))
+            elif was_joined:
+                heapq.heappush(checks, (now + self.join_deadline, fd, ino, False))
+            else:
+                cuts[fd] = Cut(fd, ino, record[1], None, 0,
                                f"has not joined within {self.join_deadline:g} s")
-        for fd in list(self.last_joined):
-            if fd not in connections:
-                del self.last_joined[fd]
 
     def _cut_largest(self, held: int, connections: dict, cuts: dict[int, Cut]) -> None:
         """Cut the largest holders until the total is under LOW_WATER."""

@@ -15,8 +15,9 @@ second (as operators would list brokers in different orders), so that the
 survivors share the returning clients. Once all are joined, the first
 broker is SIGKILLed; the figures are the times until each session has its
 welcome from another broker (Joined): median, 90th and 99th percentiles and
-the last. Then it checks that none of them was announced gone (they came
-back within the grace) by asking a survivor who is online.
+the last, and how many of those welcomes resumed the session (its record in
+Redis taken over). Then it checks that none of them was announced gone
+(they came back within the grace) by asking a survivor who is online.
 
 The time is bounded below by the clients' patience (liveness x interval of
 silence before they count the broker as gone) plus their first reconnect
@@ -85,14 +86,15 @@ def wait_joined(workers: list[Worker], clients: int, timeout: float) -> float:
 
 
 def wait_failed_over(workers: list[Worker], since_ns: int, clients: int,
-                     timeout: float) -> list[float]:
-    """Seconds from ``since_ns`` to each session's welcome from another broker."""
+                     timeout: float) -> tuple[list[float], int]:
+    """Seconds from ``since_ns`` to each session's welcome from another
+    broker, and how many of those welcomes resumed the session."""
     deadline = time.monotonic() + timeout
     while True:
-        times = [t for w in workers for t in w.ask(STARTUP_TIMEOUT, "since", since_ns)["seconds"]]
-        back = [t for t in times if t is not None]
+        answers = [w.ask(STARTUP_TIMEOUT, "since", since_ns) for w in workers]
+        back = [t for a in answers for t in a["seconds"] if t is not None]
         if len(back) >= clients:
-            return sorted(back)
+            return sorted(back), sum(a["resumed"] for a in answers)
         if time.monotonic() > deadline:
             raise SystemExit(f"only {len(back)} of {clients} clients joined another broker "
                              f"within {timeout:g} s of the kill")
@@ -122,7 +124,7 @@ def measure(opts) -> dict:
         meter.start(time.monotonic())
         killed_ns = time.monotonic_ns()
         brokers[0]["proc"].kill()
-        times = wait_failed_over(workers, killed_ns, opts.clients, FAILOVER_TIMEOUT)
+        times, resumed = wait_failed_over(workers, killed_ns, opts.clients, FAILOVER_TIMEOUT)
         cpu = meter.stop(time.monotonic())
         online = list_users("127.0.0.1", ports[1], LIST_TIMEOUT) or []
     listed = sum(1 for name in online if name.startswith("client"))
@@ -135,6 +137,7 @@ def measure(opts) -> dict:
         "failover_p99_s": round(percentile(times, 0.99), 3),
         "failover_max_s": round(times[-1], 3),
         "failover_min_s": round(times[0], 3),
+        "resumed": resumed,  # welcomed back into their session (resumed: true)
         "listed_online_after": listed,
         "cores_during_failover": {k: round(v["cores"], 3) for k, v in cpu.items()
                                   if not k.startswith("generator")},
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SIGKILL to the last of {opts.clients} clients joined on another broker: "
           f"{result['failover_max_s']:.2f} s (p50 {result['failover_p50_s']:.2f} s, "
           f"p90 {result['failover_p90_s']:.2f} s, p99 {result['failover_p99_s']:.2f} s; "
-          f"patience {result['patience_s']:g} s); listed online afterwards: "
+          f"patience {result['patience_s']:g} s); sessions resumed: {result['resumed']} of "
+          f"{opts.clients}; listed online afterwards: "
           f"{result['listed_online_after']} of {opts.clients}; cores during the failover "
           f"{result['cores_during_failover']}, generators "
           f"{result['generator_cores_during_failover']}", flush=True)

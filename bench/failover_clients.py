@@ -41,22 +41,27 @@ CONTEXT_SPARE_SOCKETS = 64
 
 
 class TimedSession(ClientSession):
-    """A ClientSession that records when each welcome came and drops every event."""
+    """A ClientSession that records when each welcome came (and whether it
+    resumed the session) and drops every event."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.joined_ns: list[int] = []
+        self.resumed: list[bool] = []
 
     def _emit(self, events: list) -> None:
         for event in events:
             if isinstance(event, Joined):
                 self.joined_ns.append(time.monotonic_ns())
+                self.resumed.append(event.resumed)
 
 
-def first_after(session: TimedSession, since_ns: int) -> float | None:
-    for t in session.joined_ns:
+def first_after(session: TimedSession, since_ns: int) -> tuple[float, bool] | None:
+    """Seconds from ``since_ns`` to the first welcome after it, and whether
+    it resumed the session."""
+    for t, resumed in zip(session.joined_ns, session.resumed):
         if t >= since_ns:
-            return (t - since_ns) / 1e9
+            return (t - since_ns) / 1e9, resumed
     return None
 
 
@@ -93,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             answer = {"joined": sum(1 for s in sessions if s.joined_ns),
                       "failed": sum(1 for s in sessions if not s._thread.is_alive())}
         elif words[0] == "since":
-            answer = {"seconds": [first_after(s, int(words[1])) for s in sessions]}
+            welcomes = [first_after(s, int(words[1])) for s in sessions]
+            answer = {"seconds": [w[0] if w else None for w in welcomes],
+                      "resumed": sum(1 for w in welcomes if w and w[1])}
         else:
             answer = {"error": f"unknown command {words[0]!r}"}
         print(json.dumps(answer), flush=True)

@@ -10,8 +10,8 @@ fresh broker, then an idle window with all of them joined. Beside the wall
 time and the broker's CPU it reports each thread's share, read from
 ``/proc/PID/task/*/stat``: the Python thread (the loop), libzmq's I/O
 thread(s) (``ZMQbg/IO/N``, accepting, handshaking, reading and writing
-sockets), and the other threads (admission's monitor reader, libzmq's
-reaper). With several ``--broker-dir`` (copies of the broker at different
+sockets), and the other threads (libzmq's reaper; before admission's
+monitors were read in the loop, admission's thread). With several ``--broker-dir`` (copies of the broker at different
 commits), the steps alternate between them, ``--repeat`` times each, so that
 a shared machine's load falls on all of them alike.
 
@@ -50,7 +50,8 @@ def thread_times(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of each thread of ``pid`` so far, by role:
     ``python`` (the main thread: the broker's loop), ``zmq-io`` (every
     libzmq I/O thread), ``zmq-other`` (libzmq's reaper), ``other`` (the
-    other Python threads: admission's monitor reader)."""
+    other Python threads: admission's monitor reader, in brokers before it
+    was read in the loop)."""
     out: dict[str, float] = collections.Counter()
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:

@@ -399,3 +399,232 @@ def test_presence_and_a_big_rooms_count_are_the_same_on_every_broker(shared, ses
     finally:
         for w in watchers:
             w.close()
+
+
+# --- sessions in Redis: a client that fails over resumes its session ---------------------
+
+
+INTERVAL, LIVENESS = 0.5, 3
+
+
+@pytest.fixture
+def failover_brokers(make_broker, redis_server):
+    """Three brokers on the test's Redis, with the failover test's timing."""
+    def start():
+        return make_broker("--backplane", redis_server.url, "--heartbeat-interval",
+                           str(INTERVAL), "--heartbeat-liveness", str(LIVENESS))
+    return start(), start(), start()
+
+
+def reaped(broker) -> bool:
+    """Whether ``broker`` (a survivor) has reaped a dead broker by now."""
+    return any("is gone" in line for line in broker_log(broker))
+
+
+def kill(broker) -> None:
+    broker.proc.kill()
+    broker.proc.wait()
+
+
+class Collected:
+    """Everything a ClientSession (the library the window uses) reported."""
+
+    def __init__(self, session):
+        self.session, self.events = session, []
+
+    def drain(self) -> list:
+        while not self.session.events.empty():
+            self.events.append(self.session.events.get_nowait())
+        return self.events
+
+    def of(self, kind) -> list:
+        return [e for e in self.drain() if isinstance(e, kind)]
+
+
+def test_a_client_whose_broker_dies_resumes_its_session_on_the_next_one(
+        failover_brokers, clients, sessions):
+    """The session is in Redis: on B the client's token takes it over
+    (``resumed: true``), in its rooms (one entered after its hello too),
+    with no leave or join of it anywhere; what it sent meanwhile is
+    acknowledged and shown once, and what others said meanwhile reaches it."""
+    from client_session import Acked, BrokerAddress, ClientSession, Joined, RoomJoined
+    a, b, c = failover_brokers
+    watcher = listen(c, "watcher", "--room", "#general", "--room", "#lab")
+    clients.append(watcher)
+    session = ClientSession("127.0.0.1", a.port, "mover", secret="m0ver-secret-of-20-chars",
+                            alternates=(BrokerAddress("127.0.0.1", b.port, b.pub_port),)).start()
+    sessions.append(session)
+    mover = Collected(session)
+    wait_until(lambda: mover.of(Joined), 10, "mover to join on A")
+    session.join_room("#lab")
+    wait_until(lambda: mover.of(RoomJoined), 10, "mover in #lab")
+    sent = [session.send(f"before {i}", room="#lab") for i in range(5)]
+    wait_until(lambda: {e.id for e in mover.of(Acked)} >= set(sent), 10, "the first acks")
+    kill(a)
+    sent += [session.send(f"after {i}", room="#lab") for i in range(5)]
+    assert run_cli(c, "send", "--room", "#lab", "while away", name="al").returncode == 0
+    wait_until(lambda: len(mover.of(Joined)) >= 2, 15, "mover to join again on B")
+    again = mover.of(Joined)[1:]
+    assert all(j.resumed for j in again), f"the session was not resumed on B: {again}"
+    assert [m.room_key(r.room) for r in again[0].rooms] == ["#general", "#lab"]
+    wait_until(lambda: {e.id for e in mover.of(Acked)} >= set(sent), 15, "every ack")
+    texts = [f"before {i}" for i in range(5)] + [f"after {i}" for i in range(5)]
+    wait_until(lambda: [t for f, t in message_texts(watcher, "#lab") if f == "mover"] == texts,
+               15, "the mover's lines, once each, in order, at the watcher")
+    wait_until(lambda: any(e.text == "while away" for e in mover.of(m.Message)), 15,
+               "what was said while it was away, at the mover")
+    wait_until(lambda: reaped(b) or reaped(c), 15, "the dead broker to be reaped")
+    assert run_cli(c, "send", "--room", "#lab", "marker", name="al").returncode == 0
+    wait_until(lambda: ("al", "marker") in message_texts(watcher, "#lab"), 10, "the marker")
+    seen = [(r["type"], r.get("room")) for r in watcher.json_records()
+            if r["type"] in ("join", "leave") and r["name"] == "mover"]
+    assert seen == [("join", "#general"), ("join", "#lab")]
+    own = [(e.room, e.joined, e.left) for e in mover.of(m.Presence)
+           if "mover" in e.joined or any(n == "mover" for n, _ in e.left)]
+    assert all(not left for _, _, left in own) and len(own) <= 2
+    assert run_cli(c, "users", "--room", "#lab").stdout.split() == ["mover", "watcher"]
+    wait_until(lambda: any("resume mover (from another broker)" in line
+                           for line in broker_log(b)), 5, "B to log the takeover")
+
+
+def test_a_client_without_a_secret_resumes_its_session_on_the_next_broker(
+        failover_brokers, clients):
+    """Without a secret a name takes one connection at a time, and the dead
+    broker holds it until it is reaped: the token proves the session is
+    this client's, so B does not refuse it ``name_taken``."""
+    import os
+    a, b, c = failover_brokers
+    watcher = listen(c, "watcher")
+    clients.append(watcher)
+    loner = listen(a, "loner", "--broker", f"127.0.0.1:{b.port}",
+                   env={"ZCHAT_SECRET_FILE": os.devnull})  # no valid secret: none
+    clients.append(loner)
+    assert any("without it" in line for line in loner.err.lines)
+    kill(a)
+    loner.err.wait_for(lambda l: "reconnected" in l or "cannot rejoin" in l
+                       or "refused" in l, 15, "the loner to rejoin")
+    assert any("reconnected (session resumed)" in line for line in loner.err.lines), \
+        loner.err.lines
+    assert run_cli(c, "send", "after", name="al").returncode == 0
+    wait_until(lambda: ("al", "after") in message_texts(loner), 10, "the next message on B")
+    wait_until(lambda: reaped(b) or reaped(c), 15, "the dead broker to be reaped")
+    assert run_cli(c, "send", "marker", name="al").returncode == 0
+    wait_until(lambda: ("al", "marker") in message_texts(watcher), 10, "the marker")
+    assert [r["type"] for r in watcher.json_records()
+            if r["type"] in ("join", "leave") and r["name"] == "loner"] == ["join"]
+    assert loner.proc.poll() is None
+    assert run_cli(c, "send", "hi", name="loner").returncode == 4  # the name is still its own
+
+
+def test_a_token_whose_broker_was_reaped_gives_a_new_session(failover_brokers, redis_server):
+    """Before the dead broker is reaped its sessions can be taken over
+    (``resumed: true``, the record now B's); once it is reaped, the records
+    it still owned are gone, and their tokens give a new session, not an
+    error. A session that ends deletes its record too."""
+    import redis
+
+    from raw_peer import join, raw_dealer, request
+    a, b, c = failover_brokers
+    store = redis.Redis(port=redis_server.port)
+    with raw_dealer(a.port) as first, raw_dealer(a.port) as second:
+        early = join(first, "early", secret="e" * 20)
+        assert isinstance(request(first, {"type": "join", "room": "#lab"}), m.Room)
+        late = join(second, "late", secret="l" * 20)
+        # written with the joins' passes, before the welcomes went out
+        assert len(store.keys("zchat:session:*")) == 2
+        kill(a)  # well within the sessions' expiry: A still held them
+    with raw_dealer(b.port) as dealer:
+        again = join(dealer, "early", secret="e" * 20, resume=early.resume)
+        assert again.resumed and again.resume == early.resume
+        assert [r.room for r in again.rooms] == ["#general", "#lab"]
+        wait_until(lambda: reaped(b) or reaped(c), 15, "the dead broker to be reaped")
+        with raw_dealer(c.port) as other:
+            fresh = join(other, "late", secret="l" * 20, resume=late.resume)
+            assert not fresh.resumed and fresh.resume != late.resume
+            assert [r.room for r in fresh.rooms] == ["#general"]  # as its hello says
+            request(other, {"type": "bye"}, timeout=0.2)
+        request(dealer, {"type": "bye"}, timeout=0.2)
+    wait_until(lambda: store.keys("zchat:session:*") == [], 10, "every record deleted")
+    assert store.keys("zchat:b:*:sessions") == []
+
+
+def test_a_session_taken_over_is_followed_on_the_new_broker_before_its_welcome(
+        failover_brokers, redis_server):
+    """B follows none of the session's streams when the client comes: it
+    reads the record, then follows the record's rooms and the user's direct
+    messages, then welcomes it, so the welcome, a fetch and a direct message
+    sent meanwhile on C come from the streams as Redis has them."""
+    import redis
+
+    from raw_peer import join, raw_dealer, receive_reply, request
+    a, b, c = failover_brokers
+    store = redis.Redis(port=redis_server.port)
+    streams = ("#general", "#lab", "@early")
+
+    def subscribers(stream: str) -> int:
+        channel = f"zchat:{{{stream}}}:events"
+        return dict(store.pubsub_numsub(channel))[channel.encode()]
+
+    with raw_dealer(a.port) as first:
+        early = join(first, "early", secret="e" * 20)
+        assert isinstance(request(first, {"type": "join", "room": "#lab"}), m.Room)
+        for n in range(3):
+            assert run_cli(a, "send", "--room", "#lab", f"said {n}", name="al").returncode == 0
+        kill(a)
+    wait_until(lambda: not any(map(subscribers, streams)), 10,
+               "no broker to follow the session's streams (B and C have no clients)")
+    with raw_dealer(b.port) as dealer:
+        again = join(dealer, "early", secret="e" * 20, resume=early.resume)
+        assert again.resumed and [r.room for r in again.rooms] == ["#general", "#lab"]
+        assert [subscribers(s) for s in streams] == [1, 1, 1]  # B's, before the welcome
+        lab = next(r for r in again.rooms if r.room == "#lab")
+        history = request(dealer, {"type": "fetch", "stream": "#lab", "after": 0,
+                                   "until": lab.seq})
+        assert [e.text for e in history.events if isinstance(e, m.Message)] == [
+            f"said {n}" for n in range(3)]
+        assert run_cli(c, "send", "--to", "early", "psst", name="al").returncode == 0
+        deadline = time.monotonic() + 10
+        got = None
+        while time.monotonic() < deadline and not (isinstance(got, m.Message)
+                                                   and got.text == "psst"):
+            got = receive_reply(dealer, deadline - time.monotonic())
+        assert isinstance(got, m.Message) and got.text == "psst", got
+    store.close()
+
+
+def test_a_resume_while_redis_is_down_is_refused_unavailable_then_taken_over(
+        failover_brokers, redis_server):
+    """The record cannot be read while Redis is down: the hello is refused
+    ``unavailable`` (the client says it again later), not given a new
+    session that would show its user leaving and joining."""
+    from raw_peer import join, raw_dealer, request
+    a, b, _ = failover_brokers
+    with raw_dealer(a.port) as first:
+        early = join(first, "early", secret="e" * 20)
+        kill(a)
+    redis_server.stop()  # SIGTERM: its AOF is written out, the records with it
+    with raw_dealer(b.port) as dealer:
+        refused = request(dealer, {"type": "hello", "name": "early", "v": m.PROTOCOL_VERSION,
+                                   "secret": "e" * 20, "resume": early.resume}, timeout=10)
+        assert isinstance(refused, m.Error) and refused.code == m.ErrorCode.UNAVAILABLE
+        redis_server.start()
+        again = hello_until_answered(dealer, {"type": "hello", "name": "early",
+                                              "v": m.PROTOCOL_VERSION, "secret": "e" * 20,
+                                              "resume": early.resume})
+        assert isinstance(again, m.Welcome), again
+        assert again.resumed and again.resume == early.resume
+
+
+def hello_until_answered(dealer, hello: dict, within: float = 10.0):
+    """The answer to ``hello``, said again after each ``unavailable`` as a
+    client does (after its retry_after): just after Redis is back, the
+    broker may not have subscribed again yet, and cannot follow the
+    session's streams for a moment."""
+    from raw_peer import request
+    deadline = time.monotonic() + within
+    while True:
+        answer = request(dealer, hello, timeout=5)
+        if not (isinstance(answer, m.Error) and answer.code == m.ErrorCode.UNAVAILABLE) \
+                or time.monotonic() > deadline:
+            return answer
+        time.sleep(answer.retry_after or 0.1)  # as the client is told to wait

@@ -1,6 +1,8 @@
 """The backplane's ordering without I/O: backplane_core.Follower, and the
 core's side of the seam (BrokerCore.handed_over and receive)."""
 
+import pytest
+
 import messages as m
 from backplane_core import Follower, Repair, Shared
 from broker_core import BrokerCore, Persist, Publish, Reply
@@ -260,3 +262,138 @@ def test_a_direct_message_to_someone_elsewhere_leaves_no_stream_behind():
     records = [o for o in out if isinstance(o, Persist)]
     core.handed_over(out, {id(r.event): 3 for r in records})
     assert "@bo" not in core.streams and "@al" in core.streams
+
+
+# --- sessions kept in Redis: a session of another broker taken over ------------------------
+
+from broker_backplane import SessionRecord, secret_digest  # noqa: E402
+from broker_core import FindSession  # noqa: E402
+
+TOKEN = "5f0c1e9a7b3d2c4e8a6f0b1d3e5c7a9b"
+SECRET = "s" * 20
+
+
+def shared_core() -> BrokerCore:
+    """A core as the backplane sets it up."""
+    core = BrokerCore(elsewhere={}, presence_log=[], session_log={})
+    core.general.share({})
+    return core
+
+
+def resuming_hello(core, peer=b"p", name="al", secret=SECRET, token=TOKEN, rooms=None):
+    hello = m.Hello(name, m.PROTOCOL_VERSION, resume=token, secret=secret, rooms=rooms)
+    return core.handle(peer, [m.encode(hello)], 0.0, 100.0)
+
+
+def record(name_key="al", secret=SECRET, rooms=("#general", "#Lab"), quiet=False):
+    return SessionRecord(name_key, secret_digest(False, secret), quiet, rooms, "deadbeef")
+
+
+def welcome_of(out) -> m.Welcome:
+    return next(o.message for o in out if isinstance(o, Reply))
+
+
+def test_an_unknown_token_is_looked_up_with_a_backplane_and_ignored_without():
+    core = shared_core()
+    out = resuming_hello(core)
+    assert [type(o) for o in out] == [FindSession] and out[0].hello.resume == TOKEN
+    assert b"p" not in core.sessions  # nothing happens before the record is read
+    alone = BrokerCore()
+    assert welcome_of(resuming_hello(alone)).resumed is False
+
+
+def test_a_found_session_is_taken_over_with_its_token_rooms_and_quiet_flag():
+    core = shared_core()
+    find = resuming_hello(core, rooms=["#general"])[0]
+    out = core.session_found(find, record(rooms=("#general", "#Lab", "bad room")))
+    welcome = welcome_of(out)
+    assert welcome.resumed and welcome.resume == TOKEN
+    assert [r.room for r in welcome.rooms] == ["#general", "#Lab"]  # the record's, valid ones
+    session = core.sessions[b"p"]
+    assert session.adopted is welcome and core.session_log == {TOKEN: session}
+    # its entries go to the backplane like any, which announces none (the
+    # user is still in those rooms through the dead broker)
+    presence = [o.event for o in core.flush_presence(100.0) if isinstance(o, Persist)]
+    assert sorted(p.room for p in presence) == ["#Lab", "#general"]
+    # the token is the session's from now on
+    ping = core.handle(b"p", [m.encode(m.Ping(session=TOKEN))], 1.0, 100.0)
+    assert ping == [] and core.sessions[b"p"].last_seen == 1.0
+    quiet = shared_core()
+    session_found_quiet = quiet.session_found(resuming_hello(quiet)[0], record(quiet=True))
+    assert welcome_of(session_found_quiet).resumed and quiet.sessions[b"p"].quiet
+    assert quiet.online_listed() == []
+
+
+@pytest.mark.parametrize("found", [None, record(name_key="bo"), record(secret="x" * 20)])
+def test_no_record_or_anothers_gives_a_new_session_in_the_hellos_rooms(found):
+    core = shared_core()
+    out = core.session_found(resuming_hello(core, rooms=["#a"])[0], found)
+    welcome = welcome_of(out)
+    assert not welcome.resumed and welcome.resume != TOKEN
+    assert [r.room for r in welcome.rooms] == ["#a"]
+    assert core.sessions[b"p"].adopted is None
+
+
+def test_a_secretless_session_is_taken_over_by_its_token():
+    core = shared_core()
+    out = core.session_found(resuming_hello(core, secret=None)[0], record(secret=None))
+    assert welcome_of(out).resumed
+
+
+def test_a_lookup_that_fails_refuses_the_hello_unavailable():
+    core = shared_core()
+    out = core.session_lookup_failed(resuming_hello(core)[0])
+    assert welcome_of(out).code == m.ErrorCode.UNAVAILABLE and b"p" not in core.sessions
+
+
+def test_a_taken_over_session_whose_pass_is_not_stored_is_undone():
+    core = shared_core()
+    out = core.session_found(resuming_hello(core)[0], record())
+    out += core.flush_presence(100.0)
+    out = core.persist_failed(out)
+    assert [welcome_of(out).code] == [m.ErrorCode.UNAVAILABLE]
+    assert b"p" not in core.sessions and "al" not in core.by_name
+    # but a session resumed here is not undone by a failing pass
+    core.session_found(resuming_hello(core)[0], record())
+    core.handed_over(core.flush_presence(100.0), {})
+    out = resuming_hello(core, peer=b"q")  # the same token from a new connection: here
+    assert welcome_of(out).resumed
+    out = core.persist_failed(out + core.handle(b"q", [m.encode(m.Say(
+        "x", "hi", session=TOKEN))], 0.0, 100.0))
+    assert b"q" in core.sessions
+
+
+def test_the_session_log_names_each_session_whose_record_changed():
+    core = shared_core()
+    welcome = welcome_of(hello(core, b"p", "al"))
+    session = core.sessions[b"p"]
+    assert core.session_log == {welcome.resume: session}
+    core.session_log.clear()
+    core.handle(b"p", [m.encode(m.JoinRoom("#lab", session=welcome.resume))], 0.0, 100.0)
+    assert core.session_log == {welcome.resume: session}
+    core.session_log.clear()
+    core.handle(b"p", [m.encode(m.Bye(session=welcome.resume))], 0.0, 100.0)
+    assert core.session_log == {welcome.resume: session} and b"p" not in core.sessions
+    assert BrokerCore().session_log is None  # without a backplane: nothing kept
+
+
+# --- both: a session of another broker taken over into streams not followed here --------
+
+
+def test_a_found_session_asks_to_follow_its_records_rooms_then_is_taken_over():
+    core = BrokerCore(elsewhere={}, presence_log=[], session_log={}, following=set())
+    core.general.share({})
+    find = resuming_hello(core, rooms=["#general"])[0]
+    assert type(find) is FindSession  # the lookup comes before any following
+    found = record(rooms=("#general", "#Lab"))
+    assert core.session_found(find, found) == [Follow(("#general", "#lab", "@al"))]
+    assert b"p" not in core.sessions and not core.session_log  # nothing changed
+    core.followed("#general", [], [], 4, {})
+    core.followed("#lab", [m.Message(n, 0.0, "x", f"t{n}", "#Lab") for n in (8, 9)],
+                  [], 9, {"al": "al"})  # al is in it through the dead broker
+    core.followed("@al", [], [], 0, None)
+    welcome = welcome_of(core.session_found(find, found))  # the same record again
+    assert welcome.resumed and welcome.resume == TOKEN
+    assert [(r.room, r.seq) for r in welcome.rooms] == [("#general", 4), ("#Lab", 9)]
+    assert core.sessions[b"p"].adopted is welcome and TOKEN in core.session_log
+    assert core.wants("#lab") and core.wants("@al")

@@ -1,7 +1,7 @@
 """One stream on the broker's side, with no sockets: numbering, history, ids."""
 
 import messages as m
-from broker_stream import REPLY_TEXT_BYTES, Stream
+from broker_stream import REPLY_BYTES, Stream
 
 WALL = 1_700_000_000.0
 
@@ -48,9 +48,32 @@ def test_fetch_answers_the_held_part_of_the_range_and_says_what_is_gone():
 
 
 def test_fetch_is_cut_at_the_reply_size_and_says_where_it_stopped():
-    stream = filled(10, text="x" * (REPLY_TEXT_BYTES // 3 - 10))
+    stream = filled(10, text="x" * (REPLY_BYTES // 3 - 200))
     h = stream.fetch(0, 10)
     assert len(h.events) == 3 and h.until == h.events[-1].seq == 3
+
+
+def test_a_reply_is_bounded_in_encoded_bytes_not_characters():
+    """U+0001 is one character and six bytes as JSON (\\u0001): counted in
+    characters, a reply of such texts was six times its bound on the wire;
+    many short events, each with its sender, time and seq, twice."""
+    for text, count in (("\x01" * 3000, 40), ("", 2000)):
+        stream = filled(count, history=count, text=text)
+        for reply in (stream.fetch(0, count), stream.recent(count)):
+            assert 1 < len(reply.events) < count
+            assert len(m.encode(reply)) <= REPLY_BYTES + 200, (text[:1], len(m.encode(reply)))
+
+
+def test_the_sizes_worked_out_for_replies_go_with_their_events():
+    stream = filled(30, history=10)
+    stream.fetch(0, 30)
+    stream.truncate(27, [])
+    for i in range(25):  # the held events change twice over
+        stream.append(lambda seq: m.Message(seq, WALL, "bob", "again"), ("bob", f"re{i}"))
+        stream.recent(10)
+    assert set(stream._encoded_sizes) == {e.seq for e in stream.history}
+    assert all(event is held for (event, _), held in zip(
+        (stream._encoded_sizes[e.seq] for e in stream.history), stream.history))
 
 
 def test_recent_gives_the_last_messages_oldest_first_and_skips_presence():

@@ -15,6 +15,7 @@ from tkinter import font as tkfont
 import pytest
 
 import gui_client
+import gui_input
 import messages as m
 from client_session import login_name
 from gui_client import COLORS, App, ChatWindow
@@ -104,6 +105,11 @@ def line_height(window: ChatWindow, needle: str) -> int:
     line = int(window.chat.search(needle, "1.0").split(".")[0])
     chat = window.chat
     return int(chat.tk.call(chat._w, "count", "-update", "-ypixels", f"{line}.0", f"{line + 1}.0"))
+
+
+def text_width(window: ChatWindow, text: str) -> int:
+    """How wide ``text`` is in the chat's font, in pixels."""
+    return int(window.chat.tk.call("font", "measure", window.chat.cget("font"), text))
 
 
 def fill_the_view(root: tk.Tk, window: ChatWindow, broker, count: int = 60) -> None:
@@ -395,7 +401,7 @@ def test_a_long_paste_into_the_field_leaves_the_window_responsive(broker, root):
         took = time.monotonic() - started
         assert took < RESPONSIVE_SECONDS, f"{what} took {took:.1f}s"
     assert entry.get() == LONG_PASTE + "!"
-    assert int(entry.cget("height")) == gui_client.MAX_INPUT_LINES  # it grew, and no more
+    assert int(entry.cget("height")) == gui_input.MAX_INPUT_LINES  # it grew, and no more
 
 
 # A paste far over the broker's limit (max_text): an article, a log.
@@ -447,28 +453,53 @@ def test_a_window_made_smaller_at_the_newest_line_still_shows_it(broker, root):
     assert window.is_at_bottom(), window.chat.yview()  # the newest line still in view
 
 
-def test_the_view_keeps_following_when_a_refusal_makes_the_last_line_taller(broker, root):
+def test_a_narrow_window_gives_the_chat_the_room_the_people_list_had(broker, root):
+    """At the narrowest size the people list steps aside (``/users`` still
+    lists them) so a line of chat is not a word or a letter wide; it comes
+    back when the window is wide again."""
     window = open_chat(root, broker, "alice")
-    # Narrow: the refusal's mark is longer than a line on screen, so the
-    # refused line is taller (more lines on screen) than it was while pending.
+    assert window.user_list.winfo_ismapped()
     root.geometry("480x320")
     pump_until(root, lambda: root.winfo_width() == 480, what="the narrow window")
+    root.update()
+    assert not window.user_list.winfo_ismapped()
+    assert window.chat.winfo_width() >= root.winfo_width() // 2, window.chat.winfo_width()
+    sentence = "the quick brown fox jumps over the lazy dog"
+    assert run_cli(broker, "send", sentence, name="bob").returncode == 0
+    pump_until(root, lambda: shown_line(window, sentence), what="bob's sentence")
+    one_line = line_height(window, "alice")  # alice's own join notice: one line
+    assert line_height(window, sentence) <= 2 * one_line  # not a word a line
+    root.geometry("960x580")
+    pump_until(root, lambda: window.user_list.winfo_ismapped(), what="the people list back")
+
+
+BOB = "bob_who_writes_under_a_long_name"  # 32 characters: the longest name
+
+
+def test_the_view_keeps_following_when_a_refusal_makes_the_last_line_taller(broker, root):
+    window = open_chat(root, broker, "alice")
+    # Narrow, and a long name: the refusal's mark ("not sent: NAME is not
+    # online") is longer than a line on screen, so the refused line is
+    # taller (more lines on screen) than it was while pending.
+    root.geometry("480x320")
+    pump_until(root, lambda: root.winfo_width() == 480, what="the narrow window")
+    assert window.chat.winfo_width() < text_width(window, f"  ✗ not sent: {BOB} is not online")
     # bob writes to alice, and is gone: the broker refuses her answer.
     lines = "".join(f"line {i}\n" for i in range(60))
-    assert run_cli(broker, "send", "--to", "alice", name="bob", input=lines).returncode == 0
-    pump_until(root, lambda: "@bob" in window.conversations, what="bob's messages")
-    window.show(window.conversations["@bob"])
+    assert run_cli(broker, "send", "--to", "alice", name=BOB, input=lines).returncode == 0
+    pump_until(root, lambda: "@" + BOB.lower() in window.conversations, what="bob's messages")
+    window.show(window.conversations["@" + BOB.lower()])
     pump_until(root, lambda: shown_line(window, "line 59"), what="60 lines")
     root.update()
     assert window.is_at_bottom() and window.chat.yview()[0] > 0  # it scrolled, and followed
     type_into(window.entry, "x" * 4000)
     press_enter(window.entry)
     while_pending = line_height(window, "alice  x")
-    pump_until(root, lambda: "not sent: bob is not online" in chat_text(window),
+    pump_until(root, lambda: f"not sent: {BOB} is not online" in chat_text(window),
                what="the refusal")
     assert line_height(window, "alice  x") > while_pending  # what this test is about
     assert run_cli(broker, "send", "--to", "alice", "after the refusal",
-                   name="bob").returncode == 0
+                   name=BOB).returncode == 0
     pump_until(root, lambda: shown_line(window, "after the refusal"), what="the next message")
     root.update()
     assert window.is_at_bottom(), window.chat.yview()  # still following

@@ -11,6 +11,7 @@ import time
 import pytest
 
 import gui_client
+import gui_conversation
 from procs import listen, run_cli, wait_until
 from test_gui import (chat_text, click_text, fill_the_view, open_chat, press_enter, pump_until,
                       root, shown_line, type_into)  # noqa: F401  (root: the fixture)
@@ -237,7 +238,7 @@ def test_fenced_code_is_monospace_and_a_long_message_is_folded(broker, root):
 
 def test_a_click_on_a_link_opens_it_in_the_browser(broker, root, monkeypatch):
     opened = []
-    monkeypatch.setattr(gui_client, "open_link", opened.append)
+    monkeypatch.setattr(gui_conversation, "open_link", opened.append)
     window = open_chat(root, broker, "alice")
     text = "see https://example.org/a?b=1, or http://x.test."
     assert run_cli(broker, "send", text, name="bob").returncode == 0

@@ -295,6 +295,31 @@ def test_a_connection_that_does_not_join_within_the_deadline_is_closed(make_brok
     broker.wait_log(lambda line: "has not joined within 1 s" in line, 5, "the reason logged")
 
 
+def test_a_joined_connection_is_closed_only_the_deadline_after_its_session_ended(make_broker):
+    """The deadline counts from the end of the session, not from the
+    connection: joined longer than the deadline, a connection stays; once it
+    says bye, it has the whole deadline again (noticed up to a
+    ``JOIN_CHECKS``-th of it late, plus a sweep)."""
+    broker = make_broker("--join-deadline", "1", "--heartbeat-interval", "0.2",
+                         "--heartbeat-liveness", "1000")
+    with raw_dealer(broker.port) as member:
+        events = member.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            join(member, "member")
+            # Twice the deadline joined, the connection stays (and is served).
+            assert not events.poll(2000), "a joined connection was closed"
+            assert isinstance(request(member, {"type": "say", "id": "1", "text": "still"}), m.Ack)
+            send_body(member, {"type": "bye"})
+            left = time.monotonic()
+            assert events.poll(5000), "the connection was not closed after its session ended"
+            waited = time.monotonic() - left
+        finally:
+            member.disable_monitor()
+            events.close(linger=0)
+    assert 0.9 <= waited <= 1 + 1 / outbound.JOIN_CHECKS + 1, waited
+    broker.wait_log(lambda line: "has not joined within 1 s" in line, 5, "the reason logged")
+
+
 def test_a_subscriber_that_never_reads_is_disconnected(make_broker, clients):
     broker = budget_broker(make_broker)
     normal = NormalClient(broker, clients)
