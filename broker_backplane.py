@@ -131,10 +131,13 @@ class BackplaneSeam:
         if stream_id not in self.streams and not events and not seq:
             return  # a new stream: made by whoever names it first, as without a backplane
         stream = self.open_stream(stream_id)
+        pending = bool(stream.history)  # this pass's, not stored yet: a message to the user
         self._forget_history(stream)
         stream.seq = 0
         self.restore(stream_id, events, accepted_ids)
         stream.seq = max(stream.seq, seq)
+        if pending:  # its rewind, once Redis numbered them, goes back to what was loaded
+            self.loaded_in_pass[stream_id] = stream.seq
         room = self.rooms.get(stream_id)
         if room is not None and members is not None:
             room.share(members)

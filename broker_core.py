@@ -185,6 +185,9 @@ class BrokerCore(RoomPresence, BackplaneSeam):
     following: set[str] | None = None
     subscribed_rooms: set[str] = field(default_factory=set)
     unwanted: set[str] = field(default_factory=set)
+    # With a backplane: streams followed in this pass that held events of
+    # the pass not stored yet -> the seq loaded, below which no rewind goes
+    loaded_in_pass: dict[str, int] = field(default_factory=dict)
     # With a backplane: the sessions whose record (rooms, existence) changed
     # (token -> session), which the backplane drains to write or delete
     # their records in Redis, for another broker to take them over.
@@ -379,6 +382,10 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         stored: dict[str, int] = {}
         for record in unwritten:
             stored.setdefault(record.stream, record.event.seq - 1)
+        for stream_id, seq in self.loaded_in_pass.items():  # what was loaded stays
+            if stream_id in stored:
+                stored[stream_id] = max(stored[stream_id], seq)
+        self.loaded_in_pass.clear()
         for stream_id, seq in stored.items():
             forgotten = [r.sender_id for r in unwritten if r.stream == stream_id and r.sender_id]
             self.history_bytes -= self.streams[stream_id].truncate(seq, forgotten)

@@ -264,6 +264,28 @@ def test_a_direct_message_to_someone_elsewhere_leaves_no_stream_behind():
     assert "@bo" not in core.streams and "@al" in core.streams
 
 
+def test_a_stream_followed_in_the_pass_of_a_direct_message_to_it_keeps_what_it_loaded():
+    """A message to bo (elsewhere) is numbered here for the pass, then bo's
+    hello (or resume) in the same pass makes this broker follow @bo: the
+    rewind after Redis numbered the message goes back to what was loaded,
+    not to before the pass's own message."""
+    core = following_core()
+    core.elsewhere["bo"] = "Bo"
+    core.followed("#general", [], [], 0, {})
+    core.followed("@al", [], [], 0, None)
+    welcome = next(o.message for o in hello(core, b"p", "al") if isinstance(o, Reply))
+    out = core.handle(b"p", [m.encode(m.Say("x", "psst", to="bo", session=welcome.resume))],
+                      0.0, 100.0)
+    core.followed("@bo", [m.Message(n, 0.0, "zed", f"t{n}", to="bo") for n in range(1, 6)],
+                  [], 5, None)
+    records = [o for o in out if isinstance(o, Persist)]
+    core.handed_over(out, {id(r.event): 6 for r in records})
+    bo = core.streams["@bo"]
+    assert bo.seq == 5 and [e.seq for e in bo.history] == [1, 2, 3, 4, 5]
+    core.receive("@bo", m.Message(6, 0.0, "al", "psst", to="bo"), ("al", "x"))
+    assert bo.seq == 6 and [e.seq for e in bo.history] == [1, 2, 3, 4, 5, 6]
+
+
 # --- sessions kept in Redis: a session of another broker taken over ------------------------
 
 from broker_backplane import SessionRecord, secret_digest  # noqa: E402
