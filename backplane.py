@@ -8,22 +8,32 @@ acknowledged, not shown twice). One Lua script per loop pass numbers and
 stores the pass's new events and publishes one notification for them all,
 atomically: the broker acknowledges a message only once the script ran.
 
-Every broker subscribes to the notifications (a thread of its own reads
-them and hands them over through an inproc PAIR socket: a Redis connection
-and a ZeroMQ socket each belong to one thread) and feeds them, in each
-stream's order (backplane_core.Follower), to its BrokerCore, which
-publishes a room's events on its own PUB socket and gives a user's direct
-messages to that user's connections here. A hole (a lost subscription, a
-start) is repaired from the Redis Stream with XRANGE before anything after
-it goes out. Each broker thus holds a copy of every stream's last events,
-loaded from Redis when it starts, from which it answers ``fetch`` and
-``recent``.
+Each stream's events are published on a channel of the stream's own, and
+each broker subscribes only to the streams its clients follow (a room
+someone here is in or subscribes to, the direct messages of a user
+connected here): a thread of its own reads them and hands them over
+through an inproc PAIR socket (a Redis connection and a ZeroMQ socket each
+belong to one thread; the broker's thread asks it to subscribe and
+unsubscribe through the same PAIR), and feeds them, in each stream's order
+(backplane_core.Follower), to its BrokerCore, which publishes a room's
+events on its own PUB socket and gives a user's direct messages to that
+user's connections here. Following a stream is the Clone pattern:
+subscribe first, then load the stream's last events from Redis, so that
+nothing published in between is lost (what came twice is dropped by seq).
+A hole (a lost subscription) is repaired from the Redis Stream with XRANGE
+before anything after it goes out. Each broker thus holds the last events
+of the streams it follows, from which it answers ``fetch`` and ``recent``;
+a stream nobody here needs any more is dropped, with its history, after a
+linger of one expiry (a client that comes back meanwhile finds it still
+followed). What every broker needs (who is online, each room's members
+and topic, big rooms' counts) goes on one shared channel.
 
 Each broker also keeps a record of each of its sessions in Redis (written
 by the same script, deleted when the session ends, or by the reaper of a
 broker that died), so that a client that fails over to another broker
 resumes its session there with its token (``hand_over`` looks the token
-up, the core's ``session_found`` takes the session over).
+up, follows the streams the record's session needs that are not followed
+here yet, then the core's ``session_found`` takes the session over).
 
 Redis is imported only here, and this module only when ``--backplane`` is
 given. The URL may carry a password; it is passed to redis-py, never logged.
@@ -33,9 +43,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import threading
 import time
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -43,9 +55,10 @@ import redis
 import zmq
 
 import messages as m
-from backplane_core import Follower, Repair, Shared
+from backplane_core import Follower, Repair, Shared, stream_is_room
 from broker_backplane import SessionRecord, secret_digest, token_digest
 from broker_core import BrokerCore, FindSession, Persist, Reply
+from broker_outputs import Follow, unavailable
 from broker_stream import ACCEPTED_IDS_REMEMBERED
 from log_limit import Outage
 from store import StoreError
@@ -54,7 +67,7 @@ log = logging.getLogger("zchat.backplane")
 
 # Every key starts with this, so one Redis may hold other data too.
 KEY_PREFIX = "zchat:"
-EVENTS_CHANNEL = KEY_PREFIX + "events"
+EVENTS_CHANNEL = KEY_PREFIX + "events"  # shared: presence, rooms' members and topics
 STREAMS_KEY = KEY_PREFIX + "streams"  # the set of every stream with events
 EPOCH_KEY = KEY_PREFIX + "epoch"
 ALIVE_PREFIX = KEY_PREFIX + "alive:"  # + a broker's id: exists while it runs
@@ -97,6 +110,14 @@ READER_ADDRESS = "inproc://zchat-backplane"
 # What the reader sends besides notifications.
 SUBSCRIBED = b"!"  # (re)subscribed: what was published meanwhile is lost, resync
 LOST = b"?"  # the subscription broke
+# The broker asks the reader to subscribe to streams' channels ([FOLLOW,
+# stream ids...], one message) and the reader says when Redis confirmed
+# each (FOLLOW + a stream id, one frame each).
+FOLLOW = b"+"
+DROP = b"-"  # [DROP, stream ids...]: the broker asks the reader to unsubscribe
+# The broker's wait for Redis to confirm a subscription it asked for (a
+# hello or join waits for it): as long as it waits for any script.
+FOLLOW_TIMEOUT_S = SOCKET_TIMEOUT_S
 
 # KEYS: none (the keys are built from ARGV; see README "Scaling out" for
 # what Redis Cluster needs instead). ARGV: key prefix, history, ids
@@ -127,8 +148,10 @@ LOST = b"?"  # the subscription broke
 # JSON has empty "joined" and "left": a person
 # joins when the first broker where that user is in the room enters and
 # leaves when the last leaves (a person on several brokers joins and leaves
-# once), and the event stored names only those; ""
-# anything else. A person's name as shown is kept with the broker's
+# once), and the event stored names only those; "t" a room's topic (the
+# name key field carries the topic, the message id field the room's name,
+# both kept in the room's {room}:info hash for brokers that do not follow
+# it); "" anything else. A person's name as shown is kept with the broker's
 # memberships (b:ID:in, "stream name-key" -> name) for the leaves of a
 # broker that dies, and in the room's members (NAME-KEY -> name). A room
 # whose members go above the threshold is "counting" ({room}:counting)
@@ -136,10 +159,15 @@ LOST = b"?"  # the subscription broke
 # stored but told as a count change (each broker publishes the count, as
 # main's broker does for a big room). Returns {names taken, per event: its
 # seq, minus the seq of a resend accepted earlier, or 0 if not stored}.
-# The notification is
-# {"e": [[stream, seq, name key, message id, event JSON], ...],
-#  "p": [[broker, name key, name or ""], ...],
-#  "c": [[stream, room name, [[name key, name] joined, ...], [name key left, ...]], ...]}.
+# Each stream's new events are published on the stream's own channel
+# (stream_channel), for the brokers that follow it:
+# {"e": [[stream, seq, name key, message id, event JSON], ...]}; what
+# every broker needs goes on EVENTS_CHANNEL:
+# {"p": [[broker, name key, name or ""], ...],
+#  "c": [[stream, room name, [[name key, name] joined, ...], [name key left, ...]], ...],
+#  "r": [[stream, room name, joined as in "c", left as in "c", seq], ...] (a stored
+#       presence event: who is in each room, for the rooms listing and who),
+#  "t": [[stream, room name, topic, seq], ...]}.
 APPEND_SCRIPT = """
 local prefix, history, remember = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local me, brokers, threshold = ARGV[4], ARGV[5], tonumber(ARGV[6])
@@ -196,13 +224,18 @@ for _ = 1, tonumber(ARGV[i]) do
   i = i + 5
 end
 i = i + 1
-local results, notes, counts, skipping = {}, {}, {}, false
+local results, notes, order, counts, skipping = {}, {}, {}, {}, false
+local rooms, topics = {}, {}
 while i <= #ARGV do
   local sid, kind, key, mid = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
   local ev, actor = ARGV[i+4], ARGV[i+5]
+  local changes = nil
   i = i + 6
   local base = prefix .. '{' .. sid .. '}'
-  local store, seen = true, false
+  local store, seen, topic = true, false, nil
+  if kind == 't' then
+    topic, key = key, ''
+  end
   if kind == 'f' and skipping then
     store = false
   elseif kind == 'p' then
@@ -229,6 +262,7 @@ while i <= #ARGV do
       end
     end
     key = ''
+    redis.call('HSETNX', base .. ':info', 'name', mid)
     store = #joined + #left > 0
     if store then
       local counting = redis.call('EXISTS', base .. ':counting') == 1
@@ -243,6 +277,7 @@ while i <= #ARGV do
         counts[#counts+1] = {sid, mid, came, went}
         redis.call('SADD', prefix .. 'streams', sid)  -- its members load with it
       else
+        changes = {sid, mid, came, went}
         local at = string.find(ev, '"joined":[],"left":[]', 1, true)
         ev = string.sub(ev, 1, at - 1) .. '"joined":[' .. table.concat(joined, ',')
              .. '],"left":[' .. table.concat(left, ',') .. ']' .. string.sub(ev, at + 21)
@@ -272,11 +307,28 @@ while i <= #ARGV do
     end
     if seq == 1 then redis.call('SADD', prefix .. 'streams', sid) end
     results[#results+1] = seq
-    notes[#notes+1] = {sid, seq, kind == 'm' and key or '', kind == 'm' and mid or '', ev}
+    if not notes[sid] then
+      notes[sid] = {}
+      order[#order+1] = sid
+    end
+    local note = notes[sid]
+    note[#note+1] = {sid, seq, kind == 'm' and key or '', kind == 'm' and mid or '', ev}
+    if changes then
+      changes[5] = seq
+      rooms[#rooms+1] = changes
+    end
+    if topic then
+      redis.call('HSET', base .. ':info', 'topic', topic, 'name', mid)
+      topics[#topics+1] = {sid, mid, topic, seq}
+    end
   end
 end
-if #notes > 0 or #presence > 0 or #counts > 0 then
-  redis.call('PUBLISH', prefix .. 'events', cjson.encode({e = notes, p = presence, c = counts}))
+if #presence > 0 or #counts > 0 or #rooms > 0 or #topics > 0 then
+  redis.call('PUBLISH', prefix .. 'events',
+             cjson.encode({p = presence, c = counts, r = rooms, t = topics}))
+end
+for _, sid in ipairs(order) do
+  redis.call('PUBLISH', prefix .. '{' .. sid .. '}:events', cjson.encode({e = notes[sid]}))
 end
 return {taken, results}
 """
@@ -292,6 +344,19 @@ def stream_key(stream: str, kind: str) -> str:
     that user is in the room).
     The braces are a Cluster hash tag: one stream's keys share a slot."""
     return f"{KEY_PREFIX}{{{stream}}}:{kind}"
+
+
+def stream_channel(stream: str) -> str:
+    """The channel of a stream's new events: hash-tagged as its keys are, so
+    that with Cluster's sharded pub/sub it lives in the stream's slot."""
+    return stream_key(stream, "events")
+
+
+def _channel_stream(channel: bytes) -> str | None:
+    """The stream of a channel from stream_channel; None for another channel."""
+    text = channel.decode()
+    head, tail = KEY_PREFIX + "{", "}:events"
+    return text[len(head):-len(tail)] if text.startswith(head) and text.endswith(tail) else None
 
 
 def _digest(core: BrokerCore, user) -> str:
@@ -363,6 +428,18 @@ class Backplane:
         self.reader: threading.Thread | None = None
         self.pair: zmq.Socket | None = None
         self._stopping = threading.Event()
+        # Frames the reader handed over while the broker waited for a
+        # subscription, to be read (in their order) before the PAIR's next.
+        self.waiting: deque[bytes] = deque()
+        self.subscribed = False  # the reader's subscription is live (SUBSCRIBED, no LOST since)
+        # stream -> since when (monotonic) no client here needs it: dropped after a linger
+        self.unwanted: dict[str, float] = {}
+        # Requests of this batch that wait for streams to be followed (handle),
+        # with the streams each needs, and their connections.
+        self.deferred: list[tuple] = []
+        self.deferred_peers: set[bytes] = set()
+        # Rooms whose topic a subscriber here subscribed to in this pass, to follow
+        self.to_follow: dict[str, None] = {}
 
     # --- start and stop ------------------------------------------------------------
 
@@ -375,26 +452,44 @@ class Backplane:
             raise BackplaneError(f"cannot reach the backplane at {self.where}: {e}") from None
 
     def start(self, ctx: zmq.Context, core: BrokerCore) -> zmq.Socket:
-        """Subscribe, then load every stream's last events into ``core``;
-        the socket to poll for notifications."""
+        """Subscribe to what every broker needs, then load every room's name,
+        topic and members into ``core`` (no stream is followed yet); the
+        socket to poll for notifications."""
         self.pair = ctx.socket(zmq.PAIR)
         self.pair.bind(READER_ADDRESS)
         self.reader = threading.Thread(target=self._read_notifications, args=(ctx,),
                                        name="backplane-reader", daemon=True)
         self.reader.start()
+        self._await_subscription()
         core.presence_log = []
         core.elsewhere = {}
+        core.following = set()
         core.session_log = {}
         for room in core.rooms.values():  # #general: everyone in it, as Redis says
             room.share({})
         try:
-            self._load(core)
+            self._load_rooms(core)
+            for room in core.rooms.values():
+                room.counting = room.count() > core.config.presence_threshold
             self._load_presence(core)
             self.tick(core, time.monotonic(), time.time())  # alive before any claim
         except redis.RedisError as e:
             raise BackplaneError(f"cannot load the streams from {self.where}: {e}") from None
         log.info("backplane: sharing the chat through Redis at %s", self.where)
         return self.pair
+
+    def _await_subscription(self) -> None:
+        """Wait (briefly) until the reader subscribed to the shared channel,
+        so that what is loaded next misses nothing told after; past the wait
+        its SUBSCRIBED, when it comes, resyncs instead."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S + FOLLOW_TIMEOUT_S
+        while (wait_ms := math.ceil((deadline - time.monotonic()) * 1000)) > 0 \
+                and self.pair.poll(wait_ms):
+            frame = self.pair.recv()
+            if frame == SUBSCRIBED:
+                self.subscribed = True
+                return
+            self.waiting.append(frame)
 
     def close(self) -> None:
         self._stopping.set()
@@ -404,23 +499,162 @@ class Backplane:
             self.pair.close(linger=0)
         self.redis.close()
 
-    def _load(self, core: BrokerCore) -> None:
-        """Every stream's last ``history`` events and accepted ids, into the core."""
-        streams = sorted(s.decode() for s in self.redis.smembers(STREAMS_KEY))
+    def _load_rooms(self, core: BrokerCore) -> None:
+        """Every room's name as created, topic, members and seq, into the core."""
+        streams = sorted(x for x in (s.decode() for s in self.redis.smembers(STREAMS_KEY))
+                         if stream_is_room(x))
+        pipe = self.redis.pipeline(transaction=False)
         for stream in streams:
-            pipe = self.redis.pipeline(transaction=True)  # the events and members together
-            pipe.xrevrange(stream_key(stream, "x"), count=self.history)
             pipe.hgetall(stream_key(stream, "members"))
-            entries, members = pipe.execute()
+            pipe.hmget(stream_key(stream, "info"), "name", "topic")
+            pipe.get(stream_key(stream, "n"))
+        results = pipe.execute()
+        for n, stream in enumerate(streams):
+            members, (name, topic), counter = results[3 * n:3 * n + 3]
+            core.room_known(stream, name.decode() if name else None,
+                            topic.decode() if topic else "",
+                            {k.decode(): shown.decode() for k, shown in members.items()},
+                            int(counter or 0))
+        log.info("backplane: %d rooms known", len(streams))
+
+    # --- which streams this broker follows ----------------------------------------------
+
+    def handle(self, core: BrokerCore, peer: bytes, frames: list[bytes], now: float,
+               wall: float, client_key: str | None = None) -> list:
+        """``core.handle``, unless the request needs streams not followed
+        yet (a hello's rooms and direct messages, a joined room): then it
+        waits, with whatever its connection sends after it in the batch,
+        for ``handle_deferred``, which follows all of the batch's at once
+        (a join storm costs a round trip to Redis per batch, not per hello)."""
+        if self.deferred and peer in self.deferred_peers:
+            self.deferred.append((peer, frames, now, wall, client_key, ()))
+            return []
+        out = core.handle(peer, frames, now, wall, client_key)
+        if out and type(out[0]) is Follow:
+            self.deferred.append((peer, frames, now, wall, client_key, out[0].streams))
+            self.deferred_peers.add(peer)
+            return []
+        return out
+
+    def handle_deferred(self, core: BrokerCore) -> list:
+        """Follow the streams the pass's deferred requests need, and the
+        rooms subscribed to, then hand the requests in again, in their
+        order; a request whose streams cannot be followed now is refused
+        ``unavailable`` (a room subscribed to is tried again at the next
+        heartbeat)."""
+        out: list = []
+        rooms, self.to_follow = self.to_follow, {}
+        if rooms and not self.deferred:
+            self.follow(core, list(rooms))
+        while self.deferred:
+            batch, self.deferred = self.deferred, []
+            self.deferred_peers = set()
+            streams = {**rooms, **dict.fromkeys(s for *_, needs in batch for s in needs)}
+            rooms = {}
+            followed = self.follow(core, list(streams))
+            for peer, frames, now, wall, client_key, needs in batch:
+                if needs and not followed:
+                    out.append(Reply(peer, unavailable(None, core.config.heartbeat_interval,
+                                                       "reach its backplane")))
+                else:  # another stream needed now (a join after a hello): the next round
+                    out += self.handle(core, peer, frames, now, wall, client_key)
+        return out
+
+    def subscription(self, core: BrokerCore, frame: bytes) -> None:
+        """A (un)subscription from the XPUB: a room's topic subscribed to
+        here is followed from now on (by ``handle_deferred``, in the same
+        pass: before the probes behind it are answered)."""
+        key = core.subscribed(frame[1:], frame[:1] == b"\x01")
+        if key is not None:
+            self.to_follow[key] = None
+
+    def follow(self, core: BrokerCore, streams) -> bool:
+        """Follow ``streams`` from now on: subscribe to their channels (the
+        reader does, and says when Redis confirmed), then load their last
+        events; False if Redis did not allow it now (nothing is followed)."""
+        wanted = [s for s in streams if s not in core.following]
+        if not wanted:
+            return True
+        if not self.subscribed:  # the reader has no subscription: nothing to wait for
+            return False
+        self.pair.send_multipart([FOLLOW, *(s.encode() for s in wanted)])
+        try:
+            confirmed = self._confirmed(set(wanted)) and self._load_streams(core, wanted)
+        except redis.RedisError as e:
+            log.warning("backplane: cannot load %d stream(s) now: %s", len(wanted), e)
+            confirmed = False
+        if not confirmed:
+            self.pair.send_multipart([DROP, *(s.encode() for s in wanted)])
+            return False
+        now = time.monotonic()
+        for stream in wanted:
+            self.unwanted[stream] = now  # dropped after the linger if nobody needs it
+        return True
+
+    def _confirmed(self, pending: set[str]) -> bool:
+        """Wait until the reader says each of ``pending`` is subscribed to;
+        what else it hands over meanwhile waits in ``waiting``."""
+        deadline = time.monotonic() + FOLLOW_TIMEOUT_S
+        while pending:
+            wait_ms = math.ceil((deadline - time.monotonic()) * 1000)
+            if wait_ms <= 0 or not self.pair.poll(wait_ms):
+                log.warning("backplane: Redis did not confirm a subscription within %.1f s",
+                            FOLLOW_TIMEOUT_S)
+                return False
+            frame = self.pair.recv()
+            if frame[:1] == FOLLOW:
+                pending.discard(frame[1:].decode())
+                continue
+            self.waiting.append(frame)
+            if frame == LOST:
+                return False
+        return True
+
+    def _load_streams(self, core: BrokerCore, streams: list[str]) -> bool:
+        """Each stream's seq, last events and (a room's) members, read in one
+        transaction after its subscription is live, into the core."""
+        pipe = self.redis.pipeline(transaction=True)
+        for stream in streams:
+            pipe.get(stream_key(stream, "n"))
+            pipe.xrevrange(stream_key(stream, "x"), count=self.history)
+            if stream_is_room(stream):
+                pipe.hgetall(stream_key(stream, "members"))
+        results = iter(pipe.execute())
+        for stream in streams:
+            seq, entries = int(next(results) or 0), next(results)
+            members = ({k.decode(): v.decode() for k, v in next(results).items()}
+                       if stream_is_room(stream) else None)
             shared = [s for s in (self._from_entry(stream, e) for e in reversed(entries)) if s]
-            core.restore(stream, [s.event for s in shared],
-                         [(s.sender_id, s.event.seq) for s in shared if s.sender_id])
-            if (room := core.rooms.get(stream)) is not None:
-                room.share({k.decode(): name.decode() for k, name in members.items()})
-                room.counting = room.count() > core.config.presence_threshold
-            if shared:
-                self.follower.start_at(stream, shared[-1].event.seq)
-        log.info("backplane: %d streams loaded", len(streams))
+            core.followed(stream, [s.event for s in shared],
+                          [(s.sender_id, s.event.seq) for s in shared if s.sender_id], seq,
+                          members)
+            self.follower.restart(stream, seq)
+        log.debug("backplane: following %d more stream(s)", len(streams))
+        return True
+
+    def unfollow(self, core: BrokerCore, stream: str) -> None:
+        """Stop following ``stream``: unsubscribe, and forget its events."""
+        self.pair.send_multipart([DROP, stream.encode()])
+        core.unfollowed(stream)
+        self.follower.forget(stream)
+        log.debug("backplane: no longer following %s", stream)
+
+    def _drop_unwanted(self, core: BrokerCore, now: float) -> None:
+        """Unfollow the streams no client here has needed for one expiry (a
+        client that lost its connection comes back within it); follow again
+        a room subscribed to here whose following failed."""
+        for stream in core.unwanted:
+            self.unwanted[stream] = now
+        core.unwanted.clear()
+        for stream, since in list(self.unwanted.items()):
+            if stream not in core.following or core.wants(stream):
+                del self.unwanted[stream]
+            elif now - since >= core.config.expiry:
+                del self.unwanted[stream]
+                self.unfollow(core, stream)
+        missing = [key for key in core.subscribed_rooms if key not in core.following]
+        if missing:
+            self.follow(core, missing)
 
     # --- new events -------------------------------------------------------------------
 
@@ -472,32 +706,59 @@ class Backplane:
     def _find_sessions(self, core: BrokerCore, outputs: list) -> list:
         """Each FindSession among ``outputs`` replaced by the core's answer
         once its token's record is read (one round trip for them all): the
-        session taken over, a new session, or, with Redis down, a refusal."""
+        session taken over, a new session, or, with Redis down, a refusal.
+        Lookup first, then following: a session's streams (its record's
+        rooms, its user's direct messages) not followed here yet are
+        followed for them all at once, and the core is given the same
+        record again, so the welcome comes from loaded streams."""
         finds = [o for o in outputs if type(o) is FindSession]
         try:
             pipe = self.redis.pipeline(transaction=False)
             for find in finds:
                 pipe.hgetall(SESSION_PREFIX + token_digest(find.hello.resume))
-            found = dict(zip(map(id, finds), map(_record, pipe.execute())))
+            records = list(map(_record, pipe.execute()))
         except redis.RedisError as e:
             self.outage.failed(e)
-            found = None
+            answers = {id(find): core.session_lookup_failed(find) for find in finds}
+        else:
+            answers = self._sessions_found(core, finds, records)
         out: list = []
         for item in outputs:
-            if type(item) is not FindSession:
-                out.append(item)
-            elif found is None:
-                out += core.session_lookup_failed(item)
-            else:
-                record = found[id(item)]
-                answer = core.session_found(item, record)
-                session = core.sessions.get(item.peer)
-                if session is not None and any(type(o) is Reply and o.message is session.adopted
-                                               for o in answer):
-                    self.adopting[session.user.name_key] = record.broker
-                out += answer
+            out += answers[id(item)] if type(item) is FindSession else [item]
         # the joins of the sessions taken over go to Redis with this pass
         return out + core.flush_presence(core.last_wall)
+
+    def _sessions_found(self, core: BrokerCore, finds: list, records: list) -> dict[int, list]:
+        """The core's answer to each of ``finds`` given its record (by the
+        find's id), the streams the sessions need followed first."""
+        answers: dict[int, list] = {}
+        waiting: list[tuple[FindSession, SessionRecord | None]] = []
+        streams: dict[str, None] = {}
+        for find, record in zip(finds, records):
+            answer = core.session_found(find, record)
+            if answer and type(answer[0]) is Follow:
+                waiting.append((find, record))
+                streams.update(dict.fromkeys(answer[0].streams))
+            else:
+                answers[id(find)] = self._adopted(core, find, record, answer)
+        followed = not streams or self.follow(core, list(streams))
+        for find, record in waiting:
+            answer = core.session_found(find, record) if followed else []
+            if not answer or type(answer[0]) is Follow:
+                answer = [Reply(find.peer, unavailable(None, core.config.heartbeat_interval,
+                                                       "reach its backplane"))]
+            answers[id(find)] = self._adopted(core, find, record, answer)
+        return answers
+
+    def _adopted(self, core: BrokerCore, find: FindSession, record: SessionRecord | None,
+                 answer: list) -> list:
+        """``answer``; if it takes over ``record``'s session, its name is
+        claimed from the broker that held it (which then does not count)."""
+        session = core.sessions.get(find.peer)
+        if session is not None and any(type(o) is Reply and o.message is session.adopted
+                                       for o in answer):
+            self.adopting[session.user.name_key] = record.broker
+        return answer
 
     def _argv(self, record: Persist, actor: str) -> list:
         """The six script arguments of one new event."""
@@ -511,6 +772,8 @@ class Backplane:
             key = json.dumps([[m.name_key(name), name, reason or ""]
                               for name, reason in event.people()])
             event = replace(event, joined=[], left=[])  # Redis names whom it stores
+        elif isinstance(event, m.Topic):
+            kind, key, mid = "t", event.text, event.room or record.stream
         else:
             kind = ""
         return [record.stream, kind, key, mid, _event_json(event), actor]
@@ -576,6 +839,7 @@ class Backplane:
         if now < self.next_beat:
             return
         self.next_beat = now + core.config.heartbeat_interval
+        self._drop_unwanted(core, now)
         expiry_ms = max(1, int(core.config.expiry * 1000))
         try:
             pipe = self.redis.pipeline(transaction=False)
@@ -632,29 +896,60 @@ class Backplane:
         """The core's outputs for the notifications waiting, in order."""
         out: list = []
         while True:
-            try:
-                frame = self.pair.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return out
+            if self.waiting:
+                frame = self.waiting.popleft()
+            else:
+                try:
+                    frame = self.pair.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return out
             if frame == SUBSCRIBED:
+                self.subscribed = True
                 out += self._resync(core)
-            elif frame != LOST:
+            elif frame == LOST:
+                self.subscribed = False
+            elif frame[:1] == FOLLOW:  # subscribed again (a reconnect), or given up
+                out += self._catch_up(core, frame[1:].decode())
+            else:
                 out += self._notified(core, frame)
+
+    def _catch_up(self, core: BrokerCore, stream: str) -> list:
+        """The subscription to ``stream`` is live again: what was published
+        before it is repaired (Redis resubscribes in any order after a
+        reconnect, so the shared channel's resync may have come first)."""
+        if stream not in core.following:
+            return []
+        try:
+            counter = int(self.redis.get(stream_key(stream, "n")) or 0)
+        except redis.RedisError as e:
+            log.warning("backplane: cannot catch up %s now: %s", stream, e)
+            return []
+        out: list = []
+        for repair in self.follower.behind(stream, counter):
+            out += self._repair(core, repair)
+        return out
 
     def _notified(self, core: BrokerCore, frame: bytes) -> list:
         try:
             note = json.loads(frame)
             # Lua's {} is an empty list
-            events, presence, counts = note["e"] or [], note["p"] or [], note.get("c") or []
+            events, presence = note.get("e") or [], note.get("p") or []
             for broker, key, name in presence:
                 self._seen(core, broker, key, name)
-            for stream, room, joined, left in counts:
+            for stream, room, joined, left in note.get("c") or []:
                 core.counted(stream, room, [(k, name) for k, name in joined or []], left or [])
+            for stream, room, joined, left, seq in note.get("r") or []:
+                core.room_changed(stream, room, [(k, name) for k, name in joined or []],
+                                  left or [], seq)
+            for stream, room, topic, seq in note.get("t") or []:
+                core.topic_changed(stream, room, topic, seq)
         except (ValueError, KeyError, TypeError, AttributeError):
             log.error("backplane: a notification is not one, skipped")
             return []
         out: list = []
         for stream, seq, key, mid, event_json in events:
+            if stream not in core.following:
+                continue  # sent before the unsubscription, or a subscription given up
             shared = _shared(stream, seq, key, mid, event_json)
             if shared is not None:
                 out += self._follow(core, shared)
@@ -688,8 +983,8 @@ class Backplane:
         return out
 
     def _resync(self, core: BrokerCore) -> list:
-        """After (re)subscribing: repair every stream that moved on meanwhile,
-        and read again who is online elsewhere."""
+        """After (re)subscribing: repair every stream followed that moved on
+        meanwhile, and read again who is online elsewhere and every room."""
         try:
             if self.redis.get(EPOCH_KEY) != core.epoch.encode():
                 log.critical("backplane: Redis at %s lost the chat (its epoch is gone): "
@@ -697,7 +992,7 @@ class Backplane:
                 self.lost = True
                 return []
             self._load_presence(core)
-            streams = [s.decode() for s in self.redis.smembers(STREAMS_KEY)]
+            streams = sorted(core.following)
             pipe = self.redis.pipeline(transaction=False)
             for stream in streams:
                 pipe.get(stream_key(stream, "n"))
@@ -709,21 +1004,11 @@ class Backplane:
         for stream, counter in zip(streams, counters):
             for repair in self.follower.behind(stream, int(counter or 0)):
                 out += self._repair(core, repair)
-        self._reload_members(core)
-        return out
-
-    def _reload_members(self, core: BrokerCore) -> None:
-        """Everyone in each room afresh from Redis: a big room's changes
-        told meanwhile (not stored as events) were lost with the subscription."""
-        rooms = [room for room in core.rooms.values() if room.everyone is not None]
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            for room in rooms:
-                pipe.hgetall(stream_key(m.room_key(room.name), "members"))
-            for room, members in zip(rooms, pipe.execute()):
-                room.share({k.decode(): name.decode() for k, name in members.items()})
+        try:  # a big room's changes told meanwhile (not stored as events) were lost too
+            self._load_rooms(core)
         except redis.RedisError as e:
-            log.warning("backplane: cannot read the rooms' members now: %s", e)
+            log.warning("backplane: cannot read the rooms now: %s", e)
+        return out
 
     # --- who is online elsewhere -----------------------------------------------------------
 
@@ -774,31 +1059,76 @@ class Backplane:
                 self._stopping.wait(HAND_ON_RETRY_S)
 
     def _read_notifications(self, ctx: zmq.Context) -> None:
-        """The reader thread: notifications from Redis to the PAIR socket."""
+        """The reader thread: notifications from Redis to the PAIR socket,
+        and the broker's (un)subscriptions from the PAIR to Redis. It waits
+        on both at once: the PAIR and the pub/sub connection's socket."""
         pair = ctx.socket(zmq.PAIR)
         pair.connect(READER_ADDRESS)
+        channels: set[str] = set()  # the streams' channels the broker follows
         pubsub = None
+        waiting = _Waiting(pair)
         try:
             while not self._stopping.is_set():
                 try:
                     if pubsub is None:
                         pubsub = self.redis.pubsub()
-                        pubsub.subscribe(EVENTS_CHANNEL)
-                    message = pubsub.get_message(timeout=READER_POLL_S)
+                        # the shared channel last: its confirmation (SUBSCRIBED,
+                        # then a resync) comes once every stream's is live
+                        pubsub.subscribe(*sorted(channels), EVENTS_CHANNEL)
+                    self._pass_on(pubsub, pair)
+                    waiting.wait(pubsub)
+                    self._take_requests(pubsub, pair, channels)
                 except redis.RedisError:
                     if pubsub is not None:
                         pubsub.close()
                         pubsub = None
                         self._hand_on(pair, LOST)
                     self._stopping.wait(RESUBSCRIBE_S)
-                    continue
-                if message is None:
-                    continue
-                if message["type"] == "subscribe":
-                    self._hand_on(pair, SUBSCRIBED)
-                elif message["type"] == "message":
-                    self._hand_on(pair, message["data"])
         finally:
             if pubsub is not None:
                 pubsub.close()
             pair.close(linger=0)
+
+    def _pass_on(self, pubsub, pair: zmq.Socket) -> None:
+        """Hand over what Redis sent that is already here (read or buffered)."""
+        while (message := pubsub.get_message(timeout=0)) is not None:
+            if message["type"] == "message":
+                self._hand_on(pair, message["data"])
+            elif message["type"] == "subscribe":
+                stream = _channel_stream(message["channel"])
+                self._hand_on(pair, SUBSCRIBED if stream is None else FOLLOW + stream.encode())
+
+    def _take_requests(self, pubsub, pair: zmq.Socket, channels: set[str]) -> None:
+        """Subscribe and unsubscribe as the broker asks ([+ or -, streams...]):
+        one command per request, however many streams it names."""
+        while pair.poll(0):
+            verb, *streams = pair.recv_multipart()
+            named = [stream_channel(s.decode()) for s in streams]
+            if verb == FOLLOW:
+                channels.update(named)
+                pubsub.subscribe(*named)
+            else:
+                channels.difference_update(named)
+                pubsub.unsubscribe(*named)
+
+
+class _Waiting:
+    """The reader's wait until Redis or the broker has something (or the
+    broker may be stopping): the PAIR and the pub/sub connection's socket,
+    polled at once (registered again when redis-py connected anew)."""
+
+    def __init__(self, pair: zmq.Socket):
+        self.pair = pair
+        self.poller: zmq.Poller | None = None
+        self.fd = -1
+
+    def wait(self, pubsub) -> None:
+        sock = getattr(pubsub.connection, "_sock", None)
+        if sock is None:
+            raise redis.ConnectionError("the subscription's connection is closed")
+        if sock.fileno() != self.fd or self.poller is None:
+            self.fd = sock.fileno()
+            self.poller = zmq.Poller()
+            self.poller.register(self.pair, zmq.POLLIN)
+            self.poller.register(self.fd, zmq.POLLIN)
+        self.poller.poll(READER_POLL_S * 1000)

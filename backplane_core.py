@@ -1,8 +1,8 @@
 """The backplane's ordering, with no I/O: shared events back in seq order.
 
 With ``--backplane`` several brokers share every stream through Redis
-(backplane.py): Redis numbers each new event and notifies every broker, and
-each broker hands the notified events to its BrokerCore, which publishes or
+(backplane.py): Redis numbers each new event and notifies the brokers that
+follow the stream, and each hands the notified events to its BrokerCore, which publishes or
 delivers them. Notifications come in the order Redis ran its scripts, but a
 lost subscription (a reconnect) or a late start leaves holes. ``Follower``
 puts a stream's events back in order: it passes each on exactly once, in
@@ -56,6 +56,17 @@ class Follower:
     def start_at(self, stream: str, seq: int) -> None:
         """``stream`` is known up to ``seq`` (loaded from Redis)."""
         self.last[stream] = max(self.last.get(stream, 0), seq)
+
+    def restart(self, stream: str, seq: int) -> None:
+        """``stream`` is followed again from ``seq`` (loaded from Redis now)."""
+        self.forget(stream)
+        self.last[stream] = seq
+
+    def forget(self, stream: str) -> None:
+        """``stream`` is no longer followed here."""
+        self.last.pop(stream, None)
+        self.held.pop(stream, None)
+        self.asked.pop(stream, None)
 
     def jump_to(self, stream: str, seq: int) -> None:
         """The events of ``stream`` before ``seq`` are gone from Redis (its

@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+from functools import partial
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -287,6 +288,8 @@ class BrokerShell:
             # Rounded up: pyzmq truncates to whole milliseconds, and a wait of
             # 0 ms would spin until the deadline.
             wait_ms = math.ceil(max(0.0, (deadline - time.monotonic()) * 1000))
+            if self.backplane is not None and self.backplane.waiting:
+                wait_ms = 0  # notifications set aside while following a stream
             ready = dict(zmq.zmq_poll(self.poll_items, wait_ms))
             # Two clocks: monotonic for every timer, the wall clock only for
             # the times stamped on events for people to read.
@@ -295,7 +298,8 @@ class BrokerShell:
             read, more = 0, False
             # New connections counted (or refused) before anything they sent.
             self.admission.read(ready)
-            if self.notifications in ready:
+            if self.notifications in ready or self.backplane is not None \
+                    and self.backplane.waiting:
                 # Before the requests: the shared events take their places
                 # in the streams before this pass numbers anything new.
                 out += self.backplane.read(self.core)
@@ -303,6 +307,8 @@ class BrokerShell:
                 read, more = self._read_requests(out, now, wall)
             if self.pub in ready:
                 out += self._read_subscriptions(wall)
+            if self.backplane is not None:  # the streams that hellos, joins and SUBs need
+                out += self.backplane.handle_deferred(self.core)
             out += self.core.tick(now, wall, more)
             if now >= self.next_books:
                 out += self._keep_books(now, wall)
@@ -360,6 +366,8 @@ class BrokerShell:
         # recv_multipart costs twice as much per request (a getsockopt per
         # frame). The routing id's frame carries the connection's metadata.
         recv, handle, keys_checked = self.router.recv, self.core.handle, self.keys_checked
+        if self.backplane is not None:  # a request may need a stream followed first
+            handle = partial(self.backplane.handle, self.core)
         known, over = self.outbound.replies, self.outbound.over
         for read in range(RECV_BATCH):
             # At chat rates a pass finds one request: polling for another
@@ -399,6 +407,8 @@ class BrokerShell:
                 if read == 1 and not zmq.zmq_poll(pub_only, 0):
                     break
                 frame = recv(_NOBLOCK)
+                if self.backplane is not None:  # a room's topic: followed before the probe
+                    self.backplane.subscription(self.core, frame)
                 if frame[:1] == b"\x01":  # a subscription (b"\x00" unsubscribes)
                     out += self.core.ready_probe(frame[1:], wall)
         except zmq.Again:  # all read

@@ -11,6 +11,23 @@ backplane whose standing changed here and who is online on the others.
 ``session_found`` takes over a session of another broker whose record the
 backplane read (a client that failed over, resuming with its token).
 
+Each broker follows only the streams its clients need (``following``): a
+room while a connection here is in it or a subscriber here subscribes to
+its topic, a user's direct messages while that user has a connection
+here. A hello or a join that needs a stream not followed yet gets one
+``Follow`` back, with nothing changed: the shell follows it (subscribes,
+then loads it from Redis) and hands the request in again, so welcomes,
+room answers, ``fetch`` and ``recent`` are answered from a loaded stream.
+Streams nobody here needs any more are noted in ``unwanted`` for the
+shell to drop (after a linger), which frees their history. Every room's
+name, topic and members stay known whether followed or not
+(``room_known``, ``room_changed``, ``topic_changed``): ``rooms`` and
+``who`` answer for every room. A session taken over from another broker
+needs the rooms of its record: ``session_found`` gives one ``Follow`` of
+those not followed here (and of the user's direct messages), and the
+shell gives it the same record again once they are followed, so the
+welcome (``resumed``) is built from loaded streams.
+
 BackplaneSeam is a part of BrokerCore (broker_core.py), which inherits it:
 its methods use the core's tables and its rewinding after a write that
 did not happen (``_rewind``, ``_undo_hello``, ``_as_stored``). No I/O.
@@ -23,7 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import messages as m
-from broker_outputs import (REFUSED, FindSession, Persist, Publish, Reply, unavailable,
+from broker_outputs import (REFUSED, FindSession, Follow, Persist, Publish, Reply, unavailable,
                             with_message)
 
 
@@ -59,7 +76,135 @@ def token_digest(token: str) -> str:
 
 
 class BackplaneSeam:
-    """What BrokerCore does for the backplane: hand-over, shared events, counts."""
+    """What BrokerCore does for the backplane: hand-over, shared events,
+    counts, and which streams to follow."""
+
+    # --- which streams this broker follows -------------------------------------------
+
+    def _to_follow(self, streams: list[str]) -> list:
+        """[Follow] of those of ``streams`` not followed here, or [] if all are
+        (or there is no backplane: every stream is here)."""
+        if self.following is None:
+            return []
+        missing = tuple(s for s in dict.fromkeys(streams) if s not in self.following)
+        return [Follow(missing)] if missing else []
+
+    def wants(self, stream_id: str) -> bool:
+        """Whether a client here needs ``stream_id``: a connection of the user
+        (direct messages), or in the room or subscribed to its topic."""
+        if stream_id.startswith(m.DM_STREAM_PREFIX):
+            return stream_id[len(m.DM_STREAM_PREFIX):] in self.by_name
+        room = self.rooms.get(stream_id)
+        return stream_id in self.subscribed_rooms or (room is not None and room.sessions > 0)
+
+    def _note_unwanted(self, stream_id: str) -> None:
+        """A client here stopped needing ``stream_id``: the shell checks it."""
+        if self.following is not None:
+            self.unwanted.add(stream_id)
+
+    def subscribed(self, topic: bytes, on: bool) -> str | None:
+        """A subscriber here subscribed to ``topic`` (``on``; the XPUB tells
+        the first subscription to a topic and the last one's end), or ended
+        it. A room's exact topic makes the broker follow the room: the room
+        key to follow now, if it is not followed yet; None otherwise."""
+        if self.following is None or not topic.startswith(m.ROOM_TOPIC_PREFIX) \
+                or topic[-1:] != b"\0":
+            return None
+        key = topic[len(m.ROOM_TOPIC_PREFIX):-1].decode("utf-8", "replace")
+        if m.room_problem(key) or key != m.room_key(key):
+            return None
+        if not on:
+            self.subscribed_rooms.discard(key)
+            self._note_unwanted(key)
+            return None
+        if len(self.subscribed_rooms) >= self.config.max_rooms:
+            return None  # as many as rooms may be: a subscriber's whim follows no more
+        self.subscribed_rooms.add(key)
+        return None if key in self.following else key
+
+    def followed(self, stream_id: str, events: list, accepted_ids, seq: int,
+                 members: dict[str, str] | None) -> None:
+        """This broker follows ``stream_id`` from now on: its last events,
+        their accepted ids and its seq, as Redis has them (and a room's
+        members, read with them)."""
+        self.following.add(stream_id)
+        if stream_id not in self.streams and not events and not seq:
+            return  # a new stream: made by whoever names it first, as without a backplane
+        stream = self.open_stream(stream_id)
+        pending = bool(stream.history)  # this pass's, not stored yet: a message to the user
+        self._forget_history(stream)
+        stream.seq = 0
+        self.restore(stream_id, events, accepted_ids)
+        stream.seq = max(stream.seq, seq)
+        if pending:  # its rewind, once Redis numbered them, goes back to what was loaded
+            self.loaded_in_pass[stream_id] = stream.seq
+        room = self.rooms.get(stream_id)
+        if room is not None and members is not None:
+            room.share(members)
+
+    def unfollowed(self, stream_id: str) -> None:
+        """This broker no longer follows ``stream_id``: its history and
+        accepted ids go (a direct messages stream goes altogether); a room
+        stays listed, with its seq as last followed."""
+        self.following.discard(stream_id)
+        self.to_announce.pop(stream_id, None)
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        self._forget_history(stream)
+        if stream_id.startswith(m.DM_STREAM_PREFIX):
+            del self.streams[stream_id]
+        elif (room := self.rooms.get(stream_id)) is not None:
+            self._forget_if_unused(room)
+
+    def _forget_history(self, stream) -> None:
+        while stream.history:
+            self.history_bytes -= stream.drop_oldest()
+        stream.accepted_ids.clear()
+
+    def _drop_unfollowed(self, stream_id: str) -> None:
+        """A direct messages stream numbered here for a pass (a message to
+        someone on another broker) but not followed: it goes."""
+        if self.following is not None and stream_id not in self.following \
+                and stream_id.startswith(m.DM_STREAM_PREFIX):
+            self.streams.pop(stream_id, None)
+            self.to_announce.pop(stream_id, None)
+
+    # --- every room, followed or not ---------------------------------------------------
+
+    def room_known(self, stream_id: str, name: str | None, topic: str,
+                   members: dict[str, str], seq: int) -> None:
+        """A room as Redis has it (at start, after a lost subscription): its
+        name as created, topic, members on every broker and last seq."""
+        room = self._open_room(name or stream_id)
+        if name:
+            room.name = name
+        room.share(members)
+        if stream_id not in self.following:
+            room.topic = topic
+            room.stream.seq = max(room.stream.seq, seq)
+
+    def room_changed(self, stream_id: str, name: str, joined: list[tuple[str, str]],
+                     left: list[str], seq: int) -> None:
+        """People entered and left a room on some broker (a stored presence
+        event, ``seq``): a room followed here learns it from the event itself."""
+        if stream_id in self.following or stream_id.startswith(m.DM_STREAM_PREFIX):
+            return
+        room = self._open_room(name)  # made as it was created, if new here
+        for name_key, shown in joined:
+            room.shared_in(name_key, shown)
+        for name_key in left:
+            room.shared_out(name_key)
+        room.stream.seq = max(room.stream.seq, seq)
+
+    def topic_changed(self, stream_id: str, name: str, topic: str, seq: int) -> None:
+        """A room's topic changed (event ``seq``): a room followed here
+        learns it from the event itself."""
+        if stream_id in self.following or stream_id.startswith(m.DM_STREAM_PREFIX):
+            return
+        room = self._open_room(name)
+        room.topic = topic
+        room.stream.seq = max(room.stream.seq, seq)
 
     def online_listed(self) -> list[tuple[str, str]]:
         """(name key, name) of everyone online, sorted: here, or with a
@@ -86,7 +231,9 @@ class BackplaneSeam:
 
     def session_found(self, find: FindSession, record: SessionRecord | None) -> list:
         """The hello of ``find`` again, with the record of its resume token
-        as the backplane found it (None: none, a new session then)."""
+        as the backplane found it (None: none, a new session then); or one
+        Follow of the streams that session needs, with nothing changed, for
+        the shell to follow before it calls again with the same record."""
         return self._on_hello(find.peer, self.sessions.get(find.peer), find.hello, self.last_now,
                               self.last_wall, find.client_key, looked_up=True, record=record)
 

@@ -178,6 +178,16 @@ class BrokerCore(RoomPresence, BackplaneSeam):
     # With a backplane: (name key, name) of everyone online on any broker,
     # sorted, built when asked after a change (None: to build again)
     everyone_online: list | None = None
+    # With a backplane: the streams this broker follows (None without one:
+    # every stream is here), the room keys a subscriber here subscribed to,
+    # and the streams a client here stopped needing, for the shell to check
+    # (broker_backplane.py)
+    following: set[str] | None = None
+    subscribed_rooms: set[str] = field(default_factory=set)
+    unwanted: set[str] = field(default_factory=set)
+    # With a backplane: streams followed in this pass that held events of
+    # the pass not stored yet -> the seq loaded, below which no rewind goes
+    loaded_in_pass: dict[str, int] = field(default_factory=dict)
     # With a backplane: the sessions whose record (rooms, existence) changed
     # (token -> session), which the backplane drains to write or delete
     # their records in Redis, for another broker to take them over.
@@ -377,9 +387,14 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         stored: dict[str, int] = {}
         for record in unwritten:
             stored.setdefault(record.stream, record.event.seq - 1)
+        for stream_id, seq in self.loaded_in_pass.items():  # what was loaded stays
+            if stream_id in stored:
+                stored[stream_id] = max(stored[stream_id], seq)
+        self.loaded_in_pass.clear()
         for stream_id, seq in stored.items():
             forgotten = [r.sender_id for r in unwritten if r.stream == stream_id and r.sender_id]
             self.history_bytes -= self.streams[stream_id].truncate(seq, forgotten)
+            self._drop_unfollowed(stream_id)
         for record in reversed(unwritten):  # the first change's previous topic wins
             if isinstance(record.event, m.Topic):
                 self.rooms[record.stream].topic = record.previous_topic or ""
@@ -520,6 +535,9 @@ class BrokerCore(RoomPresence, BackplaneSeam):
                                 f"the broker is full ({self.config.max_users} connections)")
         if (problem := self._rooms_problem(rooms)):
             return self._refuse(peer, m.ErrorCode.TOO_MANY_ROOMS, problem)
+        # after the lookup: a session taken over needs its record's rooms
+        if (follow := self._to_follow([*map(m.room_key, rooms), m.dm_stream(hello.name)])):
+            return follow
         return self._start_session(peer, user, hello, rooms, now, wall, record)
 
     def _start_session(self, peer: bytes, user: User | None, hello: m.Hello, rooms: list[str],
@@ -599,10 +617,14 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         key = m.room_key(join.room)
         if key in session.rooms:  # already in it: the answer is the same
             return [Reply(peer, session.rooms[key].info())]
-        if (refusal := self._spend(session, now)):
-            return refusal
         if (problem := self._rooms_problem([*session.rooms, key])):
             return self._refuse(peer, m.ErrorCode.TOO_MANY_ROOMS, problem, who=session.name)
+        # A join to be refused for rate (the bucket is spent) costs no load
+        # from the backplane; one that may go is handed in again, and spends then.
+        if now >= session.user.bucket.limited_until and (follow := self._to_follow([key])):
+            return follow
+        if (refusal := self._spend(session, now)):
+            return refusal
         room = self._open_room(join.room)
         session.rooms[key] = room
         before = room.stream.seq  # the answer precedes the own join
@@ -669,6 +691,8 @@ class BrokerCore(RoomPresence, BackplaneSeam):
         entry undone because it could not be stored). An empty room in which
         nothing happened goes."""
         room.sessions -= 1
+        if not room.sessions:
+            self._note_unwanted(room.stream.id)
         self._session_changed(session)
         gone = not session.quiet and room.remove_member(session.user.name_key, reason)
         if gone and reason is not None:
@@ -896,6 +920,7 @@ class BrokerCore(RoomPresence, BackplaneSeam):
                 del self.online[bisect.bisect_left(self.online, (user.name_key, user.name))]
         if not user.sessions:
             del self.by_name[user.name_key]  # the name is free again
+            self._note_unwanted(m.dm_stream(user.name))
         self._online_changed(user.name_key)
 
     def _append(self, stream: Stream, make_event, sender_id: tuple[str, str] | None = None,

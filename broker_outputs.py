@@ -3,9 +3,9 @@ and the causes of the warnings it logs.
 
 Every method of the broker's core (broker_core.py and the parts it is made
 of, broker_presence.py and broker_backplane.py) returns a list of Persist,
-Publish and Reply (and, with a backplane, FindSession); the shell
-(broker.py, backplane.py) writes, publishes and sends them, and looks the
-sessions up. Nothing here does I/O.
+Publish and Reply (with a backplane, sometimes one Follow instead, or a
+FindSession); the shell (broker.py, backplane.py) writes, publishes and
+sends them, follows the streams and looks the sessions up. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -71,12 +71,24 @@ class Persist:
     previous_topic: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """With a backplane: the request needs these streams here (a room it
+    enters, the user's direct messages), which this broker does not follow
+    yet. Returned alone, with nothing changed: the shell starts following
+    them (subscribe, then load from Redis) and hands the request in again."""
+
+    streams: tuple[str, ...]
+
+
 @dataclass(slots=True)
 class FindSession:
     """With a backplane: ``peer``'s hello carries a resume token this broker
     does not know, perhaps of a session on another broker (one that died):
     the shell reads that session's record from Redis and gives it to the
-    core's ``session_found``, whose outputs take this one's place."""
+    core's ``session_found``, whose outputs take this one's place (or, if
+    they are one Follow, which the shell follows before it gives the same
+    record to ``session_found`` again)."""
 
     peer: bytes
     hello: Any

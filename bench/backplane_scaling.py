@@ -1,14 +1,18 @@
 """Scaling out: one broker without a backplane, then 1, 2 and 3 brokers on one Redis.
 
     python bench/backplane_scaling.py [--brokers 1,2,3] [--rate 1000] [--seconds 10]
-                                      [--listeners 60] [--senders 4]
+                                      [--listeners 60] [--senders 4] [--spread]
 
 The same load generator as bench/run.py (loadgen.py), on loopback: one
 sender process (M joined DEALERs, open loop at a fixed rate) on the first
 broker, and the listeners' SUB sockets spread evenly over the brokers, one
 listener process per broker. Each configuration gets a fresh redis-server
 (append-only, ``appendfsync everysec``) on a free port and its own
-directory. Reported per configuration: messages acknowledged, deliveries,
+directory. With ``--spread``, N brokers carry N rooms: the sender is in all
+of them and sends to each in turn, and the listeners of broker i subscribe
+to room i alone (a broker then follows the streams its own clients
+follow: its listeners' room, and on the first broker the sender's).
+Reported per configuration: messages acknowledged, deliveries,
 latency p50/p99, the CPU of every broker and of Redis, and CPU per delivery
 (brokers and Redis together), with the ratio to one broker without the
 backplane. Figures go to stdout and to bench/backplane_results.json.
@@ -101,15 +105,17 @@ def run_config(brokers: int | None, opts, work_dir: Path) -> dict:
             stack.callback(redis.remove)
         started = [start_broker(stack, redis.url if redis else None)
                    for _ in range(brokers or 1)]
+        rooms = [f"#bench{i}" for i in range(len(started))] if opts.spread else ["#general"]
         listeners = []
-        for i, (broker, sockets) in enumerate(zip(started, split(opts.listeners, len(started)))):
+        sockets_of = split(opts.listeners, len(started))
+        for i, (broker, sockets) in enumerate(zip(started, sockets_of)):
             worker = Worker(f"listener {i}", "listener", "--pub-port", str(broker["port"] + 1),
                             "--sockets", str(sockets), "--out-dir", str(work_dir),
-                            "--index", str(i))
+                            "--index", str(i), "--room", rooms[i % len(rooms)])
             stack.callback(worker.stop)
             listeners.append(worker)
         sender = Worker("sender", "sender", "--port", str(started[0]["port"]), "--sockets",
-                        str(opts.senders), "--join")
+                        str(opts.senders), "--join", "--rooms", ",".join(rooms))
         stack.callback(sender.stop)
         sender.reply(STARTUP_TIMEOUT)
         sender.command("warm")
@@ -124,7 +130,9 @@ def run_config(brokers: int | None, opts, work_dir: Path) -> dict:
         meter.start(time.monotonic())
         sent = sender.ask(3 * opts.seconds + ACK_DRAIN_SECONDS + STARTUP_TIMEOUT, "run", 1,
                           opts.rate, opts.seconds, ACK_DRAIN_SECONDS)
-        expected = sent["sent"] * opts.listeners
+        # message n goes to room n % len(rooms), which listener i's sockets hear
+        per_room = split(sent["sent"], len(rooms))
+        expected = sum(per_room[i % len(rooms)] * n for i, n in enumerate(sockets_of))
         deadline = time.monotonic() + DELIVERY_GRACE_SECONDS
         while True:
             delivered = sum(w.ask(STARTUP_TIMEOUT, "count", 1)["deliveries"] for w in listeners)
@@ -144,7 +152,7 @@ def run_config(brokers: int | None, opts, work_dir: Path) -> dict:
     redis_cpu = cpu.get("redis", {}).get("cpu_s", 0.0)
     return {
         "config": "one broker, no backplane" if brokers is None else f"{brokers} broker(s) + Redis",
-        "brokers": brokers or 1, "backplane": brokers is not None,
+        "brokers": brokers or 1, "backplane": brokers is not None, "rooms": len(rooms),
         "offered_rate": opts.rate, "seconds": opts.seconds, "listeners": opts.listeners,
         "sent": sent["sent"], "acked": sent["acked"], "refused": sent["refused"],
         "deliveries": deliveries, "expected": expected,
@@ -163,6 +171,8 @@ def parse_args(argv):
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--listeners", type=int, default=60, help="SUB sockets in all")
     p.add_argument("--senders", type=int, default=4, help="DEALER sockets of the sender")
+    p.add_argument("--spread", action="store_true",
+                   help="one room per broker, each broker's listeners in its own room")
     return p.parse_args(argv)
 
 
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(x{result['us_per_delivery'] / results[0]['us_per_delivery']:.2f}), "
               f"cores {result['cpu']}", flush=True)
     work_dir.rmdir()
-    update_results("results", results)
+    update_results("spread" if opts.spread else "results", results)
     return 0
 
 

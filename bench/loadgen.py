@@ -142,9 +142,10 @@ def chat_text(phase: int, n: int) -> str:
 
 
 class Sender:
-    def __init__(self, endpoint: str, sockets: int, join: bool):
+    def __init__(self, endpoint: str, sockets: int, join: bool, rooms: list[str] | None = None):
         self.ctx = make_context(sockets)
         self.join = join
+        self.rooms = rooms  # None: #general; else each message to the next of them in turn
         self.socks = []
         self.slot_of: dict[zmq.Socket, int] = {}
         self.poller = zmq.Poller()
@@ -185,8 +186,8 @@ class Sender:
         """Join (again): with the last token the broker still holding the
         session resumes it; one that dropped it makes a new one."""
         self.rejoining.add(slot)
-        self.socks[slot].send(m.encode(m.Hello(f"bench-sender-{slot}", resume=self.tokens[slot])),
-                              zmq.NOBLOCK)
+        self.socks[slot].send(m.encode(m.Hello(f"bench-sender-{slot}", resume=self.tokens[slot],
+                                               rooms=self.rooms)), zmq.NOBLOCK)
 
     def serve(self) -> None:
         warming = False
@@ -234,7 +235,8 @@ class Sender:
 
     def _send(self, phase: int, n: int) -> bool:
         slot = n % len(self.socks)
-        say = m.Say(f"{phase}-{n}", chat_text(phase, n), self.tokens[slot])
+        room = self.rooms[n % len(self.rooms)] if self.rooms else None
+        say = m.Say(f"{phase}-{n}", chat_text(phase, n), self.tokens[slot], room)
         try:
             self.socks[slot].send(m.encode(say), zmq.NOBLOCK)
         except zmq.Again:  # the broker is not reading: its queue is full
@@ -288,7 +290,8 @@ class Sender:
 
 
 class Listener:
-    def __init__(self, endpoint: str, sockets: int, out_dir: Path, index: int, nap: float):
+    def __init__(self, endpoint: str, sockets: int, out_dir: Path, index: int, nap: float,
+                 room: str = m.GENERAL_ROOM):
         self.ctx = make_context(sockets)
         self.nap = nap
         self.out_dir = out_dir
@@ -300,7 +303,7 @@ class Listener:
             sock.setsockopt(zmq.LINGER, 0)
             # The generator must not drop what the broker delivered.
             sock.setsockopt(zmq.RCVHWM, 0)
-            sock.setsockopt(zmq.SUBSCRIBE, m.BROADCAST_TOPIC)  # zchat's #general
+            sock.setsockopt(zmq.SUBSCRIBE, m.room_topic(room))  # zchat's (#general by default)
             sock.setsockopt(zmq.SUBSCRIBE, BASELINE_TOPIC)
             sock.connect(endpoint)
             self.socks.append(sock)
@@ -506,6 +509,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sender.add_argument("--port", type=int, required=True)
     sender.add_argument("--sockets", type=int, default=4)
     sender.add_argument("--join", action="store_true", help="say hello first (zchat)")
+    sender.add_argument("--rooms", help="comma-separated rooms to join and send to in turn "
+                        "(zchat; default #general)")
     listener = roles.add_parser("listener")
     listener.add_argument("--pub-port", type=int, required=True)
     listener.add_argument("--sockets", type=int, default=20)
@@ -513,6 +518,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     listener.add_argument("--index", type=int, default=0)
     listener.add_argument("--nap-ms", type=float, default=0.0,
                           help="pause after a wake-up before reading (batches reads)")
+    listener.add_argument("--room", default=m.GENERAL_ROOM, help="the room to subscribe to (zchat)")
     clients = roles.add_parser("clients")
     clients.add_argument("--port", type=int, required=True)
     clients.add_argument("--pub-port", type=int, required=True)
@@ -525,14 +531,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.role == "sender":
-        sender = Sender(f"tcp://127.0.0.1:{args.port}", args.sockets, args.join)
+        sender = Sender(f"tcp://127.0.0.1:{args.port}", args.sockets, args.join,
+                        args.rooms.split(",") if args.rooms else None)
         if args.join:
             sender.say_hello()
         emit({"started": True})
         sender.serve()
     elif args.role == "listener":
         Listener(f"tcp://127.0.0.1:{args.pub_port}", args.sockets, args.out_dir,
-                 args.index, args.nap_ms / 1000).serve()
+                 args.index, args.nap_ms / 1000, args.room).serve()
     else:
         ScaleClients(args.port, args.pub_port, args.count, args.prefix, args.interval).serve()
     return 0

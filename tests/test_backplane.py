@@ -548,6 +548,50 @@ def test_a_token_whose_broker_was_reaped_gives_a_new_session(failover_brokers, r
     assert store.keys("zchat:b:*:sessions") == []
 
 
+def test_a_session_taken_over_is_followed_on_the_new_broker_before_its_welcome(
+        failover_brokers, redis_server):
+    """B follows none of the session's streams when the client comes: it
+    reads the record, then follows the record's rooms and the user's direct
+    messages, then welcomes it, so the welcome, a fetch and a direct message
+    sent meanwhile on C come from the streams as Redis has them."""
+    import redis
+
+    from raw_peer import join, raw_dealer, receive_reply, request
+    a, b, c = failover_brokers
+    store = redis.Redis(port=redis_server.port)
+    streams = ("#general", "#lab", "@early")
+
+    def subscribers(stream: str) -> int:
+        channel = f"zchat:{{{stream}}}:events"
+        return dict(store.pubsub_numsub(channel))[channel.encode()]
+
+    with raw_dealer(a.port) as first:
+        early = join(first, "early", secret="e" * 20)
+        assert isinstance(request(first, {"type": "join", "room": "#lab"}), m.Room)
+        for n in range(3):
+            assert run_cli(a, "send", "--room", "#lab", f"said {n}", name="al").returncode == 0
+        kill(a)
+    wait_until(lambda: not any(map(subscribers, streams)), 10,
+               "no broker to follow the session's streams (B and C have no clients)")
+    with raw_dealer(b.port) as dealer:
+        again = join(dealer, "early", secret="e" * 20, resume=early.resume)
+        assert again.resumed and [r.room for r in again.rooms] == ["#general", "#lab"]
+        assert [subscribers(s) for s in streams] == [1, 1, 1]  # B's, before the welcome
+        lab = next(r for r in again.rooms if r.room == "#lab")
+        history = request(dealer, {"type": "fetch", "stream": "#lab", "after": 0,
+                                   "until": lab.seq})
+        assert [e.text for e in history.events if isinstance(e, m.Message)] == [
+            f"said {n}" for n in range(3)]
+        assert run_cli(c, "send", "--to", "early", "psst", name="al").returncode == 0
+        deadline = time.monotonic() + 10
+        got = None
+        while time.monotonic() < deadline and not (isinstance(got, m.Message)
+                                                   and got.text == "psst"):
+            got = receive_reply(dealer, deadline - time.monotonic())
+        assert isinstance(got, m.Message) and got.text == "psst", got
+    store.close()
+
+
 def test_a_resume_while_redis_is_down_is_refused_unavailable_then_taken_over(
         failover_brokers, redis_server):
     """The record cannot be read while Redis is down: the hello is refused
@@ -564,5 +608,23 @@ def test_a_resume_while_redis_is_down_is_refused_unavailable_then_taken_over(
                                    "secret": "e" * 20, "resume": early.resume}, timeout=10)
         assert isinstance(refused, m.Error) and refused.code == m.ErrorCode.UNAVAILABLE
         redis_server.start()
-        again = join(dealer, "early", secret="e" * 20, resume=early.resume)
+        again = hello_until_answered(dealer, {"type": "hello", "name": "early",
+                                              "v": m.PROTOCOL_VERSION, "secret": "e" * 20,
+                                              "resume": early.resume})
+        assert isinstance(again, m.Welcome), again
         assert again.resumed and again.resume == early.resume
+
+
+def hello_until_answered(dealer, hello: dict, within: float = 10.0):
+    """The answer to ``hello``, said again after each ``unavailable`` as a
+    client does (after its retry_after): just after Redis is back, the
+    broker may not have subscribed again yet, and cannot follow the
+    session's streams for a moment."""
+    from raw_peer import request
+    deadline = time.monotonic() + within
+    while True:
+        answer = request(dealer, hello, timeout=5)
+        if not (isinstance(answer, m.Error) and answer.code == m.ErrorCode.UNAVAILABLE) \
+                or time.monotonic() > deadline:
+            return answer
+        time.sleep(answer.retry_after or 0.1)  # as the client is told to wait

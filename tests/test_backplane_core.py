@@ -6,6 +6,7 @@ import pytest
 import messages as m
 from backplane_core import Follower, Repair, Shared
 from broker_core import BrokerCore, Persist, Publish, Reply
+from broker_outputs import Follow
 
 
 def shared(seq: int, stream: str = "#general") -> Shared:
@@ -188,6 +189,103 @@ def test_answers_in_the_pass_of_a_new_event_never_show_its_local_number():
     assert positions and all(p.seq <= 1 for p in positions)
 
 
+# --- following only what the clients here need ------------------------------------------
+
+
+def following_core() -> BrokerCore:
+    """A core as the backplane starts it: nothing followed yet."""
+    core = BrokerCore(elsewhere={}, presence_log=[], following=set())
+    core.general.share({})
+    return core
+
+
+def test_a_hello_that_needs_streams_not_followed_asks_for_them_and_changes_nothing():
+    core = following_core()
+    assert hello(core, b"p", "Al") == [Follow(("#general", "@al"))]
+    assert not core.sessions and not core.by_name and not core.general.members
+    core.followed("#general", [m.Message(n, 0.0, "x", f"t{n}", "#general") for n in (7, 8)],
+                  [(("x", "8"), 8)], 8, {"bo": "Bo"})
+    core.followed("@al", [], [], 0, None)
+    welcome = next(o.message for o in hello(core, b"p", "Al") if isinstance(o, Reply))
+    assert welcome.rooms[0].seq == 8 and welcome.rooms[0].members == 1  # bo, before al's join
+    assert core.general.stream.accepted_seq(("x", "8")) == 8
+    join = core.handle(b"p", [m.encode(m.JoinRoom("#lab", welcome.resume))], 0.0, 100.0)
+    assert join == [Follow(("#lab",))]
+
+
+def test_streams_nobody_here_needs_are_noted_and_unfollowing_frees_their_history():
+    core = following_core()
+    core.followed("#general", [m.Message(1, 0.0, "x", "t", "#general")], [], 1, {})
+    core.followed("@al", [m.Message(1, 0.0, "al", "t", to="bo")], [], 1, None)
+    welcome = next(o.message for o in hello(core, b"p", "al") if isinstance(o, Reply))
+    assert core.wants("#general") and core.wants("@al") and core.history_bytes > 0
+    core.handle(b"p", [m.encode(m.Bye(welcome.resume))], 0.0, 100.0)
+    assert {"#general", "@al"} <= core.unwanted
+    assert not core.wants("#general") and not core.wants("@al")
+    core.unfollowed("#general")
+    core.unfollowed("@al")
+    assert core.history_bytes == 0 and "@al" not in core.streams
+    assert core.general.stream.seq == 1 and not core.following
+
+
+def test_a_subscription_to_a_rooms_exact_topic_follows_the_room():
+    core = following_core()
+    assert core.subscribed(m.room_topic("#lab"), True) == "#lab"
+    assert core.wants("#lab")
+    assert core.subscribed(b"r:", True) is None  # a prefix of every room: follows none
+    assert core.subscribed(b"r:#Lab\0", True) is None  # not a room key
+    assert core.subscribed(m.HEARTBEAT_TOPIC, True) is None
+    core.subscribed(m.room_topic("#lab"), False)
+    assert not core.wants("#lab") and "#lab" in core.unwanted
+
+
+def test_a_room_not_followed_is_listed_with_its_members_and_topic_from_the_shared_channel():
+    core = following_core()
+    core.room_changed("#lab", "#Lab", [("ann", "Ann"), ("bo", "Bo")], [], 5)
+    core.room_changed("#lab", "#Lab", [], ["bo"], 6)
+    core.topic_changed("#lab", "#Lab", "hi", 7)
+    listed = core.handle(b"z", [m.encode(m.ListRooms())], 0.0, 100.0)[0].message.rooms
+    assert m.Room("#Lab", 7, "hi", 1) in listed
+    core.followed("#lab", [], [], 7, {"ann": "Ann"})
+    core.topic_changed("#lab", "#Lab", "ignored: the room's events say it", 8)
+    assert core.rooms["#lab"].topic == "hi"
+
+
+def test_a_direct_message_to_someone_elsewhere_leaves_no_stream_behind():
+    core = following_core()
+    core.elsewhere["bo"] = "Bo"
+    core.followed("#general", [], [], 0, {})
+    core.followed("@al", [], [], 0, None)
+    welcome = next(o.message for o in hello(core, b"p", "al") if isinstance(o, Reply))
+    out = core.handle(b"p", [m.encode(m.Say("x", "psst", to="bo", session=welcome.resume))],
+                      0.0, 100.0)
+    records = [o for o in out if isinstance(o, Persist)]
+    core.handed_over(out, {id(r.event): 3 for r in records})
+    assert "@bo" not in core.streams and "@al" in core.streams
+
+
+def test_a_stream_followed_in_the_pass_of_a_direct_message_to_it_keeps_what_it_loaded():
+    """A message to bo (elsewhere) is numbered here for the pass, then bo's
+    hello (or resume) in the same pass makes this broker follow @bo: the
+    rewind after Redis numbered the message goes back to what was loaded,
+    not to before the pass's own message."""
+    core = following_core()
+    core.elsewhere["bo"] = "Bo"
+    core.followed("#general", [], [], 0, {})
+    core.followed("@al", [], [], 0, None)
+    welcome = next(o.message for o in hello(core, b"p", "al") if isinstance(o, Reply))
+    out = core.handle(b"p", [m.encode(m.Say("x", "psst", to="bo", session=welcome.resume))],
+                      0.0, 100.0)
+    core.followed("@bo", [m.Message(n, 0.0, "zed", f"t{n}", to="bo") for n in range(1, 6)],
+                  [], 5, None)
+    records = [o for o in out if isinstance(o, Persist)]
+    core.handed_over(out, {id(r.event): 6 for r in records})
+    bo = core.streams["@bo"]
+    assert bo.seq == 5 and [e.seq for e in bo.history] == [1, 2, 3, 4, 5]
+    core.receive("@bo", m.Message(6, 0.0, "al", "psst", to="bo"), ("al", "x"))
+    assert bo.seq == 6 and [e.seq for e in bo.history] == [1, 2, 3, 4, 5, 6]
+
+
 # --- sessions kept in Redis: a session of another broker taken over ------------------------
 
 from broker_backplane import SessionRecord, secret_digest  # noqa: E402
@@ -299,3 +397,25 @@ def test_the_session_log_names_each_session_whose_record_changed():
     core.handle(b"p", [m.encode(m.Bye(session=welcome.resume))], 0.0, 100.0)
     assert core.session_log == {welcome.resume: session} and b"p" not in core.sessions
     assert BrokerCore().session_log is None  # without a backplane: nothing kept
+
+
+# --- both: a session of another broker taken over into streams not followed here --------
+
+
+def test_a_found_session_asks_to_follow_its_records_rooms_then_is_taken_over():
+    core = BrokerCore(elsewhere={}, presence_log=[], session_log={}, following=set())
+    core.general.share({})
+    find = resuming_hello(core, rooms=["#general"])[0]
+    assert type(find) is FindSession  # the lookup comes before any following
+    found = record(rooms=("#general", "#Lab"))
+    assert core.session_found(find, found) == [Follow(("#general", "#lab", "@al"))]
+    assert b"p" not in core.sessions and not core.session_log  # nothing changed
+    core.followed("#general", [], [], 4, {})
+    core.followed("#lab", [m.Message(n, 0.0, "x", f"t{n}", "#Lab") for n in (8, 9)],
+                  [], 9, {"al": "al"})  # al is in it through the dead broker
+    core.followed("@al", [], [], 0, None)
+    welcome = welcome_of(core.session_found(find, found))  # the same record again
+    assert welcome.resumed and welcome.resume == TOKEN
+    assert [(r.room, r.seq) for r in welcome.rooms] == [("#general", 4), ("#Lab", 9)]
+    assert core.sessions[b"p"].adopted is welcome and TOKEN in core.session_log
+    assert core.wants("#lab") and core.wants("@al")
