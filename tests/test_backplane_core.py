@@ -251,7 +251,9 @@ def test_a_room_not_followed_is_listed_with_its_members_and_topic_from_the_share
     assert core.rooms["#lab"].topic == "hi"
 
 
-def test_a_direct_message_to_someone_elsewhere_leaves_no_stream_behind():
+def al_writes_to_bo_elsewhere() -> tuple[BrokerCore, list]:
+    """A following core where al (here) says "psst" to bo (on another
+    broker): the core and the outputs of that pass."""
     core = following_core()
     core.elsewhere["bo"] = "Bo"
     core.followed("#general", [], [], 0, {})
@@ -259,6 +261,11 @@ def test_a_direct_message_to_someone_elsewhere_leaves_no_stream_behind():
     welcome = next(o.message for o in hello(core, b"p", "al") if isinstance(o, Reply))
     out = core.handle(b"p", [m.encode(m.Say("x", "psst", to="bo", session=welcome.resume))],
                       0.0, 100.0)
+    return core, out
+
+
+def test_a_direct_message_to_someone_elsewhere_leaves_no_stream_behind():
+    core, out = al_writes_to_bo_elsewhere()
     records = [o for o in out if isinstance(o, Persist)]
     core.handed_over(out, {id(r.event): 3 for r in records})
     assert "@bo" not in core.streams and "@al" in core.streams
@@ -269,13 +276,7 @@ def test_a_stream_followed_in_the_pass_of_a_direct_message_to_it_keeps_what_it_l
     hello (or resume) in the same pass makes this broker follow @bo: the
     rewind after Redis numbered the message goes back to what was loaded,
     not to before the pass's own message."""
-    core = following_core()
-    core.elsewhere["bo"] = "Bo"
-    core.followed("#general", [], [], 0, {})
-    core.followed("@al", [], [], 0, None)
-    welcome = next(o.message for o in hello(core, b"p", "al") if isinstance(o, Reply))
-    out = core.handle(b"p", [m.encode(m.Say("x", "psst", to="bo", session=welcome.resume))],
-                      0.0, 100.0)
+    core, out = al_writes_to_bo_elsewhere()
     core.followed("@bo", [m.Message(n, 0.0, "zed", f"t{n}", to="bo") for n in range(1, 6)],
                   [], 5, None)
     records = [o for o in out if isinstance(o, Persist)]
