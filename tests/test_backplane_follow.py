@@ -27,7 +27,7 @@ SHARED_CHANNEL = "zchat:events"  # what every broker subscribes to
 
 
 def channel(stream: str) -> str:
-    """The channel of one stream's events (backplane.stream_channel)."""
+    """The channel of one stream's events (backplane_keys.stream_channel)."""
     return f"zchat:{{{stream}}}:events"
 
 
