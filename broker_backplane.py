@@ -30,7 +30,8 @@ welcome (``resumed``) is built from loaded streams.
 
 BackplaneSeam is a part of BrokerCore (broker_core.py), which inherits it:
 its methods use the core's tables and its rewinding after a write that
-did not happen (``_rewind``, ``_undo_hello``, ``_as_stored``). No I/O.
+did not happen (``_rewind``, ``_undo_hello``, ``_as_stored``, in
+broker_rewind.py). No I/O.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ def reachable(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize("module", ["broker_core", "broker_presence", "broker_backplane",
-                                    "broker_outputs", "broker_model", "broker_stream",
+                                    "broker_rewind", "broker_outputs", "broker_model",
+                                    "broker_stream",
                                     "client_core", "client_stream", "messages",
                                     "backplane_core"])
 def test_a_core_module_imports_no_io(module):
