@@ -257,7 +257,7 @@ class BrokerShell:
         # What each pass waits on, as zmq_poll takes it: zmq.Poller.poll
         # is a layer of Python over the same call, paid on every wake-up.
         self.poll_items = [(self.router, _POLLIN), (self.pub, _POLLIN), (self._wake_r, _POLLIN)]
-        self.router_only = self.poll_items[:1]
+        self.router_only, self.pub_only = self.poll_items[:1], self.poll_items[1:2]
         # admission's monitors: new and closed connections, read in this loop
         self.poll_items += [(monitor, _POLLIN) for monitor in self.admission.sockets()]
         self.notifications = None
@@ -401,7 +401,7 @@ class BrokerShell:
         more are waiting (a zmq_poll of it alone) rather than paying the
         zmq.Again of one receive too many (as admission.py reads its monitors)."""
         out: list = []
-        recv, pub_only = self.pub.recv, [(self.pub, _POLLIN)]
+        recv, pub_only = self.pub.recv, self.pub_only
         try:
             for read in range(RECV_BATCH):
                 if read == 1 and not zmq.zmq_poll(pub_only, 0):
